@@ -1,0 +1,28 @@
+{
+  # Native sources are listed once, in native/sources.txt, for both
+  # node-gyp (here) and cmake-js (CMakeLists.txt).
+  "targets": [
+    {
+      "target_name": "vattention",
+      "sources": ["<!@(node -p \"require('fs').readFileSync('native/sources.txt','utf8').split(/\\s+/).filter(Boolean).join(' ')\")"],
+      "include_dirs": [
+        "<!(node -p \"require('node-addon-api').include_dir\")",
+        "native",
+        # Only for the compile-time check of our CUDA declarations
+        # (native/driver/cuda_types_check.cc); nothing links libcuda.
+        "<!(node -p \"process.env.CUDA_PATH ? process.env.CUDA_PATH + '/include' : '/usr/local/cuda/include'\")"
+      ],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+      "libraries": ["-ldl"],
+      "conditions": [
+        ["'<!(node -p \"process.env.VATTENTION_SANITIZE || ''\")'=='1'", {
+          "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
+          "ldflags": ["-fsanitize=address,undefined"]
+        }]
+      ]
+    }
+  ]
+}

@@ -1,0 +1,124 @@
+// One interface over the two kinds of memory vattention manages:
+//   cuda: the CUDA driver's virtual memory API on a GPU;
+//   host: the same semantics with Linux mmap over a memfd (CI, no GPU).
+// A backend offers the primitive steps of a page's life; the pool
+// (pool/page_pool.h) strings them together as a state machine.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "common/errors.h"
+
+namespace vat {
+
+using PageHandle = uint64_t;  // CUmemGenericAllocationHandle, or memfd offset index + 1
+using Address = uint64_t;     // device (or host) virtual address
+using FenceHandle = uint64_t; // CUevent, or 0 where nothing needs waiting for
+
+// The calls a backend makes, for statistics and fault injection.
+enum class BackendOp : int {
+  ReserveRange,
+  FreeRange,
+  CreatePage,
+  ReleasePage,
+  Map,
+  SetAccess,
+  Unmap,
+  CopyIn,
+  CopyOut,
+  Fence,
+  kCount,
+};
+const char* backendOpName(BackendOp op);
+constexpr size_t kBackendOpCount = static_cast<size_t>(BackendOp::kCount);
+
+struct OpCounter {
+  uint64_t calls = 0;
+  uint64_t nanos = 0;
+};
+
+// Test-only: make the n-th future call of one op fail. Costs one relaxed load
+// per call when nothing is armed.
+struct FaultPlan {
+  std::atomic<bool> armed{false};
+  BackendOp op = BackendOp::CreatePage;
+  uint64_t countdown = 0;   // fail when it reaches 0
+  bool outOfMemory = true;  // else an ordinary driver/OS error
+};
+
+struct MemoryInfo {
+  uint64_t freeBytes = 0;
+  uint64_t totalBytes = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual const char* name() const = 0;
+  // Smallest page the backend can make (CUDA allocation granularity, OS page).
+  virtual size_t granularity() const = 0;
+  // Size of every page this backend creates.
+  virtual size_t pageSize() const = 0;
+
+  // Makes the backend usable on the calling thread (CUDA: the context).
+  virtual void bindThread() {}
+
+  virtual Address reserveRange(size_t bytes) = 0;
+  virtual void freeRange(Address base, size_t bytes) = 0;
+
+  // Page life: create -> map -> setAccess ... unmap -> release.
+  virtual PageHandle createPage() = 0;                    // throws ERR_OUT_OF_MEMORY when none left
+  virtual void releasePage(PageHandle page) = 0;
+  virtual void map(Address at, PageHandle page) = 0;      // no access yet
+  virtual void setAccess(Address at) = 0;                 // read-write for the device
+  virtual void unmap(Address at) = 0;
+
+  // Synchronous copies between host memory and backed virtual memory.
+  virtual void copyIn(Address dst, const void* src, size_t bytes) = 0;
+  virtual void copyOut(void* dst, Address src, size_t bytes) = 0;
+
+  // Fences: work queued on `stream` so far; done() never blocks, wait() does.
+  virtual FenceHandle recordFence(uint64_t stream) = 0;
+  virtual bool fenceDone(FenceHandle fence) = 0;
+  virtual void waitFence(FenceHandle fence) = 0;
+  virtual void destroyFence(FenceHandle fence) = 0;
+
+  virtual MemoryInfo memoryInfo() = 0;
+
+  // Error code for a failed call that is not out-of-memory (ERR_CUDA, ERR_OS).
+  virtual ErrorCode ordinaryError() const = 0;
+
+  // Statistics kept by the backend itself.
+  std::array<OpCounter, kBackendOpCount> counters() const;
+  FaultPlan& faults() { return faults_; }
+  void armFault(BackendOp op, uint64_t nth, bool outOfMemory);
+  void disarmFault() { faults_.armed.store(false, std::memory_order_relaxed); }
+
+ protected:
+  // Times one call and counts it; returns true when a fault must be injected.
+  class CallScope {
+   public:
+    CallScope(Backend& backend, BackendOp op);
+    ~CallScope();
+    // Throws the injected fault when this call was chosen to fail.
+    void injectFault(const char* call);
+
+   private:
+    Backend& backend_;
+    BackendOp op_;
+    std::chrono::steady_clock::time_point start_;
+  };
+
+ private:
+  std::array<std::atomic<uint64_t>, kBackendOpCount> calls_{};
+  std::array<std::atomic<uint64_t>, kBackendOpCount> nanos_{};
+  FaultPlan faults_;
+};
+
+}  // namespace vat

@@ -1,0 +1,199 @@
+#include "backend/cuda_backend.h"
+
+#include "common/errors.h"
+#include "driver/cuda_driver.h"
+
+namespace vat {
+
+using namespace cu;
+
+namespace {
+
+CUmemAllocationProp pinnedOn(CUdevice device) {
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = device;
+  return prop;
+}
+
+CudaDeviceInfo describe(const DriverApi& d, int ordinal) {
+  CudaDeviceInfo info;
+  info.ordinal = ordinal;
+  CUdevice dev = 0;
+  check(d.cuDeviceGet(&dev, ordinal), "cuDeviceGet");
+  char name[256] = {0};
+  check(d.cuDeviceGetName(name, sizeof(name) - 1, dev), "cuDeviceGetName");
+  info.name = name;
+  size_t total = 0;
+  check(d.cuDeviceTotalMem(&total, dev), "cuDeviceTotalMem");
+  info.totalBytes = total;
+  check(d.cuDeviceGetAttribute(&info.computeMajor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+        "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&info.computeMinor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+        "cuDeviceGetAttribute");
+  int vmm = 0;
+  check(d.cuDeviceGetAttribute(&vmm, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev),
+        "cuDeviceGetAttribute");
+  info.vmmSupported = vmm != 0;
+  if (info.vmmSupported) {
+    CUmemAllocationProp prop = pinnedOn(dev);
+    size_t g = 0;
+    check(d.cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+          "cuMemGetAllocationGranularity");
+    info.granularity = g;
+  }
+  return info;
+}
+
+}  // namespace
+
+std::vector<CudaDeviceInfo> listCudaDevices() {
+  const DriverApi& d = driver();
+  int count = 0;
+  check(d.cuDeviceGetCount(&count), "cuDeviceGetCount");
+  std::vector<CudaDeviceInfo> out;
+  for (int i = 0; i < count; ++i) out.push_back(describe(d, i));
+  return out;
+}
+
+CudaBackend::CudaBackend(int device, size_t pageSize) : ordinal_(device) {
+  const DriverApi& d = driver();
+  int count = 0;
+  check(d.cuDeviceGetCount(&count), "cuDeviceGetCount");
+  if (count == 0) fail(ErrorCode::CudaUnavailable, "CUDA driver loaded but it reports no device");
+  if (device < 0 || device >= count)
+    fail(ErrorCode::CudaUnavailable,
+         "CUDA device " + std::to_string(device) + " requested but the driver reports " + std::to_string(count) +
+             " device(s)");
+  CudaDeviceInfo info = describe(d, device);
+  if (!info.vmmSupported)
+    fail(ErrorCode::CudaUnavailable, "CUDA device " + std::to_string(device) + " (" + info.name +
+                                         ") does not support virtual memory management "
+                                         "(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 0)");
+  check(d.cuDeviceGet(&device_, device), "cuDeviceGet");
+  granularity_ = info.granularity;
+  pageSize_ = pageSize == 0 ? granularity_ : pageSize;
+  if (pageSize_ % granularity_ != 0) {
+    Error e(ErrorCode::InvalidArgument, "pageSize " + std::to_string(pageSize_) +
+                                            " is not a multiple of the device's allocation granularity " +
+                                            std::to_string(granularity_));
+    throw e;
+  }
+  prop_ = pinnedOn(device_);
+  access_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access_.location.id = device_;
+  access_.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  check(d.cuDevicePrimaryCtxRetain(&context_, device_), "cuDevicePrimaryCtxRetain");
+  bindThread();
+}
+
+CudaBackend::~CudaBackend() {
+  // The owner only destroys a backend while the process is alive (see
+  // cache/kv_cache.cc); releasing the primary context is then safe.
+  if (context_) driver().cuDevicePrimaryCtxRelease(device_);
+}
+
+void CudaBackend::bindThread() {
+  const DriverApi& d = driver();
+  CUcontext current = nullptr;
+  d.cuCtxGetCurrent(&current);
+  if (current != context_) check(d.cuCtxSetCurrent(context_), "cuCtxSetCurrent");
+}
+
+Address CudaBackend::reserveRange(size_t bytes) {
+  CallScope scope(*this, BackendOp::ReserveRange);
+  scope.injectFault("cuMemAddressReserve");
+  CUdeviceptr base = 0;
+  check(driver().cuMemAddressReserve(&base, bytes, pageSize_, 0, 0), "cuMemAddressReserve");
+  return base;
+}
+
+void CudaBackend::freeRange(Address base, size_t bytes) {
+  CallScope scope(*this, BackendOp::FreeRange);
+  check(driver().cuMemAddressFree(base, bytes), "cuMemAddressFree");
+}
+
+PageHandle CudaBackend::createPage() {
+  CallScope scope(*this, BackendOp::CreatePage);
+  scope.injectFault("cuMemCreate");
+  CUmemGenericAllocationHandle handle = 0;
+  check(driver().cuMemCreate(&handle, pageSize_, &prop_, 0), "cuMemCreate");
+  return handle;
+}
+
+void CudaBackend::releasePage(PageHandle page) {
+  CallScope scope(*this, BackendOp::ReleasePage);
+  scope.injectFault("cuMemRelease");
+  check(driver().cuMemRelease(page), "cuMemRelease");
+}
+
+void CudaBackend::map(Address at, PageHandle page) {
+  CallScope scope(*this, BackendOp::Map);
+  scope.injectFault("cuMemMap");
+  check(driver().cuMemMap(at, pageSize_, 0, page, 0), "cuMemMap");
+}
+
+void CudaBackend::setAccess(Address at) {
+  CallScope scope(*this, BackendOp::SetAccess);
+  scope.injectFault("cuMemSetAccess");
+  check(driver().cuMemSetAccess(at, pageSize_, &access_, 1), "cuMemSetAccess");
+}
+
+void CudaBackend::unmap(Address at) {
+  CallScope scope(*this, BackendOp::Unmap);
+  scope.injectFault("cuMemUnmap");
+  check(driver().cuMemUnmap(at, pageSize_), "cuMemUnmap");
+}
+
+void CudaBackend::copyIn(Address dst, const void* src, size_t bytes) {
+  CallScope scope(*this, BackendOp::CopyIn);
+  scope.injectFault("cuMemcpyHtoD");
+  check(driver().cuMemcpyHtoD(dst, src, bytes), "cuMemcpyHtoD");
+}
+
+void CudaBackend::copyOut(void* dst, Address src, size_t bytes) {
+  CallScope scope(*this, BackendOp::CopyOut);
+  scope.injectFault("cuMemcpyDtoH");
+  check(driver().cuMemcpyDtoH(dst, src, bytes), "cuMemcpyDtoH");
+}
+
+FenceHandle CudaBackend::recordFence(uint64_t stream) {
+  CallScope scope(*this, BackendOp::Fence);
+  scope.injectFault("cuEventRecord");
+  const DriverApi& d = driver();
+  CUevent event = nullptr;
+  check(d.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
+  CUresult r = d.cuEventRecord(event, reinterpret_cast<CUstream>(stream));
+  if (r != CUDA_SUCCESS) {
+    d.cuEventDestroy(event);
+    check(r, "cuEventRecord");
+  }
+  return reinterpret_cast<FenceHandle>(event);
+}
+
+bool CudaBackend::fenceDone(FenceHandle fence) {
+  if (!fence) return true;
+  CUresult r = driver().cuEventQuery(reinterpret_cast<CUevent>(fence));
+  if (r == CUDA_ERROR_NOT_READY) return false;
+  check(r, "cuEventQuery");
+  return true;
+}
+
+void CudaBackend::waitFence(FenceHandle fence) {
+  if (!fence) return;
+  check(driver().cuEventSynchronize(reinterpret_cast<CUevent>(fence)), "cuEventSynchronize");
+}
+
+void CudaBackend::destroyFence(FenceHandle fence) {
+  if (fence) driver().cuEventDestroy(reinterpret_cast<CUevent>(fence));
+}
+
+MemoryInfo CudaBackend::memoryInfo() {
+  size_t freeBytes = 0, total = 0;
+  check(driver().cuMemGetInfo(&freeBytes, &total), "cuMemGetInfo");
+  return {freeBytes, total};
+}
+
+}  // namespace vat

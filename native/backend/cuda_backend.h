@@ -1,0 +1,64 @@
+// The cuda backend: pages are cuMemCreate'd physical allocations on one
+// device, mapped into ranges reserved with cuMemAddressReserve.
+#pragma once
+
+#include <vector>
+
+#include "backend/backend.h"
+#include "driver/cuda_types.h"
+
+namespace vat {
+
+struct CudaDeviceInfo {
+  int ordinal = 0;
+  std::string name;
+  uint64_t totalBytes = 0;
+  int computeMajor = 0;
+  int computeMinor = 0;
+  bool vmmSupported = false;
+  uint64_t granularity = 0;  // 0 when VMM is unsupported
+};
+
+// Devices visible to the driver; throws ERR_CUDA_UNAVAILABLE without a driver.
+std::vector<CudaDeviceInfo> listCudaDevices();
+
+class CudaBackend final : public Backend {
+ public:
+  // pageSize 0 = the allocation granularity; else a multiple of it.
+  CudaBackend(int device, size_t pageSize);
+  ~CudaBackend() override;
+
+  const char* name() const override { return "cuda"; }
+  size_t granularity() const override { return granularity_; }
+  size_t pageSize() const override { return pageSize_; }
+  void bindThread() override;
+
+  Address reserveRange(size_t bytes) override;
+  void freeRange(Address base, size_t bytes) override;
+  PageHandle createPage() override;
+  void releasePage(PageHandle page) override;
+  void map(Address at, PageHandle page) override;
+  void setAccess(Address at) override;
+  void unmap(Address at) override;
+  void copyIn(Address dst, const void* src, size_t bytes) override;
+  void copyOut(void* dst, Address src, size_t bytes) override;
+  FenceHandle recordFence(uint64_t stream) override;
+  bool fenceDone(FenceHandle fence) override;
+  void waitFence(FenceHandle fence) override;
+  void destroyFence(FenceHandle fence) override;
+  MemoryInfo memoryInfo() override;
+  ErrorCode ordinaryError() const override { return ErrorCode::Cuda; }
+
+  int device() const { return ordinal_; }
+
+ private:
+  int ordinal_;
+  cu::CUdevice device_ = 0;
+  cu::CUcontext context_ = nullptr;
+  cu::CUmemAllocationProp prop_{};
+  cu::CUmemAccessDesc access_{};
+  size_t granularity_ = 0;
+  size_t pageSize_ = 0;
+};
+
+}  // namespace vat

@@ -1,0 +1,125 @@
+#include "backend/host_backend.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/mman.h>
+#include <sys/sysinfo.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "common/errors.h"
+
+namespace vat {
+namespace {
+
+constexpr size_t kDefaultPage = 2u << 20;
+
+[[noreturn]] void osFail(const char* call, int err) {
+  ErrorCode code = (err == ENOMEM || err == ENOSPC) ? ErrorCode::OutOfMemory : ErrorCode::Os;
+  Error e(code, std::string(call) + " failed: " + std::strerror(err));
+  e.status = err;
+  e.statusName = err == ENOMEM ? "ENOMEM" : err == ENOSPC ? "ENOSPC" : "errno " + std::to_string(err);
+  throw e;
+}
+
+void* at(Address a) { return reinterpret_cast<void*>(static_cast<uintptr_t>(a)); }
+
+}  // namespace
+
+HostBackend::HostBackend(size_t pageSize)
+    : osPage_(static_cast<size_t>(sysconf(_SC_PAGESIZE))), pageSize_(pageSize == 0 ? kDefaultPage : pageSize) {
+  if (pageSize_ % osPage_ != 0)
+    fail(ErrorCode::InvalidArgument, "pageSize " + std::to_string(pageSize_) +
+                                         " is not a multiple of the OS page size " + std::to_string(osPage_));
+  fd_ = memfd_create("vattention-pages", MFD_CLOEXEC);
+  if (fd_ < 0) osFail("memfd_create", errno);
+}
+
+HostBackend::~HostBackend() {
+  if (fd_ >= 0) close(fd_);
+}
+
+Address HostBackend::reserveRange(size_t bytes) {
+  CallScope scope(*this, BackendOp::ReserveRange);
+  scope.injectFault("mmap(PROT_NONE)");
+  void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) osFail("mmap(PROT_NONE)", errno);
+  return reinterpret_cast<uintptr_t>(p);
+}
+
+void HostBackend::freeRange(Address base, size_t bytes) {
+  CallScope scope(*this, BackendOp::FreeRange);
+  if (munmap(at(base), bytes) != 0) osFail("munmap", errno);
+}
+
+PageHandle HostBackend::createPage() {
+  CallScope scope(*this, BackendOp::CreatePage);
+  scope.injectFault("fallocate");
+  std::lock_guard<std::mutex> lock(regionsLock_);
+  bool fresh = freeRegions_.empty();
+  PageHandle page = fresh ? nextRegion_ : freeRegions_.back();
+  // fallocate commits real memory for the page, as cuMemCreate does, and
+  // fails with ENOSPC/ENOMEM when there is none.
+  if (fallocate(fd_, 0, offsetOf(page), static_cast<off_t>(pageSize_)) != 0) osFail("fallocate", errno);
+  if (fresh) ++nextRegion_;
+  else freeRegions_.pop_back();
+  return page;
+}
+
+void HostBackend::releasePage(PageHandle page) {
+  CallScope scope(*this, BackendOp::ReleasePage);
+  scope.injectFault("fallocate(PUNCH_HOLE)");
+  if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offsetOf(page), static_cast<off_t>(pageSize_)) != 0)
+    osFail("fallocate(PUNCH_HOLE)", errno);
+  std::lock_guard<std::mutex> lock(regionsLock_);
+  freeRegions_.push_back(page);
+}
+
+void HostBackend::map(Address a, PageHandle page) {
+  CallScope scope(*this, BackendOp::Map);
+  scope.injectFault("mmap(MAP_FIXED)");
+  void* p = mmap(at(a), pageSize_, PROT_NONE, MAP_SHARED | MAP_FIXED, fd_, offsetOf(page));
+  if (p == MAP_FAILED) osFail("mmap(MAP_FIXED)", errno);
+}
+
+void HostBackend::setAccess(Address a) {
+  CallScope scope(*this, BackendOp::SetAccess);
+  scope.injectFault("mprotect");
+  if (mprotect(at(a), pageSize_, PROT_READ | PROT_WRITE) != 0) osFail("mprotect", errno);
+}
+
+void HostBackend::unmap(Address a) {
+  CallScope scope(*this, BackendOp::Unmap);
+  scope.injectFault("mmap(PROT_NONE, MAP_FIXED)");
+  void* p = mmap(at(a), pageSize_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (p == MAP_FAILED) osFail("mmap(PROT_NONE, MAP_FIXED)", errno);
+}
+
+void HostBackend::copyIn(Address dst, const void* src, size_t bytes) {
+  CallScope scope(*this, BackendOp::CopyIn);
+  scope.injectFault("memcpy");
+  std::memcpy(at(dst), src, bytes);
+}
+
+void HostBackend::copyOut(void* dst, Address src, size_t bytes) {
+  CallScope scope(*this, BackendOp::CopyOut);
+  scope.injectFault("memcpy");
+  std::memcpy(dst, at(src), bytes);
+}
+
+// Host memory has no asynchronous writers: every fence is already passed.
+FenceHandle HostBackend::recordFence(uint64_t) { return 0; }
+bool HostBackend::fenceDone(FenceHandle) { return true; }
+void HostBackend::waitFence(FenceHandle) {}
+void HostBackend::destroyFence(FenceHandle) {}
+
+MemoryInfo HostBackend::memoryInfo() {
+  struct sysinfo si {};
+  if (sysinfo(&si) != 0) osFail("sysinfo", errno);
+  uint64_t unit = si.mem_unit ? si.mem_unit : 1;
+  return {(static_cast<uint64_t>(si.freeram) + si.bufferram) * unit, static_cast<uint64_t>(si.totalram) * unit};
+}
+
+}  // namespace vat

@@ -1,0 +1,52 @@
+// The host backend: the same page semantics on Linux host memory, for
+// machines without a GPU. A physical page is a region of one memfd; mapping
+// puts that region (MAP_SHARED | MAP_FIXED) at a virtual address; unmapping
+// puts PROT_NONE anonymous memory back. Bytes written through one mapping are
+// in the page and show wherever the page is mapped next.
+#pragma once
+
+#include <mutex>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace vat {
+
+class HostBackend final : public Backend {
+ public:
+  // pageSize 0 = 2 MiB; else a multiple of the OS page size.
+  explicit HostBackend(size_t pageSize);
+  ~HostBackend() override;
+
+  const char* name() const override { return "host"; }
+  size_t granularity() const override { return osPage_; }
+  size_t pageSize() const override { return pageSize_; }
+
+  Address reserveRange(size_t bytes) override;
+  void freeRange(Address base, size_t bytes) override;
+  PageHandle createPage() override;
+  void releasePage(PageHandle page) override;
+  void map(Address at, PageHandle page) override;
+  void setAccess(Address at) override;
+  void unmap(Address at) override;
+  void copyIn(Address dst, const void* src, size_t bytes) override;
+  void copyOut(void* dst, Address src, size_t bytes) override;
+  FenceHandle recordFence(uint64_t stream) override;
+  bool fenceDone(FenceHandle fence) override;
+  void waitFence(FenceHandle fence) override;
+  void destroyFence(FenceHandle fence) override;
+  MemoryInfo memoryInfo() override;
+  ErrorCode ordinaryError() const override { return ErrorCode::Os; }
+
+ private:
+  off_t offsetOf(PageHandle page) const { return static_cast<off_t>((page - 1) * pageSize_); }
+
+  size_t osPage_;
+  size_t pageSize_;
+  int fd_ = -1;
+  std::mutex regionsLock_;         // createPage/releasePage may run on two threads
+  std::vector<PageHandle> freeRegions_;  // memfd regions given back, reused first
+  PageHandle nextRegion_ = 1;      // regions [1, nextRegion_) have been handed out once
+};
+
+}  // namespace vat

@@ -1,0 +1,318 @@
+// N-API binding: converts arguments and results, and errors into JS errors
+// with a `code`. No policy lives here; arguments were validated in
+// TypeScript (lib/options.ts) and the core checks what it must itself.
+#include <napi.h>
+
+#include <memory>
+#include <set>
+
+#include "backend/cuda_backend.h"
+#include "cache/kv_cache.h"
+#include "common/errors.h"
+#include "common/lifetime.h"
+#include "driver/cuda_driver.h"
+
+extern "C" const int vat_cuda_types_checked;
+
+namespace vat {
+namespace {
+
+Napi::Error toJsError(Napi::Env env, const Error& e) {
+  Napi::Error err = Napi::Error::New(env, e.what());
+  err.Set("code", errorCodeName(e.code()));
+  if (!e.statusName.empty()) {
+    err.Set("status", Napi::Number::New(env, e.status));
+    err.Set("statusName", e.statusName);
+  }
+  if (e.code() == ErrorCode::OutOfMemory) {
+    err.Set("requestedBytes", Napi::Number::New(env, static_cast<double>(e.requestedBytes)));
+    err.Set("availableBytes", Napi::Number::New(env, static_cast<double>(e.availableBytes)));
+  }
+  return err;
+}
+
+// Runs `body`, turning library and C++ errors into JS exceptions.
+template <typename F>
+auto guarded(Napi::Env env, F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    throw toJsError(env, e);
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
+    Napi::Error err = Napi::Error::New(env, "host out of memory (std::bad_alloc)");
+    err.Set("code", "ERR_OUT_OF_MEMORY");
+    throw err;
+  } catch (const std::exception& e) {
+    Napi::Error err = Napi::Error::New(env, std::string("internal error: ") + e.what());
+    err.Set("code", "ERR_INTERNAL");
+    throw err;
+  }
+}
+
+uint32_t u32(const Napi::Value& v) { return v.As<Napi::Number>().Uint32Value(); }
+uint64_t u64(const Napi::Value& v) {
+  if (v.IsBigInt()) {
+    bool lossless = true;
+    return v.As<Napi::BigInt>().Uint64Value(&lossless);
+  }
+  return static_cast<uint64_t>(v.As<Napi::Number>().Int64Value());
+}
+Napi::Value num(Napi::Env env, uint64_t v) { return Napi::Number::New(env, static_cast<double>(v)); }
+Napi::Value big(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
+
+class NativeCache;
+
+// Per-environment state (main thread and each worker thread): the live
+// caches, closed when the environment is torn down.
+struct AddonData {
+  std::set<NativeCache*> live;
+};
+
+class NativeCache : public Napi::ObjectWrap<NativeCache> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeCache",
+                       {
+                           InstanceMethod<&NativeCache::Reserve>("reserve"),
+                           InstanceMethod<&NativeCache::Grow>("grow"),
+                           InstanceMethod<&NativeCache::Release>("release"),
+                           InstanceMethod<&NativeCache::Reclaim>("reclaim"),
+                           InstanceMethod<&NativeCache::Trim>("trim"),
+                           InstanceMethod<&NativeCache::Write>("write"),
+                           InstanceMethod<&NativeCache::Read>("read"),
+                           InstanceMethod<&NativeCache::Tokens>("tokens"),
+                           InstanceMethod<&NativeCache::Stats>("stats"),
+                           InstanceMethod<&NativeCache::Layout>("layout"),
+                           InstanceMethod<&NativeCache::Close>("close"),
+                           InstanceMethod<&NativeCache::InjectFault>("injectFault"),
+                       });
+  }
+
+  NativeCache(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeCache>(info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    CacheOptions opts;
+    opts.shape.layers = u32(o.Get("layers"));
+    opts.shape.kvHeads = u32(o.Get("kvHeads"));
+    opts.shape.headDim = u32(o.Get("headDim"));
+    opts.shape.dtypeBytes = u32(o.Get("dtypeBytes"));
+    opts.shape.maxSequences = u32(o.Get("maxSequences"));
+    opts.shape.maxTokens = u32(o.Get("maxTokens"));
+    opts.backend = o.Get("backend").As<Napi::String>().Utf8Value() == "cuda" ? BackendKind::Cuda : BackendKind::Host;
+    opts.device = static_cast<int>(u32(o.Get("device")));
+    opts.pageSize = static_cast<size_t>(u64(o.Get("pageSize")));
+    opts.memoryBudget = u64(o.Get("memoryBudget"));
+    opts.prefillBytes = u64(o.Get("prefillBytes"));
+    cache_ = guarded(env, [&] { return std::make_unique<KVCache>(opts); });
+    data_ = env.GetInstanceData<AddonData>();
+    data_->live.insert(this);
+  }
+
+  ~NativeCache() override {
+    if (data_) data_->live.erase(this);
+    // Collected without close(): free everything now (close() makes no
+    // driver call once the process is exiting).
+    if (cache_) cache_->close();
+  }
+
+  void closeFromCleanupHook() {
+    if (cache_) cache_->close();
+  }
+
+ private:
+  SequenceRef seq(const Napi::CallbackInfo& info) { return {u32(info[0]), u32(info[1])}; }
+
+  Napi::Value Reserve(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::optional<uint64_t> expected;
+    if (info.Length() > 0 && info[0].IsNumber()) expected = u64(info[0]);
+    SequenceRef r = guarded(env, [&] { return cache_->reserve(expected); });
+    Napi::Array out = Napi::Array::New(env, 2);
+    out.Set(0u, r.slot);
+    out.Set(1u, r.generation);
+    return out;
+  }
+
+  void Grow(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] { cache_->grow(seq(info), u64(info[2])); });
+  }
+
+  void Release(const Napi::CallbackInfo& info) {
+    std::optional<uint64_t> stream;
+    if (info.Length() > 2 && info[2].IsBigInt()) stream = u64(info[2]);
+    guarded(info.Env(), [&] { cache_->release(seq(info), stream); });
+  }
+
+  Napi::Value Reclaim(const Napi::CallbackInfo& info) {
+    uint64_t bytes = info.Length() > 0 && !info[0].IsUndefined() ? u64(info[0]) : UINT64_MAX;
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->reclaim(bytes); }));
+  }
+
+  Napi::Value Trim(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->trim(); }));
+  }
+
+  // write(slot, gen, layer, kind, token, Uint8Array)
+  void Write(const Napi::CallbackInfo& info) {
+    Napi::Uint8Array data = info[5].As<Napi::Uint8Array>();
+    guarded(info.Env(), [&] {
+      cache_->write(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), data.Data(),
+                    data.ByteLength());
+    });
+  }
+
+  void Read(const Napi::CallbackInfo& info) {
+    Napi::Uint8Array out = info[5].As<Napi::Uint8Array>();
+    guarded(info.Env(), [&] {
+      cache_->read(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), out.Data(),
+                   out.ByteLength());
+    });
+  }
+
+  Napi::Value Tokens(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->tokens(seq(info)); }));
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CacheStats st = guarded(env, [&] { return cache_->stats(); });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("backend", st.backend);
+    o.Set("pageSize", num(env, st.pageSize));
+    o.Set("budgetBytes", num(env, st.budgetBytes));
+    o.Set("pagesCreated", num(env, st.pages.created));
+    o.Set("pagesMapped", num(env, st.pages.mapped));
+    o.Set("pagesPooled", num(env, st.pages.idle));
+    o.Set("bytesBacked", num(env, st.bytesBacked));
+    o.Set("bytesUsed", num(env, st.bytesUsed));
+    o.Set("activeSequences", num(env, st.activeSequences));
+    o.Set("reservedVirtualBytes", num(env, st.reservedVirtualBytes));
+    o.Set("pagesReclaimed", num(env, st.reclaimedPages));
+    o.Set("pagesReused", num(env, st.reusedPages));
+    Napi::Array slots = Napi::Array::New(env, st.slots.size());
+    for (size_t i = 0; i < st.slots.size(); ++i) {
+      const SlotStats& s = st.slots[i];
+      Napi::Object so = Napi::Object::New(env);
+      so.Set("slot", s.slot);
+      so.Set("active", s.active);
+      so.Set("tokens", num(env, s.tokens));
+      so.Set("backedTokens", num(env, s.backedTokens));
+      so.Set("mappedPages", num(env, s.mappedPages));
+      slots.Set(static_cast<uint32_t>(i), so);
+    }
+    o.Set("slots", slots);
+    Napi::Object calls = Napi::Object::New(env);
+    for (size_t i = 0; i < kBackendOpCount; ++i) {
+      Napi::Object c = Napi::Object::New(env);
+      c.Set("calls", num(env, st.calls[i].calls));
+      c.Set("nanoseconds", num(env, st.calls[i].nanos));
+      calls.Set(backendOpName(static_cast<BackendOp>(i)), c);
+    }
+    o.Set("driverCalls", calls);
+    return o;
+  }
+
+  Napi::Value Layout(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const KVLayout& l = cache_->layout();
+    const ModelShape& shape = l.shape();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("base", big(env, cache_->base()));
+    o.Set("pageSize", num(env, cache_->backend().pageSize()));
+    o.Set("granularity", num(env, cache_->backend().granularity()));
+    o.Set("backend", cache_->backend().name());
+    o.Set("tokenBytes", num(env, l.tokenBytes()));
+    o.Set("bytesPerToken", num(env, l.bytesPerToken()));
+    o.Set("pagesPerGroup", num(env, l.pagesPerGroup()));
+    o.Set("rangeBytes", num(env, l.rangeBytes()));
+    Napi::Array tensors = Napi::Array::New(env);
+    uint32_t n = 0;
+    for (uint32_t layer = 0; layer < shape.layers; ++layer) {
+      for (KVKind kind : {KVKind::K, KVKind::V}) {
+        TensorView v = l.tensor(layer, kind);
+        Napi::Object t = Napi::Object::New(env);
+        t.Set("offset", big(env, v.offset));
+        Napi::Array strides = Napi::Array::New(env, 4);
+        for (uint32_t d = 0; d < 4; ++d) strides.Set(d, num(env, v.strideElements[d]));
+        t.Set("strideElements", strides);
+        tensors.Set(n++, t);
+      }
+    }
+    o.Set("tensors", tensors);
+    return o;
+  }
+
+  void Close(const Napi::CallbackInfo&) {
+    if (cache_) cache_->close();
+  }
+
+  // Test-only: injectFault(op name, nth call from now, outOfMemory)
+  void InjectFault(const Napi::CallbackInfo& info) {
+    std::string name = info[0].As<Napi::String>().Utf8Value();
+    for (size_t i = 0; i < kBackendOpCount; ++i) {
+      if (name == backendOpName(static_cast<BackendOp>(i))) {
+        guarded(info.Env(), [&] {
+          cache_->armFault(static_cast<BackendOp>(i), u64(info[1]), info[2].As<Napi::Boolean>().Value());
+        });
+        return;
+      }
+    }
+    Napi::Error err = Napi::Error::New(info.Env(), "unknown backend op: " + name);
+    err.Set("code", "ERR_INVALID_ARGUMENT");
+    throw err;
+  }
+
+  std::unique_ptr<KVCache> cache_;
+  AddonData* data_ = nullptr;
+};
+
+// driverInfo(): what loading the driver found, and the devices.
+Napi::Value DriverInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  cu::DriverStatus st = cu::driverStatus();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("loaded", st.loaded);
+  o.Set("library", st.library);
+  o.Set("problem", st.problem);
+  o.Set("version", st.version);
+  o.Set("typesCheckedAgainst", vat_cuda_types_checked);
+  Napi::Array devices = Napi::Array::New(env);
+  if (st.loaded) {
+    std::vector<CudaDeviceInfo> list = guarded(env, [] { return listCudaDevices(); });
+    for (uint32_t i = 0; i < list.size(); ++i) {
+      Napi::Object d = Napi::Object::New(env);
+      d.Set("ordinal", list[i].ordinal);
+      d.Set("name", list[i].name);
+      d.Set("totalBytes", num(env, list[i].totalBytes));
+      d.Set("computeCapability", std::to_string(list[i].computeMajor) + "." + std::to_string(list[i].computeMinor));
+      d.Set("vmmSupported", list[i].vmmSupported);
+      d.Set("granularity", num(env, list[i].granularity));
+      devices.Set(i, d);
+    }
+  }
+  o.Set("devices", devices);
+  return o;
+}
+
+void CloseAllInEnv(void* arg) {
+  auto* data = static_cast<AddonData*>(arg);
+  for (NativeCache* c : data->live) c->closeFromCleanupHook();
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  watchProcessExit();
+  auto* data = new AddonData();
+  env.SetInstanceData<AddonData>(data);
+  napi_add_env_cleanup_hook(env, CloseAllInEnv, data);
+  exports.Set("NativeCache", NativeCache::Define(env));
+  exports.Set("driverInfo", Napi::Function::New<DriverInfo>(env, "driverInfo"));
+  return exports;
+}
+
+}  // namespace
+}  // namespace vat
+
+static Napi::Object InitVattention(Napi::Env env, Napi::Object exports) { return vat::Init(env, exports); }
+NODE_API_MODULE(vattention, InitVattention)

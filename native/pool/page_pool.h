@@ -1,0 +1,85 @@
+// Physical pages: created once, mapped and unmapped many times, never more
+// of them than the budget allows. Each page follows one state machine,
+//
+//   (none) --create--> Created --map--> Mapped --setAccess--> Accessible
+//      ^                  |  ^                                     |
+//      +-----release------+  +----------------unmap----------------+
+//
+// and every failure goes back along the arrows it came by, so a failed map
+// leaves the page Created and a failed create leaves nothing.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace vat {
+
+enum class PageState : uint8_t { Vacant, Created, Mapped, Accessible };
+
+using PageId = uint32_t;
+
+struct Page {
+  PageHandle handle = 0;
+  PageState state = PageState::Vacant;
+  Address address = 0;  // where it is mapped, when Mapped/Accessible
+};
+
+struct PoolCounts {
+  uint64_t budgetPages = 0;
+  uint64_t created = 0;  // pages that exist (Created, Mapped or Accessible)
+  uint64_t idle = 0;     // created, unmapped, waiting in the pool
+  uint64_t mapped = 0;   // Accessible (or Mapped) somewhere
+};
+
+class PagePool {
+ public:
+  PagePool(Backend& backend, uint64_t budgetBytes);
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  size_t pageSize() const { return pageSize_; }
+  uint64_t budgetPages() const { return budgetPages_; }
+  // Pages that can still be created without passing the budget.
+  uint64_t headroom() const { return budgetPages_ - created_; }
+  uint64_t idleCount() const { return idle_.size(); }
+  PoolCounts counts() const;
+
+  // An idle page, or nullopt-like kNone when the pool has none.
+  static constexpr PageId kNone = UINT32_MAX;
+  PageId takeIdle();
+  // A newly created page; throws ERR_OUT_OF_MEMORY past the budget or when
+  // the backend has no memory.
+  PageId create();
+  // Back to the idle list (the page must be unmapped).
+  void putIdle(PageId id);
+  // Gives the page's memory back to the backend (the page must be unmapped).
+  void destroy(PageId id);
+
+  // Created -> Mapped -> Accessible at `at`; on failure the page is Created again.
+  void map(PageId id, Address at);
+  // Accessible/Mapped -> Created. Throws (page unchanged) if the backend fails.
+  void unmap(PageId id);
+
+  // Creates pages until `pages` are idle or created (bounded by the budget).
+  void prefill(uint64_t pages);
+  // Destroys up to `maxPages` idle pages; returns how many.
+  uint64_t trim(uint64_t maxPages);
+  // Close: unmaps and destroys every page, ignoring failures (best effort).
+  void teardown();
+
+  const Page& page(PageId id) const { return pages_[id]; }
+
+ private:
+  Backend& backend_;
+  size_t pageSize_;
+  uint64_t budgetPages_;
+  uint64_t created_ = 0;
+  uint64_t mapped_ = 0;
+  std::vector<Page> pages_;
+  std::vector<PageId> vacant_;  // records in pages_ free for reuse
+  std::vector<PageId> idle_;    // created, unmapped; LIFO
+};
+
+}  // namespace vat
