@@ -1,0 +1,167 @@
+/**
+ * Error classes. Every error the library throws has a string `code`:
+ * option and argument errors are `TypeError` / `RangeError` with
+ * `code: 'ERR_INVALID_ARGUMENT'`; everything else is a {@link VattentionError}.
+ */
+
+export type ErrorCode =
+  | 'ERR_INVALID_ARGUMENT'
+  | 'ERR_CUDA_UNAVAILABLE'
+  | 'ERR_CUDA'
+  | 'ERR_OS'
+  | 'ERR_OUT_OF_MEMORY'
+  | 'ERR_NO_SLOT'
+  | 'ERR_OUT_OF_RANGE'
+  | 'ERR_SEQUENCE_RELEASED'
+  | 'ERR_FOREIGN_SEQUENCE'
+  | 'ERR_CLOSED'
+  | 'ERR_ABORTED'
+  | 'ERR_INTERNAL';
+
+/** A wrong type for an option or argument. */
+export class InvalidArgumentTypeError extends TypeError {
+  readonly code = 'ERR_INVALID_ARGUMENT' as const;
+  constructor(readonly argument: string, message: string) {
+    super(`${argument}: ${message}`);
+    this.name = 'InvalidArgumentTypeError';
+  }
+}
+
+/** A value of the right type outside what is allowed. */
+export class InvalidArgumentRangeError extends RangeError {
+  readonly code = 'ERR_INVALID_ARGUMENT' as const;
+  constructor(readonly argument: string, message: string) {
+    super(`${argument}: ${message}`);
+    this.name = 'InvalidArgumentRangeError';
+  }
+}
+
+/** Base class of the library's own errors. */
+export class VattentionError extends Error {
+  constructor(readonly code: ErrorCode, message: string) {
+    super(message);
+    this.name = 'VattentionError';
+  }
+}
+
+/** No CUDA driver, no such device, or a device without virtual memory management. */
+export class CudaUnavailableError extends VattentionError {
+  constructor(message: string) {
+    super('ERR_CUDA_UNAVAILABLE', message);
+    this.name = 'CudaUnavailableError';
+  }
+}
+
+/** A CUDA driver call failed; `status` is the CUresult, `statusName` its name. */
+export class CudaError extends VattentionError {
+  constructor(message: string, readonly status: number, readonly statusName: string) {
+    super('ERR_CUDA', message);
+    this.name = 'CudaError';
+  }
+}
+
+/** An operating-system call of the host backend failed (errno in `status`). */
+export class OsError extends VattentionError {
+  constructor(message: string, readonly status: number, readonly statusName: string) {
+    super('ERR_OS', message);
+    this.name = 'OsError';
+  }
+}
+
+/**
+ * Physical memory ran out: the budget is reached, or the driver/OS has no
+ * memory left. Ordinary and recoverable: the cache is exactly as before.
+ */
+export class OutOfMemoryError extends VattentionError {
+  constructor(message: string, readonly requestedBytes: number, readonly availableBytes: number) {
+    super('ERR_OUT_OF_MEMORY', message);
+    this.name = 'OutOfMemoryError';
+  }
+}
+
+/** Every sequence slot is taken. */
+export class NoSlotError extends VattentionError {
+  constructor(message: string) {
+    super('ERR_NO_SLOT', message);
+    this.name = 'NoSlotError';
+  }
+}
+
+/** A token, layer or length past what the cache or the sequence has. */
+export class OutOfRangeError extends VattentionError {
+  constructor(message: string) {
+    super('ERR_OUT_OF_RANGE', message);
+    this.name = 'OutOfRangeError';
+  }
+}
+
+/** The sequence was released (use after release, double release). */
+export class SequenceReleasedError extends VattentionError {
+  constructor(message: string) {
+    super('ERR_SEQUENCE_RELEASED', message);
+    this.name = 'SequenceReleasedError';
+  }
+}
+
+/** The sequence belongs to another cache. */
+export class ForeignSequenceError extends VattentionError {
+  constructor(message: string) {
+    super('ERR_FOREIGN_SEQUENCE', message);
+    this.name = 'ForeignSequenceError';
+  }
+}
+
+/** The cache is closed. */
+export class ClosedError extends VattentionError {
+  constructor(message = 'the KV cache is closed') {
+    super('ERR_CLOSED', message);
+    this.name = 'ClosedError';
+  }
+}
+
+/** An asynchronous operation was aborted through its AbortSignal. */
+export class AbortedError extends VattentionError {
+  constructor(message = 'the operation was aborted') {
+    super('ERR_ABORTED', message);
+    this.name = 'AbortedError';
+  }
+}
+
+interface NativeErrorShape {
+  code?: string;
+  message: string;
+  status?: number;
+  statusName?: string;
+  requestedBytes?: number;
+  availableBytes?: number;
+}
+
+/** Turns an error thrown by the native addon into the matching class. */
+export function fromNative(error: unknown): unknown {
+  if (!(error instanceof Error)) return error;
+  const e = error as NativeErrorShape;
+  switch (e.code) {
+    case 'ERR_CUDA_UNAVAILABLE':
+      return new CudaUnavailableError(e.message);
+    case 'ERR_CUDA':
+      return new CudaError(e.message, e.status ?? 0, e.statusName ?? '');
+    case 'ERR_OS':
+      return new OsError(e.message, e.status ?? 0, e.statusName ?? '');
+    case 'ERR_OUT_OF_MEMORY':
+      return new OutOfMemoryError(e.message, e.requestedBytes ?? 0, e.availableBytes ?? 0);
+    case 'ERR_NO_SLOT':
+      return new NoSlotError(e.message);
+    case 'ERR_OUT_OF_RANGE':
+      return new OutOfRangeError(e.message);
+    case 'ERR_SEQUENCE_RELEASED':
+      return new SequenceReleasedError(e.message);
+    case 'ERR_CLOSED':
+      return new ClosedError(e.message);
+    case 'ERR_ABORTED':
+      return new AbortedError(e.message);
+    case 'ERR_INVALID_ARGUMENT':
+      return new InvalidArgumentRangeError('argument', e.message);
+    default:
+      return new VattentionError('ERR_INTERNAL', e.message);
+  }
+}

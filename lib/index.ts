@@ -1,0 +1,31 @@
+export { KVCache, Sequence } from './kv-cache.js';
+export type {
+  CacheStats,
+  CallStats,
+  ReadRange,
+  ReleaseOptions,
+  ReserveOptions,
+  SlotStats,
+  TensorInfo,
+  TokenRange,
+} from './kv-cache.js';
+export { DTYPE_BYTES } from './options.js';
+export type { BackendChoice, DType, KVCacheOptions, KVKind } from './options.js';
+export { driverInfo, autoBackend } from './info.js';
+export type { DeviceInfo, DriverInfo } from './info.js';
+export {
+  AbortedError,
+  ClosedError,
+  CudaError,
+  CudaUnavailableError,
+  ForeignSequenceError,
+  InvalidArgumentRangeError,
+  InvalidArgumentTypeError,
+  NoSlotError,
+  OsError,
+  OutOfMemoryError,
+  OutOfRangeError,
+  SequenceReleasedError,
+  VattentionError,
+} from './errors.js';
+export type { ErrorCode } from './errors.js';

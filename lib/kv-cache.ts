@@ -1,0 +1,385 @@
+/**
+ * The public KV cache. Validates arguments, keeps the native object private,
+ * and turns native errors into typed ones. Policy lives in the native core.
+ */
+import {
+  ClosedError,
+  ForeignSequenceError,
+  InvalidArgumentRangeError,
+  InvalidArgumentTypeError,
+  SequenceReleasedError,
+  fromNative,
+} from './errors.js';
+import { autoBackend } from './info.js';
+import { addon, type NativeCache, type NativeLayout } from './native.js';
+import {
+  type DType,
+  type KVCacheOptions,
+  type KVKind,
+  type NormalizedOptions,
+  checkBytes,
+  checkInteger,
+  checkKind,
+  checkObject,
+  describe,
+  normalizeOptions,
+} from './options.js';
+
+/** One K or V tensor of a layer, as a kernel sees it. */
+export interface TensorInfo {
+  layer: number;
+  kind: KVKind;
+  /** Device (or host) address of element [0, 0, 0, 0]. */
+  address: bigint;
+  /** [maxSequences, maxTokens, kvHeads, headDim]. */
+  shape: [number, number, number, number];
+  /** Strides in elements; a slot's stride is maxTokens rounded up to whole pages. */
+  strides: [number, number, number, number];
+  /** Strides in bytes. */
+  strideBytes: [number, number, number, number];
+  dtype: DType;
+}
+
+export interface SlotStats {
+  slot: number;
+  active: boolean;
+  /** Grown length of the sequence in the slot (0 when free). */
+  tokens: number;
+  /** Tokens the slot's mapped pages hold (kept after release: deferred reclamation). */
+  backedTokens: number;
+  mappedPages: number;
+}
+
+export interface CallStats {
+  calls: number;
+  nanoseconds: number;
+}
+
+export interface CacheStats {
+  backend: 'cuda' | 'host';
+  pageSize: number;
+  budgetBytes: number;
+  /** Pages that exist: mapped + pooled. */
+  pagesCreated: number;
+  pagesMapped: number;
+  /** Created pages waiting unmapped in the pool. */
+  pagesPooled: number;
+  /** Mapped pages × page size. */
+  bytesBacked: number;
+  /** Tokens of active sequences × bytes per token (all layers, K and V). */
+  bytesUsed: number;
+  activeSequences: number;
+  reservedVirtualBytes: number;
+  /** Pages ever unmapped from released slots (reclaim). */
+  pagesReclaimed: number;
+  /** Mapped pages ever found in a slot by reserve (deferred reclamation hits). */
+  pagesReused: number;
+  slots: SlotStats[];
+  /** Backend calls by kind: reserveRange, createPage, map, setAccess, unmap, releasePage, copyIn, ... */
+  driverCalls: Record<string, CallStats>;
+}
+
+export interface ReserveOptions {
+  /** Tokens the sequence is expected to reach; picks the released slot whose pages fit best. */
+  expectedTokens?: number;
+}
+
+export interface ReleaseOptions {
+  /**
+   * CUDA stream (CUstream as bigint; 0n = the legacy default stream) whose
+   * queued work may still use the sequence. The slot's pages are not unmapped
+   * before that work is done. Omit when the GPU is known to be done with it.
+   */
+  stream?: bigint;
+}
+
+export interface TokenRange {
+  layer: number;
+  kind: KVKind;
+  /** First token. */
+  token: number;
+}
+
+export interface ReadRange extends TokenRange {
+  count: number;
+}
+
+const sequenceState = new WeakMap<Sequence, { generation: number; released: boolean }>();
+
+/** A sequence placed in a slot of a cache. Obtained from {@link KVCache.reserve}. */
+export class Sequence {
+  /** @internal */
+  constructor(
+    readonly cache: KVCache,
+    readonly slot: number,
+    generation: number,
+  ) {
+    sequenceState.set(this, { generation, released: false });
+  }
+
+  /** True once released (or its cache closed). */
+  get released(): boolean {
+    return sequenceState.get(this)!.released || this.cache.closed;
+  }
+
+  /** Tokens grown so far (backed in every layer's K and V). */
+  get tokens(): number {
+    return this.cache.tokens(this);
+  }
+
+  /** Address of this sequence's token 0 in one layer's K or V. */
+  address(layer: number, kind: KVKind): bigint {
+    return this.cache.sequenceAddress(this, layer, kind);
+  }
+}
+
+/** @internal */
+export function generationOf(seq: Sequence): number {
+  return sequenceState.get(seq)!.generation;
+}
+
+/**
+ * A KV cache whose per-layer K and V tensors are virtually contiguous and
+ * backed by physical pages on demand.
+ */
+export class KVCache {
+  readonly options: Readonly<NormalizedOptions>;
+  readonly backend: 'cuda' | 'host';
+  #native: NativeCache | null;
+  #layout: NativeLayout;
+
+  constructor(options: KVCacheOptions) {
+    const o = normalizeOptions(options);
+    const backend = o.backend === 'auto' ? autoBackend(o.device) : o.backend;
+    try {
+      this.#native = new addon.NativeCache({
+        layers: o.layers,
+        kvHeads: o.kvHeads,
+        headDim: o.headDim,
+        dtypeBytes: o.dtypeBytes,
+        maxSequences: o.maxSequences,
+        maxTokens: o.maxTokens,
+        backend,
+        device: o.device,
+        pageSize: o.pageSize,
+        memoryBudget: o.memoryBudget,
+        prefillBytes: o.poolPrefill,
+      });
+    } catch (e) {
+      throw fromNative(e);
+    }
+    this.#layout = this.#native.layout();
+    this.backend = backend;
+    this.options = Object.freeze({ ...o, backend });
+  }
+
+  /** Bytes of one physical page. */
+  get pageSize(): number {
+    return this.#layout.pageSize;
+  }
+
+  /** Bytes of one token in one tensor (kvHeads × headDim × dtype). */
+  get tokenBytes(): number {
+    return this.#layout.tokenBytes;
+  }
+
+  /** Bytes of one token across every layer's K and V. */
+  get bytesPerToken(): number {
+    return this.#layout.bytesPerToken;
+  }
+
+  get closed(): boolean {
+    return this.#native === null;
+  }
+
+  /** Places a new sequence in a free slot. Throws ERR_NO_SLOT when all are taken. */
+  reserve(options?: ReserveOptions): Sequence {
+    const native = this.#open();
+    const o = checkObject('options', options, true);
+    const expected =
+      o.expectedTokens === undefined
+        ? undefined
+        : checkInteger('options.expectedTokens', o.expectedTokens, 0, this.options.maxTokens);
+    const [slot, generation] = this.#call(() => native.reserve(expected));
+    return new Sequence(this, slot, generation);
+  }
+
+  /**
+   * Makes the first `tokens` tokens of `seq` backed in every layer's K and V.
+   * All or nothing: on ERR_OUT_OF_MEMORY the cache is as before the call.
+   */
+  grow(seq: Sequence, tokens: number): void {
+    const native = this.#open();
+    this.#check(seq);
+    if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
+    if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
+    this.#call(() => native.grow(seq.slot, generationOf(seq), tokens));
+  }
+
+  /** Frees the sequence's slot. Its pages stay mapped for the next sequence placed there. */
+  release(seq: Sequence, options?: ReleaseOptions): void {
+    const native = this.#open();
+    this.#check(seq);
+    const o = checkObject('options', options, true);
+    if (o.stream !== undefined && typeof o.stream !== 'bigint')
+      throw new InvalidArgumentTypeError('options.stream', `must be a bigint (CUstream), got ${describe(o.stream)}`);
+    if (typeof o.stream === 'bigint' && (o.stream < 0n || o.stream >= 1n << 64n))
+      throw new InvalidArgumentRangeError('options.stream', `must be a 64-bit address, got ${o.stream}`);
+    this.#call(() => native.release(seq.slot, generationOf(seq), o.stream as bigint | undefined));
+    sequenceState.get(seq)!.released = true;
+  }
+
+  /**
+   * Unmaps pages of released slots back to the pool: at least `bytes` (rounded
+   * up to pages and page groups), or all of them. Returns the bytes unmapped.
+   */
+  reclaim(bytes?: number | bigint): number {
+    const native = this.#open();
+    const b = bytes === undefined ? undefined : checkBytes('bytes', bytes, 0n);
+    if (b === 0n) return 0;
+    return this.#call(() => native.reclaim(b === undefined || b > BigInt(Number.MAX_SAFE_INTEGER) ? undefined : Number(b)));
+  }
+
+  /** Gives the pool's unmapped pages back to the driver. Returns the bytes freed. */
+  trim(): number {
+    const native = this.#open();
+    return this.#call(() => native.trim());
+  }
+
+  /** Copies whole tokens into the sequence, starting at `range.token`. */
+  write(seq: Sequence, range: TokenRange, data: ArrayBufferView): void {
+    const native = this.#open();
+    this.#check(seq);
+    const { layer, kind, token } = this.#range(range);
+    if (!ArrayBuffer.isView(data))
+      throw new InvalidArgumentTypeError('data', `must be a TypedArray, Buffer or DataView, got ${describe(data)}`);
+    this.#checkWhole('data.byteLength', data.byteLength);
+    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    this.#call(() => native.write(seq.slot, generationOf(seq), layer, kind, token, bytes));
+  }
+
+  /** Copies `count` tokens out of the sequence (into `into` when given). */
+  read(seq: Sequence, range: ReadRange, into?: ArrayBufferView): Uint8Array {
+    const native = this.#open();
+    this.#check(seq);
+    const { layer, kind, token } = this.#range(range);
+    const count = checkInteger('range.count', (range as ReadRange).count, 0, this.options.maxTokens);
+    const length = count * this.tokenBytes;
+    let out: Uint8Array;
+    if (into === undefined) out = new Uint8Array(length);
+    else {
+      if (!ArrayBuffer.isView(into))
+        throw new InvalidArgumentTypeError('into', `must be a TypedArray, Buffer or DataView, got ${describe(into)}`);
+      if (into.byteLength < length)
+        throw new InvalidArgumentRangeError('into', `holds ${into.byteLength} bytes, ${length} needed`);
+      out = new Uint8Array(into.buffer, into.byteOffset, length);
+    }
+    this.#call(() => native.read(seq.slot, generationOf(seq), layer, kind, token, out));
+    return out;
+  }
+
+  /** Tokens grown so far by `seq`. */
+  tokens(seq: Sequence): number {
+    const native = this.#open();
+    this.#check(seq);
+    return this.#call(() => native.tokens(seq.slot, generationOf(seq)));
+  }
+
+  /** One layer's K or V tensor: address, shape and strides for a kernel. */
+  tensor(layer: number, kind: KVKind): TensorInfo {
+    this.#open();
+    checkInteger('layer', layer, 0, this.options.layers - 1);
+    const k = checkKind('kind', kind);
+    const t = this.#layout.tensors[2 * layer + k]!;
+    const o = this.options;
+    const strides = t.strideElements as [number, number, number, number];
+    return {
+      layer,
+      kind,
+      address: this.#layout.base + t.offset,
+      shape: [o.maxSequences, o.maxTokens, o.kvHeads, o.headDim],
+      strides: [...strides],
+      strideBytes: strides.map((s) => s * o.dtypeBytes) as [number, number, number, number],
+      dtype: o.dtype,
+    };
+  }
+
+  /** Every layer's K and V tensors. */
+  tensors(): { k: TensorInfo; v: TensorInfo }[] {
+    const out = [];
+    for (let layer = 0; layer < this.options.layers; layer++)
+      out.push({ k: this.tensor(layer, 'k'), v: this.tensor(layer, 'v') });
+    return out;
+  }
+
+  /** Address of the sequence's token 0 in one layer's K or V. */
+  sequenceAddress(seq: Sequence, layer: number, kind: KVKind): bigint {
+    this.#open();
+    this.#check(seq);
+    const t = this.tensor(layer, kind);
+    return t.address + BigInt(seq.slot) * BigInt(t.strideBytes[0]);
+  }
+
+  stats(): CacheStats {
+    const native = this.#open();
+    return this.#call(() => native.stats());
+  }
+
+  /**
+   * Unmaps and frees everything and gives the virtual range back. Idempotent.
+   * Waits for GPU work fenced by release({ stream }).
+   */
+  close(): void {
+    const native = this.#native;
+    if (native === null) return;
+    this.#native = null;
+    native.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  /** @internal Test-only: make the nth next backend call of `op` fail. */
+  _injectFault(op: string, nth: number, outOfMemory: boolean): void {
+    const native = this.#open();
+    this.#call(() => native.injectFault(op, nth, outOfMemory));
+  }
+
+  #open(): NativeCache {
+    if (this.#native === null) throw new ClosedError();
+    return this.#native;
+  }
+
+  #check(seq: unknown): asserts seq is Sequence {
+    if (!(seq instanceof Sequence)) throw new InvalidArgumentTypeError('seq', `must be a Sequence, got ${describe(seq)}`);
+    if (seq.cache !== this) throw new ForeignSequenceError(`the sequence in slot ${seq.slot} belongs to another cache`);
+    if (sequenceState.get(seq)!.released)
+      throw new SequenceReleasedError(`the sequence in slot ${seq.slot} was released`);
+  }
+
+  #range(range: unknown): { layer: number; kind: 0 | 1; token: number } {
+    const r = checkObject('range', range, false);
+    return {
+      layer: checkInteger('range.layer', r.layer, 0, this.options.layers - 1),
+      kind: checkKind('range.kind', r.kind),
+      token: checkInteger('range.token', r.token, 0, this.options.maxTokens),
+    };
+  }
+
+  #checkWhole(name: string, byteLength: number): void {
+    if (byteLength % this.tokenBytes !== 0)
+      throw new InvalidArgumentRangeError(
+        name,
+        `${byteLength} is not a whole number of tokens (${this.tokenBytes} bytes each)`,
+      );
+  }
+
+  #call<T>(fn: () => T): T {
+    try {
+      return fn();
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+}

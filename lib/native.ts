@@ -1,0 +1,102 @@
+/**
+ * The native addon, loaded once. Its objects never leave the library: the
+ * public classes in kv-cache.ts wrap them.
+ */
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const bindings = require('bindings') as (name: string) => NativeAddon;
+
+export interface NativeCacheOptions {
+  layers: number;
+  kvHeads: number;
+  headDim: number;
+  dtypeBytes: number;
+  maxSequences: number;
+  maxTokens: number;
+  backend: 'cuda' | 'host';
+  device: number;
+  pageSize: number;
+  memoryBudget: bigint;
+  prefillBytes: bigint;
+}
+
+export interface NativeSlotStats {
+  slot: number;
+  active: boolean;
+  tokens: number;
+  backedTokens: number;
+  mappedPages: number;
+}
+
+export interface NativeCallCount {
+  calls: number;
+  nanoseconds: number;
+}
+
+export interface NativeStats {
+  backend: 'cuda' | 'host';
+  pageSize: number;
+  budgetBytes: number;
+  pagesCreated: number;
+  pagesMapped: number;
+  pagesPooled: number;
+  bytesBacked: number;
+  bytesUsed: number;
+  activeSequences: number;
+  reservedVirtualBytes: number;
+  pagesReclaimed: number;
+  pagesReused: number;
+  slots: NativeSlotStats[];
+  driverCalls: Record<string, NativeCallCount>;
+}
+
+export interface NativeLayout {
+  base: bigint;
+  pageSize: number;
+  granularity: number;
+  backend: 'cuda' | 'host';
+  tokenBytes: number;
+  bytesPerToken: number;
+  pagesPerGroup: number;
+  rangeBytes: number;
+  tensors: { offset: bigint; strideElements: number[] }[];
+}
+
+export interface NativeCache {
+  reserve(expectedTokens?: number): [slot: number, generation: number];
+  grow(slot: number, generation: number, tokens: number): void;
+  release(slot: number, generation: number, stream?: bigint): void;
+  reclaim(bytes?: number): number;
+  trim(): number;
+  write(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, data: Uint8Array): void;
+  read(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, out: Uint8Array): void;
+  tokens(slot: number, generation: number): number;
+  stats(): NativeStats;
+  layout(): NativeLayout;
+  close(): void;
+  injectFault(op: string, nth: number, outOfMemory: boolean): void;
+}
+
+export interface NativeDeviceInfo {
+  ordinal: number;
+  name: string;
+  totalBytes: number;
+  computeCapability: string;
+  vmmSupported: boolean;
+  granularity: number;
+}
+
+export interface NativeDriverInfo {
+  loaded: boolean;
+  library: string;
+  problem: string;
+  version: number;
+  typesCheckedAgainst: number;
+  devices: NativeDeviceInfo[];
+}
+
+export interface NativeAddon {
+  NativeCache: new (options: NativeCacheOptions) => NativeCache;
+  driverInfo(): NativeDriverInfo;
+}
+
+export const addon: NativeAddon = bindings('vattention');

@@ -1,0 +1,185 @@
+/**
+ * Option and argument validation. Runs before any native call, so a bad
+ * option never reaches the driver and never changes state.
+ */
+import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
+
+export type DType = 'float16' | 'bfloat16' | 'float32' | 'int8' | 'float8';
+export type BackendChoice = 'cuda' | 'host' | 'auto';
+export type KVKind = 'k' | 'v';
+
+export const DTYPE_BYTES: Readonly<Record<DType, number>> = Object.freeze({
+  float16: 2,
+  bfloat16: 2,
+  float32: 4,
+  int8: 1,
+  float8: 1,
+});
+
+export interface KVCacheOptions {
+  /** Transformer layers; each has a K and a V tensor. */
+  layers: number;
+  /** KV heads per layer (GQA: fewer than attention heads). */
+  kvHeads: number;
+  /** Elements per head. */
+  headDim: number;
+  /** Element type of K and V. */
+  dtype: DType;
+  /** Sequence slots: the most sequences alive at once. */
+  maxSequences: number;
+  /** The most tokens one sequence may hold. */
+  maxTokens: number;
+  /** CUDA device ordinal (default 0). */
+  device?: number;
+  /** 'cuda', 'host', or 'auto' (cuda when a VMM-capable device is present). Default 'auto'. */
+  backend?: BackendChoice;
+  /**
+   * Bytes of physical memory the cache may back. Default: on cuda the device's
+   * free memory less 5% of its total; on host half the free RAM.
+   */
+  memoryBudget?: number | bigint;
+  /**
+   * Bytes per physical page. cuda: a multiple of the allocation granularity
+   * (default: the granularity, 2 MiB on current GPUs). host: a multiple of the
+   * OS page (default 2 MiB).
+   */
+  pageSize?: number;
+  /** Bytes of pages to create into the pool up front (default 0). */
+  poolPrefill?: number | bigint;
+}
+
+export interface NormalizedOptions {
+  layers: number;
+  kvHeads: number;
+  headDim: number;
+  dtype: DType;
+  dtypeBytes: number;
+  maxSequences: number;
+  maxTokens: number;
+  device: number;
+  backend: BackendChoice;
+  memoryBudget: bigint;
+  pageSize: number;
+  poolPrefill: bigint;
+}
+
+const MAX_U32 = 0xffff_ffff;
+
+/** An integer in [min, max]; TypeError for a non-number, RangeError otherwise. */
+export function checkInteger(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number') throw new InvalidArgumentTypeError(name, `must be a number, got ${describe(value)}`);
+  if (!Number.isInteger(value)) throw new InvalidArgumentRangeError(name, `must be an integer, got ${value}`);
+  if (value < min || value > max)
+    throw new InvalidArgumentRangeError(name, `must be between ${min} and ${max}, got ${value}`);
+  return value;
+}
+
+/** A byte count as number or bigint, in [min, 2^64). */
+export function checkBytes(name: string, value: unknown, min: bigint): bigint {
+  let v: bigint;
+  if (typeof value === 'bigint') v = value;
+  else if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value))
+      throw new InvalidArgumentRangeError(name, `must be a safe integer or a bigint, got ${value}`);
+    v = BigInt(value);
+  } else throw new InvalidArgumentTypeError(name, `must be a number or bigint, got ${describe(value)}`);
+  if (v < min || v >= 1n << 64n) throw new InvalidArgumentRangeError(name, `must be at least ${min}, got ${v}`);
+  return v;
+}
+
+export function checkKind(name: string, value: unknown): 0 | 1 {
+  if (value === 'k') return 0;
+  if (value === 'v') return 1;
+  if (typeof value !== 'string') throw new InvalidArgumentTypeError(name, `must be 'k' or 'v', got ${describe(value)}`);
+  throw new InvalidArgumentRangeError(name, `must be 'k' or 'v', got '${value}'`);
+}
+
+export function checkObject(name: string, value: unknown, optional: boolean): Record<string, unknown> {
+  if (value === undefined && optional) return {};
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new InvalidArgumentTypeError(name, `must be an object, got ${describe(value)}`);
+  return value as Record<string, unknown>;
+}
+
+export function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  if (typeof value === 'number' || typeof value === 'bigint' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
+  if (typeof value === 'string') return `string '${value.length > 40 ? value.slice(0, 40) + '…' : value}'`;
+  return typeof value;
+}
+
+const KNOWN = new Set([
+  'layers',
+  'kvHeads',
+  'headDim',
+  'dtype',
+  'maxSequences',
+  'maxTokens',
+  'device',
+  'backend',
+  'memoryBudget',
+  'pageSize',
+  'poolPrefill',
+]);
+
+export function normalizeOptions(input: unknown): NormalizedOptions {
+  const o = checkObject('options', input, false);
+  for (const key of Object.keys(o)) {
+    if (!KNOWN.has(key)) throw new InvalidArgumentRangeError(`options.${key}`, 'is not a known option');
+  }
+  const layers = checkInteger('options.layers', o.layers, 1, 65_536);
+  const kvHeads = checkInteger('options.kvHeads', o.kvHeads, 1, 65_536);
+  const headDim = checkInteger('options.headDim', o.headDim, 1, 65_536);
+  if (typeof o.dtype !== 'string')
+    throw new InvalidArgumentTypeError('options.dtype', `must be a string, got ${describe(o.dtype)}`);
+  if (!Object.hasOwn(DTYPE_BYTES, o.dtype))
+    throw new InvalidArgumentRangeError(
+      'options.dtype',
+      `must be one of ${Object.keys(DTYPE_BYTES).join(', ')}, got '${o.dtype}'`,
+    );
+  const dtype = o.dtype as DType;
+  const maxSequences = checkInteger('options.maxSequences', o.maxSequences, 1, 1 << 20);
+  const maxTokens = checkInteger('options.maxTokens', o.maxTokens, 1, MAX_U32 >>> 1);
+  const device = o.device === undefined ? 0 : checkInteger('options.device', o.device, 0, 1023);
+  let backend: BackendChoice = 'auto';
+  if (o.backend !== undefined) {
+    if (typeof o.backend !== 'string')
+      throw new InvalidArgumentTypeError('options.backend', `must be a string, got ${describe(o.backend)}`);
+    if (o.backend !== 'cuda' && o.backend !== 'host' && o.backend !== 'auto')
+      throw new InvalidArgumentRangeError('options.backend', `must be 'cuda', 'host' or 'auto', got '${o.backend}'`);
+    backend = o.backend;
+  }
+  const memoryBudget = o.memoryBudget === undefined ? 0n : checkBytes('options.memoryBudget', o.memoryBudget, 1n);
+  const pageSize = o.pageSize === undefined ? 0 : checkInteger('options.pageSize', o.pageSize, 4096, 2 ** 40);
+  if (pageSize !== 0 && pageSize % 4096 !== 0)
+    throw new InvalidArgumentRangeError('options.pageSize', `must be a multiple of 4096, got ${pageSize}`);
+  const poolPrefill = o.poolPrefill === undefined ? 0n : checkBytes('options.poolPrefill', o.poolPrefill, 0n);
+  if (memoryBudget !== 0n && poolPrefill > memoryBudget)
+    throw new InvalidArgumentRangeError('options.poolPrefill', `(${poolPrefill}) exceeds memoryBudget (${memoryBudget})`);
+  const dtypeBytes = DTYPE_BYTES[dtype];
+  // The whole virtual range must be addressable: 2 * layers tensors of
+  // maxSequences slots, each rounded up to whole pages (estimated at 2 MiB).
+  const page = BigInt(pageSize || 2 * 1024 * 1024);
+  const slotBytes = ((BigInt(maxTokens) * BigInt(kvHeads * headDim * dtypeBytes) + page - 1n) / page) * page;
+  const rangeBytes = 2n * BigInt(layers) * BigInt(maxSequences) * slotBytes;
+  if (rangeBytes > 1n << 47n)
+    throw new InvalidArgumentRangeError(
+      'options',
+      `the KV tensors need ${rangeBytes} bytes of virtual address space, more than the 2^47 a process can reserve; lower maxSequences or maxTokens`,
+    );
+  return {
+    layers,
+    kvHeads,
+    headDim,
+    dtype,
+    dtypeBytes,
+    maxSequences,
+    maxTokens,
+    device,
+    backend,
+    memoryBudget,
+    pageSize,
+    poolPrefill,
+  };
+}

@@ -1,0 +1,325 @@
+// Behaviour of the KV cache, run against every backend present.
+import { afterEach, describe, expect, it } from 'vitest';
+import { KVCache, OutOfMemoryError, type Sequence } from '../lib/index.js';
+import { backends, label, pattern } from './backends.js';
+
+for (const b of backends) {
+  describe.skipIf(b.skip !== null)(label(b), () => {
+    const open: KVCache[] = [];
+    const make = (extra: Partial<typeof b.options> = {}) => {
+      const c = new KVCache({ ...b.options, ...extra });
+      open.push(c);
+      return c;
+    };
+    afterEach(() => {
+      for (const c of open.splice(0)) c.close();
+    });
+    const tokensPerPage = (c: KVCache) => Math.floor(c.pageSize / c.tokenBytes);
+    const groupPages = b.options.layers * 2;
+
+    it('exposes per-layer K and V tensors of shape [maxSequences, maxTokens, kvHeads, headDim]', () => {
+      const c = make();
+      const o = b.options;
+      const tensors = c.tensors();
+      expect(tensors).toHaveLength(o.layers);
+      const k0 = tensors[0]!.k;
+      expect(k0.shape).toEqual([o.maxSequences, o.maxTokens, o.kvHeads, o.headDim]);
+      expect(k0.strides.slice(1)).toEqual([o.kvHeads * o.headDim, o.headDim, 1]);
+      expect(typeof k0.address).toBe('bigint');
+      // slot stride covers maxTokens, rounded up to whole pages
+      expect(k0.strideBytes[0] % c.pageSize).toBe(0);
+      expect(k0.strideBytes[0]).toBeGreaterThanOrEqual(o.maxTokens * c.tokenBytes);
+      // tensors do not overlap and are page aligned
+      const addrs = tensors.flatMap((t) => [t.k.address, t.v.address]).sort((x, y) => (x < y ? -1 : 1));
+      for (let i = 1; i < addrs.length; i++)
+        expect(addrs[i]! - addrs[i - 1]!).toBe(BigInt(k0.strideBytes[0] * o.maxSequences));
+      for (const a of addrs) expect(a % BigInt(c.pageSize)).toBe(0n);
+    });
+
+    it('backs nothing until a sequence grows, then exactly the pages needed in every layer', () => {
+      const c = make();
+      const seq = c.reserve();
+      expect(c.stats().pagesMapped).toBe(0);
+      c.grow(seq, 1);
+      expect(c.stats().pagesMapped).toBe(groupPages);
+      c.grow(seq, tokensPerPage(c));
+      expect(c.stats().pagesMapped).toBe(groupPages);
+      c.grow(seq, tokensPerPage(c) + 1);
+      expect(c.stats().pagesMapped).toBe(2 * groupPages);
+      expect(seq.tokens).toBe(tokensPerPage(c) + 1);
+      const s = c.stats();
+      expect(s.bytesBacked).toBe(2 * groupPages * c.pageSize);
+      expect(s.bytesUsed).toBe((tokensPerPage(c) + 1) * c.bytesPerToken);
+      expect(s.slots[seq.slot]).toMatchObject({ active: true, tokens: tokensPerPage(c) + 1, backedTokens: 2 * tokensPerPage(c) });
+    });
+
+    it('growing to fewer tokens than backed does nothing', () => {
+      const c = make();
+      const seq = c.reserve();
+      c.grow(seq, 20);
+      const calls = c.stats().driverCalls.map!.calls;
+      c.grow(seq, 5);
+      c.grow(seq, 0);
+      expect(seq.tokens).toBe(20);
+      expect(c.stats().driverCalls.map!.calls).toBe(calls);
+    });
+
+    it('reads back data written across page boundaries as one contiguous range', () => {
+      const c = make();
+      const seq = c.reserve();
+      const n = b.options.maxTokens;
+      c.grow(seq, n);
+      for (let layer = 0; layer < b.options.layers; layer++) {
+        for (const kind of ['k', 'v'] as const) {
+          c.write(seq, { layer, kind, token: 0 }, pattern(n * c.tokenBytes, layer * 2 + (kind === 'v' ? 1 : 0)));
+        }
+      }
+      for (let layer = 0; layer < b.options.layers; layer++) {
+        for (const kind of ['k', 'v'] as const) {
+          const seed = layer * 2 + (kind === 'v' ? 1 : 0);
+          expect(Buffer.from(c.read(seq, { layer, kind, token: 0, count: n })).equals(Buffer.from(pattern(n * c.tokenBytes, seed)))).toBe(true);
+          // a range that straddles a page boundary, read on its own
+          const t0 = tokensPerPage(c) - 3;
+          const part = c.read(seq, { layer, kind, token: t0, count: 7 });
+          expect(Buffer.from(part).equals(Buffer.from(pattern(n * c.tokenBytes, seed).subarray(t0 * c.tokenBytes, (t0 + 7) * c.tokenBytes)))).toBe(true);
+        }
+      }
+    });
+
+    it('writes tokens one at a time the way a decode loop does', () => {
+      const c = make();
+      const seq = c.reserve();
+      const n = 3 * tokensPerPage(c) + 2;
+      const all = pattern(n * c.tokenBytes, 99);
+      for (let t = 0; t < n; t++) {
+        c.grow(seq, t + 1);
+        c.write(seq, { layer: 1, kind: 'v', token: t }, all.subarray(t * c.tokenBytes, (t + 1) * c.tokenBytes));
+      }
+      expect(Buffer.from(c.read(seq, { layer: 1, kind: 'v', token: 0, count: n })).equals(Buffer.from(all))).toBe(true);
+    });
+
+    it('keeps sequences apart: each slot has its own range', () => {
+      const c = make();
+      const a = c.reserve();
+      const d = c.reserve();
+      expect(a.slot).not.toBe(d.slot);
+      c.grow(a, 10);
+      c.grow(d, 10);
+      c.write(a, { layer: 0, kind: 'k', token: 0 }, pattern(10 * c.tokenBytes, 1));
+      c.write(d, { layer: 0, kind: 'k', token: 0 }, pattern(10 * c.tokenBytes, 2));
+      expect(Buffer.from(c.read(a, { layer: 0, kind: 'k', token: 0, count: 10 })).equals(Buffer.from(pattern(10 * c.tokenBytes, 1)))).toBe(true);
+      expect(a.address(0, 'k') - c.tensor(0, 'k').address).toBe(BigInt(a.slot * c.tensor(0, 'k').strideBytes[0]));
+    });
+
+    it('deferred reclamation: a new sequence in a released slot reuses its pages with no map call', () => {
+      const c = make();
+      const seq = c.reserve();
+      c.grow(seq, 2 * tokensPerPage(c));
+      c.release(seq);
+      const before = c.stats();
+      expect(before.pagesMapped).toBe(2 * groupPages); // pages stay mapped after release
+      const next = c.reserve({ expectedTokens: 2 * tokensPerPage(c) });
+      expect(next.slot).toBe(seq.slot);
+      c.grow(next, 2 * tokensPerPage(c));
+      const after = c.stats();
+      for (const op of ['map', 'setAccess', 'createPage', 'unmap']) expect(after.driverCalls[op]!.calls).toBe(before.driverCalls[op]!.calls);
+      expect(after.pagesReused - before.pagesReused).toBe(2 * groupPages);
+    });
+
+    it('reserve picks the released slot whose mapped pages best fit expectedTokens', () => {
+      const c = make();
+      const tpp = tokensPerPage(c);
+      const seqs = [c.reserve(), c.reserve(), c.reserve()];
+      c.grow(seqs[0]!, 1); // 1 group
+      c.grow(seqs[1]!, 3 * tpp); // 3 groups
+      c.grow(seqs[2]!, 2 * tpp); // 2 groups
+      const slots = seqs.map((s) => s.slot);
+      for (const s of seqs) c.release(s);
+      const fit2 = c.reserve({ expectedTokens: 2 * tpp - 1 });
+      expect(fit2.slot).toBe(slots[2]);
+      const fit1 = c.reserve({ expectedTokens: 5 });
+      expect(fit1.slot).toBe(slots[0]);
+      c.release(fit1);
+      // nothing covers 4 pages: take the slot with the most
+      const big = c.reserve({ expectedTokens: 4 * tpp });
+      expect(big.slot).toBe(slots[1]);
+    });
+
+    it('throws ERR_NO_SLOT when every slot is taken, and a release frees one', () => {
+      const c = make();
+      const all = Array.from({ length: b.options.maxSequences }, () => c.reserve());
+      expect(() => c.reserve()).toThrow(expect.objectContaining({ code: 'ERR_NO_SLOT' }));
+      c.release(all[2]!);
+      expect(c.reserve().slot).toBe(all[2]!.slot);
+    });
+
+    it('grows up to maxTokens and refuses beyond with ERR_OUT_OF_RANGE', () => {
+      const c = make();
+      const seq = c.reserve();
+      c.grow(seq, b.options.maxTokens);
+      expect(seq.tokens).toBe(b.options.maxTokens);
+      expect(() => c.grow(seq, b.options.maxTokens + 1)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+      expect(seq.tokens).toBe(b.options.maxTokens);
+    });
+
+    it('refuses reads and writes past the backed tokens without faulting', () => {
+      const c = make();
+      const seq = c.reserve();
+      c.grow(seq, 10);
+      const one = new Uint8Array(c.tokenBytes);
+      expect(() => c.write(seq, { layer: 0, kind: 'k', token: 10 }, one)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+      expect(() => c.read(seq, { layer: 0, kind: 'k', token: 5, count: 6 })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+      expect(() => c.write(seq, { layer: 0, kind: 'k', token: 0 }, new Uint8Array(c.tokenBytes + 1))).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect(c.read(seq, { layer: 0, kind: 'k', token: 10, count: 0 })).toHaveLength(0);
+    });
+
+    it('out of memory: throws ERR_OUT_OF_MEMORY with figures and leaves everything as it was', () => {
+      const c = make();
+      const a = c.reserve();
+      c.grow(a, b.options.maxTokens);
+      c.write(a, { layer: 0, kind: 'k', token: 0 }, pattern(b.options.maxTokens * c.tokenBytes, 5));
+      const d = c.reserve();
+      c.grow(d, 3);
+      const before = c.stats();
+      let error: unknown;
+      try {
+        c.grow(d, b.options.maxTokens);
+      } catch (e) {
+        error = e;
+      }
+      expect(error).toBeInstanceOf(OutOfMemoryError);
+      const oom = error as OutOfMemoryError;
+      expect(oom.code).toBe('ERR_OUT_OF_MEMORY');
+      expect(oom.requestedBytes).toBeGreaterThan(oom.availableBytes);
+      expect(d.tokens).toBe(3);
+      const after = c.stats();
+      expect({ ...after, driverCalls: null }).toEqual({ ...before, driverCalls: null });
+      expect(after.driverCalls.map!.calls).toBe(before.driverCalls.map!.calls);
+      // the cache keeps working: data intact, smaller growth succeeds, release makes room
+      expect(Buffer.from(c.read(a, { layer: 0, kind: 'k', token: 0, count: b.options.maxTokens })).equals(Buffer.from(pattern(b.options.maxTokens * c.tokenBytes, 5)))).toBe(true);
+      c.grow(d, tokensPerPage(c) + 1);
+      c.release(a);
+      c.grow(d, b.options.maxTokens);
+      expect(d.tokens).toBe(b.options.maxTokens);
+    });
+
+    it('under memory pressure, growth reclaims pages of released slots', () => {
+      const c = make();
+      const a = c.reserve();
+      const d = c.reserve();
+      c.grow(a, b.options.maxTokens);
+      c.release(a);
+      c.grow(d, b.options.maxTokens); // the budget holds one full sequence: needs a's pages back
+      const s = c.stats();
+      expect(s.pagesReclaimed).toBeGreaterThan(0);
+      expect(s.pagesCreated).toBeLessThanOrEqual(s.budgetBytes / s.pageSize);
+    });
+
+    it('reclaim(bytes) unmaps released slots back to the pool; trim() gives the pool back', () => {
+      const c = make();
+      const a = c.reserve();
+      c.grow(a, 2 * tokensPerPage(c));
+      const keep = c.reserve();
+      c.grow(keep, 1);
+      c.release(a);
+      expect(c.reclaim(1)).toBe(groupPages * c.pageSize); // one group, rounded up
+      expect(c.stats().slots[a.slot]!.mappedPages).toBe(groupPages);
+      expect(c.reclaim()).toBe(groupPages * c.pageSize);
+      let s = c.stats();
+      expect(s.pagesMapped).toBe(groupPages); // only `keep`
+      expect(s.pagesPooled).toBe(2 * groupPages);
+      expect(c.trim()).toBe(2 * groupPages * c.pageSize);
+      s = c.stats();
+      expect(s.pagesCreated).toBe(groupPages);
+      expect(s.pagesPooled).toBe(0);
+      expect(c.reclaim()).toBe(0); // nothing released left
+    });
+
+    it('pool prefill creates pages up front and growth uses them without creating', () => {
+      const c = make({ poolPrefill: 2 * groupPages * (b.name === 'host' ? 4096 : 2 * 1024 * 1024) });
+      const s0 = c.stats();
+      expect(s0.pagesPooled).toBe(2 * groupPages);
+      const seq = c.reserve();
+      c.grow(seq, 2 * tokensPerPage(c));
+      const s1 = c.stats();
+      expect(s1.driverCalls.createPage!.calls).toBe(s0.driverCalls.createPage!.calls);
+      expect(s1.pagesPooled).toBe(0);
+    });
+
+    it('release, use after release, double release and foreign sequences fail with codes', () => {
+      const c = make();
+      const other = make();
+      const seq = c.reserve();
+      c.grow(seq, 4);
+      c.release(seq);
+      expect(seq.released).toBe(true);
+      expect(() => c.release(seq)).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      expect(() => c.grow(seq, 5)).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      expect(() => c.read(seq, { layer: 0, kind: 'k', token: 0, count: 1 })).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      expect(() => seq.tokens).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      const mine = c.reserve();
+      expect(() => other.grow(mine, 1)).toThrow(expect.objectContaining({ code: 'ERR_FOREIGN_SEQUENCE' }));
+      expect(() => other.release(mine)).toThrow(expect.objectContaining({ code: 'ERR_FOREIGN_SEQUENCE' }));
+    });
+
+    it('close() is idempotent, works with `using`, and everything after it throws ERR_CLOSED', () => {
+      const c = new KVCache(b.options);
+      const seq = c.reserve();
+      c.grow(seq, 10);
+      c.close();
+      c.close();
+      expect(c.closed).toBe(true);
+      expect(seq.released).toBe(true);
+      for (const f of [() => c.reserve(), () => c.grow(seq, 11), () => c.release(seq), () => c.stats(), () => c.reclaim(), () => c.trim(), () => seq.tokens])
+        expect(f).toThrow(expect.objectContaining({ code: 'ERR_CLOSED' }));
+      let leaked: KVCache | undefined;
+      {
+        using d = new KVCache(b.options);
+        d.grow(d.reserve(), 3);
+        leaked = d;
+      }
+      expect(leaked.closed).toBe(true);
+    });
+
+    it('counts every backend call by kind', () => {
+      const c = make();
+      const seq = c.reserve();
+      c.grow(seq, 1);
+      const s = c.stats();
+      expect(s.driverCalls.reserveRange!.calls).toBe(1);
+      expect(s.driverCalls.createPage!.calls).toBe(groupPages);
+      expect(s.driverCalls.map!.calls).toBe(groupPages);
+      expect(s.driverCalls.setAccess!.calls).toBe(groupPages);
+      expect(s.driverCalls.map!.nanoseconds).toBeGreaterThan(0);
+    });
+
+    it('many sequences grow and release in a serving-loop pattern without losing a byte', () => {
+      const c = make({ maxSequences: 3 }); // 3 x 40 tokens fit the budget
+      const live = new Map<Sequence, number>();
+      let seed = 1;
+      const seeds = new Map<Sequence, number>();
+      for (let step = 0; step < 300; step++) {
+        if (live.size < 3 && step % 7 === 0) {
+          const s = c.reserve({ expectedTokens: 20 });
+          live.set(s, 0);
+          seeds.set(s, seed++);
+        }
+        for (const [s, n] of live) {
+          if (n >= 40) {
+            const data = c.read(s, { layer: 2, kind: 'k', token: 0, count: n });
+            const want = new Uint8Array(n * c.tokenBytes);
+            for (let t = 0; t < n; t++) want.set(pattern(c.tokenBytes, seeds.get(s)! * 1000 + t), t * c.tokenBytes);
+            expect(Buffer.from(data).equals(Buffer.from(want))).toBe(true);
+            c.release(s);
+            live.delete(s);
+            continue;
+          }
+          c.grow(s, n + 1);
+          c.write(s, { layer: 2, kind: 'k', token: n }, pattern(c.tokenBytes, seeds.get(s)! * 1000 + n));
+          live.set(s, n + 1);
+        }
+      }
+      expect(c.stats().pagesReused).toBeGreaterThan(0);
+    });
+  });
+}
