@@ -28,4 +28,5 @@ function esmWrapper(entry) {
 }
 
 esmWrapper('index');
+esmWrapper('testing');
 console.log('built dist/cjs and dist/esm');

@@ -11,6 +11,7 @@
 #include "common/errors.h"
 #include "common/lifetime.h"
 #include "driver/cuda_driver.h"
+#include "testing/device_tools.h"
 
 extern "C" const int vat_cuda_types_checked;
 
@@ -296,6 +297,65 @@ Napi::Value DriverInfo(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// --- vattention/testing: GPU helpers for tests and benchmarks -------------
+
+int dev(const Napi::CallbackInfo& info) { return static_cast<int>(u32(info[0])); }
+
+Napi::Value TestingDeviceMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  MemoryInfo m = guarded(env, [&] { return testing::deviceMemory(dev(info)); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("freeBytes", num(env, m.freeBytes));
+  o.Set("totalBytes", num(env, m.totalBytes));
+  return o;
+}
+
+void TestingFillU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] {
+    testing::fillU32(dev(info), u64(info[1]), u64(info[2]), u32(info[3]), u64(info[4]));
+  });
+}
+
+void TestingSpinThenFillU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] {
+    testing::spinThenFillU32(dev(info), u64(info[1]), u64(info[2]), u32(info[3]), u64(info[4]), u64(info[5]));
+  });
+}
+
+// writeTokens(device, base, tensors, tensorStride, slotStride, tokenBytes, seed, entries: BigUint64Array, stream)
+void TestingWriteTokens(const Napi::CallbackInfo& info) {
+  Napi::TypedArrayOf<uint64_t> entries = info[7].As<Napi::TypedArrayOf<uint64_t>>();
+  std::vector<uint64_t> list(entries.Data(), entries.Data() + entries.ElementLength());
+  guarded(info.Env(), [&] {
+    testing::writeTokens(dev(info), u64(info[1]), u32(info[2]), u64(info[3]), u64(info[4]), u64(info[5]),
+                         u32(info[6]), list, u64(info[8]));
+  });
+}
+
+Napi::Value TestingCreateStream(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::createStream(dev(info)); }));
+}
+
+void TestingDestroyStream(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyStream(dev(info), u64(info[1])); });
+}
+
+void TestingSynchronizeStream(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::synchronizeStream(dev(info), u64(info[1])); });
+}
+
+Napi::Object TestingExports(Napi::Env env) {
+  Napi::Object t = Napi::Object::New(env);
+  t.Set("deviceMemory", Napi::Function::New<TestingDeviceMemory>(env));
+  t.Set("fillU32", Napi::Function::New<TestingFillU32>(env));
+  t.Set("spinThenFillU32", Napi::Function::New<TestingSpinThenFillU32>(env));
+  t.Set("writeTokens", Napi::Function::New<TestingWriteTokens>(env));
+  t.Set("createStream", Napi::Function::New<TestingCreateStream>(env));
+  t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
+  t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
+  return t;
+}
+
 void CloseAllInEnv(void* arg) {
   auto* data = static_cast<AddonData*>(arg);
   for (NativeCache* c : data->live) c->closeFromCleanupHook();
@@ -308,6 +368,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   napi_add_env_cleanup_hook(env, CloseAllInEnv, data);
   exports.Set("NativeCache", NativeCache::Define(env));
   exports.Set("driverInfo", Napi::Function::New<DriverInfo>(env, "driverInfo"));
+  exports.Set("testing", TestingExports(env));
   return exports;
 }
 

@@ -1,0 +1,114 @@
+/**
+ * `vattention/testing`: GPU helpers for integration tests and benchmarks.
+ * Small kernels (JIT-compiled from PTX by the driver) that read and write
+ * cache memory as a real attention kernel would, CUDA streams, and device
+ * memory figures. Needs a CUDA device; every function throws
+ * ERR_CUDA_UNAVAILABLE without one.
+ */
+import { fromNative } from './errors.js';
+import { addon } from './native.js';
+import { checkInteger } from './options.js';
+
+interface NativeTesting {
+  deviceMemory(device: number): { freeBytes: number; totalBytes: number };
+  fillU32(device: number, address: bigint, count: number, seed: number, stream: bigint): void;
+  spinThenFillU32(device: number, address: bigint, count: number, value: number, nanos: number, stream: bigint): void;
+  writeTokens(
+    device: number,
+    base: bigint,
+    tensors: number,
+    tensorStride: number,
+    slotStride: number,
+    tokenBytes: number,
+    seed: number,
+    entries: BigUint64Array,
+    stream: bigint,
+  ): void;
+  createStream(device: number): bigint;
+  destroyStream(device: number, stream: bigint): void;
+  synchronizeStream(device: number, stream: bigint): void;
+}
+
+const native = (addon as unknown as { testing: NativeTesting }).testing;
+
+function call<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}
+
+/** Free and total memory of a device (cuMemGetInfo). */
+export function deviceMemory(device = 0): { freeBytes: number; totalBytes: number } {
+  checkInteger('device', device, 0, 1023);
+  return call(() => native.deviceMemory(device));
+}
+
+/** The value `fillU32` writes at u32 index `i`. */
+export function fillValue(i: number, seed: number): number {
+  return (Math.imul(i, 0x9e3779b1) + seed) >>> 0;
+}
+
+/** Queues a kernel that writes out[i] = fillValue(i, seed) for i < count u32 words. */
+export function fillU32(address: bigint, count: number, seed: number, options: { device?: number; stream?: bigint } = {}): void {
+  call(() => native.fillU32(options.device ?? 0, address, count, seed >>> 0, options.stream ?? 0n));
+}
+
+/** Queues a kernel that spins for `nanoseconds` on the GPU, then writes `value` to count u32 words. */
+export function spinThenFillU32(
+  address: bigint,
+  count: number,
+  value: number,
+  nanoseconds: number,
+  options: { device?: number; stream?: bigint } = {},
+): void {
+  call(() => native.spinThenFillU32(options.device ?? 0, address, count, value >>> 0, nanoseconds, options.stream ?? 0n));
+}
+
+export interface WriteTokensLayout {
+  base: bigint;
+  tensors: number;
+  tensorStride: number;
+  slotStride: number;
+  tokenBytes: number;
+}
+
+/**
+ * Queues a decode step's KV write: for each [slot, token] (at most 256), one
+ * token of every tensor is written. Word w of entry b gets seed ^ (b << 16) ^ w.
+ */
+export function writeTokens(
+  layout: WriteTokensLayout,
+  entries: [slot: number, token: number][],
+  seed: number,
+  options: { device?: number; stream?: bigint } = {},
+): void {
+  const table = new BigUint64Array(entries.length);
+  entries.forEach(([slot, token], i) => (table[i] = (BigInt(slot) << 32n) | BigInt(token)));
+  call(() =>
+    native.writeTokens(
+      options.device ?? 0,
+      layout.base,
+      layout.tensors,
+      layout.tensorStride,
+      layout.slotStride,
+      layout.tokenBytes,
+      seed >>> 0,
+      table,
+      options.stream ?? 0n,
+    ),
+  );
+}
+
+export function createStream(device = 0): bigint {
+  return call(() => native.createStream(device));
+}
+
+export function destroyStream(stream: bigint, device = 0): void {
+  call(() => native.destroyStream(device, stream));
+}
+
+export function synchronizeStream(stream: bigint, device = 0): void {
+  call(() => native.synchronizeStream(device, stream));
+}

@@ -1,0 +1,29 @@
+// GPU helpers for tests and benchmarks (exported as `vattention/testing`):
+// small kernels, JIT-compiled by the driver from PTX (kernels_ptx.cc), that
+// touch cache memory exactly as a real kernel would, plus stream and
+// memory-info utilities. Not part of the cache itself.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace vat::testing {
+
+MemoryInfo deviceMemory(int device);
+// out[i] = i * 0x9E3779B1 + seed for i < count (u32), queued on `stream`.
+void fillU32(int device, uint64_t address, uint64_t count, uint32_t seed, uint64_t stream);
+// Spins on the GPU for `nanoseconds`, then out[i] = value for i < count.
+void spinThenFillU32(int device, uint64_t address, uint64_t count, uint32_t value, uint64_t nanoseconds,
+                     uint64_t stream);
+// A decode step's KV write: for each entry (slot << 32 | token), one token of
+// every tensor (`tensors` of them, `tensorStride` apart) gets written.
+void writeTokens(int device, uint64_t base, uint32_t tensors, uint64_t tensorStride, uint64_t slotStride,
+                 uint64_t tokenBytes, uint32_t seed, const std::vector<uint64_t>& entries, uint64_t stream);
+uint64_t createStream(int device);
+void destroyStream(int device, uint64_t stream);
+void synchronizeStream(int device, uint64_t stream);
+constexpr size_t kMaxWriteEntries = 256;
+
+}  // namespace vat::testing
