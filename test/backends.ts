@@ -47,7 +47,7 @@ export const backends: BackendCase[] = [
       headDim: 256,
       dtype: 'float16',
       maxSequences: 4,
-      maxTokens: 1600,
+      maxTokens: 2100,
       memoryBudget: 40 * 2 * 1024 * 1024,
     },
   },

@@ -98,15 +98,17 @@ describe.skipIf(cudaSkip !== null)(`on a CUDA device${cudaSkip ? ` (skipped: ${c
   });
 
   it('out of memory against a small budget leaves the cache as it was and it keeps working', () => {
-    using c = new KVCache({ ...shape, backend: 'cuda', memoryBudget: 40 * 2 * MiB });
+    using c = new KVCache({ ...shape, backend: 'cuda', memoryBudget: 80 * 2 * MiB });
     const a = c.reserve();
-    c.grow(a, 8192); // 8 pages per tensor x 8 tensors = 64 pages > 40
+    c.grow(a, 8192); // 8 pages per tensor x 8 tensors = 64 of the 80 pages
+    // 12000 tokens would need 12 x 8 = 96 pages
     const s0 = c.stats();
     expect(() => c.grow(a, 12000)).toThrow(OutOfMemoryError);
     const s1 = c.stats();
     expect({ ...s1, driverCalls: 0 }).toEqual({ ...s0, driverCalls: 0 });
     expect(a.tokens).toBe(8192);
-    c.grow(a, 8192 + 2048); // within budget
+    c.grow(a, 8192 + 2048); // 10 x 8 = 80 pages: exactly the budget
+    expect(c.stats().pagesCreated).toBe(80);
   });
 
   it("out of device memory (budget above what the GPU has) is an ordinary error that rolls back", () => {

@@ -1,0 +1,137 @@
+// Bad input: every option and argument with wrong types and values gets a
+// TypeError / RangeError with code ERR_INVALID_ARGUMENT (or a library error
+// with its code), never a crash, and changes nothing.
+import { afterAll, describe, expect, it } from 'vitest';
+import { KVCache, type KVCacheOptions } from '../lib/index.js';
+
+const good: KVCacheOptions = {
+  backend: 'host',
+  layers: 2,
+  kvHeads: 2,
+  headDim: 64,
+  dtype: 'float16',
+  maxSequences: 2,
+  maxTokens: 64,
+  pageSize: 4096,
+  memoryBudget: 64 * 4096,
+};
+
+const wrongOptions: [string, unknown, 'TypeError' | 'RangeError'][] = [
+  ['options itself', null, 'TypeError'],
+  ['options itself', 42, 'TypeError'],
+  ['options itself', [], 'TypeError'],
+  ['layers', { ...good, layers: undefined }, 'TypeError'],
+  ['layers', { ...good, layers: '2' }, 'TypeError'],
+  ['layers', { ...good, layers: 0 }, 'RangeError'],
+  ['layers', { ...good, layers: -1 }, 'RangeError'],
+  ['layers', { ...good, layers: 1.5 }, 'RangeError'],
+  ['layers', { ...good, layers: NaN }, 'RangeError'],
+  ['layers', { ...good, layers: Infinity }, 'RangeError'],
+  ['kvHeads', { ...good, kvHeads: 2n }, 'TypeError'],
+  ['kvHeads', { ...good, kvHeads: 1e9 }, 'RangeError'],
+  ['headDim', { ...good, headDim: 0 }, 'RangeError'],
+  ['dtype', { ...good, dtype: 'fp16' }, 'RangeError'],
+  ['dtype', { ...good, dtype: 2 }, 'TypeError'],
+  ['dtype', { ...good, dtype: 'toString' }, 'RangeError'],
+  ['maxSequences', { ...good, maxSequences: 0 }, 'RangeError'],
+  ['maxSequences', { ...good, maxSequences: 2 ** 40 }, 'RangeError'],
+  ['maxTokens', { ...good, maxTokens: -5 }, 'RangeError'],
+  ['maxTokens', { ...good, maxTokens: null }, 'TypeError'],
+  ['device', { ...good, device: -1 }, 'RangeError'],
+  ['device', { ...good, device: '0' }, 'TypeError'],
+  ['backend', { ...good, backend: 'gpu' }, 'RangeError'],
+  ['backend', { ...good, backend: true }, 'TypeError'],
+  ['memoryBudget', { ...good, memoryBudget: 0 }, 'RangeError'],
+  ['memoryBudget', { ...good, memoryBudget: -1n }, 'RangeError'],
+  ['memoryBudget', { ...good, memoryBudget: 2 ** 60 }, 'RangeError'],
+  ['memoryBudget', { ...good, memoryBudget: '1GB' }, 'TypeError'],
+  ['pageSize', { ...good, pageSize: 1000 }, 'RangeError'],
+  ['pageSize', { ...good, pageSize: 4097 * 2 }, 'RangeError'],
+  ['poolPrefill', { ...good, poolPrefill: -1 }, 'RangeError'],
+  ['poolPrefill', { ...good, poolPrefill: 1e12 }, 'RangeError'],
+  ['unknown option', { ...good, maxSeqs: 4 }, 'RangeError'],
+  ['address space', { ...good, layers: 1024, maxSequences: 1 << 20, maxTokens: 1 << 20 }, 'RangeError'],
+];
+
+describe('bad options', () => {
+  for (const [what, options, kind] of wrongOptions) {
+    it(`${what}: ${kind} with code ERR_INVALID_ARGUMENT for ${JSON.stringify(options, (_, v) => (typeof v === 'bigint' ? `${v}n` : v))?.slice(0, 80)}`, () => {
+      let error: any;
+      try {
+        new KVCache(options as KVCacheOptions);
+      } catch (e) {
+        error = e;
+      }
+      expect(error).toBeInstanceOf(kind === 'TypeError' ? TypeError : RangeError);
+      expect(error.code).toBe('ERR_INVALID_ARGUMENT');
+    });
+  }
+});
+
+describe('bad arguments to methods leave the cache unchanged', () => {
+  const c = new KVCache(good);
+  const other = new KVCache(good);
+  afterAll(() => {
+    c.close();
+    other.close();
+  });
+  const seq = c.reserve();
+  c.grow(seq, 10);
+  const stale = c.reserve();
+  c.release(stale);
+  const foreign = other.reserve();
+  const one = new Uint8Array(c.tokenBytes);
+
+  const calls: [string, () => unknown, string, ('TypeError' | 'RangeError')?][] = [
+    ['reserve(null)', () => c.reserve(null as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['reserve expectedTokens -1', () => c.reserve({ expectedTokens: -1 }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['reserve expectedTokens NaN', () => c.reserve({ expectedTokens: NaN }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['reserve expectedTokens past maxTokens', () => c.reserve({ expectedTokens: 65 }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['grow(undefined)', () => c.grow(undefined as never, 1), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['grow({slot:0})', () => c.grow({ slot: 0 } as never, 1), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['grow tokens "5"', () => c.grow(seq, '5' as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['grow tokens -1', () => c.grow(seq, -1), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['grow tokens 1.5', () => c.grow(seq, 1.5), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['grow tokens NaN', () => c.grow(seq, NaN), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['grow tokens huge', () => c.grow(seq, 2 ** 52), 'ERR_OUT_OF_RANGE'],
+    ['grow past maxTokens', () => c.grow(seq, 65), 'ERR_OUT_OF_RANGE'],
+    ['grow stale', () => c.grow(stale, 1), 'ERR_SEQUENCE_RELEASED'],
+    ['grow foreign', () => c.grow(foreign, 1), 'ERR_FOREIGN_SEQUENCE'],
+    ['release stream number', () => c.release(seq, { stream: 0 as never }), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['release stream negative', () => c.release(seq, { stream: -1n }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['release stale', () => c.release(stale), 'ERR_SEQUENCE_RELEASED'],
+    ['reclaim(-1)', () => c.reclaim(-1), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['reclaim("all")', () => c.reclaim('all' as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['reclaim(1.5)', () => c.reclaim(1.5), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['write no range', () => c.write(seq, undefined as never, one), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['write layer 2', () => c.write(seq, { layer: 2, kind: 'k', token: 0 }, one), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['write kind "q"', () => c.write(seq, { layer: 0, kind: 'q' as never, token: 0 }, one), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['write kind 0', () => c.write(seq, { layer: 0, kind: 0 as never, token: 0 }, one), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['write token -1', () => c.write(seq, { layer: 0, kind: 'k', token: -1 }, one), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['write data array', () => c.write(seq, { layer: 0, kind: 'k', token: 0 }, [1, 2] as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['write partial token', () => c.write(seq, { layer: 0, kind: 'k', token: 0 }, new Uint8Array(3)), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['write past tokens', () => c.write(seq, { layer: 0, kind: 'k', token: 10 }, one), 'ERR_OUT_OF_RANGE'],
+    ['read count missing', () => c.read(seq, { layer: 0, kind: 'k', token: 0 } as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['read past tokens', () => c.read(seq, { layer: 0, kind: 'v', token: 9, count: 2 }), 'ERR_OUT_OF_RANGE'],
+    ['read into too small', () => c.read(seq, { layer: 0, kind: 'v', token: 0, count: 2 }, one), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['tensor layer 5', () => c.tensor(5, 'k'), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['tensor kind x', () => c.tensor(0, 'x' as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['sequenceAddress stale', () => c.sequenceAddress(stale, 0, 'k'), 'ERR_SEQUENCE_RELEASED'],
+  ];
+
+  for (const [name, call, code, kind] of calls) {
+    it(`${name}: ${code}${kind ? ` (${kind})` : ''}, state unchanged`, () => {
+      const before = { ...c.stats(), driverCalls: null };
+      let error: any;
+      try {
+        call();
+      } catch (e) {
+        error = e;
+      }
+      expect(error?.code).toBe(code);
+      if (kind) expect(error).toBeInstanceOf(kind === 'TypeError' ? TypeError : RangeError);
+      expect({ ...c.stats(), driverCalls: null }).toEqual(before);
+      expect(seq.tokens).toBe(10);
+    });
+  }
+});

@@ -1,0 +1,112 @@
+// Every backend call a growth, reclaim, trim, write or read makes can fail;
+// the operation then throws a typed error and the cache is exactly as before.
+import { afterEach, describe, expect, it } from 'vitest';
+import { KVCache } from '../lib/index.js';
+import { backends, label, pattern } from './backends.js';
+
+for (const b of backends) {
+  describe.skipIf(b.skip !== null)(`fault injection, ${label(b)}`, () => {
+    const open: KVCache[] = [];
+    afterEach(() => {
+      for (const c of open.splice(0)) c.close();
+    });
+    const setup = () => {
+      const c = new KVCache(b.options);
+      open.push(c);
+      const tpp = Math.floor(c.pageSize / c.tokenBytes);
+      const a = c.reserve();
+      c.grow(a, tpp + 2);
+      c.write(a, { layer: 1, kind: 'k', token: 0 }, pattern((tpp + 2) * c.tokenBytes, 3));
+      const idle = c.reserve();
+      c.grow(idle, 2 * tpp);
+      c.release(idle);
+      return { c, a, tpp };
+    };
+    const comparable = (c: KVCache) => ({ ...c.stats(), driverCalls: null });
+    const dataOf = (c: KVCache, a: ReturnType<typeof setup>['a']) =>
+      Buffer.from(c.read(a, { layer: 1, kind: 'k', token: 0, count: a.tokens }));
+
+    const growOps = ['createPage', 'map', 'setAccess'] as const;
+    for (const op of growOps) {
+      for (const nth of [0, 1, 4]) {
+        for (const oom of [true, false]) {
+          it(`grow survives ${op} #${nth} failing with ${oom ? 'out of memory' : 'an error'}`, () => {
+            const { c, a, tpp } = setup();
+            const before = comparable(c);
+            const data = dataOf(c, a);
+            c._injectFault(op, nth, oom);
+            if (op === 'createPage' && oom) {
+              // The device is fuller than the budget assumed: growth falls back to
+              // unmapping the released slot's pages and succeeds.
+              c.grow(a, 4 * tpp);
+              expect(c.stats().pagesReclaimed).toBeGreaterThan(before.pagesReclaimed);
+              expect(dataOf(c, a).subarray(0, data.length).equals(data)).toBe(true);
+              return;
+            }
+            let error: any;
+            try {
+              c.grow(a, 4 * tpp);
+            } catch (e) {
+              error = e;
+            }
+            expect(error?.code).toBe(oom ? 'ERR_OUT_OF_MEMORY' : b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS');
+            expect(a.tokens).toBe(tpp + 2);
+            expect(comparable(c)).toEqual(before);
+            expect(dataOf(c, a).equals(data)).toBe(true);
+            c.grow(a, 4 * tpp); // works afterwards
+            expect(a.tokens).toBe(4 * tpp);
+          });
+        }
+      }
+    }
+
+    it('reclaim survives an unmap failure part way through a page group', () => {
+      const { c } = setup();
+      const before = comparable(c);
+      c._injectFault('unmap', 2, false);
+      expect(() => c.reclaim()).toThrow(expect.objectContaining({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' }));
+      expect(comparable(c)).toEqual(before);
+      expect(c.reclaim()).toBeGreaterThan(0);
+    });
+
+    it('trim survives a page release failure', () => {
+      const { c } = setup();
+      c.reclaim();
+      const pooled = c.stats().pagesPooled;
+      c._injectFault('releasePage', 1, false);
+      expect(() => c.trim()).toThrow(expect.objectContaining({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' }));
+      expect(c.stats().pagesPooled).toBe(pooled - 1);
+      expect(c.trim()).toBe((pooled - 1) * c.pageSize);
+      expect(c.stats().pagesCreated).toBe(c.stats().pagesMapped);
+    });
+
+    it('write and read surface copy failures', () => {
+      const { c, a } = setup();
+      const data = dataOf(c, a);
+      c._injectFault('copyIn', 0, false);
+      expect(() => c.write(a, { layer: 1, kind: 'k', token: 0 }, new Uint8Array(c.tokenBytes))).toThrow(
+        expect.objectContaining({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' }),
+      );
+      c._injectFault('copyOut', 0, false);
+      expect(() => dataOf(c, a)).toThrow(expect.objectContaining({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' }));
+      expect(dataOf(c, a).equals(data)).toBe(true);
+    });
+
+    it('createPage out of memory with no released slot to reclaim: ERR_OUT_OF_MEMORY, nothing changed', () => {
+      const { c, a, tpp } = setup();
+      c.reclaim();
+      c.trim();
+      const before = comparable(c);
+      c._injectFault('createPage', 1, true);
+      expect(() => c.grow(a, 4 * tpp)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
+      expect(comparable(c)).toEqual(before);
+      c.grow(a, 4 * tpp);
+    });
+
+    it('poolPrefill above memoryBudget is refused before any native call', () => {
+      expect(() => new KVCache({ ...b.options, memoryBudget: 4096, poolPrefill: 8192 })).toThrow(
+        expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }),
+      );
+    });
+  });
+}
