@@ -2,6 +2,8 @@ export { KVCache, Sequence } from './kv-cache.js';
 export type {
   CacheStats,
   CallStats,
+  GrowAsyncOptions,
+  PrefetchStats,
   ReadRange,
   ReleaseOptions,
   ReserveOptions,

@@ -3,6 +3,7 @@
  * and turns native errors into typed ones. Policy lives in the native core.
  */
 import {
+  AbortedError,
   ClosedError,
   ForeignSequenceError,
   InvalidArgumentRangeError,
@@ -55,6 +56,23 @@ export interface CallStats {
   nanoseconds: number;
 }
 
+export interface PrefetchStats {
+  /** The `prefetchTokens` option (0: no worker). */
+  tokens: number;
+  /** step() entries that were already backed: no mapping and no wait on the caller's thread. */
+  hits: number;
+  /** step() entries that mapped or waited on the caller's thread. */
+  misses: number;
+  /** Pages mapped by the worker thread and by growAsync. */
+  pagesAhead: number;
+  /** Pages mapped on the caller's thread by grow and step. */
+  pagesOnDemand: number;
+  /** Time grow and step spent mapping or waiting on the caller's thread. */
+  stallNanoseconds: number;
+  /** Worker mappings that failed (retried at the next step). */
+  errors: number;
+}
+
 export interface CacheStats {
   backend: 'cuda' | 'host';
   pageSize: number;
@@ -74,6 +92,9 @@ export interface CacheStats {
   pagesReclaimed: number;
   /** Mapped pages ever found in a slot by reserve (deferred reclamation hits). */
   pagesReused: number;
+  /** Backend (driver or OS) calls made on the thread that created the cache: the serving loop's critical path. */
+  driverCallsOnJsThread: number;
+  prefetch: PrefetchStats;
   slots: SlotStats[];
   /** Backend calls by kind: reserveRange, createPage, map, setAccess, unmap, releasePage, copyIn, ... */
   driverCalls: Record<string, CallStats>;
@@ -91,6 +112,11 @@ export interface ReleaseOptions {
    * before that work is done. Omit when the GPU is known to be done with it.
    */
   stream?: bigint;
+}
+
+export interface GrowAsyncOptions {
+  /** Aborts the growth while pending: the promise rejects with ERR_ABORTED and nothing changes. */
+  signal?: AbortSignal;
 }
 
 export interface TokenRange {
@@ -147,6 +173,9 @@ export class KVCache {
   readonly backend: 'cuda' | 'host';
   #native: NativeCache | null;
   #layout: NativeLayout;
+  #stepSlots = new Uint32Array(64);
+  #stepGenerations = new Uint32Array(64);
+  #stepTokens = new Uint32Array(64);
 
   constructor(options: KVCacheOptions) {
     const o = normalizeOptions(options);
@@ -164,6 +193,7 @@ export class KVCache {
         pageSize: o.pageSize,
         memoryBudget: o.memoryBudget,
         prefillBytes: o.poolPrefill,
+        prefetchTokens: o.prefetchTokens,
       });
     } catch (e) {
       throw fromNative(e);
@@ -214,6 +244,70 @@ export class KVCache {
     if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
     if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
     this.#call(() => native.grow(seq.slot, generationOf(seq), tokens));
+  }
+
+  /**
+   * One decode (or prefill) iteration of a batch: when it returns,
+   * `seqs[i]` has `tokens[i]` tokens backed (all or nothing across the batch),
+   * and the prefetch worker maps ahead up to `tokens[i] + prefetchTokens`
+   * while the GPU computes. With prefetch keeping up, no driver call happens
+   * on the calling thread.
+   */
+  step(seqs: readonly Sequence[], tokens: readonly number[] | number): void {
+    const native = this.#open();
+    if (!Array.isArray(seqs)) throw new InvalidArgumentTypeError('seqs', `must be an array of Sequence, got ${describe(seqs)}`);
+    const n = seqs.length;
+    if (typeof tokens !== 'number' && !Array.isArray(tokens))
+      throw new InvalidArgumentTypeError('tokens', `must be a number or an array of numbers, got ${describe(tokens)}`);
+    if (Array.isArray(tokens) && tokens.length !== n)
+      throw new InvalidArgumentRangeError('tokens', `has ${tokens.length} entries for ${n} sequences`);
+    if (this.#stepSlots.length < n) {
+      const size = Math.max(n, this.#stepSlots.length * 2);
+      this.#stepSlots = new Uint32Array(size);
+      this.#stepGenerations = new Uint32Array(size);
+      this.#stepTokens = new Uint32Array(size);
+    }
+    for (let i = 0; i < n; i++) {
+      const seq = seqs[i];
+      this.#check(seq);
+      const t = typeof tokens === 'number' ? tokens : tokens[i];
+      if (typeof t !== 'number') throw new InvalidArgumentTypeError(`tokens[${i}]`, `must be a number, got ${describe(t)}`);
+      if (!Number.isInteger(t) || t < 0 || t > 0xffff_ffff)
+        throw new InvalidArgumentRangeError(`tokens[${i}]`, `must be a non-negative integer, got ${t}`);
+      this.#stepSlots[i] = seq.slot;
+      this.#stepGenerations[i] = generationOf(seq);
+      this.#stepTokens[i] = t;
+    }
+    this.#call(() =>
+      native.step(this.#stepSlots.subarray(0, n), this.#stepGenerations.subarray(0, n), this.#stepTokens.subarray(0, n)),
+    );
+  }
+
+  /**
+   * {@link grow} with the mapping done on a worker thread, for prefills large
+   * enough that mapping them on the JS thread would hold up the event loop.
+   * All or nothing. Rejects with ERR_ABORTED when `signal` aborts first, and
+   * with ERR_CLOSED when the cache is closed first.
+   */
+  async growAsync(seq: Sequence, tokens: number, options?: GrowAsyncOptions): Promise<void> {
+    const native = this.#open();
+    this.#check(seq);
+    if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
+    if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
+    const o = checkObject('options', options, true);
+    const signal = o.signal;
+    if (signal !== undefined && !(signal instanceof AbortSignal))
+      throw new InvalidArgumentTypeError('options.signal', `must be an AbortSignal, got ${describe(signal)}`);
+    if (signal?.aborted) throw new AbortedError('the growth was aborted before it started');
+    const [promise, cancel] = this.#call(() => native.growAsync(seq.slot, generationOf(seq), tokens));
+    signal?.addEventListener('abort', cancel, { once: true });
+    try {
+      await promise;
+    } catch (e) {
+      throw fromNative(e);
+    } finally {
+      signal?.removeEventListener('abort', cancel);
+    }
   }
 
   /** Frees the sequence's slot. Its pages stay mapped for the next sequence placed there. */

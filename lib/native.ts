@@ -17,6 +17,7 @@ export interface NativeCacheOptions {
   pageSize: number;
   memoryBudget: bigint;
   prefillBytes: bigint;
+  prefetchTokens: number;
 }
 
 export interface NativeSlotStats {
@@ -45,6 +46,16 @@ export interface NativeStats {
   reservedVirtualBytes: number;
   pagesReclaimed: number;
   pagesReused: number;
+  driverCallsOnJsThread: number;
+  prefetch: {
+    tokens: number;
+    hits: number;
+    misses: number;
+    pagesAhead: number;
+    pagesOnDemand: number;
+    stallNanoseconds: number;
+    errors: number;
+  };
   slots: NativeSlotStats[];
   driverCalls: Record<string, NativeCallCount>;
 }
@@ -64,6 +75,8 @@ export interface NativeLayout {
 export interface NativeCache {
   reserve(expectedTokens?: number): [slot: number, generation: number];
   grow(slot: number, generation: number, tokens: number): void;
+  step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array): void;
+  growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
   reclaim(bytes?: number): number;
   trim(): number;

@@ -46,6 +46,12 @@ export interface KVCacheOptions {
   pageSize?: number;
   /** Bytes of pages to create into the pool up front (default 0). */
   poolPrefill?: number | bigint;
+  /**
+   * Look-ahead of {@link KVCache.step}: a worker thread keeps the next
+   * `prefetchTokens` tokens of every stepped sequence backed, and keeps a page
+   * group ready in the pool. 0 turns the worker off. Default 64.
+   */
+  prefetchTokens?: number;
 }
 
 export interface NormalizedOptions {
@@ -61,7 +67,10 @@ export interface NormalizedOptions {
   memoryBudget: bigint;
   pageSize: number;
   poolPrefill: bigint;
+  prefetchTokens: number;
 }
+
+export const DEFAULT_PREFETCH_TOKENS = 64;
 
 const MAX_U32 = 0xffff_ffff;
 
@@ -121,6 +130,7 @@ const KNOWN = new Set([
   'memoryBudget',
   'pageSize',
   'poolPrefill',
+  'prefetchTokens',
 ]);
 
 export function normalizeOptions(input: unknown): NormalizedOptions {
@@ -157,6 +167,10 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
   const poolPrefill = o.poolPrefill === undefined ? 0n : checkBytes('options.poolPrefill', o.poolPrefill, 0n);
   if (memoryBudget !== 0n && poolPrefill > memoryBudget)
     throw new InvalidArgumentRangeError('options.poolPrefill', `(${poolPrefill}) exceeds memoryBudget (${memoryBudget})`);
+  const prefetchTokens =
+    o.prefetchTokens === undefined
+      ? DEFAULT_PREFETCH_TOKENS
+      : checkInteger('options.prefetchTokens', o.prefetchTokens, 0, maxTokens);
   const dtypeBytes = DTYPE_BYTES[dtype];
   // The whole virtual range must be addressable: 2 * layers tensors of
   // maxSequences slots, each rounded up to whole pages (estimated at 2 MiB).
@@ -181,5 +195,6 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     memoryBudget,
     pageSize,
     poolPrefill,
+    prefetchTokens,
   };
 }

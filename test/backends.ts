@@ -71,3 +71,9 @@ export function pattern(bytes: number, seed: number): Uint8Array {
   }
   return out;
 }
+
+/** What stats() says about the cache's state, without the call and time counters. */
+export function stateOf(c: { stats(): Record<string, unknown> }): Record<string, unknown> {
+  const { driverCalls: _calls, driverCallsOnJsThread: _js, prefetch: _prefetch, ...state } = c.stats();
+  return state;
+}

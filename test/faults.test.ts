@@ -2,7 +2,7 @@
 // the operation then throws a typed error and the cache is exactly as before.
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
-import { backends, label, pattern } from './backends.js';
+import { backends, label, pattern, stateOf } from './backends.js';
 
 for (const b of backends) {
   describe.skipIf(b.skip !== null)(`fault injection, ${label(b)}`, () => {
@@ -22,7 +22,7 @@ for (const b of backends) {
       c.release(idle);
       return { c, a, tpp };
     };
-    const comparable = (c: KVCache) => ({ ...c.stats(), driverCalls: null });
+    const comparable = (c: KVCache) => stateOf(c);
     const dataOf = (c: KVCache, a: ReturnType<typeof setup>['a']) =>
       Buffer.from(c.read(a, { layer: 1, kind: 'k', token: 0, count: a.tokens }));
 

@@ -45,6 +45,7 @@ Backend::CallScope::~CallScope() {
   auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start_).count();
   backend_.calls_[i].fetch_add(1, std::memory_order_relaxed);
   backend_.nanos_[i].fetch_add(static_cast<uint64_t>(ns), std::memory_order_relaxed);
+  if (std::this_thread::get_id() == backend_.owner_) backend_.ownerCalls_.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Backend::CallScope::injectFault(const char* call) {

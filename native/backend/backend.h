@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <thread>
 
 #include "common/errors.h"
 
@@ -58,6 +59,7 @@ struct MemoryInfo {
 
 class Backend {
  public:
+  Backend() : owner_(std::this_thread::get_id()) {}
   virtual ~Backend() = default;
 
   virtual const char* name() const = 0;
@@ -96,6 +98,9 @@ class Backend {
 
   // Statistics kept by the backend itself.
   std::array<OpCounter, kBackendOpCount> counters() const;
+  // Calls made on the thread that created the backend (the JS thread): the
+  // ones on a serving loop's critical path.
+  uint64_t callsOnOwnerThread() const { return ownerCalls_.load(std::memory_order_relaxed); }
   FaultPlan& faults() { return faults_; }
   void armFault(BackendOp op, uint64_t nth, bool outOfMemory);
   void disarmFault() { faults_.armed.store(false, std::memory_order_relaxed); }
@@ -118,6 +123,8 @@ class Backend {
  private:
   std::array<std::atomic<uint64_t>, kBackendOpCount> calls_{};
   std::array<std::atomic<uint64_t>, kBackendOpCount> nanos_{};
+  std::atomic<uint64_t> ownerCalls_{0};
+  std::thread::id owner_;
   FaultPlan faults_;
 };
 

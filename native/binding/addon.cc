@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <atomic>
 #include <set>
 
 #include "backend/cuda_backend.h"
@@ -65,6 +66,44 @@ Napi::Value big(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
 
 class NativeCache;
 
+// growAsync: the driver calls run on a libuv pool thread, off the cache's
+// lock (KVCache::growDetached); the promise settles on the JS thread.
+class GrowTask : public Napi::AsyncWorker {
+ public:
+  GrowTask(Napi::Env env, std::shared_ptr<KVCache> cache, SequenceRef seq, uint64_t tokens,
+           std::shared_ptr<std::atomic<bool>> cancel)
+      : Napi::AsyncWorker(env, "vattention.growAsync"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        cache_(std::move(cache)),
+        seq_(seq),
+        tokens_(tokens),
+        cancel_(std::move(cancel)) {}
+
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      cache_->growDetached(seq_, tokens_, cancel_.get());
+    } catch (const Error& e) {
+      error_ = std::make_unique<Error>(e);
+      SetError(e.what());
+    } catch (const std::exception& e) {
+      error_ = std::make_unique<Error>(ErrorCode::Cuda, std::string("internal error: ") + e.what());
+      SetError(e.what());
+    }
+  }
+  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+  void OnError(const Napi::Error&) override { deferred_.Reject(toJsError(Env(), *error_).Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<KVCache> cache_;
+  SequenceRef seq_;
+  uint64_t tokens_;
+  std::shared_ptr<std::atomic<bool>> cancel_;
+  std::unique_ptr<Error> error_;
+};
+
 // Per-environment state (main thread and each worker thread): the live
 // caches, closed when the environment is torn down.
 struct AddonData {
@@ -78,6 +117,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                        {
                            InstanceMethod<&NativeCache::Reserve>("reserve"),
                            InstanceMethod<&NativeCache::Grow>("grow"),
+                           InstanceMethod<&NativeCache::Step>("step"),
+                           InstanceMethod<&NativeCache::GrowAsync>("growAsync"),
                            InstanceMethod<&NativeCache::Release>("release"),
                            InstanceMethod<&NativeCache::Reclaim>("reclaim"),
                            InstanceMethod<&NativeCache::Trim>("trim"),
@@ -106,7 +147,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.pageSize = static_cast<size_t>(u64(o.Get("pageSize")));
     opts.memoryBudget = u64(o.Get("memoryBudget"));
     opts.prefillBytes = u64(o.Get("prefillBytes"));
-    cache_ = guarded(env, [&] { return std::make_unique<KVCache>(opts); });
+    opts.prefetchTokens = u32(o.Get("prefetchTokens"));
+    cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
   }
@@ -138,6 +180,30 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   void Grow(const Napi::CallbackInfo& info) {
     guarded(info.Env(), [&] { cache_->grow(seq(info), u64(info[2])); });
+  }
+
+  // step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array)
+  void Step(const Napi::CallbackInfo& info) {
+    auto slots = info[0].As<Napi::Uint32Array>();
+    auto gens = info[1].As<Napi::Uint32Array>();
+    auto tokens = info[2].As<Napi::Uint32Array>();
+    size_t n = slots.ElementLength();
+    batch_.resize(n);
+    for (size_t i = 0; i < n; ++i) batch_[i] = {{slots[i], gens[i]}, tokens[i]};
+    guarded(info.Env(), [&] { cache_->step(batch_); });
+  }
+
+  // growAsync(slot, gen, tokens) -> [Promise, cancel()]
+  Napi::Value GrowAsync(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto cancel = std::make_shared<std::atomic<bool>>(false);
+    auto* task = new GrowTask(env, cache_, seq(info), u64(info[2]), cancel);
+    Napi::Promise promise = task->promise();
+    task->Queue();
+    Napi::Array out = Napi::Array::New(env, 2);
+    out.Set(0u, promise);
+    out.Set(1u, Napi::Function::New(env, [cancel](const Napi::CallbackInfo&) { cancel->store(true); }));
+    return out;
   }
 
   void Release(const Napi::CallbackInfo& info) {
@@ -192,6 +258,16 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("reservedVirtualBytes", num(env, st.reservedVirtualBytes));
     o.Set("pagesReclaimed", num(env, st.reclaimedPages));
     o.Set("pagesReused", num(env, st.reusedPages));
+    o.Set("driverCallsOnJsThread", num(env, st.callsOnOwnerThread));
+    Napi::Object pf = Napi::Object::New(env);
+    pf.Set("tokens", cache_->prefetchTokens());
+    pf.Set("hits", num(env, st.prefetch.hits));
+    pf.Set("misses", num(env, st.prefetch.misses));
+    pf.Set("pagesAhead", num(env, st.prefetch.pagesAhead));
+    pf.Set("pagesOnDemand", num(env, st.prefetch.pagesOnDemand));
+    pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
+    pf.Set("errors", num(env, st.prefetch.errors));
+    o.Set("prefetch", pf);
     Napi::Array slots = Napi::Array::New(env, st.slots.size());
     for (size_t i = 0; i < st.slots.size(); ++i) {
       const SlotStats& s = st.slots[i];
@@ -265,7 +341,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     throw err;
   }
 
-  std::unique_ptr<KVCache> cache_;
+  std::shared_ptr<KVCache> cache_;  // shared with GrowTasks in flight
+  std::vector<GrowRequest> batch_;  // reused by step() to avoid an allocation per call
   AddonData* data_ = nullptr;
 };
 

@@ -1,13 +1,21 @@
 // The KV cache: sequence slots over a reserved virtual range, backed by
 // pages from the pool on demand. This is where a sequence grows (pages get
 // mapped), is released (pages stay: deferred reclamation) and gives pages
-// back under memory pressure. All public methods are thread-safe.
+// back under memory pressure, and where the prefetch worker maps ahead.
+//
+// Threads: public methods are thread-safe. One lock guards the bookkeeping;
+// driver calls of the prefetch worker and of asynchronous growth run outside
+// it ("extensions", see runExtension), so the serving loop's calls are not
+// held up by mapping they do not need.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.h"
@@ -25,6 +33,7 @@ struct CacheOptions {
   size_t pageSize = 0;          // 0 = backend default
   uint64_t memoryBudget = 0;    // 0 = default (see defaultBudget)
   uint64_t prefillBytes = 0;    // pages created into the pool at start
+  uint32_t prefetchTokens = 0;  // look-ahead of step(); 0 = no prefetch worker
 };
 
 // A sequence as the caller holds it; stale once its slot is released.
@@ -33,12 +42,26 @@ struct SequenceRef {
   uint32_t generation = 0;
 };
 
+struct GrowRequest {
+  SequenceRef seq;
+  uint64_t tokens = 0;
+};
+
 struct SlotStats {
   uint32_t slot;
   bool active;
   uint64_t tokens;        // grown length (active) or 0
   uint64_t backedTokens;  // tokens the mapped pages hold
   uint64_t mappedPages;
+};
+
+struct PrefetchStats {
+  uint64_t hits = 0;              // step() entries already backed: no work on the caller's thread
+  uint64_t misses = 0;            // step() entries that mapped or waited on the caller's thread
+  uint64_t pagesAhead = 0;        // pages mapped by the worker / async growth
+  uint64_t pagesOnDemand = 0;     // pages mapped on the caller's thread (grow, step)
+  uint64_t stallNanos = 0;        // caller time spent mapping or waiting in grow/step
+  uint64_t errors = 0;            // worker extensions that failed (retried at the next step)
 };
 
 struct CacheStats {
@@ -52,8 +75,10 @@ struct CacheStats {
   uint64_t reservedVirtualBytes = 0;
   std::vector<SlotStats> slots;
   std::array<OpCounter, kBackendOpCount> calls{};
-  uint64_t reclaimedPages = 0;  // pages unmapped from released slots, ever
+  uint64_t callsOnOwnerThread = 0;
+  uint64_t reclaimedPages = 0;  // pages unmapped from released slots or prefetched tails, ever
   uint64_t reusedPages = 0;     // mapped pages a new sequence found in its slot, ever
+  PrefetchStats prefetch;
 };
 
 class KVCache {
@@ -64,7 +89,14 @@ class KVCache {
   KVCache& operator=(const KVCache&) = delete;
 
   SequenceRef reserve(std::optional<uint64_t> expectedTokens);
+  // Synchronous growth on the caller's thread; all or nothing.
   void grow(SequenceRef seq, uint64_t tokens);
+  // A decode iteration: every entry backed (all or nothing across the batch),
+  // then the worker maps ahead up to tokens + prefetchTokens.
+  void step(const std::vector<GrowRequest>& batch);
+  // Growth with the driver calls off the lock (for growAsync on a pool
+  // thread); all or nothing; `cancel` aborts it between pages.
+  void growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel);
   void release(SequenceRef seq, std::optional<uint64_t> fenceStream);
   uint64_t reclaim(uint64_t bytes);
   uint64_t trim();
@@ -72,6 +104,8 @@ class KVCache {
   void read(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, void* out, uint64_t bytes);
   uint64_t tokens(SequenceRef seq);
   CacheStats stats();
+  // Stops the worker, waits for extensions in flight (they stop early and
+  // roll back), then tears everything down. Idempotent.
   void close();
   bool closed();
 
@@ -79,41 +113,79 @@ class KVCache {
   const KVLayout& layout() const { return *layout_; }
   Address base() const { return base_; }
   Backend& backend() { return *backend_; }
+  uint32_t prefetchTokens() const { return prefetchTokens_; }
 
   // Test-only fault injection on the backend.
   void armFault(BackendOp op, uint64_t nth, bool outOfMemory);
 
  private:
+  using Lock = std::unique_lock<std::mutex>;
+
   struct Slot {
     bool active = false;
+    bool extending = false;             // an extension is mapping its next groups off the lock
     uint32_t generation = 0;
     uint64_t tokens = 0;
+    uint64_t prefetchTarget = 0;        // tokens the worker should have backed
     std::vector<PageId> pages;          // mapped, group-major
     std::vector<FenceHandle> fences;    // GPU work that may still use the pages
+  };
+
+  // Groups [fromGroup, toGroup) of a slot being mapped off the lock.
+  struct Extension {
+    uint32_t slot = 0;
+    size_t fromGroup = 0;
+    size_t toGroup = 0;
+    std::vector<PageId> pages;      // idle pages taken for it
+    size_t creations = 0;           // pages to create (budget reserved)
+    std::vector<PageId> created;    // pages created for it (destroyed on rollback)
   };
 
   void checkOpen() const;
   Slot& activeSlot(SequenceRef seq);
   size_t groupsOf(const Slot& s) const { return s.pages.size() / layout_->pagesPerGroup(); }
-  uint64_t reclaimablePages() const;
-  std::vector<PageId> obtainPages(uint64_t count, std::vector<PageId>& createdNow);
-  void mapGroups(uint32_t slotIndex, Slot& s, size_t toGroups, std::vector<PageId>& pages);
-  uint64_t reclaimLocked(uint64_t pages, bool waitForFences);
+  size_t neededGroups(const Slot& s) const { return layout_->groupsForTokens(s.tokens); }
+
+  void growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep);
+  uint64_t reclaimablePages(const std::vector<uint32_t>& exclude) const;
+  std::vector<PageId> obtainPages(uint64_t count, std::vector<PageId>& createdNow,
+                                  const std::vector<uint32_t>& exclude);
+  void returnPages(const std::vector<PageId>& pages, const std::vector<PageId>& createdNow);
+  void mapGroups(uint32_t slotIndex, Slot& s, size_t toGroups, const std::vector<PageId>& pages, size_t& next);
+  void unmapGroupsFrom(Slot& s, size_t keepPages);
+
+  bool beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim);
+  void runExtension(Lock& lk, Extension& ext, const std::atomic<bool>* cancel);
+  void abortIfStopping(const std::atomic<bool>* cancel) const;
+
+  uint64_t reclaimLocked(uint64_t pages, bool waitForFences, const std::vector<uint32_t>& exclude);
   void unmapTailGroup(Slot& s);
   void dropFinishedFences(Slot& s);
   void waitFences(Slot& s);
   void checkRange(Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
+
+  void workerLoop();
+  bool planPrefetch(Extension& ext);
+  bool topUpPool(Lock& lk);
   void teardown();
 
   std::mutex lock_;
+  std::condition_variable changed_;   // an extension finished (slots' `extending` changed)
+  std::condition_variable workCv_;    // work for the prefetch worker, or stop
   bool closed_ = false;
+  std::atomic<bool> closing_{false};
+  bool prefetchActive_ = false;       // step() has run since the last trim()
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<KVLayout> layout_;
   std::unique_ptr<PagePool> pool_;
   Address base_ = 0;
   std::vector<Slot> slots_;
+  uint32_t prefetchTokens_ = 0;
+  uint64_t poolLowWater_ = 0;         // idle pages the worker keeps ready while prefetch is active
   uint64_t reclaimedPages_ = 0;
   uint64_t reusedPages_ = 0;
+  PrefetchStats prefetch_;
+  std::thread worker_;
 };
 
 // Budget when none is given: cuda, the device's free memory less 5% of its

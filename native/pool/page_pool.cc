@@ -7,7 +7,7 @@ namespace vat {
 PagePool::PagePool(Backend& backend, uint64_t budgetBytes)
     : backend_(backend), pageSize_(backend.pageSize()), budgetPages_(budgetBytes / backend.pageSize()) {}
 
-PoolCounts PagePool::counts() const { return {budgetPages_, created_, idle_.size(), mapped_}; }
+PoolCounts PagePool::counts() const { return {budgetPages_, created_.load(), idle_.size(), mapped_.load()}; }
 
 PageId PagePool::takeIdle() {
   if (idle_.empty()) return kNone;
@@ -17,22 +17,34 @@ PageId PagePool::takeIdle() {
 }
 
 PageId PagePool::create() {
-  if (created_ >= budgetPages_) {
+  if (headroom() == 0) {
     Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages_) + " pages of " +
                                         std::to_string(pageSize_) + " bytes)");
     e.requestedBytes = pageSize_;
     throw e;
   }
   PageHandle handle = backend_.createPage();  // throws: nothing to undo
+  ++pendingCreations_;
+  return adopt(handle);
+}
+
+bool PagePool::reserveCreation() {
+  if (headroom() == 0) return false;
+  ++pendingCreations_;
+  return true;
+}
+
+PageId PagePool::adopt(PageHandle handle) {
   PageId id;
   if (!vacant_.empty()) {
     id = vacant_.back();
     vacant_.pop_back();
   } else {
     id = static_cast<PageId>(pages_.size());
-    pages_.emplace_back();
+    pages_.push_back(std::make_unique<Page>());
   }
-  pages_[id] = Page{handle, PageState::Created, 0};
+  *pages_[id] = Page{handle, PageState::Created, 0};
+  --pendingCreations_;
   ++created_;
   return id;
 }
@@ -40,15 +52,14 @@ PageId PagePool::create() {
 void PagePool::putIdle(PageId id) { idle_.push_back(id); }
 
 void PagePool::destroy(PageId id) {
-  Page& p = pages_[id];
+  Page& p = *pages_[id];
   backend_.releasePage(p.handle);  // throws: page stays Created
   p = Page{};
   vacant_.push_back(id);
   --created_;
 }
 
-void PagePool::map(PageId id, Address at) {
-  Page& p = pages_[id];
+void PagePool::map(Page& p, Address at) {
   backend_.map(at, p.handle);  // throws: still Created
   p.state = PageState::Mapped;
   p.address = at;
@@ -70,8 +81,7 @@ void PagePool::map(PageId id, Address at) {
   ++mapped_;
 }
 
-void PagePool::unmap(PageId id) {
-  Page& p = pages_[id];
+void PagePool::unmap(Page& p) {
   backend_.unmap(p.address);  // throws: page unchanged
   p.state = PageState::Created;
   p.address = 0;
@@ -94,10 +104,10 @@ uint64_t PagePool::trim(uint64_t maxPages) {
 
 void PagePool::teardown() {
   for (PageId id = 0; id < pages_.size(); ++id) {
-    Page& p = pages_[id];
+    Page& p = *pages_[id];
     if (p.state == PageState::Mapped || p.state == PageState::Accessible) {
       try {
-        unmap(id);
+        unmap(p);
       } catch (...) {
       }
     }

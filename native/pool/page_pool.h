@@ -9,7 +9,9 @@
 // leaves the page Created and a failed create leaves nothing.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
@@ -33,6 +35,10 @@ struct PoolCounts {
   uint64_t mapped = 0;   // Accessible (or Mapped) somewhere
 };
 
+// Thread safety: the pool's bookkeeping (take, put, create, destroy, adopt,
+// counts) runs under the cache's lock. mapPage/unmapPage of a page the caller
+// holds exclusively (taken from the pool, not yet in any slot) may run
+// without it: page records never move and the counters are atomic.
 class PagePool {
  public:
   PagePool(Backend& backend, uint64_t budgetBytes);
@@ -42,7 +48,7 @@ class PagePool {
   size_t pageSize() const { return pageSize_; }
   uint64_t budgetPages() const { return budgetPages_; }
   // Pages that can still be created without passing the budget.
-  uint64_t headroom() const { return budgetPages_ - created_; }
+  uint64_t headroom() const { return budgetPages_ - created_ - pendingCreations_; }
   uint64_t idleCount() const { return idle_.size(); }
   PoolCounts counts() const;
 
@@ -58,9 +64,21 @@ class PagePool {
   void destroy(PageId id);
 
   // Created -> Mapped -> Accessible at `at`; on failure the page is Created again.
-  void map(PageId id, Address at);
+  void map(PageId id, Address at) { map(*pages_[id], at); }
   // Accessible/Mapped -> Created. Throws (page unchanged) if the backend fails.
-  void unmap(PageId id);
+  void unmap(PageId id) { unmap(*pages_[id]); }
+  // The same on a record obtained with record() under the lock: safe off the
+  // lock for a page the caller holds exclusively.
+  Page* record(PageId id) { return pages_[id].get(); }
+  void map(Page& page, Address at);
+  void unmap(Page& page);
+
+  // Creating a page off the lock: reserve room in the budget (under the lock),
+  // create with the backend (no lock), then adopt it (under the lock) or
+  // cancel the reservation.
+  bool reserveCreation();
+  void cancelCreation() { --pendingCreations_; }
+  PageId adopt(PageHandle handle);
 
   // Creates pages until `pages` are idle or created (bounded by the budget).
   void prefill(uint64_t pages);
@@ -69,15 +87,16 @@ class PagePool {
   // Close: unmaps and destroys every page, ignoring failures (best effort).
   void teardown();
 
-  const Page& page(PageId id) const { return pages_[id]; }
+  const Page& page(PageId id) const { return *pages_[id]; }
 
  private:
   Backend& backend_;
   size_t pageSize_;
   uint64_t budgetPages_;
-  uint64_t created_ = 0;
-  uint64_t mapped_ = 0;
-  std::vector<Page> pages_;
+  std::atomic<uint64_t> created_{0};
+  std::atomic<uint64_t> mapped_{0};
+  uint64_t pendingCreations_ = 0;
+  std::vector<std::unique_ptr<Page>> pages_;  // records never move
   std::vector<PageId> vacant_;  // records in pages_ free for reuse
   std::vector<PageId> idle_;    // created, unmapped; LIFO
 };
