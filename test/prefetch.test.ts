@@ -1,0 +1,169 @@
+// Hiding the cost of mapping: step() with the prefetch worker, growAsync,
+// and closing while either is busy. Run against every backend present.
+import { afterEach, describe, expect, it } from 'vitest';
+import { KVCache, type Sequence } from '../lib/index.js';
+import { backends, label, pattern, stateOf } from './backends.js';
+
+const until = async (what: () => boolean, ms = 5000) => {
+  const end = Date.now() + ms;
+  while (!what()) {
+    if (Date.now() > end) throw new Error('timed out waiting');
+    await new Promise((r) => setTimeout(r, 2));
+  }
+};
+
+for (const b of backends) {
+  describe.skipIf(b.skip !== null)(`prefetch and async growth, ${label(b)}`, () => {
+    const open: KVCache[] = [];
+    const make = (extra: Partial<typeof b.options> = {}) => {
+      const c = new KVCache({ ...b.options, ...extra });
+      open.push(c);
+      return c;
+    };
+    afterEach(() => {
+      for (const c of open.splice(0)) c.close();
+    });
+    const tpp = (c: KVCache) => Math.floor(c.pageSize / c.tokenBytes);
+
+    it('step() backs the batch, then the worker maps ahead so later steps make no driver call on the JS thread', async () => {
+      // look ahead one page of tokens: two sequences stay well inside the budget
+      const c = make({ prefetchTokens: b.name === 'host' ? 16 : 512 });
+      const per = tpp(c);
+      const seqs = [c.reserve(), c.reserve()];
+      c.step(seqs, [1, 1]);
+      await until(() => c.stats().slots.filter((s) => s.active).every((s) => s.backedTokens >= Math.min(1 + c.options.prefetchTokens, c.options.maxTokens)));
+      const js0 = c.stats().driverCallsOnJsThread;
+      const misses0 = c.stats().prefetch.misses; // the first step found nothing backed
+      let len = 1;
+      for (; len < Math.min(per + 5, c.options.maxTokens - 1); len++) {
+        c.step(seqs, len + 1);
+        // give the worker its turn as the GPU's compute would
+        await until(() => c.stats().slots.filter((s) => s.active).every((s) => s.backedTokens >= Math.min(len + 1 + c.options.prefetchTokens, c.options.maxTokens) || s.mappedPages === 0));
+      }
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(js0); // crossing page boundaries cost the JS thread nothing
+      expect(s.prefetch.pagesAhead).toBeGreaterThan(0);
+      expect(s.prefetch.hits).toBeGreaterThan(0);
+      for (const seq of seqs) expect(seq.tokens).toBe(len);
+      expect(s.prefetch.misses).toBe(misses0);
+      // data written across a prefetched page boundary is intact
+      const data = pattern(len * c.tokenBytes, 4);
+      c.write(seqs[1]!, { layer: 0, kind: 'v', token: 0 }, data);
+      expect(Buffer.from(c.read(seqs[1]!, { layer: 0, kind: 'v', token: 0, count: len })).equals(Buffer.from(data))).toBe(true);
+    });
+
+    it('without prefetch (prefetchTokens: 0) step() maps on the JS thread', () => {
+      const c = make({ prefetchTokens: 0 });
+      const seqs = [c.reserve(), c.reserve()];
+      const js0 = c.stats().driverCallsOnJsThread;
+      for (let len = 1; len <= tpp(c) + 1; len++) c.step(seqs, len);
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBeGreaterThan(js0);
+      expect(s.prefetch.pagesAhead).toBe(0);
+      expect(s.prefetch.pagesOnDemand).toBe(2 * 2 * 2 * b.options.layers);
+    });
+
+    it('step() is all or nothing across the batch', () => {
+      const c = make({ prefetchTokens: 0 });
+      const [x, y] = [c.reserve(), c.reserve()];
+      c.step([x, y], [2, 2]);
+      const before = stateOf(c);
+      // the pair cannot both reach maxTokens within the budget
+      expect(() => c.step([x, y], [c.options.maxTokens, c.options.maxTokens])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
+      expect(stateOf(c)).toEqual(before);
+      expect(() => c.step([x, y], [3, c.options.maxTokens + 1])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+      c.release(y);
+      expect(() => c.step([x, y], [3, 3])).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      expect(x.tokens).toBe(2);
+      c.step([x], [c.options.maxTokens]);
+      expect(x.tokens).toBe(c.options.maxTokens);
+    });
+
+    it('demand wins: growth takes back pages the worker prefetched for others', async () => {
+      const c = make({ prefetchTokens: c0Tokens(b) });
+      const [x, y] = [c.reserve(), c.reserve()];
+      c.step([x], [1]);
+      await until(() => c.stats().slots[x.slot]!.backedTokens >= Math.min(1 + c.options.prefetchTokens, c.options.maxTokens));
+      const prefetched = c.stats().slots[x.slot]!.mappedPages;
+      expect(prefetched).toBeGreaterThan(2 * b.options.layers); // more than x's one token needs
+      // y needs every page the budget has left, and some of x's look-ahead
+      const budgetPages = c.stats().budgetBytes / c.pageSize;
+      const group = 2 * b.options.layers;
+      const yGroups = Math.floor((budgetPages - group) / group);
+      c.grow(y, Math.min(yGroups * tpp(c), c.options.maxTokens));
+      const s = c.stats();
+      expect(s.slots[x.slot]!.mappedPages).toBeLessThan(prefetched);
+      expect(s.slots[x.slot]!.backedTokens).toBeGreaterThanOrEqual(1);
+      expect(x.tokens).toBe(1);
+    });
+
+    it('growAsync backs the tokens off the JS thread, all or nothing', async () => {
+      const c = make({ prefetchTokens: 0 });
+      const seq = c.reserve();
+      const js0 = c.stats().driverCallsOnJsThread;
+      await c.growAsync(seq, c.options.maxTokens);
+      expect(seq.tokens).toBe(c.options.maxTokens);
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(js0);
+      expect(s.prefetch.pagesAhead).toBe(s.pagesMapped);
+      const data = pattern(c.options.maxTokens * c.tokenBytes, 8);
+      c.write(seq, { layer: b.options.layers - 1, kind: 'k', token: 0 }, data);
+      expect(Buffer.from(c.read(seq, { layer: b.options.layers - 1, kind: 'k', token: 0, count: c.options.maxTokens })).equals(Buffer.from(data))).toBe(true);
+      // beyond the budget: rejected, nothing changed
+      const other = c.reserve();
+      const before = stateOf(c);
+      await expect(c.growAsync(other, c.options.maxTokens)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
+      expect(stateOf(c)).toEqual(before);
+      await expect(c.growAsync(other, c.options.maxTokens + 1)).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    });
+
+    it('growAsync rejects with ERR_ABORTED for an aborted signal and leaves nothing mapped', async () => {
+      const c = make({ prefetchTokens: 0 });
+      const seq = c.reserve();
+      const ac = new AbortController();
+      ac.abort();
+      await expect(c.growAsync(seq, 10, { signal: ac.signal })).rejects.toMatchObject({ code: 'ERR_ABORTED' });
+      expect(c.stats().pagesMapped).toBe(0);
+      // abort while pending: either it was already done, or nothing changed
+      const ac2 = new AbortController();
+      const p = c.growAsync(seq, c.options.maxTokens, { signal: ac2.signal });
+      ac2.abort();
+      const outcome = await p.then(() => 'done', (e) => e.code);
+      if (outcome === 'done') expect(seq.tokens).toBe(c.options.maxTokens);
+      else {
+        expect(outcome).toBe('ERR_ABORTED');
+        expect(seq.tokens).toBe(0);
+        expect(c.stats().pagesMapped).toBe(0);
+      }
+      await c.growAsync(seq, 5);
+      expect(seq.tokens).toBeGreaterThanOrEqual(5);
+    });
+
+    it('close() while growAsync is pending and the worker is busy: promises reject ERR_CLOSED, no hang', async () => {
+      for (let round = 0; round < 20; round++) {
+        const c = new KVCache({ ...b.options, prefetchTokens: c0Tokens(b) });
+        const seqs: Sequence[] = [c.reserve(), c.reserve()];
+        c.step([seqs[0]!], [1]); // the worker starts mapping ahead
+        const p = c.growAsync(seqs[1]!, Math.floor(c.options.maxTokens / 2));
+        if (round % 2) await new Promise((r) => setImmediate(r));
+        c.close();
+        const outcome = await p.then(() => 'done', (e) => e.code);
+        expect(['done', 'ERR_CLOSED']).toContain(outcome);
+        expect(c.closed).toBe(true);
+        await expect(c.growAsync(seqs[0]!, 3)).rejects.toMatchObject({ code: 'ERR_CLOSED' });
+      }
+    });
+
+    it('many concurrent growAsync calls on different sequences all land', async () => {
+      const c = make({ prefetchTokens: 0, maxSequences: 4 });
+      const seqs = [c.reserve(), c.reserve(), c.reserve()];
+      await Promise.all(seqs.map((s, i) => c.growAsync(s, 10 + i)));
+      expect(seqs.map((s) => s.tokens)).toEqual([10, 11, 12]);
+    });
+  });
+}
+
+function c0Tokens(b: (typeof backends)[number]): number {
+  // three page groups ahead
+  return b.name === 'host' ? 3 * 16 : 3 * 512;
+}
