@@ -27,6 +27,18 @@ interface NativeTesting {
   createStream(device: number): bigint;
   destroyStream(device: number, stream: bigint): void;
   synchronizeStream(device: number, stream: bigint): void;
+  rawVmmLoop(device: number, pages: number): RawVmmTimes;
+}
+
+/** Whole-loop times (ns) of the raw driver calls over `pages` pages of `pageSize` bytes. */
+export interface RawVmmTimes {
+  pages: number;
+  pageSize: number;
+  createNs: number;
+  mapNs: number;
+  setAccessNs: number;
+  unmapNs: number;
+  releaseNs: number;
 }
 
 const native = (addon as unknown as { testing: NativeTesting }).testing;
@@ -111,4 +123,14 @@ export function destroyStream(stream: bigint, device = 0): void {
 
 export function synchronizeStream(stream: bigint, device = 0): void {
   call(() => native.synchronizeStream(device, stream));
+}
+
+/**
+ * The raw driver loop the library's mapping rate is compared with:
+ * cuMemCreate, cuMemMap, cuMemSetAccess, cuMemUnmap, cuMemRelease over
+ * `pages` granularity-sized pages, each loop timed as a whole.
+ */
+export function rawVmmLoop(pages: number, device = 0): RawVmmTimes {
+  checkInteger('pages', pages, 1, 1 << 20);
+  return call(() => native.rawVmmLoop(device, pages));
 }

@@ -2,10 +2,30 @@
 // device 0 supports VMM and are skipped, saying why, elsewhere.
 import { describe, expect, it } from 'vitest';
 import { KVCache, OutOfMemoryError, driverInfo } from '../lib/index.js';
-import { deviceMemory, fillU32, fillValue, synchronizeStream } from '../lib/testing.js';
+import {
+  createStream,
+  destroyStream,
+  deviceMemory,
+  fillU32,
+  fillValue,
+  spinThenFillU32,
+  synchronizeStream,
+  writeTokens,
+} from '../lib/testing.js';
 import { cudaSkip, stateOf } from './backends.js';
 
 const MiB = 1024 * 1024;
+
+// One launch writing token `token` of every tensor for each sequence; the
+// seed is the token index so each step's words differ.
+function writeTokensFor(
+  layout: { base: bigint; tensors: number; tensorStride: number; slotStride: number; tokenBytes: number },
+  seqs: { slot: number }[],
+  token: number,
+  stream: bigint,
+) {
+  writeTokens(layout, seqs.map((s) => [s.slot, token]), token, { stream });
+}
 
 describe('without a usable CUDA device', () => {
   it.skipIf(cudaSkip === null)(`backend 'cuda' throws ERR_CUDA_UNAVAILABLE saying what was looked for${cudaSkip === null ? ' (skipped: a device is present)' : ''}`, () => {
@@ -147,6 +167,85 @@ describe.skipIf(cudaSkip !== null)(`on a CUDA device${cudaSkip ? ` (skipped: ${c
     c.close();
     const after = deviceMemory().freeBytes;
     expect(Math.abs(after - baseline)).toBeLessThanOrEqual(2 * MiB);
+  });
+
+  it('release({ stream }) fences reclamation: the unmap waits for a kernel still writing the sequence', () => {
+    using c = new KVCache({ ...shape, backend: 'cuda', prefetchTokens: 0 });
+    const seq = c.reserve();
+    c.grow(seq, 4096); // 4 pages per tensor
+    const stream = createStream();
+    try {
+      const words = (4096 * c.tokenBytes) / 4;
+      const value = 0xabcd1234;
+      spinThenFillU32(seq.address(0, 'k'), words, value, 300e6, { stream }); // writes after 300 ms
+      const t0 = performance.now();
+      c.release(seq, { stream });
+      const reclaimed = c.reclaim(); // must wait for the kernel before unmapping
+      const waited = performance.now() - t0;
+      expect(reclaimed).toBe(4 * 2 * shape.layers * c.pageSize);
+      expect(waited).toBeGreaterThan(200);
+      synchronizeStream(stream); // the kernel finished without a fault
+      // Its writes landed before the unmap: the physical pages, mapped again for
+      // another sequence, hold the value in exactly one tensor's worth of words.
+      const next = c.reserve();
+      c.grow(next, 4096);
+      let found = 0;
+      for (let layer = 0; layer < shape.layers; layer++)
+        for (const kind of ['k', 'v'] as const)
+          for (const x of new Uint32Array(c.read(next, { layer, kind, token: 0, count: 4096 }).buffer)) if (x === value) found++;
+      expect(found).toBe(words);
+    } finally {
+      destroyStream(stream);
+    }
+  });
+
+  it('without a stream, release does not wait: reclaim returns while the GPU is still busy elsewhere', () => {
+    using c = new KVCache({ ...shape, backend: 'cuda', prefetchTokens: 0 });
+    const busy = c.reserve();
+    c.grow(busy, 16);
+    const seq = c.reserve();
+    c.grow(seq, 16);
+    const stream = createStream();
+    try {
+      spinThenFillU32(busy.address(0, 'k'), 4, 1, 300e6, { stream });
+      const t0 = performance.now();
+      c.release(seq);
+      c.reclaim();
+      expect(performance.now() - t0).toBeLessThan(200);
+      synchronizeStream(stream);
+    } finally {
+      destroyStream(stream);
+    }
+  });
+
+  it('step() with prefetch keeps a decode loop off the driver while kernels write each new token', () => {
+    using c = new KVCache({ ...shape, backend: 'cuda', prefetchTokens: 256 });
+    const seqs = [c.reserve(), c.reserve(), c.reserve()];
+    const stream = createStream();
+    const t = c.tensor(0, 'k');
+    const layout = { base: t.address, tensors: 2 * shape.layers, tensorStride: Number(c.tensor(0, 'v').address - t.address), slotStride: t.strideBytes[0], tokenBytes: c.tokenBytes };
+    try {
+      c.step(seqs, 1000); // prefill: each crosses into a 2nd page next steps
+      synchronizeStream(stream);
+      const js0 = c.stats().driverCallsOnJsThread;
+      for (let len = 1001; len <= 1100; len++) {
+        c.step(seqs, len);
+        writeTokensFor(layout, seqs, len - 1, stream);
+        spinThenFillU32(t.address, 0, 0, 200_000, { stream }); // 0.2 ms of "compute", writes nothing
+        synchronizeStream(stream);
+      }
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(js0);
+      expect(s.prefetch.pagesAhead).toBeGreaterThan(0);
+      // every token written by the kernel is where the layout says
+      for (const seq of seqs) {
+        const row = new Uint32Array(c.read(seq, { layer: 3, kind: 'v', token: 1050, count: 1 }).buffer);
+        const b = seqs.indexOf(seq);
+        expect(row[5]).toBe((1050 ^ (b << 16) ^ 5) >>> 0);
+      }
+    } finally {
+      destroyStream(stream);
+    }
   });
 
   it('device ordinal past the last device throws ERR_CUDA_UNAVAILABLE', () => {

@@ -421,6 +421,20 @@ void TestingSynchronizeStream(const Napi::CallbackInfo& info) {
   guarded(info.Env(), [&] { testing::synchronizeStream(dev(info), u64(info[1])); });
 }
 
+Napi::Value TestingRawVmmLoop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  testing::RawVmmTimes t = guarded(env, [&] { return testing::rawVmmLoop(dev(info), u64(info[1])); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pages", num(env, t.pages));
+  o.Set("pageSize", num(env, t.pageSize));
+  o.Set("createNs", num(env, t.createNs));
+  o.Set("mapNs", num(env, t.mapNs));
+  o.Set("setAccessNs", num(env, t.setAccessNs));
+  o.Set("unmapNs", num(env, t.unmapNs));
+  o.Set("releaseNs", num(env, t.releaseNs));
+  return o;
+}
+
 Napi::Object TestingExports(Napi::Env env) {
   Napi::Object t = Napi::Object::New(env);
   t.Set("deviceMemory", Napi::Function::New<TestingDeviceMemory>(env));
@@ -430,6 +444,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("createStream", Napi::Function::New<TestingCreateStream>(env));
   t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
+  t.Set("rawVmmLoop", Napi::Function::New<TestingRawVmmLoop>(env));
   return t;
 }
 

@@ -1,5 +1,6 @@
 #include "testing/device_tools.h"
 
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -107,6 +108,59 @@ void destroyStream(int device, uint64_t stream) {
 void synchronizeStream(int device, uint64_t stream) {
   kernels(device);
   check(driver().cuStreamSynchronize(asStream(stream)), "cuStreamSynchronize");
+}
+
+RawVmmTimes rawVmmLoop(int device, uint64_t pages) {
+  kernels(device);
+  const DriverApi& d = driver();
+  CUdevice dev = 0;
+  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+  CUmemAllocationProp prop{};
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = dev;
+  size_t page = 0;
+  check(d.cuMemGetAllocationGranularity(&page, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+        "cuMemGetAllocationGranularity");
+  CUmemAccessDesc access{};
+  access.location = prop.location;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  RawVmmTimes t;
+  t.pages = pages;
+  t.pageSize = page;
+  CUdeviceptr base = 0;
+  check(d.cuMemAddressReserve(&base, pages * page, page, 0, 0), "cuMemAddressReserve");
+  std::vector<CUmemGenericAllocationHandle> handles(pages);
+  using clock = std::chrono::steady_clock;
+  auto since = [](clock::time_point a) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(clock::now() - a).count());
+  };
+  size_t made = 0, mapped = 0;
+  try {
+    auto t0 = clock::now();
+    for (; made < pages; ++made) check(d.cuMemCreate(&handles[made], page, &prop, 0), "cuMemCreate");
+    t.createNs = since(t0);
+    t0 = clock::now();
+    for (; mapped < pages; ++mapped) check(d.cuMemMap(base + mapped * page, page, 0, handles[mapped], 0), "cuMemMap");
+    t.mapNs = since(t0);
+    t0 = clock::now();
+    for (size_t i = 0; i < pages; ++i) check(d.cuMemSetAccess(base + i * page, page, &access, 1), "cuMemSetAccess");
+    t.setAccessNs = since(t0);
+    t0 = clock::now();
+    for (; mapped > 0; --mapped) check(d.cuMemUnmap(base + (mapped - 1) * page, page), "cuMemUnmap");
+    t.unmapNs = since(t0);
+    t0 = clock::now();
+    for (; made > 0; --made) check(d.cuMemRelease(handles[made - 1]), "cuMemRelease");
+    t.releaseNs = since(t0);
+  } catch (...) {
+    for (; mapped > 0; --mapped) d.cuMemUnmap(base + (mapped - 1) * page, page);
+    for (; made > 0; --made) d.cuMemRelease(handles[made - 1]);
+    d.cuMemAddressFree(base, pages * page);
+    throw;
+  }
+  check(d.cuMemAddressFree(base, pages * page), "cuMemAddressFree");
+  return t;
 }
 
 }  // namespace vat::testing

@@ -26,4 +26,14 @@ void destroyStream(int device, uint64_t stream);
 void synchronizeStream(int device, uint64_t stream);
 constexpr size_t kMaxWriteEntries = 256;
 
+// The raw driver loop the library is measured against: cuMemCreate,
+// cuMemMap, cuMemSetAccess, cuMemUnmap, cuMemRelease over `pages` pages of
+// the allocation granularity, each timed as a whole loop (nanoseconds).
+struct RawVmmTimes {
+  uint64_t pages = 0;
+  uint64_t pageSize = 0;
+  uint64_t createNs = 0, mapNs = 0, setAccessNs = 0, unmapNs = 0, releaseNs = 0;
+};
+RawVmmTimes rawVmmLoop(int device, uint64_t pages);
+
 }  // namespace vat::testing

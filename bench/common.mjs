@@ -1,0 +1,65 @@
+// Shared helpers of the benchmarks: percentiles, tables, JSON results.
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { driverInfo } from '../dist/esm/index.mjs';
+
+export const here = dirname(fileURLToPath(import.meta.url));
+
+export function percentile(sorted, p) {
+  if (sorted.length === 0) return NaN;
+  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[i];
+}
+
+export function summarize(values) {
+  const s = Float64Array.from(values).sort();
+  const sum = s.reduce((a, b) => a + b, 0);
+  return { n: s.length, mean: sum / s.length, p50: percentile(s, 50), p99: percentile(s, 99), max: s[s.length - 1] };
+}
+
+export function nowNs() {
+  return process.hrtime.bigint();
+}
+
+export function table(rows, columns) {
+  const cells = [columns.map((c) => c.title), ...rows.map((r) => columns.map((c) => String(c.value(r))))];
+  const widths = columns.map((_, i) => Math.max(...cells.map((row) => row[i].length)));
+  const line = (row) => row.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ');
+  return [line(cells[0]), widths.map((w) => '-'.repeat(w)).join('  '), ...cells.slice(1).map(line)].join('\n');
+}
+
+export function environment() {
+  const info = driverInfo();
+  const gpu = info.devices[0];
+  return {
+    date: new Date().toISOString(),
+    node: process.version,
+    driverVersion: info.version,
+    gpu: gpu ? gpu.name : null,
+    gpuMemoryBytes: gpu ? gpu.totalBytes : null,
+  };
+}
+
+/** Writes bench/results/<name>.json, and $BENCH_OUT/<name>.json when set. */
+export function saveResult(name, result) {
+  const body = JSON.stringify({ benchmark: name, environment: environment(), ...result }, null, 2);
+  const dirs = [join(here, 'results')];
+  if (process.env.BENCH_OUT) dirs.push(process.env.BENCH_OUT);
+  for (const dir of dirs) {
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, `${name}.json`), body + '\n');
+  }
+  return body;
+}
+
+export function cudaPresent() {
+  const info = driverInfo();
+  return Boolean(info.devices[0]?.vmmSupported);
+}
+
+export const fmt = {
+  us: (ns) => (ns / 1e3).toFixed(1),
+  ms: (ns) => (ns / 1e6).toFixed(2),
+  int: (x) => Math.round(x).toLocaleString('en-US'),
+};
