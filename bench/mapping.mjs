@@ -16,10 +16,10 @@ if (!cudaPresent()) {
   process.exit(0);
 }
 
-// One layer, one KV head of 1 MiB per token: a 2 MiB page holds 2 tokens of
+// One layer, 16 KV heads x 32K dims fp16 = 1 MiB per token: a 2 MiB page holds 2 tokens of
 // a tensor, so grow(seq, pages) maps exactly `pages` pages (K and V halves).
 function libraryRate(fromPool) {
-  const shape = { layers: 1, kvHeads: 1, headDim: 512 * 1024, dtype: 'float16', maxSequences: 1 };
+  const shape = { layers: 1, kvHeads: 16, headDim: 32 * 1024, dtype: 'float16', maxSequences: 1 };
   const probe = new KVCache({ ...shape, maxTokens: 2, backend: 'cuda', prefetchTokens: 0 });
   const perToken = probe.tokenBytes;
   const pageSize = probe.pageSize;
