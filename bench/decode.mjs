@@ -26,9 +26,12 @@ if (!cudaPresent()) {
 // Prefill lengths spread over one page of tokens, so page boundaries fall on
 // different steps for different sequences (deterministic generator).
 function prefills(b, tokensPerPage) {
-  let x = 12345;
+  let x = 0x9e3779b9;
   return Array.from({ length: b }, () => {
-    x = (x * 1103515245 + 12345) % 2 ** 31;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     return 1 + (x % tokensPerPage);
   });
 }
@@ -116,6 +119,7 @@ console.log(
     { title: 'JS-thread driver calls', value: (r) => r.jsThreadDriverCalls },
     { title: 'pages ahead', value: (r) => r.pagesMappedAhead },
     { title: 'pages on demand', value: (r) => r.pagesMappedOnDemand },
+    { title: 'misses', value: (r) => r.misses },
   ]),
 );
 saveResult('decode', { model, steps, computeNs, prefetchTokens, results });

@@ -240,10 +240,10 @@ export class KVCache {
    */
   grow(seq: Sequence, tokens: number): void {
     const native = this.#open();
-    this.#check(seq);
+    const generation = this.#check(seq);
     if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
     if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
-    this.#call(() => native.grow(seq.slot, generationOf(seq), tokens));
+    this.#call(() => native.grow(seq.slot, generation, tokens));
   }
 
   /**
@@ -268,14 +268,14 @@ export class KVCache {
       this.#stepTokens = new Uint32Array(size);
     }
     for (let i = 0; i < n; i++) {
-      const seq = seqs[i];
-      this.#check(seq);
+      const seq = seqs[i]!;
+      const generation = this.#check(seq);
       const t = typeof tokens === 'number' ? tokens : tokens[i];
       if (typeof t !== 'number') throw new InvalidArgumentTypeError(`tokens[${i}]`, `must be a number, got ${describe(t)}`);
       if (!Number.isInteger(t) || t < 0 || t > 0xffff_ffff)
         throw new InvalidArgumentRangeError(`tokens[${i}]`, `must be a non-negative integer, got ${t}`);
       this.#stepSlots[i] = seq.slot;
-      this.#stepGenerations[i] = generationOf(seq);
+      this.#stepGenerations[i] = generation;
       this.#stepTokens[i] = t;
     }
     this.#call(() =>
@@ -445,11 +445,13 @@ export class KVCache {
     return this.#native;
   }
 
-  #check(seq: unknown): asserts seq is Sequence {
+  /** Checks a sequence argument; returns its generation. */
+  #check(seq: unknown): number {
     if (!(seq instanceof Sequence)) throw new InvalidArgumentTypeError('seq', `must be a Sequence, got ${describe(seq)}`);
     if (seq.cache !== this) throw new ForeignSequenceError(`the sequence in slot ${seq.slot} belongs to another cache`);
-    if (sequenceState.get(seq)!.released)
-      throw new SequenceReleasedError(`the sequence in slot ${seq.slot} was released`);
+    const state = sequenceState.get(seq)!;
+    if (state.released) throw new SequenceReleasedError(`the sequence in slot ${seq.slot} was released`);
+    return state.generation;
   }
 
   #range(range: unknown): { layer: number; kind: 0 | 1; token: number } {

@@ -323,3 +323,23 @@ for (const b of backends) {
     });
   });
 }
+
+describe('host backend limits', () => {
+  it('mapping more pages than vm.max_map_count allows is ERR_OUT_OF_MEMORY, not a crash', () => {
+    // 4 KiB pages, one page per token per tensor: 20000 tokens of K and V = 40000 mappings
+    using c = new KVCache({ backend: 'host', layers: 1, kvHeads: 1, headDim: 2048, dtype: 'float16', maxSequences: 1, maxTokens: 20000, pageSize: 4096, memoryBudget: 200 * 1024 * 1024, prefetchTokens: 0 });
+    const seq = c.reserve();
+    let error: any;
+    try {
+      c.grow(seq, 20000);
+    } catch (e) {
+      error = e;
+    }
+    expect(error?.code).toBe('ERR_OUT_OF_MEMORY');
+    expect(error.message).toMatch(/max_map_count/);
+    expect(seq.tokens).toBe(0);
+    expect(c.stats().pagesMapped).toBe(0);
+    c.grow(seq, 1000); // still works
+    expect(seq.tokens).toBe(1000);
+  });
+});

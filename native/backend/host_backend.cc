@@ -6,7 +6,9 @@
 #include <sys/sysinfo.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "common/errors.h"
@@ -25,6 +27,27 @@ constexpr size_t kDefaultPage = 2u << 20;
 }
 
 void* at(Address a) { return reinterpret_cast<void*>(static_cast<uintptr_t>(a)); }
+
+// Every mapped page is its own memory area (VMA), and mapping it into a
+// PROT_NONE range can split that range: up to two areas per page. Linux caps
+// areas per process at vm.max_map_count (65530 by default); past it every
+// mmap in the process fails, the JS engine's included. So mapped host pages
+// are capped, process-wide, well below it, and the cap is reported as
+// out-of-memory like any other.
+std::atomic<uint64_t> hostMappedPages{0};
+
+uint64_t hostMappingCap() {
+  static const uint64_t cap = [] {
+    uint64_t limit = 65530;
+    if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
+      unsigned long long v = 0;
+      if (std::fscanf(f, "%llu", &v) == 1 && v > 0) limit = v;
+      std::fclose(f);
+    }
+    return limit > 16384 ? (limit - 16384) / 2 : limit / 4;
+  }();
+  return cap;
+}
 
 }  // namespace
 
@@ -80,8 +103,20 @@ void HostBackend::releasePage(PageHandle page) {
 void HostBackend::map(Address a, PageHandle page) {
   CallScope scope(*this, BackendOp::Map);
   scope.injectFault("mmap(MAP_FIXED)");
+  if (hostMappedPages.fetch_add(1) >= hostMappingCap()) {
+    hostMappedPages.fetch_sub(1);
+    Error e(ErrorCode::OutOfMemory, "host backend: " + std::to_string(hostMappingCap()) +
+                                        " pages are mapped in this process, the most vm.max_map_count allows "
+                                        "safely; use a larger pageSize or raise vm.max_map_count");
+    e.statusName = "ENOMEM";
+    e.status = ENOMEM;
+    throw e;
+  }
   void* p = mmap(at(a), pageSize_, PROT_NONE, MAP_SHARED | MAP_FIXED, fd_, offsetOf(page));
-  if (p == MAP_FAILED) osFail("mmap(MAP_FIXED)", errno);
+  if (p == MAP_FAILED) {
+    hostMappedPages.fetch_sub(1);
+    osFail("mmap(MAP_FIXED)", errno);
+  }
 }
 
 void HostBackend::setAccess(Address a) {
@@ -95,6 +130,7 @@ void HostBackend::unmap(Address a) {
   scope.injectFault("mmap(PROT_NONE, MAP_FIXED)");
   void* p = mmap(at(a), pageSize_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   if (p == MAP_FAILED) osFail("mmap(PROT_NONE, MAP_FIXED)", errno);
+  hostMappedPages.fetch_sub(1);
 }
 
 void HostBackend::copyIn(Address dst, const void* src, size_t bytes) {

@@ -59,6 +59,8 @@ KVCache::KVCache(const CacheOptions& o) : prefetchTokens_(o.prefetchTokens) {
   pool_ = std::make_unique<PagePool>(*backend_, budget);
   poolLowWater_ = layout_->pagesPerGroup();
   slots_.resize(o.shape.maxSequences);
+  batchStamp_.assign(o.shape.maxSequences, 0);
+  batchTarget_.assign(o.shape.maxSequences, 0);
   base_ = backend_->reserveRange(layout_->rangeBytes());
   try {
     uint64_t ps = backend_->pageSize();
@@ -142,88 +144,98 @@ void KVCache::step(const std::vector<GrowRequest>& batch) {
   growBatch(lk, batch, true);
   if (prefetchTokens_ == 0) return;
   uint64_t maxTokens = layout_->shape().maxTokens;
+  bool work = !prefetchActive_;
   for (const GrowRequest& r : batch) {
     Slot& s = slots_[r.seq.slot];
     s.prefetchTarget = std::max(s.prefetchTarget, std::min<uint64_t>(maxTokens, r.tokens + prefetchTokens_));
+    if (layout_->tokensInGroups(groupsOf(s)) < s.prefetchTarget) work = true;
   }
   prefetchActive_ = true;
-  workCv_.notify_one();
+  // Wake the worker only when there is something to map: most decode steps
+  // stay inside pages already backed, and then cost no wake-up at all.
+  if (work) workCv_.notify_one();
 }
 
 // Backs every request of the batch on the caller's thread, all or nothing:
-// check everything, wait for extensions in flight on these slots, decide
-// whether the pages can be had, take them, map them; on any failure every
-// slot is as it was.
+// check everything, wait for extensions in flight on the slots that need
+// more pages now, decide whether the pages can be had, take them, map them;
+// on any failure every slot is as it was. O(batch) when nothing is missing:
+// this is the serving loop's per-step path.
 void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep) {
   uint64_t maxTokens = layout_->shape().maxTokens;
-  std::vector<uint32_t> slotsOfBatch;
+  // Per-slot target tokens (a slot may appear twice: the larger wins), kept in
+  // scratch arrays stamped with this call's epoch instead of a map.
+  if (++batchEpoch_ == 0) {
+    std::fill(batchStamp_.begin(), batchStamp_.end(), 0);
+    batchEpoch_ = 1;
+  }
+  std::vector<uint32_t>& unique = batchSlots_;
+  unique.clear();
   for (const GrowRequest& r : batch) {
     activeSlot(r.seq);
     if (r.tokens > maxTokens)
       fail(ErrorCode::OutOfRange, "cannot grow to " + std::to_string(r.tokens) + " tokens: maxTokens is " +
                                       std::to_string(maxTokens));
-    slotsOfBatch.push_back(r.seq.slot);
+    uint32_t i = r.seq.slot;
+    if (batchStamp_[i] != batchEpoch_) {
+      batchStamp_[i] = batchEpoch_;
+      batchTarget_[i] = std::max(slots_[i].tokens, r.tokens);
+      unique.push_back(i);
+    } else {
+      batchTarget_[i] = std::max(batchTarget_[i], r.tokens);
+    }
   }
-  uint64_t started = 0;
-  auto busy = [&] {
-    for (uint32_t i : slotsOfBatch)
-      if (slots_[i].extending) return true;
+  auto needGroups = [&](uint32_t i) { return layout_->groupsForTokens(batchTarget_[i]); };
+  // Only a slot that needs more pages now and is being extended is worth
+  // waiting for; the worker mapping ahead for others must not hold us up.
+  auto mustWait = [&] {
+    for (uint32_t i : unique)
+      if (slots_[i].extending && needGroups(i) > groupsOf(slots_[i])) return true;
     return false;
-  };
-  // Target groups per slot (a slot may appear twice: the larger wins).
-  auto target = [&](uint32_t slot) {
-    uint64_t t = slots_[slot].tokens;
-    for (const GrowRequest& r : batch)
-      if (r.seq.slot == slot) t = std::max(t, r.tokens);
-    return layout_->groupsForTokens(t);
   };
   auto missingPages = [&] {
     uint64_t m = 0;
-    std::vector<uint32_t> seen;
-    for (uint32_t i : slotsOfBatch) {
-      if (contains(seen, i)) continue;
-      seen.push_back(i);
-      size_t need = target(i), have = groupsOf(slots_[i]);
+    for (uint32_t i : unique) {
+      size_t need = needGroups(i), have = groupsOf(slots_[i]);
       if (need > have) m += uint64_t(need - have) * layout_->pagesPerGroup();
     }
     return m;
   };
+  uint64_t started = 0;
   uint64_t missing = missingPages();
-  bool waited = false;
-  if (busy()) {
-    // The worker (or an async growth) is mapping these slots' next groups:
-    // wait for it rather than map the same groups twice.
+  if (fromStep) {
+    // A miss is a slot that needed pages when the step came in.
+    uint64_t misses = 0;
+    if (missing > 0)
+      for (uint32_t i : unique)
+        if (needGroups(i) > groupsOf(slots_[i])) ++misses;
+    prefetch_.misses += misses;
+    prefetch_.hits += unique.size() - misses;
+  }
+  if (missing > 0 && mustWait()) {
+    // The worker (or an async growth) is mapping exactly what we need: wait
+    // for it rather than map the same groups twice.
     started = nowNanos();
-    waited = true;
-    changed_.wait(lk, [&] { return !busy() || closing_.load(); });
+    changed_.wait(lk, [&] { return !mustWait() || closing_.load(); });
     for (const GrowRequest& r : batch) activeSlot(r.seq);  // closed or released meanwhile?
     missing = missingPages();
   }
-  if (fromStep) {
-    uint64_t hits = 0;
-    for (const GrowRequest& r : batch) {
-      const Slot& s = slots_[r.seq.slot];
-      if (!waited && layout_->groupsForTokens(r.tokens) <= groupsOf(s)) ++hits;
-    }
-    prefetch_.hits += hits;
-    prefetch_.misses += batch.size() - hits;
-  }
   if (missing > 0) {
     if (!started) started = nowNanos();
-    uint64_t obtainable = pool_->idleCount() + pool_->headroom() + reclaimablePages(slotsOfBatch);
+    uint64_t obtainable = pool_->idleCount() + pool_->headroom() + reclaimablePages(unique);
     // Decided before touching anything: a refused growth changes nothing.
     if (missing > obtainable) {
       prefetch_.stallNanos += nowNanos() - started;
       throw outOfMemory(missing, obtainable, pool_->pageSize(), pool_->counts());
     }
     std::vector<PageId> createdNow;
-    std::vector<PageId> pages = obtainPages(missing, createdNow, slotsOfBatch);
+    std::vector<PageId> pages = obtainPages(missing, createdNow, unique);
     std::vector<std::pair<uint32_t, size_t>> grown;  // slot, pages before
     size_t next = 0;
     try {
-      for (uint32_t i : slotsOfBatch) {
+      for (uint32_t i : unique) {
         Slot& s = slots_[i];
-        size_t need = target(i);
+        size_t need = needGroups(i);
         if (need <= groupsOf(s)) continue;
         grown.emplace_back(i, s.pages.size());
         mapGroups(i, s, need, pages, next);
@@ -237,10 +249,7 @@ void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
     prefetch_.pagesOnDemand += missing;
   }
   if (started) prefetch_.stallNanos += nowNanos() - started;
-  for (const GrowRequest& r : batch) {
-    Slot& s = slots_[r.seq.slot];
-    s.tokens = std::max(s.tokens, r.tokens);
-  }
+  for (uint32_t i : unique) slots_[i].tokens = batchTarget_[i];
 }
 
 // Pages for a growth, cheapest first: idle in the pool, newly created within

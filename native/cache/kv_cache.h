@@ -185,6 +185,11 @@ class KVCache {
   uint64_t reclaimedPages_ = 0;
   uint64_t reusedPages_ = 0;
   PrefetchStats prefetch_;
+  // growBatch scratch, indexed by slot (see growBatch).
+  std::vector<uint32_t> batchStamp_;
+  std::vector<uint64_t> batchTarget_;
+  std::vector<uint32_t> batchSlots_;
+  uint32_t batchEpoch_ = 0;
   std::thread worker_;
 };
 
