@@ -2,8 +2,8 @@
  * `vattention/testing`: GPU helpers for integration tests and benchmarks.
  * Small kernels (JIT-compiled from PTX by the driver) that read and write
  * cache memory as a real attention kernel would, CUDA streams, and device
- * memory figures. Needs a CUDA device; every function throws
- * ERR_CUDA_UNAVAILABLE without one.
+ * memory figures. These need a CUDA device and throw ERR_CUDA_UNAVAILABLE
+ * without one; `liveResources` and `injectNextCacheFault` work everywhere.
  */
 import { fromNative } from './errors.js';
 import { addon } from './native.js';
@@ -133,4 +133,19 @@ export function synchronizeStream(stream: bigint, device = 0): void {
 export function rawVmmLoop(pages: number, device = 0): RawVmmTimes {
   checkInteger('pages', pages, 1, 1 << 20);
   return call(() => native.rawVmmLoop(device, pages));
+}
+
+/** Driver/OS resources alive in this process (all caches): zero once every cache is closed. */
+export function liveResources(): { ranges: number; pages: number; mappings: number } {
+  return (addon as unknown as { liveResources(): { ranges: number; pages: number; mappings: number } }).liveResources();
+}
+
+/**
+ * Test-only: makes the nth call (0 = the next) of backend operation `op`
+ * fail in the next cache constructed, with out-of-memory or an ordinary error.
+ * Ops: reserveRange, freeRange, createPage, releasePage, map, setAccess,
+ * unmap, copyIn, copyOut, fence.
+ */
+export function injectNextCacheFault(op: string, nth: number, outOfMemory: boolean): void {
+  call(() => (addon as unknown as { injectNextCacheFault(o: string, n: number, m: boolean): void }).injectNextCacheFault(op, nth, outOfMemory));
 }

@@ -2,6 +2,7 @@
 // the operation then throws a typed error and the cache is exactly as before.
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
+import { injectNextCacheFault, liveResources } from '../lib/testing.js';
 import { backends, label, pattern, stateOf } from './backends.js';
 
 for (const b of backends) {
@@ -9,9 +10,12 @@ for (const b of backends) {
     const open: KVCache[] = [];
     afterEach(() => {
       for (const c of open.splice(0)) c.close();
+      // nothing leaked: every range, page and mapping went back
+      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
     });
     const setup = () => {
-      const c = new KVCache(b.options);
+      // No prefetch worker: each injected fault must hit the call site under test.
+      const c = new KVCache({ ...b.options, prefetchTokens: 0 });
       open.push(c);
       const tpp = Math.floor(c.pageSize / c.tokenBytes);
       const a = c.reserve();
@@ -101,6 +105,72 @@ for (const b of backends) {
       expect(() => c.grow(a, 4 * tpp)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
       expect(comparable(c)).toEqual(before);
       c.grow(a, 4 * tpp);
+    });
+
+    const errorCode = (oom: boolean) => (oom ? 'ERR_OUT_OF_MEMORY' : b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS');
+
+    for (const op of ['createPage', 'map', 'setAccess'] as const) {
+      for (const oom of [true, false]) {
+        it(`step survives ${op} failing with ${oom ? 'out of memory' : 'an error'} part way through a batch`, () => {
+          const { c, a, tpp } = setup();
+          c.reclaim();
+          c.trim(); // nothing to fall back on: the fault must surface
+          const other = c.reserve();
+          c.step([a, other], [tpp + 2, 1]);
+          const before = comparable(c);
+          const data = dataOf(c, a);
+          c._injectFault(op, 3, oom);
+          expect(() => c.step([a, other], [3 * tpp, 2 * tpp])).toThrow(expect.objectContaining({ code: errorCode(oom) }));
+          expect(comparable(c)).toEqual(before);
+          expect([a.tokens, other.tokens]).toEqual([tpp + 2, 1]);
+          expect(dataOf(c, a).equals(data)).toBe(true);
+          c.step([a, other], [3 * tpp, 2 * tpp]);
+          expect([a.tokens, other.tokens]).toEqual([3 * tpp, 2 * tpp]);
+        });
+
+        it(`growAsync survives ${op} failing with ${oom ? 'out of memory' : 'an error'}`, async () => {
+          const { c, a, tpp } = setup();
+          c.reclaim();
+          c.trim();
+          const before = comparable(c);
+          c._injectFault(op, 2, oom);
+          await expect(c.growAsync(a, 4 * tpp)).rejects.toMatchObject({ code: errorCode(oom) });
+          expect(comparable(c)).toEqual(before);
+          expect(a.tokens).toBe(tpp + 2);
+          await c.growAsync(a, 4 * tpp);
+          expect(a.tokens).toBe(4 * tpp);
+        });
+      }
+    }
+
+    for (const op of ['reserveRange', 'createPage'] as const) {
+      it(`construction fails cleanly when ${op} fails inside it`, () => {
+        injectNextCacheFault(op, 0, false);
+        expect(() => new KVCache({ ...b.options, poolPrefill: 8 * (b.name === 'host' ? 4096 : 2 * 1024 * 1024) })).toThrow(
+          expect.objectContaining({ code: errorCode(false) }),
+        );
+        expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+      });
+    }
+
+    it('a failing prefetch mapping is counted and retried; demand growth still works', async () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: 16 });
+      open.push(c);
+      const seq = c.reserve();
+      c._injectFault('map', 2 * b.options.layers, false); // after the first group, mapped on demand
+      c.step([seq], [1]);
+      const deadline = Date.now() + 5000;
+      while (c.stats().prefetch.errors === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+      expect(c.stats().prefetch.errors).toBe(1);
+      c.step([seq], [40]);
+      expect(seq.tokens).toBe(40);
+    });
+
+    it('a failing unmap at close still frees everything else', () => {
+      const { c } = setup();
+      c._injectFault('unmap', 0, false);
+      c.close(); // close never throws; the fault is disarmed for teardown
+      expect(c.closed).toBe(true);
     });
 
     it('poolPrefill above memoryBudget is refused before any native call', () => {

@@ -2,7 +2,40 @@
 
 #include "common/errors.h"
 
+#include <mutex>
+
 namespace vat {
+
+LiveResources& liveResources() {
+  static LiveResources* live = new LiveResources();
+  return *live;
+}
+
+namespace {
+std::mutex nextFaultLock;
+struct {
+  bool armed = false;
+  BackendOp op = BackendOp::CreatePage;
+  uint64_t nth = 0;
+  bool outOfMemory = false;
+} nextFault;
+}  // namespace
+
+void armNextBackendFault(BackendOp op, uint64_t nth, bool outOfMemory) {
+  std::lock_guard<std::mutex> guard(nextFaultLock);
+  nextFault.armed = true;
+  nextFault.op = op;
+  nextFault.nth = nth;
+  nextFault.outOfMemory = outOfMemory;
+}
+
+Backend::Backend() : owner_(std::this_thread::get_id()) {
+  std::lock_guard<std::mutex> guard(nextFaultLock);
+  if (nextFault.armed) {
+    nextFault.armed = false;
+    armFault(nextFault.op, nextFault.nth, nextFault.outOfMemory);
+  }
+}
 
 const char* backendOpName(BackendOp op) {
   switch (op) {

@@ -52,6 +52,19 @@ struct FaultPlan {
   bool outOfMemory = true;  // else an ordinary driver/OS error
 };
 
+// Live driver/OS resources of every backend in the process, for leak tests:
+// they return to zero when every cache is closed.
+struct LiveResources {
+  std::atomic<int64_t> ranges{0};
+  std::atomic<int64_t> pages{0};
+  std::atomic<int64_t> mappings{0};
+};
+LiveResources& liveResources();
+
+// Test-only: a fault armed here is moved into the next backend constructed,
+// so failures inside a cache's constructor can be injected too.
+void armNextBackendFault(BackendOp op, uint64_t nth, bool outOfMemory);
+
 struct MemoryInfo {
   uint64_t freeBytes = 0;
   uint64_t totalBytes = 0;
@@ -59,7 +72,7 @@ struct MemoryInfo {
 
 class Backend {
  public:
-  Backend() : owner_(std::this_thread::get_id()) {}
+  Backend();
   virtual ~Backend() = default;
 
   virtual const char* name() const = 0;

@@ -107,12 +107,14 @@ Address CudaBackend::reserveRange(size_t bytes) {
   scope.injectFault("cuMemAddressReserve");
   CUdeviceptr base = 0;
   check(driver().cuMemAddressReserve(&base, bytes, pageSize_, 0, 0), "cuMemAddressReserve");
+  liveResources().ranges++;
   return base;
 }
 
 void CudaBackend::freeRange(Address base, size_t bytes) {
   CallScope scope(*this, BackendOp::FreeRange);
   check(driver().cuMemAddressFree(base, bytes), "cuMemAddressFree");
+  liveResources().ranges--;
 }
 
 PageHandle CudaBackend::createPage() {
@@ -120,6 +122,7 @@ PageHandle CudaBackend::createPage() {
   scope.injectFault("cuMemCreate");
   CUmemGenericAllocationHandle handle = 0;
   check(driver().cuMemCreate(&handle, pageSize_, &prop_, 0), "cuMemCreate");
+  liveResources().pages++;
   return handle;
 }
 
@@ -127,12 +130,14 @@ void CudaBackend::releasePage(PageHandle page) {
   CallScope scope(*this, BackendOp::ReleasePage);
   scope.injectFault("cuMemRelease");
   check(driver().cuMemRelease(page), "cuMemRelease");
+  liveResources().pages--;
 }
 
 void CudaBackend::map(Address at, PageHandle page) {
   CallScope scope(*this, BackendOp::Map);
   scope.injectFault("cuMemMap");
   check(driver().cuMemMap(at, pageSize_, 0, page, 0), "cuMemMap");
+  liveResources().mappings++;
 }
 
 void CudaBackend::setAccess(Address at) {
@@ -145,6 +150,7 @@ void CudaBackend::unmap(Address at) {
   CallScope scope(*this, BackendOp::Unmap);
   scope.injectFault("cuMemUnmap");
   check(driver().cuMemUnmap(at, pageSize_), "cuMemUnmap");
+  liveResources().mappings--;
 }
 
 void CudaBackend::copyIn(Address dst, const void* src, size_t bytes) {

@@ -69,12 +69,14 @@ Address HostBackend::reserveRange(size_t bytes) {
   scope.injectFault("mmap(PROT_NONE)");
   void* p = mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) osFail("mmap(PROT_NONE)", errno);
+  liveResources().ranges++;
   return reinterpret_cast<uintptr_t>(p);
 }
 
 void HostBackend::freeRange(Address base, size_t bytes) {
   CallScope scope(*this, BackendOp::FreeRange);
   if (munmap(at(base), bytes) != 0) osFail("munmap", errno);
+  liveResources().ranges--;
 }
 
 PageHandle HostBackend::createPage() {
@@ -88,6 +90,7 @@ PageHandle HostBackend::createPage() {
   if (fallocate(fd_, 0, offsetOf(page), static_cast<off_t>(pageSize_)) != 0) osFail("fallocate", errno);
   if (fresh) ++nextRegion_;
   else freeRegions_.pop_back();
+  liveResources().pages++;
   return page;
 }
 
@@ -98,6 +101,7 @@ void HostBackend::releasePage(PageHandle page) {
     osFail("fallocate(PUNCH_HOLE)", errno);
   std::lock_guard<std::mutex> lock(regionsLock_);
   freeRegions_.push_back(page);
+  liveResources().pages--;
 }
 
 void HostBackend::map(Address a, PageHandle page) {
@@ -117,6 +121,7 @@ void HostBackend::map(Address a, PageHandle page) {
     hostMappedPages.fetch_sub(1);
     osFail("mmap(MAP_FIXED)", errno);
   }
+  liveResources().mappings++;
 }
 
 void HostBackend::setAccess(Address a) {
@@ -131,6 +136,7 @@ void HostBackend::unmap(Address a) {
   void* p = mmap(at(a), pageSize_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   if (p == MAP_FAILED) osFail("mmap(PROT_NONE, MAP_FIXED)", errno);
   hostMappedPages.fetch_sub(1);
+  liveResources().mappings--;
 }
 
 void HostBackend::copyIn(Address dst, const void* src, size_t bytes) {

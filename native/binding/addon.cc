@@ -448,6 +448,31 @@ Napi::Object TestingExports(Napi::Env env) {
   return t;
 }
 
+// Test-only: live driver/OS resources of the process, and a fault armed for
+// the next cache constructed.
+Napi::Value LiveResourceCounts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  LiveResources& live = liveResources();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ranges", Napi::Number::New(env, static_cast<double>(live.ranges.load())));
+  o.Set("pages", Napi::Number::New(env, static_cast<double>(live.pages.load())));
+  o.Set("mappings", Napi::Number::New(env, static_cast<double>(live.mappings.load())));
+  return o;
+}
+
+void InjectNextCacheFault(const Napi::CallbackInfo& info) {
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  for (size_t i = 0; i < kBackendOpCount; ++i) {
+    if (name == backendOpName(static_cast<BackendOp>(i))) {
+      armNextBackendFault(static_cast<BackendOp>(i), u64(info[1]), info[2].As<Napi::Boolean>().Value());
+      return;
+    }
+  }
+  Napi::Error err = Napi::Error::New(info.Env(), "unknown backend op: " + name);
+  err.Set("code", "ERR_INVALID_ARGUMENT");
+  throw err;
+}
+
 void CloseAllInEnv(void* arg) {
   auto* data = static_cast<AddonData*>(arg);
   for (NativeCache* c : data->live) c->closeFromCleanupHook();
@@ -461,6 +486,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeCache", NativeCache::Define(env));
   exports.Set("driverInfo", Napi::Function::New<DriverInfo>(env, "driverInfo"));
   exports.Set("testing", TestingExports(env));
+  exports.Set("liveResources", Napi::Function::New<LiveResourceCounts>(env));
+  exports.Set("injectNextCacheFault", Napi::Function::New<InjectNextCacheFault>(env));
   return exports;
 }
 
