@@ -1,0 +1,269 @@
+// Random operations against a model. fast-check drives random sequences of
+// reserve / grow / step / write / read / release / reclaim / trim (and
+// growAsync in the async property) with sizes at the edges (0, 1, page
+// boundaries, maxTokens, budget exhausted) against a plain TypeScript model
+// of what the cache must hold. Every byte written is read back where the
+// model says it is. Replay a failure with VAT_SEED=<seed> (printed on failure).
+import fc from 'fast-check';
+import { afterAll, describe, expect, it } from 'vitest';
+import { KVCache, type Sequence } from '../lib/index.js';
+import { liveResources } from '../lib/testing.js';
+import { backends, label } from './backends.js';
+
+interface SeqModel {
+  tokens: number;
+  written: Map<string, number>; // `${layer}:${kind}:${token}` -> seed of the bytes there
+}
+interface Model {
+  live: { seq: Sequence; m: SeqModel }[];
+}
+interface Real {
+  cache: KVCache;
+}
+
+const KINDS = ['k', 'v'] as const;
+
+function tokenBytesFor(seed: number, tokenBytes: number): Uint8Array {
+  const out = new Uint8Array(tokenBytes);
+  let x = (seed * 2654435761) >>> 0 || 7;
+  for (let i = 0; i < tokenBytes; i++) {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+    out[i] = x >>> 24;
+  }
+  return out;
+}
+
+let operations = 0;
+const seed = process.env.VAT_SEED ? Number(process.env.VAT_SEED) : (Date.now() ^ (Math.random() * 2 ** 31)) >>> 0;
+
+function codeOf(f: () => unknown): string | null {
+  try {
+    f();
+    return null;
+  } catch (e) {
+    return (e as { code?: string }).code ?? 'NO_CODE';
+  }
+}
+
+for (const b of backends) {
+  describe.skipIf(b.skip !== null)(`model-based random operations, ${label(b)}`, () => {
+    const o = { ...b.options, prefetchTokens: 0 };
+    const maxTokens = o.maxTokens;
+    const tpp = b.name === 'host' ? 16 : 512; // tokens per page, see backends.ts
+    const tokenCount = fc.oneof(
+      fc.constantFrom(0, 1, tpp - 1, tpp, tpp + 1, 2 * tpp, maxTokens - 1, maxTokens, maxTokens + 1),
+      fc.integer({ min: 0, max: maxTokens }),
+    );
+    const pick = fc.nat();
+
+    const pickSeq = (m: Model, i: number) => (m.live.length ? m.live[i % m.live.length]! : undefined);
+
+    const verify = (c: KVCache, entry: { seq: Sequence; m: SeqModel }, layer: number, kind: 'k' | 'v') => {
+      const n = entry.m.tokens;
+      if (n === 0) return;
+      const bytes = c.read(entry.seq, { layer, kind, token: 0, count: n });
+      for (const [key, s] of entry.m.written) {
+        const [l, k, t] = key.split(':');
+        if (Number(l) !== layer || k !== kind) continue;
+        const want = tokenBytesFor(s, c.tokenBytes);
+        const at = Number(t) * c.tokenBytes;
+        for (let i = 0; i < c.tokenBytes; i++) if (bytes[at + i] !== want[i]) throw new Error(`byte ${i} of token ${t} (layer ${layer} ${kind}, slot ${entry.seq.slot}) differs`);
+      }
+    };
+
+    const invariants = (m: Model, c: KVCache) => {
+      const s = c.stats();
+      expect(s.pagesMapped + s.pagesPooled).toBe(s.pagesCreated);
+      expect(s.pagesCreated * s.pageSize).toBeLessThanOrEqual(s.budgetBytes);
+      expect(s.activeSequences).toBe(m.live.length);
+      let used = 0;
+      for (const { seq, m: sm } of m.live) {
+        const slot = s.slots[seq.slot]!;
+        expect(slot.active).toBe(true);
+        expect(slot.tokens).toBe(sm.tokens);
+        expect(slot.backedTokens).toBeGreaterThanOrEqual(sm.tokens);
+        used += sm.tokens * c.bytesPerToken;
+      }
+      expect(s.bytesUsed).toBe(used);
+    };
+
+    const commands = [
+      fc.option(tokenCount, { nil: undefined }).map((expected) => ({
+        toString: () => `reserve(${expected})`,
+        check: () => true,
+        run: (m: Model, r: Real) => {
+          const full = m.live.length === o.maxSequences;
+          const expectedArg = expected !== undefined && expected > maxTokens ? maxTokens : expected;
+          if (full) {
+            expect(codeOf(() => r.cache.reserve({ expectedTokens: expectedArg }))).toBe('ERR_NO_SLOT');
+            return;
+          }
+          const seq = r.cache.reserve({ expectedTokens: expectedArg });
+          m.live.push({ seq, m: { tokens: 0, written: new Map() } });
+        },
+      })),
+      fc.tuple(pick, tokenCount).map(([i, n]) => ({
+        toString: () => `grow(#${i}, ${n})`,
+        check: (m: Model) => m.live.length > 0,
+        run: (m: Model, r: Real) => {
+          const e = pickSeq(m, i)!;
+          const code = codeOf(() => r.cache.grow(e.seq, n));
+          if (n > maxTokens) expect(code).toBe('ERR_OUT_OF_RANGE');
+          else if (code === null) e.m.tokens = Math.max(e.m.tokens, n);
+          else expect(code).toBe('ERR_OUT_OF_MEMORY');
+          expect(e.seq.tokens).toBe(e.m.tokens);
+        },
+      })),
+      fc.tuple(fc.array(fc.tuple(pick, tokenCount), { minLength: 1, maxLength: 4 })).map(([entries]) => ({
+        toString: () => `step(${entries.map(([i, n]) => `#${i}:${n}`).join(', ')})`,
+        check: (m: Model) => m.live.length > 0,
+        run: (m: Model, r: Real) => {
+          const chosen = entries.map(([i, n]) => [pickSeq(m, i)!, n] as const);
+          const before = chosen.map(([e]) => e.m.tokens);
+          const code = codeOf(() => r.cache.step(chosen.map(([e]) => e.seq), chosen.map(([, n]) => n)));
+          if (chosen.some(([, n]) => n > maxTokens)) expect(code).toBe('ERR_OUT_OF_RANGE');
+          else if (code === null) for (const [e, n] of chosen) e.m.tokens = Math.max(e.m.tokens, n);
+          else {
+            expect(code).toBe('ERR_OUT_OF_MEMORY');
+            chosen.forEach(([e], k) => expect(e.m.tokens).toBe(before[k])); // all or nothing
+          }
+          for (const [e] of chosen) expect(e.seq.tokens).toBe(e.m.tokens);
+        },
+      })),
+      fc.tuple(pick, fc.nat({ max: o.layers - 1 }), fc.constantFrom(...KINDS), tokenCount, fc.integer({ min: 0, max: 3 }), fc.nat()).map(
+        ([i, layer, kind, token, count, s]) => ({
+          toString: () => `write(#${i}, L${layer}${kind}, token ${token}, count ${count}, seed ${s})`,
+          check: (m: Model) => m.live.length > 0,
+          run: (m: Model, r: Real) => {
+            const e = pickSeq(m, i)!;
+            const c = r.cache;
+            const data = new Uint8Array(count * c.tokenBytes);
+            for (let t = 0; t < count; t++) data.set(tokenBytesFor(s + t, c.tokenBytes), t * c.tokenBytes);
+            const code = codeOf(() => c.write(e.seq, { layer, kind, token: Math.min(token, maxTokens) }, data));
+            if (Math.min(token, maxTokens) + count > e.m.tokens) {
+              expect(code).toBe('ERR_OUT_OF_RANGE');
+              return;
+            }
+            expect(code).toBe(null);
+            for (let t = 0; t < count; t++) e.m.written.set(`${layer}:${kind}:${token + t}`, s + t);
+          },
+        }),
+      ),
+      fc.tuple(pick, fc.nat({ max: o.layers - 1 }), fc.constantFrom(...KINDS)).map(([i, layer, kind]) => ({
+        toString: () => `readAndVerify(#${i}, L${layer}${kind})`,
+        check: (m: Model) => m.live.length > 0,
+        run: (m: Model, r: Real) => verify(r.cache, pickSeq(m, i)!, layer, kind),
+      })),
+      pick.map((i) => ({
+        toString: () => `release(#${i})`,
+        check: (m: Model) => m.live.length > 0,
+        run: (m: Model, r: Real) => {
+          const idx = i % m.live.length;
+          const e = m.live[idx]!;
+          // verify everything once more before the data becomes unobservable
+          for (let l = 0; l < o.layers; l++) for (const k of KINDS) verify(r.cache, e, l, k);
+          r.cache.release(e.seq);
+          m.live.splice(idx, 1);
+          expect(codeOf(() => r.cache.release(e.seq))).toBe('ERR_SEQUENCE_RELEASED');
+        },
+      })),
+      fc.option(fc.nat({ max: 64 * 4096 }), { nil: undefined }).map((bytes) => ({
+        toString: () => `reclaim(${bytes})`,
+        check: () => true,
+        run: (_m: Model, r: Real) => {
+          expect(r.cache.reclaim(bytes)).toBeGreaterThanOrEqual(0);
+        },
+      })),
+      fc.constant({
+        toString: () => 'trim()',
+        check: () => true,
+        run: (_m: Model, r: Real) => {
+          r.cache.trim();
+          expect(r.cache.stats().pagesPooled).toBe(0);
+        },
+      }),
+    ];
+
+    // Every command runs, then the invariants; counts operations across runs.
+    const counted = commands.map((arb) =>
+      arb.map((cmd) => ({
+        toString: cmd.toString,
+        check: cmd.check,
+        run: (m: Model, r: Real) => {
+          operations++;
+          cmd.run(m, r);
+          invariants(m, r.cache);
+        },
+      })),
+    );
+
+    const runs = b.name === 'host' ? 480 : 40;
+    afterAll(() => {
+      console.log(`model-based (${b.name}): ${operations} operations, seed ${seed}`);
+    });
+
+    it(`holds every byte where the model says across random operations (${runs} runs, seed ${seed})`, () => {
+      const before = operations;
+      fc.assert(
+        fc.property(fc.commands(counted, { maxCommands: 600, size: 'max' }), (cmds) => {
+          const cache = new KVCache(o);
+          try {
+            fc.modelRun(() => ({ model: { live: [] } as Model, real: { cache } }), cmds);
+          } finally {
+            cache.close();
+          }
+          expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+        }),
+        { seed, numRuns: runs, endOnFailure: true },
+      );
+      if (b.name === 'host') expect(operations - before).toBeGreaterThanOrEqual(100_000);
+    });
+
+    it('with the prefetch worker on and growAsync in the mix, data stays where the model says', async () => {
+      const withPrefetch = { ...b.options, prefetchTokens: tpp };
+      const asyncCommands = [
+        commands[0]!, // reserve
+        commands[3]!, // write
+        commands[4]!, // read and verify
+        commands[5]!, // release
+        commands[2]!, // step (the worker maps ahead after it)
+        fc.tuple(pick, tokenCount).map(([i, n]) => ({
+          toString: () => `growAsync(#${i}, ${n})`,
+          check: (m: Model) => m.live.length > 0,
+          run: async (m: Model, r: Real) => {
+            const e = pickSeq(m, i)!;
+            const code = await r.cache.growAsync(e.seq, n).then(
+              () => null,
+              (err) => err.code,
+            );
+            if (n > maxTokens) expect(code).toBe('ERR_OUT_OF_RANGE');
+            else if (code === null) e.m.tokens = Math.max(e.m.tokens, n);
+            else expect(code).toBe('ERR_OUT_OF_MEMORY');
+            expect(e.seq.tokens).toBe(e.m.tokens);
+          },
+        })),
+      ].map((arb) =>
+        (arb as fc.Arbitrary<{ toString(): string; check(m: Model): boolean; run(m: Model, r: Real): unknown }>).map((cmd) => ({
+          toString: cmd.toString,
+          check: cmd.check,
+          run: async (m: Model, r: Real) => {
+            operations++;
+            await cmd.run(m, r);
+          },
+        })),
+      );
+      await fc.assert(
+        fc.asyncProperty(fc.commands(asyncCommands, { maxCommands: 200, size: 'max' }), async (cmds) => {
+          const cache = new KVCache(withPrefetch);
+          try {
+            await fc.asyncModelRun(() => ({ model: { live: [] } as Model, real: { cache } }), cmds);
+          } finally {
+            cache.close();
+          }
+          expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+        }),
+        { seed, numRuns: b.name === 'host' ? 60 : 10, endOnFailure: true },
+      );
+    });
+  });
+}
