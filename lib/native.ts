@@ -112,4 +112,8 @@ export interface NativeAddon {
   driverInfo(): NativeDriverInfo;
 }
 
-export const addon: NativeAddon = bindings('vattention');
+// VATTENTION_ADDON names another build of the addon (the sanitizer build of
+// `npm run test:sanitize`); normally `bindings` finds build/Release.
+const override = process.env.VATTENTION_ADDON;
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+export const addon: NativeAddon = override ? (require(override) as NativeAddon) : bindings('vattention');
