@@ -130,7 +130,10 @@ describe.skipIf(cudaSkip !== null)(`on a CUDA device${cudaSkip ? ` (skipped: ${c
     expect(c.stats().pagesCreated).toBe(80);
   });
 
-  it("out of device memory (budget above what the GPU has) is an ordinary error that rolls back", () => {
+  // compute-sanitizer reports every failing driver call, and this test makes
+  // cuMemCreate fail on purpose: it is left out of sanitizer runs.
+  const underSanitizer = process.env.VATTENTION_UNDER_SANITIZER === '1';
+  it.skipIf(underSanitizer)(`out of device memory (budget above what the GPU has) is an ordinary error that rolls back${underSanitizer ? ' (skipped: its cuMemCreate failure is deliberate, and compute-sanitizer reports it)' : ''}`, () => {
     const total = deviceMemory().totalBytes;
     // One layer of 8 KiB tokens; maxTokens chosen so one sequence would need more than the whole GPU.
     const tokenBytes = 32 * 128 * 2;
