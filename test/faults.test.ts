@@ -154,7 +154,8 @@ for (const b of backends) {
     }
 
     it('a failing prefetch mapping is counted and retried; demand growth still works', async () => {
-      const c = new KVCache({ ...b.options, prefetchTokens: 16 });
+      // look ahead one page of tokens, so the worker maps the second page group
+      const c = new KVCache({ ...b.options, prefetchTokens: b.name === 'host' ? 16 : 512 });
       open.push(c);
       const seq = c.reserve();
       c._injectFault('map', 2 * b.options.layers, false); // after the first group, mapped on demand

@@ -21,14 +21,14 @@ for (const b of backends) {
   describe.skipIf(b.skip !== null || !built)(`teardown, ${label(b)}${built ? '' : ' (skipped: dist/ not built; run npm install)'}`, () => {
     it('process.exit() with live mappings, a busy prefetch worker and a pending growAsync: exits cleanly', () => {
       const r = child([join(fixtures, 'teardown-child.cjs'), 'exit', b.name]);
-      expect(r.stdout).toContain('ready');
+      expect(r.stdout, r.stderr).toContain('ready');
       expect(r.signal).toBe(null);
       expect(r.status).toBe(0);
     });
 
     it('an uncaught exception with a busy cache: the usual exit code 1, no crash', () => {
       const r = child([join(fixtures, 'teardown-child.cjs'), 'uncaught', b.name]);
-      expect(r.stdout).toContain('ready');
+      expect(r.stdout, r.stderr).toContain('ready');
       expect(r.stderr).toContain('boom (deliberate)');
       expect(r.signal).toBe(null);
       expect(r.status).toBe(1);
@@ -36,7 +36,7 @@ for (const b of backends) {
 
     it('the event loop drains with a cache never closed: exits 0', () => {
       const r = child([join(fixtures, 'teardown-child.cjs'), 'drain', b.name]);
-      expect(r.stdout).toContain('ready');
+      expect(r.stdout, r.stderr).toContain('ready');
       expect(r.signal).toBe(null);
       expect(r.status).toBe(0);
     });
