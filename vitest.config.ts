@@ -1,4 +1,5 @@
 import { createRequire } from 'node:module';
+import { join } from 'node:path';
 import { defineConfig } from 'vitest/config';
 
 // On a machine with a CUDA device, test files run one at a time: they share
@@ -7,7 +8,7 @@ import { defineConfig } from 'vitest/config';
 // running beside them. Without a device, files run in parallel.
 function cudaPresent(): boolean {
   try {
-    const addon = createRequire(__filename)('./build/Release/vattention.node') as {
+    const addon = createRequire(join(process.cwd(), 'package.json'))('./build/Release/vattention.node') as {
       driverInfo(): { devices: unknown[] };
     };
     return addon.driverInfo().devices.length > 0;
