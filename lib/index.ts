@@ -3,6 +3,7 @@ export type {
   CacheStats,
   CallStats,
   GrowAsyncOptions,
+  KVCacheEvents,
   PrefetchStats,
   ReadRange,
   ReleaseOptions,
@@ -12,6 +13,8 @@ export type {
   TokenRange,
 } from './kv-cache.js';
 export { DTYPE_BYTES } from './options.js';
+export { formatPrometheus } from './metrics.js';
+export type { MetricsOptions } from './metrics.js';
 export type { BackendChoice, DType, KVCacheOptions, KVKind } from './options.js';
 export { driverInfo, autoBackend } from './info.js';
 export type { DeviceInfo, DriverInfo } from './info.js';

@@ -5,13 +5,16 @@
 import {
   AbortedError,
   ClosedError,
+  OutOfMemoryError,
   ForeignSequenceError,
   InvalidArgumentRangeError,
   InvalidArgumentTypeError,
   SequenceReleasedError,
   fromNative,
 } from './errors.js';
+import { EventEmitter } from 'node:events';
 import { autoBackend } from './info.js';
+import { type MetricsOptions, formatPrometheus } from './metrics.js';
 import { addon, type NativeCache, type NativeLayout } from './native.js';
 import {
   type DType,
@@ -164,11 +167,19 @@ export function generationOf(seq: Sequence): number {
   return sequenceState.get(seq)!.generation;
 }
 
+/** Events a cache emits, for logging. */
+export interface KVCacheEvents {
+  /** A growth unmapped pages of other slots (prefetched tails, released slots) to make room. */
+  reclaim: [{ operation: 'grow' | 'step'; pages: number; bytes: number }];
+  /** A growth was refused for lack of memory (the error is thrown as well). */
+  outOfMemory: [{ operation: 'grow' | 'step' | 'growAsync'; requestedBytes: number; availableBytes: number }];
+}
+
 /**
  * A KV cache whose per-layer K and V tensors are virtually contiguous and
- * backed by physical pages on demand.
+ * backed by physical pages on demand. Emits {@link KVCacheEvents}.
  */
-export class KVCache {
+export class KVCache extends EventEmitter<KVCacheEvents> {
   readonly options: Readonly<NormalizedOptions>;
   readonly backend: 'cuda' | 'host';
   #native: NativeCache | null;
@@ -178,6 +189,7 @@ export class KVCache {
   #stepTokens = new Uint32Array(64);
 
   constructor(options: KVCacheOptions) {
+    super();
     const o = normalizeOptions(options);
     const backend = o.backend === 'auto' ? autoBackend(o.device) : o.backend;
     try {
@@ -243,7 +255,7 @@ export class KVCache {
     const generation = this.#check(seq);
     if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
     if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
-    this.#call(() => native.grow(seq.slot, generation, tokens));
+    this.#afterGrowth('grow', this.#call(() => native.grow(seq.slot, generation, tokens), 'grow'));
   }
 
   /**
@@ -278,9 +290,11 @@ export class KVCache {
       this.#stepGenerations[i] = generation;
       this.#stepTokens[i] = t;
     }
-    this.#call(() =>
-      native.step(this.#stepSlots.subarray(0, n), this.#stepGenerations.subarray(0, n), this.#stepTokens.subarray(0, n)),
+    const reclaimed = this.#call(
+      () => native.step(this.#stepSlots.subarray(0, n), this.#stepGenerations.subarray(0, n), this.#stepTokens.subarray(0, n)),
+      'step',
     );
+    this.#afterGrowth('step', reclaimed);
   }
 
   /**
@@ -304,7 +318,7 @@ export class KVCache {
     try {
       await promise;
     } catch (e) {
-      throw fromNative(e);
+      throw this.#noteOutOfMemory(fromNative(e), 'growAsync');
     } finally {
       signal?.removeEventListener('abort', cancel);
     }
@@ -420,6 +434,15 @@ export class KVCache {
   }
 
   /**
+   * The statistics as Prometheus text exposition (bytes backed and used,
+   * pages by state, driver calls and their time by kind, prefetch hits and
+   * misses, critical-path stall time), ready to serve on a /metrics route.
+   */
+  metrics(options?: MetricsOptions): string {
+    return formatPrometheus(this.stats(), options);
+  }
+
+  /**
    * Unmaps and frees everything and gives the virtual range back. Idempotent.
    * Waits for GPU work fenced by release({ stream }).
    */
@@ -471,11 +494,23 @@ export class KVCache {
       );
   }
 
-  #call<T>(fn: () => T): T {
+  #call<T>(fn: () => T, operation?: 'grow' | 'step'): T {
     try {
       return fn();
     } catch (e) {
-      throw fromNative(e);
+      const error = fromNative(e);
+      throw operation ? this.#noteOutOfMemory(error, operation) : error;
     }
+  }
+
+  #noteOutOfMemory(error: unknown, operation: 'grow' | 'step' | 'growAsync'): unknown {
+    if (error instanceof OutOfMemoryError && this.listenerCount('outOfMemory') > 0)
+      this.emit('outOfMemory', { operation, requestedBytes: error.requestedBytes, availableBytes: error.availableBytes });
+    return error;
+  }
+
+  #afterGrowth(operation: 'grow' | 'step', reclaimedPages: number): void {
+    if (reclaimedPages > 0 && this.listenerCount('reclaim') > 0)
+      this.emit('reclaim', { operation, pages: reclaimedPages, bytes: reclaimedPages * this.pageSize });
   }
 }

@@ -74,8 +74,8 @@ export interface NativeLayout {
 
 export interface NativeCache {
   reserve(expectedTokens?: number): [slot: number, generation: number];
-  grow(slot: number, generation: number, tokens: number): void;
-  step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array): void;
+  grow(slot: number, generation: number, tokens: number): number;
+  step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array): number;
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
   reclaim(bytes?: number): number;

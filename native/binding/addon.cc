@@ -178,19 +178,19 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return out;
   }
 
-  void Grow(const Napi::CallbackInfo& info) {
-    guarded(info.Env(), [&] { cache_->grow(seq(info), u64(info[2])); });
+  Napi::Value Grow(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->grow(seq(info), u64(info[2])); }));
   }
 
   // step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array)
-  void Step(const Napi::CallbackInfo& info) {
+  Napi::Value Step(const Napi::CallbackInfo& info) {
     auto slots = info[0].As<Napi::Uint32Array>();
     auto gens = info[1].As<Napi::Uint32Array>();
     auto tokens = info[2].As<Napi::Uint32Array>();
     size_t n = slots.ElementLength();
     batch_.resize(n);
     for (size_t i = 0; i < n; ++i) batch_[i] = {{slots[i], gens[i]}, tokens[i]};
-    guarded(info.Env(), [&] { cache_->step(batch_); });
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->step(batch_); }));
   }
 
   // growAsync(slot, gen, tokens) -> [Promise, cancel()]

@@ -134,15 +134,19 @@ uint64_t KVCache::reclaimablePages(const std::vector<uint32_t>& exclude) const {
   return n;
 }
 
-void KVCache::grow(SequenceRef seq, uint64_t tokens) {
+uint64_t KVCache::grow(SequenceRef seq, uint64_t tokens) {
   Lock lk(lock_);
+  uint64_t before = reclaimedPages_;
   growBatch(lk, {{seq, tokens}}, false);
+  return reclaimedPages_ - before;
 }
 
-void KVCache::step(const std::vector<GrowRequest>& batch) {
+uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
   Lock lk(lock_);
+  uint64_t before = reclaimedPages_;
   growBatch(lk, batch, true);
-  if (prefetchTokens_ == 0) return;
+  uint64_t reclaimed = reclaimedPages_ - before;
+  if (prefetchTokens_ == 0) return reclaimed;
   uint64_t maxTokens = layout_->shape().maxTokens;
   bool work = !prefetchActive_;
   for (const GrowRequest& r : batch) {
@@ -154,6 +158,7 @@ void KVCache::step(const std::vector<GrowRequest>& batch) {
   // Wake the worker only when there is something to map: most decode steps
   // stay inside pages already backed, and then cost no wake-up at all.
   if (work) workCv_.notify_one();
+  return reclaimed;
 }
 
 // Backs every request of the batch on the caller's thread, all or nothing:

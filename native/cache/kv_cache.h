@@ -89,11 +89,12 @@ class KVCache {
   KVCache& operator=(const KVCache&) = delete;
 
   SequenceRef reserve(std::optional<uint64_t> expectedTokens);
-  // Synchronous growth on the caller's thread; all or nothing.
-  void grow(SequenceRef seq, uint64_t tokens);
+  // Synchronous growth on the caller's thread; all or nothing. Returns the
+  // pages it unmapped from other slots to make room (0 when none).
+  uint64_t grow(SequenceRef seq, uint64_t tokens);
   // A decode iteration: every entry backed (all or nothing across the batch),
   // then the worker maps ahead up to tokens + prefetchTokens.
-  void step(const std::vector<GrowRequest>& batch);
+  uint64_t step(const std::vector<GrowRequest>& batch);
   // Growth with the driver calls off the lock (for growAsync on a pool
   // thread); all or nothing; `cancel` aborts it between pages.
   void growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel);

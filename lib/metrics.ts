@@ -1,0 +1,58 @@
+/**
+ * Prometheus text exposition of a cache's statistics (format 0.0.4), with
+ * the usual names and base units (bytes, seconds, `_total` for counters).
+ * `stats()` stays the source: this only formats it.
+ */
+import type { CacheStats } from './kv-cache.js';
+
+export interface MetricsOptions {
+  /** Prefix of every metric name. Default 'vattention'. */
+  prefix?: string;
+  /** Labels added to every sample, e.g. { cache: 'llama-8b' }. */
+  labels?: Record<string, string>;
+}
+
+function escapeLabel(v: string): string {
+  return v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
+}
+
+function labelText(labels: Record<string, string>): string {
+  const entries = Object.entries(labels);
+  if (entries.length === 0) return '';
+  for (const [k] of entries) if (!/^[a-zA-Z_][a-zA-Z0-9_]*$/.test(k)) throw new TypeError(`invalid label name '${k}'`);
+  return `{${entries.map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(',')}}`;
+}
+
+export function formatPrometheus(stats: CacheStats, options: MetricsOptions = {}): string {
+  const prefix = options.prefix ?? 'vattention';
+  if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix)) throw new TypeError(`invalid metric prefix '${prefix}'`);
+  const base = options.labels ?? {};
+  const out: string[] = [];
+  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => {
+    const full = `${prefix}_${name}`;
+    out.push(`# HELP ${full} ${help}`, `# TYPE ${full} ${type}`);
+    for (const [labels, value] of samples) out.push(`${full}${labelText({ ...base, ...labels })} ${value}`);
+  };
+  metric('page_size_bytes', 'gauge', 'Bytes per physical page.', [[{ backend: stats.backend }, stats.pageSize]]);
+  metric('budget_bytes', 'gauge', 'Bytes of physical memory the cache may back.', [[{}, stats.budgetBytes]]);
+  metric('backed_bytes', 'gauge', 'Bytes of physical pages mapped into sequences.', [[{}, stats.bytesBacked]]);
+  metric('used_bytes', 'gauge', 'Bytes holding tokens of active sequences.', [[{}, stats.bytesUsed]]);
+  metric('pages', 'gauge', 'Physical pages by state.', [
+    [{ state: 'mapped' }, stats.pagesMapped],
+    [{ state: 'pooled' }, stats.pagesPooled],
+  ]);
+  metric('active_sequences', 'gauge', 'Sequences holding a slot.', [[{}, stats.activeSequences]]);
+  metric('pages_reused_total', 'counter', 'Mapped pages a new sequence found in its slot (deferred reclamation).', [[{}, stats.pagesReused]]);
+  metric('pages_reclaimed_total', 'counter', 'Pages unmapped from released slots or prefetched tails.', [[{}, stats.pagesReclaimed]]);
+  const ops = Object.entries(stats.driverCalls);
+  metric('driver_calls_total', 'counter', 'Backend (driver or OS) calls by operation.', ops.map(([op, c]) => [{ op }, c.calls]));
+  metric('driver_call_seconds_total', 'counter', 'Time spent in backend calls by operation.', ops.map(([op, c]) => [{ op }, c.nanoseconds / 1e9]));
+  metric('driver_calls_js_thread_total', 'counter', 'Backend calls made on the JS thread (critical path).', [[{}, stats.driverCallsOnJsThread]]);
+  metric('prefetch_hits_total', 'counter', 'step() entries already backed by prefetch.', [[{}, stats.prefetch.hits]]);
+  metric('prefetch_misses_total', 'counter', 'step() entries that mapped or waited on the caller thread.', [[{}, stats.prefetch.misses]]);
+  metric('prefetch_pages_total', 'counter', 'Pages mapped by the prefetch worker and growAsync.', [[{}, stats.prefetch.pagesAhead]]);
+  metric('demand_pages_total', 'counter', 'Pages mapped on the caller thread by grow and step.', [[{}, stats.prefetch.pagesOnDemand]]);
+  metric('stall_seconds_total', 'counter', 'Time grow and step spent mapping or waiting on the caller thread.', [[{}, stats.prefetch.stallNanoseconds / 1e9]]);
+  metric('prefetch_errors_total', 'counter', 'Prefetch mappings that failed.', [[{}, stats.prefetch.errors]]);
+  return out.join('\n') + '\n';
+}
