@@ -1,0 +1,67 @@
+/** A small SVG line chart, so reports need no plotting library. */
+export interface ChartSeries {
+  name: string;
+  points: [number, number][];
+}
+
+export interface ChartOptions {
+  title: string;
+  xLabel: string;
+  yLabel: string;
+  series: ChartSeries[];
+  logY?: boolean;
+  width?: number;
+  height?: number;
+}
+
+const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#ff7f0e'];
+
+function esc(s: string): string {
+  return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
+}
+
+export function lineChart(o: ChartOptions): string {
+  const width = o.width ?? 900;
+  const height = o.height ?? 420;
+  const m = { left: 70, right: 20, top: 40, bottom: 50 };
+  const all = o.series.flatMap((s) => s.points);
+  const ty = (y: number) => (o.logY ? Math.log10(Math.max(y, 1e-3)) : y);
+  const xs = all.map((p) => p[0]);
+  const ys = all.map((p) => ty(p[1]));
+  const xMin = Math.min(...xs, 0);
+  const xMax = Math.max(...xs, 1);
+  const yMin = o.logY ? Math.floor(Math.min(...ys, 0)) : 0;
+  const yMax = o.logY ? Math.ceil(Math.max(...ys, 1)) : Math.max(...ys, 1) * 1.05;
+  const px = (x: number) => m.left + ((x - xMin) / (xMax - xMin || 1)) * (width - m.left - m.right);
+  const py = (y: number) => height - m.bottom - ((ty(y) - yMin) / (yMax - yMin || 1)) * (height - m.top - m.bottom);
+  const parts: string[] = [];
+  parts.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" font-family="sans-serif" font-size="12">`);
+  parts.push(`<rect width="100%" height="100%" fill="white"/>`);
+  parts.push(`<text x="${width / 2}" y="22" text-anchor="middle" font-size="15">${esc(o.title)}</text>`);
+  // axes and ticks
+  parts.push(`<line x1="${m.left}" y1="${height - m.bottom}" x2="${width - m.right}" y2="${height - m.bottom}" stroke="black"/>`);
+  parts.push(`<line x1="${m.left}" y1="${m.top}" x2="${m.left}" y2="${height - m.bottom}" stroke="black"/>`);
+  const yTicks = o.logY
+    ? Array.from({ length: yMax - yMin + 1 }, (_, i) => 10 ** (yMin + i))
+    : Array.from({ length: 6 }, (_, i) => (yMax * i) / 5);
+  for (const t of yTicks) {
+    const y = py(t);
+    parts.push(`<line x1="${m.left - 4}" y1="${y}" x2="${width - m.right}" y2="${y}" stroke="#ddd"/>`);
+    parts.push(`<text x="${m.left - 8}" y="${y + 4}" text-anchor="end">${t >= 100 ? Math.round(t) : +t.toPrecision(3)}</text>`);
+  }
+  for (let i = 0; i <= 5; i++) {
+    const x = xMin + ((xMax - xMin) * i) / 5;
+    parts.push(`<text x="${px(x)}" y="${height - m.bottom + 18}" text-anchor="middle">${Math.round(x)}</text>`);
+  }
+  parts.push(`<text x="${width / 2}" y="${height - 12}" text-anchor="middle">${esc(o.xLabel)}</text>`);
+  parts.push(`<text x="16" y="${height / 2}" text-anchor="middle" transform="rotate(-90 16 ${height / 2})">${esc(o.yLabel)}</text>`);
+  o.series.forEach((s, i) => {
+    const color = COLORS[i % COLORS.length];
+    const d = s.points.map((p, k) => `${k ? 'L' : 'M'}${px(p[0]).toFixed(1)},${py(p[1]).toFixed(1)}`).join('');
+    parts.push(`<path d="${d}" fill="none" stroke="${color}" stroke-width="1.5"/>`);
+    parts.push(`<rect x="${m.left + 10 + i * 200}" y="${m.top - 2}" width="12" height="12" fill="${color}"/>`);
+    parts.push(`<text x="${m.left + 28 + i * 200}" y="${m.top + 8}">${esc(s.name)}</text>`);
+  });
+  parts.push('</svg>');
+  return parts.join('\n');
+}
