@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Packaging as a user meets it: `npm pack`, then install the tarball into a
+# fresh CommonJS JavaScript project and a fresh ESM TypeScript project, build
+# from source there, type-check and run both. Also: the tarball carries no
+# tests or build leftovers, and publint finds nothing wrong.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$root"
+npx publint --strict
+npm pack --pack-destination "$work" >/dev/null 2>&1
+tgz=$(ls "$work"/vattention-*.tgz)
+listing=$(tar tzf "$tgz")
+echo "packed $(basename "$tgz"): $(echo "$listing" | wc -l) files"
+if echo "$listing" | grep -E '^package/(test|build|build-sanitize|\.gpu|\.ci|node_modules|lib|bench/results)/|\.tsbuildinfo$'; then
+  echo "the tarball carries files it should not (above)" >&2
+  exit 1
+fi
+for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js; do
+  echo "$listing" | grep -qx "$f" || { echo "missing from the tarball: $f" >&2; exit 1; }
+done
+
+# CommonJS JavaScript consumer
+mkdir "$work/cjs" && cd "$work/cjs"
+npm init -y >/dev/null
+npm install --no-audit --no-fund "$tgz" >/dev/null
+cat > index.js <<'JS'
+const { KVCache, OutOfMemoryError } = require('vattention');
+const cache = new KVCache({ backend: 'host', layers: 2, kvHeads: 2, headDim: 64, dtype: 'float16', maxSequences: 2, maxTokens: 64, pageSize: 4096, memoryBudget: 1 << 20 });
+const seq = cache.reserve();
+cache.grow(seq, 40);
+cache.write(seq, { layer: 1, kind: 'v', token: 0 }, new Uint8Array(40 * cache.tokenBytes).fill(9));
+if (!cache.read(seq, { layer: 1, kind: 'v', token: 0, count: 40 }).every((x) => x === 9)) throw new Error('data');
+if (typeof cache.tensor(0, 'k').address !== 'bigint') throw new Error('address');
+if (!(OutOfMemoryError.prototype instanceof Error)) throw new Error('classes');
+cache.close();
+console.log('cjs consumer: ok');
+JS
+node index.js
+npx vattention info >/dev/null
+
+# ESM TypeScript consumer
+mkdir "$work/esm" && cd "$work/esm"
+npm init -y >/dev/null
+npm pkg set type=module
+npm install --no-audit --no-fund "$tgz" >/dev/null
+cat > tsconfig.json <<JSON
+{ "compilerOptions": { "module": "nodenext", "moduleResolution": "nodenext", "target": "es2022", "strict": true,
+  "lib": ["es2022", "esnext.disposable"], "types": ["node"], "typeRoots": ["$root/node_modules/@types"], "outDir": "out", "skipLibCheck": false } }
+JSON
+cat > index.ts <<'TS'
+import { KVCache, CudaUnavailableError, type CacheStats, type Sequence } from 'vattention';
+import { liveResources } from 'vattention/testing';
+using cache = new KVCache({ backend: 'host', layers: 2, kvHeads: 2, headDim: 64, dtype: 'bfloat16', maxSequences: 2, maxTokens: 64, pageSize: 4096, memoryBudget: 1 << 20 });
+const seq: Sequence = cache.reserve({ expectedTokens: 10 });
+cache.step([seq], [10]);
+await cache.growAsync(seq, 20);
+const stats: CacheStats = cache.stats();
+const address: bigint = seq.address(0, 'k');
+if (stats.activeSequences !== 1 || address <= 0n) throw new Error('state');
+if (!(new CudaUnavailableError('x') instanceof Error)) throw new Error('classes');
+if (typeof liveResources().pages !== 'number') throw new Error('testing entry');
+console.log('esm typescript consumer: ok');
+TS
+"$root/node_modules/.bin/tsc" -p .
+node out/index.js
+echo "package: ok"
