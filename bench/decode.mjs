@@ -63,14 +63,17 @@ function run(b, prefetch) {
     const before = cache.stats();
     const lib = [];
     const whole = [];
-    const entries = new Array(b);
+    const entries = Array.from({ length: b }, () => [0, 0]); // reused every step
     for (let t = 0; t < steps; t++) {
       for (let i = 0; i < b; i++) lens[i]++;
       const t0 = nowNs();
       cache.step(seqs, lens);
       const t1 = nowNs();
       if (onGpu) {
-        for (let i = 0; i < b; i++) entries[i] = [seqs[i].slot, lens[i] - 1];
+        for (let i = 0; i < b; i++) {
+          entries[i][0] = seqs[i].slot;
+          entries[i][1] = lens[i] - 1;
+        }
         writeTokens(layout, entries, t, { stream });
         spinThenFillU32(k0.address, 0, 0, computeNs, { stream });
         synchronizeStream(stream);

@@ -85,7 +85,8 @@ function printDemo(r: DemoReport): void {
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
   console.log(`  waste (backed, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of backed`);
   console.log(`  pages reused through deferred reclamation: ${r.pagesReused}; newly mapped: ${r.pagesMapped} (${r.pagesCreated} created)`);
-  console.log(`  mapping time: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms in all, ${(r.criticalPathMappingSeconds * 1e3).toFixed(1)} ms of it on the serving loop's thread`);
+  console.log(`  driver time creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
+  console.log(`  serving-loop thread time spent mapping, reclaiming or waiting for the worker inside grow/step: ${(r.criticalPathMappingSeconds * 1e3).toFixed(1)} ms`);
 }
 
 function demo(args: string[]): number {

@@ -56,9 +56,9 @@ export interface DemoReport {
   /** Pages newly mapped (map calls). */
   pagesMapped: number;
   pagesCreated: number;
-  /** Time the serving loop spent mapping or waiting on its own thread. */
+  /** Time grow/step spent mapping, reclaiming or waiting for the worker on the serving loop's thread. */
   criticalPathMappingSeconds: number;
-  /** Time the backend spent creating, mapping and granting access to pages in all. */
+  /** Time the backend spent creating, mapping, granting access to and unmapping pages, all threads. */
   totalMappingSeconds: number;
   driverCallsOnJsThread: number;
   wallSeconds: number;
@@ -194,7 +194,7 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       options.onProgress?.(served, requests);
     }
     const s = cache.stats();
-    const mappingNs = ['createPage', 'map', 'setAccess'].reduce((t, op) => t + (s.driverCalls[op]?.nanoseconds ?? 0), 0);
+    const mappingNs = ['createPage', 'map', 'setAccess', 'unmap'].reduce((t, op) => t + (s.driverCalls[op]?.nanoseconds ?? 0), 0);
     return {
       backend: cache.backend,
       model,

@@ -291,7 +291,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       this.#stepTokens[i] = t;
     }
     const reclaimed = this.#call(
-      () => native.step(this.#stepSlots.subarray(0, n), this.#stepGenerations.subarray(0, n), this.#stepTokens.subarray(0, n)),
+      () => native.step(this.#stepSlots, this.#stepGenerations, this.#stepTokens, n),
       'step',
     );
     this.#afterGrowth('step', reclaimed);

@@ -75,7 +75,7 @@ export interface NativeLayout {
 export interface NativeCache {
   reserve(expectedTokens?: number): [slot: number, generation: number];
   grow(slot: number, generation: number, tokens: number): number;
-  step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array): number;
+  step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): number;
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
   reclaim(bytes?: number): number;

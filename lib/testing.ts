@@ -90,13 +90,16 @@ export interface WriteTokensLayout {
  * Queues a decode step's KV write: for each [slot, token] (at most 256), one
  * token of every tensor is written. Word w of entry b gets seed ^ (b << 16) ^ w.
  */
+const writeTable = new BigUint64Array(256); // reused: benchmarks call this every step
+
 export function writeTokens(
   layout: WriteTokensLayout,
   entries: [slot: number, token: number][],
   seed: number,
   options: { device?: number; stream?: bigint } = {},
 ): void {
-  const table = new BigUint64Array(entries.length);
+  if (entries.length > 256) throw new RangeError('writeTokens takes at most 256 entries');
+  const table = writeTable.subarray(0, entries.length);
   entries.forEach(([slot, token], i) => (table[i] = (BigInt(slot) << 32n) | BigInt(token)));
   call(() =>
     native.writeTokens(

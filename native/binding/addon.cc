@@ -182,12 +182,13 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return num(info.Env(), guarded(info.Env(), [&] { return cache_->grow(seq(info), u64(info[2])); }));
   }
 
-  // step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array)
+  // step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, n):
+  // the first n entries of reused arrays (no allocation per step on the JS side).
   Napi::Value Step(const Napi::CallbackInfo& info) {
     auto slots = info[0].As<Napi::Uint32Array>();
     auto gens = info[1].As<Napi::Uint32Array>();
     auto tokens = info[2].As<Napi::Uint32Array>();
-    size_t n = slots.ElementLength();
+    size_t n = std::min<size_t>(u32(info[3]), slots.ElementLength());
     batch_.resize(n);
     for (size_t i = 0; i < n; ++i) batch_[i] = {{slots[i], gens[i]}, tokens[i]};
     return num(info.Env(), guarded(info.Env(), [&] { return cache_->step(batch_); }));
