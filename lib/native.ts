@@ -2,6 +2,8 @@
  * The native addon, loaded once. Its objects never leave the library: the
  * public classes in kv-cache.ts wrap them.
  */
+import type { CacheStats } from './stats.js';
+
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const bindings = require('bindings') as (name: string) => NativeAddon;
 
@@ -20,45 +22,7 @@ export interface NativeCacheOptions {
   prefetchTokens: number;
 }
 
-export interface NativeSlotStats {
-  slot: number;
-  active: boolean;
-  tokens: number;
-  backedTokens: number;
-  mappedPages: number;
-}
-
-export interface NativeCallCount {
-  calls: number;
-  nanoseconds: number;
-}
-
-export interface NativeStats {
-  backend: 'cuda' | 'host';
-  pageSize: number;
-  budgetBytes: number;
-  pagesCreated: number;
-  pagesMapped: number;
-  pagesPooled: number;
-  bytesBacked: number;
-  bytesUsed: number;
-  activeSequences: number;
-  reservedVirtualBytes: number;
-  pagesReclaimed: number;
-  pagesReused: number;
-  driverCallsOnJsThread: number;
-  prefetch: {
-    tokens: number;
-    hits: number;
-    misses: number;
-    pagesAhead: number;
-    pagesOnDemand: number;
-    stallNanoseconds: number;
-    errors: number;
-  };
-  slots: NativeSlotStats[];
-  driverCalls: Record<string, NativeCallCount>;
-}
+export type NativeStats = CacheStats;
 
 export interface NativeLayout {
   base: bigint;

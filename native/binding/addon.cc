@@ -64,6 +64,16 @@ uint64_t u64(const Napi::Value& v) {
 Napi::Value num(Napi::Env env, uint64_t v) { return Napi::Number::New(env, static_cast<double>(v)); }
 Napi::Value big(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
 
+// The backend operation called `name` (fault injection); ERR_INVALID_ARGUMENT otherwise.
+BackendOp opNamed(Napi::Env env, const Napi::Value& name) {
+  std::string text = name.IsString() ? name.As<Napi::String>().Utf8Value() : "";
+  for (size_t i = 0; i < kBackendOpCount; ++i)
+    if (text == backendOpName(static_cast<BackendOp>(i))) return static_cast<BackendOp>(i);
+  Napi::Error err = Napi::Error::New(env, "unknown backend op: " + text);
+  err.Set("code", "ERR_INVALID_ARGUMENT");
+  throw err;
+}
+
 class NativeCache;
 
 // growAsync: the driver calls run on a libuv pool thread, off the cache's
@@ -328,18 +338,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   // Test-only: injectFault(op name, nth call from now, outOfMemory)
   void InjectFault(const Napi::CallbackInfo& info) {
-    std::string name = info[0].As<Napi::String>().Utf8Value();
-    for (size_t i = 0; i < kBackendOpCount; ++i) {
-      if (name == backendOpName(static_cast<BackendOp>(i))) {
-        guarded(info.Env(), [&] {
-          cache_->armFault(static_cast<BackendOp>(i), u64(info[1]), info[2].As<Napi::Boolean>().Value());
-        });
-        return;
-      }
-    }
-    Napi::Error err = Napi::Error::New(info.Env(), "unknown backend op: " + name);
-    err.Set("code", "ERR_INVALID_ARGUMENT");
-    throw err;
+    BackendOp op = opNamed(info.Env(), info[0]);
+    guarded(info.Env(), [&] { cache_->armFault(op, u64(info[1]), info[2].As<Napi::Boolean>().Value()); });
   }
 
   std::shared_ptr<KVCache> cache_;  // shared with GrowTasks in flight
@@ -462,16 +462,7 @@ Napi::Value LiveResourceCounts(const Napi::CallbackInfo& info) {
 }
 
 void InjectNextCacheFault(const Napi::CallbackInfo& info) {
-  std::string name = info[0].As<Napi::String>().Utf8Value();
-  for (size_t i = 0; i < kBackendOpCount; ++i) {
-    if (name == backendOpName(static_cast<BackendOp>(i))) {
-      armNextBackendFault(static_cast<BackendOp>(i), u64(info[1]), info[2].As<Napi::Boolean>().Value());
-      return;
-    }
-  }
-  Napi::Error err = Napi::Error::New(info.Env(), "unknown backend op: " + name);
-  err.Set("code", "ERR_INVALID_ARGUMENT");
-  throw err;
+  armNextBackendFault(opNamed(info.Env(), info[0]), u64(info[1]), info[2].As<Napi::Boolean>().Value());
 }
 
 void CloseAllInEnv(void* arg) {
