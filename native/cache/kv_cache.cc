@@ -385,7 +385,10 @@ bool KVCache::beginExtension(Extension& ext, uint32_t slot, size_t toGroups, boo
 }
 
 void KVCache::abortIfStopping(const std::atomic<bool>* cancel) const {
-  if (closing_.load()) fail(ErrorCode::Closed, "the KV cache was closed while the growth was in progress");
+  // Checked before every driver call of an extension: once the process is
+  // exiting the driver may be tearing down, so no further call is made.
+  if (closing_.load() || processExiting())
+    fail(ErrorCode::Closed, "the KV cache was closed while the growth was in progress");
   if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the growth was aborted");
 }
 
