@@ -113,8 +113,15 @@ function bench(args: string[]): number {
     return 1;
   }
   console.error('running the benchmarks that apply to this machine...');
-  const r = spawnSync(process.execPath, [runner], { stdio: ['ignore', 'inherit', 'inherit'], env: { ...process.env, BENCH_OUT: out } });
+  const r = spawnSync(process.execPath, [runner], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    encoding: 'utf8',
+    env: { ...process.env, BENCH_OUT: out },
+  });
+  process.stdout.write(r.stdout ?? '');
   if (r.status !== 0) return r.status ?? 1;
+  // The tables, as printed, for people; the JSON beside them for machines.
+  writeFileSync(join(out, 'report.txt'), `vattention benchmarks, ${new Date().toISOString()}\n${r.stdout ?? ''}`);
   console.error('running the demo trace...');
   const bar = progressBar(300);
   const trace = runDemo({ onProgress: (d) => bar.update(d) });
@@ -145,7 +152,7 @@ function bench(args: string[]): number {
     writeFileSync(join(out, 'decode-latency.svg'), lineChart({ title: `Library time per decode step, B = ${largest}`, xLabel: 'step', yLabel: 'µs (log)', logY: true, series }));
     plots.push('decode-latency.svg');
   }
-  console.log(`\nreport: ${out} (JSON results; plots: ${plots.join(', ')})`);
+  console.log(`\nreport: ${out} (tables: report.txt; JSON results; plots: ${plots.join(', ')})`);
   return 0;
 }
 

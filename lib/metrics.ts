@@ -3,6 +3,7 @@
  * the usual names and base units (bytes, seconds, `_total` for counters).
  * `stats()` stays the source: this only formats it.
  */
+import { InvalidArgumentRangeError } from './errors.js';
 import type { CacheStats } from './kv-cache.js';
 
 export interface MetricsOptions {
@@ -19,13 +20,15 @@ function escapeLabel(v: string): string {
 function labelText(labels: Record<string, string>): string {
   const entries = Object.entries(labels);
   if (entries.length === 0) return '';
-  for (const [k] of entries) if (!/^[a-zA-Z_][a-zA-Z0-9_]*$/.test(k)) throw new TypeError(`invalid label name '${k}'`);
+  for (const [k] of entries)
+    if (!/^[a-zA-Z_][a-zA-Z0-9_]*$/.test(k)) throw new InvalidArgumentRangeError('options.labels', `'${k}' is not a valid Prometheus label name`);
   return `{${entries.map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(',')}}`;
 }
 
 export function formatPrometheus(stats: CacheStats, options: MetricsOptions = {}): string {
   const prefix = options.prefix ?? 'vattention';
-  if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix)) throw new TypeError(`invalid metric prefix '${prefix}'`);
+  if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix))
+    throw new InvalidArgumentRangeError('options.prefix', `'${prefix}' is not a valid Prometheus metric name prefix`);
   const base = options.labels ?? {};
   const out: string[] = [];
   const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => {

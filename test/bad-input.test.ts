@@ -118,7 +118,41 @@ describe('bad arguments to methods leave the cache unchanged', () => {
     ['tensor layer 5', () => c.tensor(5, 'k'), 'ERR_INVALID_ARGUMENT', 'RangeError'],
     ['tensor kind x', () => c.tensor(0, 'x' as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
     ['sequenceAddress stale', () => c.sequenceAddress(stale, 0, 'k'), 'ERR_SEQUENCE_RELEASED'],
+    ['step not an array', () => c.step(seq as never, 5), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['step tokens a string', () => c.step([seq], '5' as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['step lengths differ', () => c.step([seq], [5, 6]), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['step token -1', () => c.step([seq], [-1]), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['step token NaN', () => c.step([seq], NaN), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['step token 2^32', () => c.step([seq], 2 ** 32), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['step entry not a Sequence', () => c.step([seq, {} as never], 5), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['step with a stale sequence', () => c.step([seq, stale], 5), 'ERR_SEQUENCE_RELEASED'],
+    ['step with a foreign sequence', () => c.step([seq, foreign], 5), 'ERR_FOREIGN_SEQUENCE'],
+    ['step past maxTokens', () => c.step([seq], 65), 'ERR_OUT_OF_RANGE'],
+    ['metrics bad label name', () => c.metrics({ labels: { 'a-b': 'x' } }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['metrics bad prefix', () => c.metrics({ prefix: '9x' }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
   ];
+
+  const asyncCalls: [string, () => Promise<unknown>, string, ('TypeError' | 'RangeError')?][] = [
+    ['growAsync tokens "5"', () => c.growAsync(seq, '5' as never), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['growAsync tokens -1', () => c.growAsync(seq, -1), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['growAsync signal not an AbortSignal', () => c.growAsync(seq, 11, { signal: {} as never }), 'ERR_INVALID_ARGUMENT', 'TypeError'],
+    ['growAsync stale', () => c.growAsync(stale, 1), 'ERR_SEQUENCE_RELEASED'],
+    ['growAsync foreign', () => c.growAsync(foreign, 1), 'ERR_FOREIGN_SEQUENCE'],
+    ['growAsync past maxTokens', () => c.growAsync(seq, 65), 'ERR_OUT_OF_RANGE'],
+  ];
+  for (const [name, call, code, kind] of asyncCalls) {
+    it(`${name}: rejects with ${code}${kind ? ` (${kind})` : ''}, state unchanged`, async () => {
+      const before = stateOf(c);
+      const error: any = await call().then(
+        () => undefined,
+        (e) => e,
+      );
+      expect(error?.code).toBe(code);
+      if (kind) expect(error).toBeInstanceOf(kind === 'TypeError' ? TypeError : RangeError);
+      expect(stateOf(c)).toEqual(before);
+      expect(seq.tokens).toBe(10);
+    });
+  }
 
   for (const [name, call, code, kind] of calls) {
     it(`${name}: ${code}${kind ? ` (${kind})` : ''}, state unchanged`, () => {

@@ -167,7 +167,19 @@ for (const b of backends) {
       expect(seq.tokens).toBe(40);
     });
 
-    it('a failing unmap at close still frees everything else', () => {
+    it.skipIf(b.name !== 'cuda')(`release({ stream }) survives the fence (cuEventRecord) failing: the sequence stays active${b.name !== 'cuda' ? ' (skipped: host memory needs no fence)' : ''}`, () => {
+      const { c, a, tpp } = setup();
+      const before = comparable(c);
+      c._injectFault('fence', 0, false);
+      expect(() => c.release(a, { stream: 0n })).toThrow(expect.objectContaining({ code: 'ERR_CUDA' }));
+      expect(comparable(c)).toEqual(before);
+      expect(a.released).toBe(false);
+      expect(a.tokens).toBe(tpp + 2);
+      c.release(a, { stream: 0n });
+      expect(a.released).toBe(true);
+    });
+
+        it('a failing unmap at close still frees everything else', () => {
       const { c } = setup();
       c._injectFault('unmap', 0, false);
       c.close(); // close never throws; the fault is disarmed for teardown

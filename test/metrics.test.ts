@@ -24,7 +24,7 @@ describe('metrics and events', () => {
     // every sample line is `name{labels} number`
     for (const line of text.trim().split('\n').filter((l) => !l.startsWith('#')))
       expect(line).toMatch(/^[a-z_]+(\{[^}]*\})? -?[0-9.e+-]+$/);
-    expect(() => c.metrics({ labels: { 'bad-name': 'x' } })).toThrow(TypeError);
+    expect(() => c.metrics({ labels: { 'bad-name': 'x' } })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
   });
 
   it("emits 'reclaim' when a growth takes pages from released slots, and 'outOfMemory' when refused", () => {

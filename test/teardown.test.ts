@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
-import { liveResources } from '../lib/testing.js';
+import { deviceMemory, liveResources } from '../lib/testing.js';
 import { backends, label } from './backends.js';
 
 const fixtures = join(__dirname, 'fixtures');
@@ -57,7 +57,8 @@ for (const b of backends) {
       expect(r.status).toBe(0);
     });
 
-    it('two caches share one device and stay apart', () => {
+    it('two caches share one device and stay apart; afterwards free device memory is back to baseline', () => {
+      const baseline = b.name === 'cuda' ? deviceMemory().freeBytes : 0;
       const x = new KVCache({ ...b.options, prefetchTokens: 0 });
       const y = new KVCache({ ...b.options, prefetchTokens: 0 });
       try {
@@ -75,6 +76,7 @@ for (const b of backends) {
         y.close();
       }
       expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+      if (b.name === 'cuda') expect(Math.abs(deviceMemory().freeBytes - baseline)).toBeLessThanOrEqual(2 * 1024 * 1024);
     });
   });
 }
