@@ -351,7 +351,11 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
     uint64_t obtainable = pool_->idleCount() + pool_->headroom() + reclaimablePages({seq.slot});
     if (missing > obtainable) throw outOfMemory(missing, obtainable, pool_->pageSize(), pool_->counts());
     Extension ext;
-    beginExtension(ext, seq.slot, need, true);
+    if (!beginExtension(ext, seq.slot, need, true)) {
+      // Reclaiming came up short (pages of slots being extended cannot be taken).
+      uint64_t now = pool_->idleCount() + pool_->headroom();
+      throw outOfMemory(missing, now, pool_->pageSize(), pool_->counts());
+    }
     runExtension(lk, ext, cancel);
   }
   Slot& after = activeSlot(seq);  // released while mapping: ERR_SEQUENCE_RELEASED (pages stay with the slot)
