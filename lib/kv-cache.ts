@@ -106,11 +106,6 @@ export class Sequence {
   }
 }
 
-/** @internal */
-export function generationOf(seq: Sequence): number {
-  return sequenceState.get(seq)!.generation;
-}
-
 /** Events a cache emits, for logging. */
 export interface KVCacheEvents {
   /** A growth unmapped pages of other slots (prefetched tails, released slots) to make room. */
@@ -249,7 +244,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    */
   async growAsync(seq: Sequence, tokens: number, options?: GrowAsyncOptions): Promise<void> {
     const native = this.#open();
-    this.#check(seq);
+    const generation = this.#check(seq);
     if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
     if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
     const o = checkObject('options', options, true);
@@ -257,7 +252,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     if (signal !== undefined && !(signal instanceof AbortSignal))
       throw new InvalidArgumentTypeError('options.signal', `must be an AbortSignal, got ${describe(signal)}`);
     if (signal?.aborted) throw new AbortedError('the growth was aborted before it started');
-    const [promise, cancel] = this.#call(() => native.growAsync(seq.slot, generationOf(seq), tokens));
+    const [promise, cancel] = this.#call(() => native.growAsync(seq.slot, generation, tokens));
     signal?.addEventListener('abort', cancel, { once: true });
     try {
       await promise;
@@ -271,13 +266,13 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   /** Frees the sequence's slot. Its pages stay mapped for the next sequence placed there. */
   release(seq: Sequence, options?: ReleaseOptions): void {
     const native = this.#open();
-    this.#check(seq);
+    const generation = this.#check(seq);
     const o = checkObject('options', options, true);
     if (o.stream !== undefined && typeof o.stream !== 'bigint')
       throw new InvalidArgumentTypeError('options.stream', `must be a bigint (CUstream), got ${describe(o.stream)}`);
     if (typeof o.stream === 'bigint' && (o.stream < 0n || o.stream >= 1n << 64n))
       throw new InvalidArgumentRangeError('options.stream', `must be a 64-bit address, got ${o.stream}`);
-    this.#call(() => native.release(seq.slot, generationOf(seq), o.stream as bigint | undefined));
+    this.#call(() => native.release(seq.slot, generation, o.stream as bigint | undefined));
     sequenceState.get(seq)!.released = true;
   }
 
@@ -301,19 +296,19 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   /** Copies whole tokens into the sequence, starting at `range.token`. */
   write(seq: Sequence, range: TokenRange, data: ArrayBufferView): void {
     const native = this.#open();
-    this.#check(seq);
+    const generation = this.#check(seq);
     const { layer, kind, token } = this.#range(range);
     if (!ArrayBuffer.isView(data))
       throw new InvalidArgumentTypeError('data', `must be a TypedArray, Buffer or DataView, got ${describe(data)}`);
     this.#checkWhole('data.byteLength', data.byteLength);
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-    this.#call(() => native.write(seq.slot, generationOf(seq), layer, kind, token, bytes));
+    this.#call(() => native.write(seq.slot, generation, layer, kind, token, bytes));
   }
 
   /** Copies `count` tokens out of the sequence (into `into` when given). */
   read(seq: Sequence, range: ReadRange, into?: ArrayBufferView): Uint8Array {
     const native = this.#open();
-    this.#check(seq);
+    const generation = this.#check(seq);
     const { layer, kind, token } = this.#range(range);
     const count = checkInteger('range.count', (range as ReadRange).count, 0, this.options.maxTokens);
     const length = count * this.tokenBytes;
@@ -326,15 +321,15 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         throw new InvalidArgumentRangeError('into', `holds ${into.byteLength} bytes, ${length} needed`);
       out = new Uint8Array(into.buffer, into.byteOffset, length);
     }
-    this.#call(() => native.read(seq.slot, generationOf(seq), layer, kind, token, out));
+    this.#call(() => native.read(seq.slot, generation, layer, kind, token, out));
     return out;
   }
 
   /** Tokens grown so far by `seq`. */
   tokens(seq: Sequence): number {
     const native = this.#open();
-    this.#check(seq);
-    return this.#call(() => native.tokens(seq.slot, generationOf(seq)));
+    const generation = this.#check(seq);
+    return this.#call(() => native.tokens(seq.slot, generation));
   }
 
   /** One layer's K or V tensor: address, shape and strides for a kernel. */
