@@ -16,6 +16,7 @@ export type ErrorCode =
   | 'ERR_FOREIGN_SEQUENCE'
   | 'ERR_CLOSED'
   | 'ERR_ABORTED'
+  | 'ERR_REENTRANT'
   | 'ERR_INTERNAL';
 
 /** A wrong type for an option or argument. */
@@ -124,6 +125,18 @@ export class AbortedError extends VattentionError {
   constructor(message = 'the operation was aborted') {
     super('ERR_ABORTED', message);
     this.name = 'AbortedError';
+  }
+}
+
+/**
+ * A call made from inside another call of the same cache: a getter or proxy
+ * on an argument of step() calling step() again. Refused before anything
+ * changed.
+ */
+export class ReentrantCallError extends VattentionError {
+  constructor(message: string) {
+    super('ERR_REENTRANT', message);
+    this.name = 'ReentrantCallError';
   }
 }
 

@@ -9,13 +9,15 @@ import {
   ForeignSequenceError,
   InvalidArgumentRangeError,
   InvalidArgumentTypeError,
+  OutOfRangeError,
+  ReentrantCallError,
   SequenceReleasedError,
   fromNative,
 } from './errors.js';
 import { EventEmitter } from 'node:events';
 import { autoBackend } from './info.js';
 import { type MetricsOptions, formatPrometheus } from './metrics.js';
-import { addon, type NativeCache, type NativeLayout } from './native.js';
+import { addon, type FaultKind, type NativeCache, type NativeLayout } from './native.js';
 import type { CacheStats } from './stats.js';
 import {
   type DType,
@@ -92,7 +94,7 @@ export class Sequence {
 
   /** True once released (or its cache closed). */
   get released(): boolean {
-    return sequenceState.get(this)!.released || this.cache.closed;
+    return (sequenceState.get(this)?.released ?? true) || this.cache.closed;
   }
 
   /** Tokens grown so far (backed in every layer's K and V). */
@@ -112,6 +114,12 @@ export interface KVCacheEvents {
   reclaim: [{ operation: 'grow' | 'step'; pages: number; bytes: number }];
   /** A growth was refused for lack of memory (the error is thrown as well). */
   outOfMemory: [{ operation: 'grow' | 'step' | 'growAsync'; requestedBytes: number; availableBytes: number }];
+  /**
+   * The prefetch worker could not start on its thread (e.g. the CUDA context
+   * could not be made current there): prefetch is off, demand growth still
+   * works. Emitted once, on the tick after construction; `stats().prefetch.workerError` says the same.
+   */
+  prefetchError: [{ message: string }];
 }
 
 /**
@@ -126,6 +134,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   #stepSlots = new Uint32Array(64);
   #stepGenerations = new Uint32Array(64);
   #stepTokens = new Uint32Array(64);
+  #inStep = false;
 
   constructor(options: KVCacheOptions) {
     super();
@@ -152,6 +161,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     this.#layout = this.#native.layout();
     this.backend = backend;
     this.options = Object.freeze({ ...o, backend });
+    const workerError = this.#native.workerError();
+    if (workerError !== null) process.nextTick(() => this.#emitSafely('prefetchError', { message: workerError }));
   }
 
   /** Bytes of one physical page. */
@@ -206,6 +217,18 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    */
   step(seqs: readonly Sequence[], tokens: readonly number[] | number): void {
     const native = this.#open();
+    // The arguments are read into shared scratch arrays; a getter on them
+    // that called step() again would overwrite the entries being read.
+    if (this.#inStep) throw new ReentrantCallError('step() was called from inside step() (a getter or proxy on its arguments)');
+    this.#inStep = true;
+    try {
+      this.#step(native, seqs, tokens);
+    } finally {
+      this.#inStep = false;
+    }
+  }
+
+  #step(native: NativeCache, seqs: readonly Sequence[], tokens: readonly number[] | number): void {
     if (!Array.isArray(seqs)) throw new InvalidArgumentTypeError('seqs', `must be an array of Sequence, got ${describe(seqs)}`);
     const n = seqs.length;
     if (typeof tokens !== 'number' && !Array.isArray(tokens))
@@ -300,8 +323,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const { layer, kind, token } = this.#range(range);
     if (!ArrayBuffer.isView(data))
       throw new InvalidArgumentTypeError('data', `must be a TypedArray, Buffer or DataView, got ${describe(data)}`);
-    this.#checkWhole('data.byteLength', data.byteLength);
-    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    const bytes = bytesOf('data', data);
+    this.#checkWhole('data.byteLength', bytes.byteLength);
     this.#call(() => native.write(seq.slot, generation, layer, kind, token, bytes));
   }
 
@@ -311,15 +334,20 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const generation = this.#check(seq);
     const { layer, kind, token } = this.#range(range);
     const count = checkInteger('range.count', (range as ReadRange).count, 0, this.options.maxTokens);
+    // Checked before allocating: a read past the sequence allocates nothing.
+    const have = this.#call(() => native.tokens(seq.slot, generation));
+    if (token + count > have)
+      throw new OutOfRangeError(`tokens [${token}, ${token + count}) are past the sequence's ${have} backed tokens`);
     const length = count * this.tokenBytes;
     let out: Uint8Array;
-    if (into === undefined) out = new Uint8Array(length);
+    if (into === undefined) out = allocate(length);
     else {
       if (!ArrayBuffer.isView(into))
         throw new InvalidArgumentTypeError('into', `must be a TypedArray, Buffer or DataView, got ${describe(into)}`);
-      if (into.byteLength < length)
-        throw new InvalidArgumentRangeError('into', `holds ${into.byteLength} bytes, ${length} needed`);
-      out = new Uint8Array(into.buffer, into.byteOffset, length);
+      const view = bytesOf('into', into);
+      if (view.byteLength < length)
+        throw new InvalidArgumentRangeError('into', `holds ${view.byteLength} bytes, ${length} needed`);
+      out = view.subarray(0, length);
     }
     this.#call(() => native.read(seq.slot, generation, layer, kind, token, out));
     return out;
@@ -396,10 +424,15 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     this.close();
   }
 
-  /** @internal Test-only: make the nth next backend call of `op` fail. */
-  _injectFault(op: string, nth: number, outOfMemory: boolean): void {
+  /**
+   * @internal Test-only: make the nth next backend call of `op` fail
+   * (`true`/'outOfMemory', `false`/'error', or 'hostAlloc'), after `delayMs`.
+   * Several faults may be armed at once.
+   */
+  _injectFault(op: string, nth: number, kind: boolean | FaultKind, delayMs = 0): void {
     const native = this.#open();
-    this.#call(() => native.injectFault(op, nth, outOfMemory));
+    const k: FaultKind = kind === true ? 'outOfMemory' : kind === false ? 'error' : kind;
+    this.#call(() => native.injectFault(op, nth, k, delayMs));
   }
 
   #open(): NativeCache {
@@ -409,10 +442,13 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   /** Checks a sequence argument; returns its generation. */
   #check(seq: unknown): number {
-    if (!(seq instanceof Sequence)) throw new InvalidArgumentTypeError('seq', `must be a Sequence, got ${describe(seq)}`);
-    if (seq.cache !== this) throw new ForeignSequenceError(`the sequence in slot ${seq.slot} belongs to another cache`);
-    const state = sequenceState.get(seq)!;
-    if (state.released) throw new SequenceReleasedError(`the sequence in slot ${seq.slot} was released`);
+    const state = seq instanceof Sequence ? sequenceState.get(seq) : undefined;
+    // instanceof alone passes Object.create(Sequence.prototype): only
+    // sequences made by reserve() have a state.
+    if (state === undefined) throw new InvalidArgumentTypeError('seq', `must be a Sequence from reserve(), got ${describe(seq)}`);
+    if ((seq as Sequence).cache !== this)
+      throw new ForeignSequenceError(`the sequence in slot ${(seq as Sequence).slot} belongs to another cache`);
+    if (state.released) throw new SequenceReleasedError(`the sequence in slot ${(seq as Sequence).slot} was released`);
     return state.generation;
   }
 
@@ -444,12 +480,50 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   #noteOutOfMemory(error: unknown, operation: 'grow' | 'step' | 'growAsync'): unknown {
     if (error instanceof OutOfMemoryError && this.listenerCount('outOfMemory') > 0)
-      this.emit('outOfMemory', { operation, requestedBytes: error.requestedBytes, availableBytes: error.availableBytes });
+      this.#emitSafely('outOfMemory', { operation, requestedBytes: error.requestedBytes, availableBytes: error.availableBytes });
     return error;
   }
 
   #afterGrowth(operation: 'grow' | 'step', reclaimedPages: number): void {
     if (reclaimedPages > 0 && this.listenerCount('reclaim') > 0)
-      this.emit('reclaim', { operation, pages: reclaimedPages, bytes: reclaimedPages * this.pageSize });
+      this.#emitSafely('reclaim', { operation, pages: reclaimedPages, bytes: reclaimedPages * this.pageSize });
+  }
+
+  /**
+   * Events report what an operation did; a listener that throws must not
+   * turn the operation's result into an error (the growth is committed by
+   * then). Its exception is rethrown on its own, as an uncaught exception,
+   * where the application's handlers see it.
+   */
+  #emitSafely<K extends keyof KVCacheEvents>(event: K, ...args: KVCacheEvents[K]): void {
+    try {
+      (this.emit as (e: K, ...a: KVCacheEvents[K]) => boolean)(event, ...args);
+    } catch (listenerError) {
+      queueMicrotask(() => {
+        throw listenerError;
+      });
+    }
+  }
+}
+
+/**
+ * A byte view of a TypedArray, Buffer or DataView. A view over a detached
+ * ArrayBuffer (transferred, or its worker gone) is refused with a code
+ * instead of the engine's bare TypeError.
+ */
+function bytesOf(name: string, view: ArrayBufferView): Uint8Array {
+  try {
+    return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+  } catch {
+    throw new InvalidArgumentTypeError(name, 'is a view over a detached ArrayBuffer');
+  }
+}
+
+/** A new buffer for read(); the host running out of memory is ERR_OUT_OF_MEMORY like any other. */
+function allocate(bytes: number): Uint8Array {
+  try {
+    return new Uint8Array(bytes);
+  } catch {
+    throw new OutOfMemoryError(`cannot allocate ${bytes} bytes of host memory for the read`, bytes, 0);
   }
 }

@@ -3,7 +3,8 @@
  * the usual names and base units (bytes, seconds, `_total` for counters).
  * `stats()` stays the source: this only formats it.
  */
-import { InvalidArgumentRangeError } from './errors.js';
+import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
+import { checkObject, describe } from './options.js';
 import type { CacheStats } from './kv-cache.js';
 
 export interface MetricsOptions {
@@ -20,16 +21,28 @@ function escapeLabel(v: string): string {
 function labelText(labels: Record<string, string>): string {
   const entries = Object.entries(labels);
   if (entries.length === 0) return '';
-  for (const [k] of entries)
-    if (!/^[a-zA-Z_][a-zA-Z0-9_]*$/.test(k)) throw new InvalidArgumentRangeError('options.labels', `'${k}' is not a valid Prometheus label name`);
   return `{${entries.map(([k, v]) => `${k}="${escapeLabel(v)}"`).join(',')}}`;
 }
 
-export function formatPrometheus(stats: CacheStats, options: MetricsOptions = {}): string {
-  const prefix = options.prefix ?? 'vattention';
+/** The caller's labels, checked: valid Prometheus names, string values. */
+function checkLabels(labels: unknown): Record<string, string> {
+  if (labels === undefined) return {};
+  const o = checkObject('options.labels', labels, false);
+  for (const [k, v] of Object.entries(o)) {
+    if (!/^[a-zA-Z_][a-zA-Z0-9_]*$/.test(k)) throw new InvalidArgumentRangeError('options.labels', `'${k}' is not a valid Prometheus label name`);
+    if (typeof v !== 'string') throw new InvalidArgumentTypeError(`options.labels.${k}`, `must be a string, got ${describe(v)}`);
+  }
+  return o as Record<string, string>;
+}
+
+export function formatPrometheus(stats: CacheStats, options?: MetricsOptions): string {
+  const o = checkObject('options', options, true);
+  if (o.prefix !== undefined && typeof o.prefix !== 'string')
+    throw new InvalidArgumentTypeError('options.prefix', `must be a string, got ${describe(o.prefix)}`);
+  const prefix = (o.prefix as string | undefined) ?? 'vattention';
   if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix))
     throw new InvalidArgumentRangeError('options.prefix', `'${prefix}' is not a valid Prometheus metric name prefix`);
-  const base = options.labels ?? {};
+  const base = checkLabels(o.labels);
   const out: string[] = [];
   const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => {
     const full = `${prefix}_${name}`;

@@ -50,8 +50,12 @@ export interface NativeCache {
   stats(): NativeStats;
   layout(): NativeLayout;
   close(): void;
-  injectFault(op: string, nth: number, outOfMemory: boolean): void;
+  workerError(): string | null;
+  injectFault(op: string, nth: number, kind: FaultKind, delayMs: number): void;
 }
+
+/** How a test-injected backend fault fails. */
+export type FaultKind = 'outOfMemory' | 'error' | 'hostAlloc';
 
 export interface NativeDeviceInfo {
   ordinal: number;

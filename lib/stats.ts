@@ -30,17 +30,25 @@ export interface PrefetchStats {
   stallNanoseconds: number;
   /** Worker mappings that failed (retried at the next step). */
   errors: number;
+  /** Why the worker could not start (prefetch is then off), or null. See the 'prefetchError' event. */
+  workerError: string | null;
 }
 
 export interface CacheStats {
   backend: 'cuda' | 'host';
   pageSize: number;
   budgetBytes: number;
-  /** Pages that exist: mapped + pooled. */
+  /** Pages that exist: mapped + pooled + stranded. */
   pagesCreated: number;
   pagesMapped: number;
   /** Created pages waiting unmapped in the pool. */
   pagesPooled: number;
+  /**
+   * Pages left mapped by a failed unmap (during a rollback or a reclaim),
+   * owned by no sequence: retried before the next mapping and at close.
+   * Normally 0.
+   */
+  pagesStranded: number;
   /** Mapped pages × page size. */
   bytesBacked: number;
   /** Tokens of active sequences × bytes per token (all layers, K and V). */

@@ -6,7 +6,7 @@
  * without one; `liveResources` and `injectNextCacheFault` work everywhere.
  */
 import { fromNative } from './errors.js';
-import { addon } from './native.js';
+import { addon, type FaultKind } from './native.js';
 import { checkInteger } from './options.js';
 
 interface NativeTesting {
@@ -28,6 +28,10 @@ interface NativeTesting {
   destroyStream(device: number, stream: bigint): void;
   synchronizeStream(device: number, stream: bigint): void;
   rawVmmLoop(device: number, pages: number): RawVmmTimes;
+  createContext(device: number): bigint;
+  destroyContext(context: bigint): void;
+  setCurrentContext(context: bigint): void;
+  currentContext(): bigint;
 }
 
 /** Whole-loop times (ns) of the raw driver calls over `pages` pages of `pageSize` bytes. */
@@ -138,17 +142,75 @@ export function rawVmmLoop(pages: number, device = 0): RawVmmTimes {
   return call(() => native.rawVmmLoop(device, pages));
 }
 
-/** Driver/OS resources alive in this process (all caches): zero once every cache is closed. */
-export function liveResources(): { ranges: number; pages: number; mappings: number } {
-  return (addon as unknown as { liveResources(): { ranges: number; pages: number; mappings: number } }).liveResources();
+/** Driver/OS resources alive in this process (all caches): each is zero once every cache is closed. */
+export interface LiveResources {
+  ranges: number;
+  pages: number;
+  mappings: number;
+  /** Fences (CUDA events) recorded and not yet destroyed; negative if one was destroyed twice. */
+  fences: number;
+  /** References the caches hold on CUDA primary contexts. */
+  contexts: number;
+}
+
+interface NativeTestHooks {
+  liveResources(): LiveResources;
+  injectNextCacheFault(op: string, nth: number, kind: FaultKind, delayMs: number): void;
+  holdHostStream(stream: bigint): void;
+  finishHostStream(stream: bigint): void;
+}
+const hooks = addon as unknown as NativeTestHooks;
+
+export function liveResources(): LiveResources {
+  return hooks.liveResources();
 }
 
 /**
  * Test-only: makes the nth call (0 = the next) of backend operation `op`
- * fail in the next cache constructed, with out-of-memory or an ordinary error.
- * Ops: reserveRange, freeRange, createPage, releasePage, map, setAccess,
- * unmap, copyIn, copyOut, fence.
+ * fail in the next cache constructed: `true`/'outOfMemory', `false`/'error',
+ * or 'hostAlloc' (std::bad_alloc), after `delayMs`. Ops: reserveRange,
+ * freeRange, createPage, releasePage, map, setAccess, unmap, copyIn, copyOut,
+ * fence, fenceQuery, fenceWait, and startWorker (call 0: starting the prefetch
+ * thread; call 1: the thread binding itself).
  */
-export function injectNextCacheFault(op: string, nth: number, outOfMemory: boolean): void {
-  call(() => (addon as unknown as { injectNextCacheFault(o: string, n: number, m: boolean): void }).injectNextCacheFault(op, nth, outOfMemory));
+export function injectNextCacheFault(op: string, nth: number, kind: boolean | FaultKind, delayMs = 0): void {
+  const k: FaultKind = kind === true ? 'outOfMemory' : kind === false ? 'error' : kind;
+  call(() => hooks.injectNextCacheFault(op, nth, k, delayMs));
+}
+
+/**
+ * Host backend only: fences recorded on `stream` (any bigint naming a pretend
+ * stream) stay pending until waited for or until {@link finishHostStream}, as
+ * GPU work still queued would. Lets tests on machines without a GPU check
+ * which paths consult fences, and in what order.
+ */
+export function holdHostStream(stream: bigint): void {
+  hooks.holdHostStream(stream);
+}
+
+/** Host backend only: the held stream's work is done; its fences have passed. */
+export function finishHostStream(stream: bigint): void {
+  hooks.finishHostStream(stream);
+}
+
+/**
+ * A CUDA context other than the device's primary one (which caches use).
+ * The calling thread's current context is left as it was.
+ */
+export function createContext(device = 0): bigint {
+  return call(() => native.createContext(device));
+}
+
+export function destroyContext(context: bigint): void {
+  call(() => native.destroyContext(context));
+}
+
+/** Makes `context` current on the calling (JS) thread. */
+export function setCurrentContext(context: bigint): void {
+  call(() => native.setCurrentContext(context));
+}
+
+/** The calling thread's current CUDA context (0n when none). */
+export function currentContext(): bigint {
+  return call(() => native.currentContext());
 }

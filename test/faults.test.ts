@@ -11,7 +11,7 @@ for (const b of backends) {
     afterEach(() => {
       for (const c of open.splice(0)) c.close();
       // nothing leaked: every range, page and mapping went back
-      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
     });
     const setup = () => {
       // No prefetch worker: each injected fault must hit the call site under test.
@@ -149,7 +149,7 @@ for (const b of backends) {
         expect(() => new KVCache({ ...b.options, poolPrefill: 8 * (b.name === 'host' ? 4096 : 2 * 1024 * 1024) })).toThrow(
           expect.objectContaining({ code: errorCode(false) }),
         );
-        expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+        expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
       });
     }
 

@@ -212,7 +212,7 @@ for (const b of backends) {
           } finally {
             cache.close();
           }
-          expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+          expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
         }),
         { seed, numRuns: runs, endOnFailure: true },
       );
@@ -260,7 +260,7 @@ for (const b of backends) {
           } finally {
             cache.close();
           }
-          expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+          expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
         }),
         { seed, numRuns: b.name === 'host' ? 60 : 10, endOnFailure: true },
       );

@@ -46,7 +46,7 @@ for (const b of backends) {
       expect(r.signal).toBe(null);
       expect(r.status).toBe(0);
       const counts = JSON.parse(r.stdout.trim().split('\n').pop()!);
-      expect(counts).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+      expect(counts).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
     });
 
     it('four worker_threads with a cache each, one terminated mid-work: the rest finish, no crash', () => {
@@ -75,7 +75,7 @@ for (const b of backends) {
         x.close();
         y.close();
       }
-      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0 });
+      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
       if (b.name === 'cuda') expect(Math.abs(deviceMemory().freeBytes - baseline)).toBeLessThanOrEqual(2 * 1024 * 1024);
     });
   });

@@ -3,6 +3,8 @@
 #include "common/errors.h"
 
 #include <mutex>
+#include <new>
+#include <thread>
 
 namespace vat {
 
@@ -13,28 +15,63 @@ LiveResources& liveResources() {
 
 namespace {
 std::mutex nextFaultLock;
-struct {
-  bool armed = false;
-  BackendOp op = BackendOp::CreatePage;
-  uint64_t nth = 0;
-  bool outOfMemory = false;
-} nextFault;
+std::vector<Fault> nextFaults;
 }  // namespace
 
-void armNextBackendFault(BackendOp op, uint64_t nth, bool outOfMemory) {
+void armNextBackendFault(const Fault& fault) {
   std::lock_guard<std::mutex> guard(nextFaultLock);
-  nextFault.armed = true;
-  nextFault.op = op;
-  nextFault.nth = nth;
-  nextFault.outOfMemory = outOfMemory;
+  nextFaults.push_back(fault);
 }
 
 Backend::Backend() : owner_(std::this_thread::get_id()) {
   std::lock_guard<std::mutex> guard(nextFaultLock);
-  if (nextFault.armed) {
-    nextFault.armed = false;
-    armFault(nextFault.op, nextFault.nth, nextFault.outOfMemory);
+  for (const Fault& f : nextFaults) faults_.arm(f);
+  nextFaults.clear();
+}
+
+void FaultPlan::arm(const Fault& f) {
+  std::lock_guard<std::mutex> guard(lock_);
+  faults_.push_back(f);
+  armed_.store(true, std::memory_order_release);
+}
+
+void FaultPlan::disarm() {
+  std::lock_guard<std::mutex> guard(lock_);
+  faults_.clear();
+  armed_.store(false, std::memory_order_release);
+}
+
+bool FaultPlan::take(BackendOp op, Fault& out) {
+  if (!armed_.load(std::memory_order_acquire)) return false;
+  std::lock_guard<std::mutex> guard(lock_);
+  for (size_t i = 0; i < faults_.size(); ++i) {
+    Fault& f = faults_[i];
+    if (f.op != op) continue;
+    if (f.countdown > 0) {
+      --f.countdown;
+      return false;  // the earliest fault armed for an op counts down first
+    }
+    out = f;
+    faults_.erase(faults_.begin() + static_cast<std::ptrdiff_t>(i));
+    if (faults_.empty()) armed_.store(false, std::memory_order_release);
+    return true;
   }
+  return false;
+}
+
+void throwInjected(const Fault& f, ErrorCode ordinary, const char* call) {
+  if (f.delayMs) std::this_thread::sleep_for(std::chrono::milliseconds(f.delayMs));
+  if (f.kind == FaultKind::HostAlloc) throw std::bad_alloc();
+  bool oom = f.kind == FaultKind::OutOfMemory;
+  Error e(oom ? ErrorCode::OutOfMemory : ordinary,
+          std::string(call) + " failed: injected fault (" + (oom ? "out of memory" : "error") + ")");
+  e.statusName = "INJECTED";
+  throw e;
+}
+
+void Backend::injectFault(BackendOp op, const char* what) {
+  Fault f;
+  if (faults_.take(op, f)) throwInjected(f, ErrorCode::Internal, what);
 }
 
 const char* backendOpName(BackendOp op) {
@@ -49,6 +86,9 @@ const char* backendOpName(BackendOp op) {
     case BackendOp::CopyIn: return "copyIn";
     case BackendOp::CopyOut: return "copyOut";
     case BackendOp::Fence: return "fence";
+    case BackendOp::FenceQuery: return "fenceQuery";
+    case BackendOp::FenceWait: return "fenceWait";
+    case BackendOp::StartWorker: return "startWorker";
     case BackendOp::kCount: break;
   }
   return "unknown";
@@ -63,13 +103,6 @@ std::array<OpCounter, kBackendOpCount> Backend::counters() const {
   return out;
 }
 
-void Backend::armFault(BackendOp op, uint64_t nth, bool outOfMemory) {
-  faults_.op = op;
-  faults_.countdown = nth;
-  faults_.outOfMemory = outOfMemory;
-  faults_.armed.store(true, std::memory_order_release);
-}
-
 Backend::CallScope::CallScope(Backend& backend, BackendOp op)
     : backend_(backend), op_(op), start_(std::chrono::steady_clock::now()) {}
 
@@ -82,17 +115,8 @@ Backend::CallScope::~CallScope() {
 }
 
 void Backend::CallScope::injectFault(const char* call) {
-  FaultPlan& plan = backend_.faults_;
-  if (!plan.armed.load(std::memory_order_acquire) || plan.op != op_) return;
-  if (plan.countdown > 0) {
-    --plan.countdown;
-    return;
-  }
-  plan.armed.store(false, std::memory_order_relaxed);
-  Error e(plan.outOfMemory ? ErrorCode::OutOfMemory : backend_.ordinaryError(),
-          std::string(call) + " failed: injected fault (" + (plan.outOfMemory ? "out of memory" : "error") + ")");
-  e.statusName = "INJECTED";
-  throw e;
+  Fault f;
+  if (backend_.faults_.take(op_, f)) throwInjected(f, backend_.ordinaryError(), call);
 }
 
 }  // namespace vat

@@ -11,7 +11,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "common/errors.h"
 
@@ -32,8 +34,12 @@ enum class BackendOp : int {
   Unmap,
   CopyIn,
   CopyOut,
-  Fence,
+  Fence,       // record a fence (cuEventCreate + cuEventRecord)
+  FenceQuery,  // has it passed? (cuEventQuery)
+  FenceWait,   // block until it has (cuEventSynchronize)
   kCount,
+  // Not backend calls, but failures a test can inject the same way:
+  StartWorker,  // starting the cache's prefetch thread
 };
 const char* backendOpName(BackendOp op);
 constexpr size_t kBackendOpCount = static_cast<size_t>(BackendOp::kCount);
@@ -43,14 +49,37 @@ struct OpCounter {
   uint64_t nanos = 0;
 };
 
-// Test-only: make the n-th future call of one op fail. Costs one relaxed load
-// per call when nothing is armed.
-struct FaultPlan {
-  std::atomic<bool> armed{false};
-  BackendOp op = BackendOp::CreatePage;
-  uint64_t countdown = 0;   // fail when it reaches 0
-  bool outOfMemory = true;  // else an ordinary driver/OS error
+// Test-only: how an injected fault fails.
+enum class FaultKind : uint8_t {
+  OutOfMemory,  // ERR_OUT_OF_MEMORY, as the driver/OS reports it
+  Error,        // an ordinary driver/OS error (ERR_CUDA / ERR_OS)
+  HostAlloc,    // std::bad_alloc, as a full host heap would throw
 };
+
+struct Fault {
+  BackendOp op = BackendOp::CreatePage;
+  uint64_t countdown = 0;  // fail when it reaches 0
+  FaultKind kind = FaultKind::Error;
+  uint32_t delayMs = 0;    // the failing call first sleeps this long (races in tests)
+};
+
+// Test-only: make the n-th future call of some ops fail; several faults may
+// be armed at once (a failure and then the failure of its rollback). Costs
+// one relaxed load per call when nothing is armed.
+class FaultPlan {
+ public:
+  void arm(const Fault& f);
+  void disarm();
+  // Consumes the fault armed for this call of `op`, if any.
+  bool take(BackendOp op, Fault& out);
+
+ private:
+  std::atomic<bool> armed_{false};
+  std::mutex lock_;
+  std::vector<Fault> faults_;
+};
+// Throws the error a fault stands for (after its delay).
+[[noreturn]] void throwInjected(const Fault& f, ErrorCode ordinary, const char* call);
 
 // Live driver/OS resources of every backend in the process, for leak tests:
 // they return to zero when every cache is closed.
@@ -58,12 +87,14 @@ struct LiveResources {
   std::atomic<int64_t> ranges{0};
   std::atomic<int64_t> pages{0};
   std::atomic<int64_t> mappings{0};
+  std::atomic<int64_t> fences{0};    // recorded and not yet destroyed
+  std::atomic<int64_t> contexts{0};  // CUDA primary-context references held
 };
 LiveResources& liveResources();
 
 // Test-only: a fault armed here is moved into the next backend constructed,
 // so failures inside a cache's constructor can be injected too.
-void armNextBackendFault(BackendOp op, uint64_t nth, bool outOfMemory);
+void armNextBackendFault(const Fault& fault);
 
 struct MemoryInfo {
   uint64_t freeBytes = 0;
@@ -81,7 +112,9 @@ class Backend {
   // Size of every page this backend creates.
   virtual size_t pageSize() const = 0;
 
-  // Makes the backend usable on the calling thread (CUDA: the context).
+  // Checks that the backend is usable on the calling thread (CUDA: its
+  // context can be made current there). Every call below makes its own
+  // context current for the call and restores the caller's afterwards.
   virtual void bindThread() {}
 
   virtual Address reserveRange(size_t bytes) = 0;
@@ -114,9 +147,10 @@ class Backend {
   // Calls made on the thread that created the backend (the JS thread): the
   // ones on a serving loop's critical path.
   uint64_t callsOnOwnerThread() const { return ownerCalls_.load(std::memory_order_relaxed); }
-  FaultPlan& faults() { return faults_; }
-  void armFault(BackendOp op, uint64_t nth, bool outOfMemory);
-  void disarmFault() { faults_.armed.store(false, std::memory_order_relaxed); }
+  void armFault(const Fault& fault) { faults_.arm(fault); }
+  void disarmFault() { faults_.disarm(); }
+  // For failures the cache itself can be made to inject (StartWorker).
+  void injectFault(BackendOp op, const char* what);
 
  protected:
   // Times one call and counts it; returns true when a fault must be injected.

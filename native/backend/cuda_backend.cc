@@ -85,14 +85,39 @@ CudaBackend::CudaBackend(int device, size_t pageSize) : ordinal_(device) {
   access_.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
   access_.location.id = device_;
   access_.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  // The last step that can fail: nothing to undo before it, and the
+  // destructor releases it from here on.
   check(d.cuDevicePrimaryCtxRetain(&context_, device_), "cuDevicePrimaryCtxRetain");
-  bindThread();
+  liveResources().contexts++;
 }
 
 CudaBackend::~CudaBackend() {
   // The owner only destroys a backend while the process is alive (see
   // cache/kv_cache.cc); releasing the primary context is then safe.
-  if (context_) driver().cuDevicePrimaryCtxRelease(device_);
+  if (context_) {
+    driver().cuDevicePrimaryCtxRelease(device_);
+    liveResources().contexts--;
+  }
+}
+
+// Every driver call of this backend runs in its own context, whatever the
+// calling thread had current (another cache's device, another CUDA addon),
+// and leaves that thread's context as it found it. When the context is
+// already current (the worker thread, a single-device server) this costs one
+// cuCtxGetCurrent.
+CudaBackend::ContextScope::ContextScope(const CudaBackend& backend) {
+  const DriverApi& d = driver();
+  CUcontext current = nullptr;
+  d.cuCtxGetCurrent(&current);
+  if (current == backend.context_) return;
+  check(d.cuCtxPushCurrent(backend.context_), "cuCtxPushCurrent");
+  pushed_ = true;
+}
+
+CudaBackend::ContextScope::~ContextScope() {
+  if (!pushed_) return;
+  CUcontext popped = nullptr;
+  driver().cuCtxPopCurrent(&popped);
 }
 
 void CudaBackend::bindThread() {
@@ -103,6 +128,7 @@ void CudaBackend::bindThread() {
 }
 
 Address CudaBackend::reserveRange(size_t bytes) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::ReserveRange);
   scope.injectFault("cuMemAddressReserve");
   CUdeviceptr base = 0;
@@ -112,12 +138,14 @@ Address CudaBackend::reserveRange(size_t bytes) {
 }
 
 void CudaBackend::freeRange(Address base, size_t bytes) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::FreeRange);
   check(driver().cuMemAddressFree(base, bytes), "cuMemAddressFree");
   liveResources().ranges--;
 }
 
 PageHandle CudaBackend::createPage() {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::CreatePage);
   scope.injectFault("cuMemCreate");
   CUmemGenericAllocationHandle handle = 0;
@@ -127,6 +155,7 @@ PageHandle CudaBackend::createPage() {
 }
 
 void CudaBackend::releasePage(PageHandle page) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::ReleasePage);
   scope.injectFault("cuMemRelease");
   check(driver().cuMemRelease(page), "cuMemRelease");
@@ -134,6 +163,7 @@ void CudaBackend::releasePage(PageHandle page) {
 }
 
 void CudaBackend::map(Address at, PageHandle page) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::Map);
   scope.injectFault("cuMemMap");
   check(driver().cuMemMap(at, pageSize_, 0, page, 0), "cuMemMap");
@@ -141,12 +171,14 @@ void CudaBackend::map(Address at, PageHandle page) {
 }
 
 void CudaBackend::setAccess(Address at) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::SetAccess);
   scope.injectFault("cuMemSetAccess");
   check(driver().cuMemSetAccess(at, pageSize_, &access_, 1), "cuMemSetAccess");
 }
 
 void CudaBackend::unmap(Address at) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::Unmap);
   scope.injectFault("cuMemUnmap");
   check(driver().cuMemUnmap(at, pageSize_), "cuMemUnmap");
@@ -154,18 +186,21 @@ void CudaBackend::unmap(Address at) {
 }
 
 void CudaBackend::copyIn(Address dst, const void* src, size_t bytes) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::CopyIn);
   scope.injectFault("cuMemcpyHtoD");
   check(driver().cuMemcpyHtoD(dst, src, bytes), "cuMemcpyHtoD");
 }
 
 void CudaBackend::copyOut(void* dst, Address src, size_t bytes) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::CopyOut);
   scope.injectFault("cuMemcpyDtoH");
   check(driver().cuMemcpyDtoH(dst, src, bytes), "cuMemcpyDtoH");
 }
 
 FenceHandle CudaBackend::recordFence(uint64_t stream) {
+  ContextScope context(*this);
   CallScope scope(*this, BackendOp::Fence);
   scope.injectFault("cuEventRecord");
   const DriverApi& d = driver();
@@ -176,11 +211,14 @@ FenceHandle CudaBackend::recordFence(uint64_t stream) {
     d.cuEventDestroy(event);
     check(r, "cuEventRecord");
   }
+  liveResources().fences++;
   return reinterpret_cast<FenceHandle>(event);
 }
 
 bool CudaBackend::fenceDone(FenceHandle fence) {
-  if (!fence) return true;
+  ContextScope context(*this);
+  CallScope scope(*this, BackendOp::FenceQuery);
+  scope.injectFault("cuEventQuery");
   CUresult r = driver().cuEventQuery(reinterpret_cast<CUevent>(fence));
   if (r == CUDA_ERROR_NOT_READY) return false;
   check(r, "cuEventQuery");
@@ -188,15 +226,23 @@ bool CudaBackend::fenceDone(FenceHandle fence) {
 }
 
 void CudaBackend::waitFence(FenceHandle fence) {
-  if (!fence) return;
+  ContextScope context(*this);
+  CallScope scope(*this, BackendOp::FenceWait);
+  scope.injectFault("cuEventSynchronize");
   check(driver().cuEventSynchronize(reinterpret_cast<CUevent>(fence)), "cuEventSynchronize");
 }
 
 void CudaBackend::destroyFence(FenceHandle fence) {
-  if (fence) driver().cuEventDestroy(reinterpret_cast<CUevent>(fence));
+  try {
+    ContextScope context(*this);
+    if (driver().cuEventDestroy(reinterpret_cast<CUevent>(fence)) == CUDA_SUCCESS) liveResources().fences--;
+  } catch (...) {
+    // No context on this thread: the event goes with the context.
+  }
 }
 
 MemoryInfo CudaBackend::memoryInfo() {
+  ContextScope context(*this);
   size_t freeBytes = 0, total = 0;
   check(driver().cuMemGetInfo(&freeBytes, &total), "cuMemGetInfo");
   return {freeBytes, total};

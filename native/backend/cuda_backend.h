@@ -52,6 +52,19 @@ class CudaBackend final : public Backend {
   int device() const { return ordinal_; }
 
  private:
+  // Makes this backend's context current for one call, restoring the
+  // caller's after it (see the .cc).
+  class ContextScope {
+   public:
+    explicit ContextScope(const CudaBackend& backend);
+    ~ContextScope();
+    ContextScope(const ContextScope&) = delete;
+    ContextScope& operator=(const ContextScope&) = delete;
+
+   private:
+    bool pushed_ = false;
+  };
+
   int ordinal_;
   cu::CUdevice device_ = 0;
   cu::CUcontext context_ = nullptr;

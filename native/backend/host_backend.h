@@ -6,11 +6,21 @@
 #pragma once
 
 #include <mutex>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "backend/backend.h"
 
 namespace vat {
+
+// Test-only: host memory has no asynchronous work, so a fence recorded on a
+// host stream has passed at once, unless a test holds that stream: its fences
+// then stay pending until waited for (waitFence stands for the wait a GPU
+// would need) or the stream is finished. Lets the host suite check that every
+// path that unmaps consults fences, and in what order.
+void holdHostStream(uint64_t stream);
+void finishHostStream(uint64_t stream);
 
 class HostBackend final : public Backend {
  public:
@@ -47,6 +57,17 @@ class HostBackend final : public Backend {
   std::mutex regionsLock_;         // createPage/releasePage may run on two threads
   std::vector<PageHandle> freeRegions_;  // memfd regions given back, reused first
   PageHandle nextRegion_ = 1;      // regions [1, nextRegion_) have been handed out once
+  // Addresses mapped now: mapping over one (or unmapping a hole) fails as
+  // it does with the CUDA driver, instead of MAP_FIXED silently replacing it.
+  std::mutex mappedLock_;
+  std::unordered_set<Address> mapped_;
+  struct PendingFence {
+    uint64_t stream;
+    bool waited;
+  };
+  std::mutex fencesLock_;
+  std::unordered_map<FenceHandle, PendingFence> fences_;
+  FenceHandle nextFence_ = 1;
 };
 
 }  // namespace vat

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "backend/cuda_backend.h"
+#include "backend/host_backend.h"
 #include "cache/kv_cache.h"
 #include "common/errors.h"
 #include "common/lifetime.h"
@@ -76,43 +77,106 @@ BackendOp opNamed(Napi::Env env, const Napi::Value& name) {
 
 class NativeCache;
 
+// An Error as a JS error object with raw Node-API calls, which report
+// failure instead of throwing or aborting: used where the environment may be
+// going away. False when any call failed.
+bool rawJsError(napi_env env, const Error& e, napi_value* out) {
+  napi_value message, code, error;
+  if (napi_create_string_utf8(env, e.what(), NAPI_AUTO_LENGTH, &message) != napi_ok) return false;
+  if (napi_create_string_utf8(env, errorCodeName(e.code()), NAPI_AUTO_LENGTH, &code) != napi_ok) return false;
+  if (napi_create_error(env, nullptr, message, &error) != napi_ok) return false;
+  if (napi_set_named_property(env, error, "code", code) != napi_ok) return false;
+  auto setNumber = [&](const char* name, double v) {
+    napi_value n;
+    return napi_create_double(env, v, &n) == napi_ok && napi_set_named_property(env, error, name, n) == napi_ok;
+  };
+  if (!e.statusName.empty()) {
+    napi_value name;
+    if (!setNumber("status", e.status)) return false;
+    if (napi_create_string_utf8(env, e.statusName.c_str(), NAPI_AUTO_LENGTH, &name) != napi_ok ||
+        napi_set_named_property(env, error, "statusName", name) != napi_ok)
+      return false;
+  }
+  if (e.code() == ErrorCode::OutOfMemory &&
+      !(setNumber("requestedBytes", static_cast<double>(e.requestedBytes)) &&
+        setNumber("availableBytes", static_cast<double>(e.availableBytes))))
+    return false;
+  *out = error;
+  return true;
+}
+
+// A library Error for whatever a growth on a pool thread threw.
+Error asLibraryError(std::exception_ptr thrown) {
+  try {
+    std::rethrow_exception(thrown);
+  } catch (const Error& e) {
+    return e;
+  } catch (const std::bad_alloc&) {
+    return Error(ErrorCode::OutOfMemory, "host out of memory (std::bad_alloc)");
+  } catch (const std::exception& e) {
+    return Error(ErrorCode::Internal, std::string("internal error: ") + e.what());
+  } catch (...) {
+    return Error(ErrorCode::Internal, "internal error: unknown exception");
+  }
+}
+
 // growAsync: the driver calls run on a libuv pool thread, off the cache's
-// lock (KVCache::growDetached); the promise settles on the JS thread.
+// lock (KVCache::growDetached); the promise settles on the JS thread. The
+// settling uses raw Node-API calls and gives up quietly when the environment
+// is being torn down (a worker thread ending, the process exiting): then no
+// one is left to settle for, and throwing there would abort the process.
 class GrowTask : public Napi::AsyncWorker {
  public:
   GrowTask(Napi::Env env, std::shared_ptr<KVCache> cache, SequenceRef seq, uint64_t tokens,
            std::shared_ptr<std::atomic<bool>> cancel)
       : Napi::AsyncWorker(env, "vattention.growAsync"),
-        deferred_(Napi::Promise::Deferred::New(env)),
         cache_(std::move(cache)),
         seq_(seq),
         tokens_(tokens),
-        cancel_(std::move(cancel)) {}
+        cancel_(std::move(cancel)) {
+    if (napi_create_promise(env, &deferred_, &promise_) != napi_ok)
+      throw Napi::Error::New(env, "cannot create the growAsync promise");
+  }
 
-  Napi::Promise promise() { return deferred_.Promise(); }
+  napi_value promise() const { return promise_; }
 
   void Execute() override {
     try {
       cache_->growDetached(seq_, tokens_, cancel_.get());
-    } catch (const Error& e) {
-      error_ = std::make_unique<Error>(e);
-      SetError(e.what());
-    } catch (const std::exception& e) {
-      error_ = std::make_unique<Error>(ErrorCode::Cuda, std::string("internal error: ") + e.what());
-      SetError(e.what());
+    } catch (...) {
+      error_ = std::make_unique<Error>(asLibraryError(std::current_exception()));
     }
   }
-  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
-  void OnError(const Napi::Error&) override { deferred_.Reject(toJsError(Env(), *error_).Value()); }
+
+  void OnWorkComplete(Napi::Env env, napi_status status) override {
+    if (status != napi_cancelled) settle(env);
+    Destroy();
+  }
 
  private:
-  Napi::Promise::Deferred deferred_;
+  void settle(napi_env env) noexcept {
+    napi_handle_scope scope;
+    if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+    napi_value value;
+    if (error_) {
+      if (rawJsError(env, *error_, &value)) napi_reject_deferred(env, deferred_, value);
+    } else if (napi_get_undefined(env, &value) == napi_ok) {
+      napi_resolve_deferred(env, deferred_, value);
+    }
+    napi_close_handle_scope(env, scope);
+  }
+
+  napi_deferred deferred_ = nullptr;
+  napi_value promise_ = nullptr;
   std::shared_ptr<KVCache> cache_;
   SequenceRef seq_;
   uint64_t tokens_;
   std::shared_ptr<std::atomic<bool>> cancel_;
   std::unique_ptr<Error> error_;
 };
+
+// A test-armed fault: (op name, nth call from now, kind name, delay in ms).
+Fault faultFrom(const Napi::CallbackInfo& info, size_t first);
 
 // Per-environment state (main thread and each worker thread): the live
 // caches, closed when the environment is torn down.
@@ -138,6 +202,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::Stats>("stats"),
                            InstanceMethod<&NativeCache::Layout>("layout"),
                            InstanceMethod<&NativeCache::Close>("close"),
+                           InstanceMethod<&NativeCache::WorkerError>("workerError"),
                            InstanceMethod<&NativeCache::InjectFault>("injectFault"),
                        });
   }
@@ -209,10 +274,10 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     Napi::Env env = info.Env();
     auto cancel = std::make_shared<std::atomic<bool>>(false);
     auto* task = new GrowTask(env, cache_, seq(info), u64(info[2]), cancel);
-    Napi::Promise promise = task->promise();
+    napi_value promise = task->promise();
     task->Queue();
     Napi::Array out = Napi::Array::New(env, 2);
-    out.Set(0u, promise);
+    out.Set(0u, Napi::Value(env, promise));
     out.Set(1u, Napi::Function::New(env, [cancel](const Napi::CallbackInfo&) { cancel->store(true); }));
     return out;
   }
@@ -263,6 +328,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("pagesCreated", num(env, st.pages.created));
     o.Set("pagesMapped", num(env, st.pages.mapped));
     o.Set("pagesPooled", num(env, st.pages.idle));
+    o.Set("pagesStranded", num(env, st.pages.stranded));
     o.Set("bytesBacked", num(env, st.bytesBacked));
     o.Set("bytesUsed", num(env, st.bytesUsed));
     o.Set("activeSequences", num(env, st.activeSequences));
@@ -278,6 +344,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     pf.Set("pagesOnDemand", num(env, st.prefetch.pagesOnDemand));
     pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
     pf.Set("errors", num(env, st.prefetch.errors));
+    pf.Set("workerError", st.prefetch.workerError.empty() ? env.Null() : Napi::String::New(env, st.prefetch.workerError));
     o.Set("prefetch", pf);
     Napi::Array slots = Napi::Array::New(env, st.slots.size());
     for (size_t i = 0; i < st.slots.size(); ++i) {
@@ -304,6 +371,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   Napi::Value Layout(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
+    if (cache_->closed()) throw toJsError(env, Error(ErrorCode::Closed, "the KV cache is closed"));
     const KVLayout& l = cache_->layout();
     const ModelShape& shape = l.shape();
     Napi::Object o = Napi::Object::New(env);
@@ -336,10 +404,16 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     if (cache_) cache_->close();
   }
 
-  // Test-only: injectFault(op name, nth call from now, outOfMemory)
+  // Why the prefetch worker could not start, or null.
+  Napi::Value WorkerError(const Napi::CallbackInfo& info) {
+    std::string why = guarded(info.Env(), [&] { return cache_->workerError(); });
+    return why.empty() ? info.Env().Null() : Napi::String::New(info.Env(), why);
+  }
+
+  // Test-only: injectFault(op name, nth call from now, kind, delayMs)
   void InjectFault(const Napi::CallbackInfo& info) {
-    BackendOp op = opNamed(info.Env(), info[0]);
-    guarded(info.Env(), [&] { cache_->armFault(op, u64(info[1]), info[2].As<Napi::Boolean>().Value()); });
+    Fault fault = faultFrom(info, 0);
+    guarded(info.Env(), [&] { cache_->armFault(fault); });
   }
 
   std::shared_ptr<KVCache> cache_;  // shared with GrowTasks in flight
@@ -422,6 +496,22 @@ void TestingSynchronizeStream(const Napi::CallbackInfo& info) {
   guarded(info.Env(), [&] { testing::synchronizeStream(dev(info), u64(info[1])); });
 }
 
+Napi::Value TestingCreateContext(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::createContext(dev(info)); }));
+}
+
+void TestingDestroyContext(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyContext(u64(info[0])); });
+}
+
+void TestingSetCurrentContext(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::setCurrentContext(u64(info[0])); });
+}
+
+Napi::Value TestingCurrentContext(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::currentContext(); }));
+}
+
 Napi::Value TestingRawVmmLoop(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   testing::RawVmmTimes t = guarded(env, [&] { return testing::rawVmmLoop(dev(info), u64(info[1])); });
@@ -446,6 +536,10 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
   t.Set("rawVmmLoop", Napi::Function::New<TestingRawVmmLoop>(env));
+  t.Set("createContext", Napi::Function::New<TestingCreateContext>(env));
+  t.Set("destroyContext", Napi::Function::New<TestingDestroyContext>(env));
+  t.Set("setCurrentContext", Napi::Function::New<TestingSetCurrentContext>(env));
+  t.Set("currentContext", Napi::Function::New<TestingCurrentContext>(env));
   return t;
 }
 
@@ -458,12 +552,34 @@ Napi::Value LiveResourceCounts(const Napi::CallbackInfo& info) {
   o.Set("ranges", Napi::Number::New(env, static_cast<double>(live.ranges.load())));
   o.Set("pages", Napi::Number::New(env, static_cast<double>(live.pages.load())));
   o.Set("mappings", Napi::Number::New(env, static_cast<double>(live.mappings.load())));
+  o.Set("fences", Napi::Number::New(env, static_cast<double>(live.fences.load())));
+  o.Set("contexts", Napi::Number::New(env, static_cast<double>(live.contexts.load())));
   return o;
 }
 
-void InjectNextCacheFault(const Napi::CallbackInfo& info) {
-  armNextBackendFault(opNamed(info.Env(), info[0]), u64(info[1]), info[2].As<Napi::Boolean>().Value());
+Fault faultFrom(const Napi::CallbackInfo& info, size_t first) {
+  Napi::Env env = info.Env();
+  Fault f;
+  f.op = opNamed(env, info[first]);
+  f.countdown = u64(info[first + 1]);
+  std::string kind = info[first + 2].IsString() ? info[first + 2].As<Napi::String>().Utf8Value() : "";
+  if (kind == "outOfMemory") f.kind = FaultKind::OutOfMemory;
+  else if (kind == "error") f.kind = FaultKind::Error;
+  else if (kind == "hostAlloc") f.kind = FaultKind::HostAlloc;
+  else {
+    Napi::Error err = Napi::Error::New(env, "unknown fault kind: " + kind);
+    err.Set("code", "ERR_INVALID_ARGUMENT");
+    throw err;
+  }
+  f.delayMs = info.Length() > first + 3 && info[first + 3].IsNumber() ? u32(info[first + 3]) : 0;
+  return f;
 }
+
+void InjectNextCacheFault(const Napi::CallbackInfo& info) { armNextBackendFault(faultFrom(info, 0)); }
+
+// Test-only: hold / finish a host-backend stream (see holdHostStream).
+void HoldHostStream(const Napi::CallbackInfo& info) { holdHostStream(u64(info[0])); }
+void FinishHostStream(const Napi::CallbackInfo& info) { finishHostStream(u64(info[0])); }
 
 void CloseAllInEnv(void* arg) {
   auto* data = static_cast<AddonData*>(arg);
@@ -480,6 +596,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("testing", TestingExports(env));
   exports.Set("liveResources", Napi::Function::New<LiveResourceCounts>(env));
   exports.Set("injectNextCacheFault", Napi::Function::New<InjectNextCacheFault>(env));
+  exports.Set("holdHostStream", Napi::Function::New<HoldHostStream>(env));
+  exports.Set("finishHostStream", Napi::Function::New<FinishHostStream>(env));
   return exports;
 }
 

@@ -6,7 +6,14 @@
 // Threads: public methods are thread-safe. One lock guards the bookkeeping;
 // driver calls of the prefetch worker and of asynchronous growth run outside
 // it ("extensions", see runExtension), so the serving loop's calls are not
-// held up by mapping they do not need.
+// held up by mapping they do not need. Fence waits (reclaiming a slot whose
+// GPU work is still queued) and the synchronous copies of write/read hold the
+// lock: the pages they touch must not change under them.
+//
+// Fences: release(seq, stream) records one on the slot. Until it has passed,
+// no page mapped in that slot is unmapped by any path (reclaim of a released
+// slot, of the tail of the sequence placed there next, close): pages without
+// a pending fence go first, and a fenced one only after waiting for it.
 #pragma once
 
 #include <atomic>
@@ -62,6 +69,7 @@ struct PrefetchStats {
   uint64_t pagesOnDemand = 0;     // pages mapped on the caller's thread (grow, step)
   uint64_t stallNanos = 0;        // caller time spent mapping or waiting in grow/step
   uint64_t errors = 0;            // worker extensions that failed (retried at the next step)
+  std::string workerError;        // why the worker could not start (prefetch off), or empty
 };
 
 struct CacheStats {
@@ -106,9 +114,12 @@ class KVCache {
   uint64_t tokens(SequenceRef seq);
   CacheStats stats();
   // Stops the worker, waits for extensions in flight (they stop early and
-  // roll back), then tears everything down. Idempotent.
+  // roll back), then tears everything down and gives every driver/OS
+  // resource back (the backend too). Idempotent.
   void close();
   bool closed();
+  // Why the prefetch worker could not start (prefetch is then off), or "".
+  std::string workerError();
 
   // Fixed for the cache's life; safe without the lock.
   const KVLayout& layout() const { return *layout_; }
@@ -117,7 +128,7 @@ class KVCache {
   uint32_t prefetchTokens() const { return prefetchTokens_; }
 
   // Test-only fault injection on the backend.
-  void armFault(BackendOp op, uint64_t nth, bool outOfMemory);
+  void armFault(const Fault& fault);
 
  private:
   using Lock = std::unique_lock<std::mutex>;
@@ -125,6 +136,7 @@ class KVCache {
   struct Slot {
     bool active = false;
     bool extending = false;             // an extension is mapping its next groups off the lock
+    bool extendingAhead = false;        // ... and it is the prefetch worker's
     uint32_t generation = 0;
     uint64_t tokens = 0;
     uint64_t prefetchTarget = 0;        // tokens the worker should have backed
@@ -135,11 +147,21 @@ class KVCache {
   // Groups [fromGroup, toGroup) of a slot being mapped off the lock.
   struct Extension {
     uint32_t slot = 0;
+    bool ahead = false;             // the prefetch worker's (demand may wait for it)
     size_t fromGroup = 0;
     size_t toGroup = 0;
     std::vector<PageId> pages;      // idle pages taken for it
     size_t creations = 0;           // pages to create (budget reserved)
     std::vector<PageId> created;    // pages created for it (destroyed on rollback)
+    std::vector<PageHandle> handles;  // room for the pages created off the lock
+    std::vector<Page*> records;       // room for the page records mapped off the lock
+  };
+
+  // One entry of the reclaim order (see reclaimOrder).
+  struct ReclaimCandidate {
+    uint32_t slot;
+    size_t keepGroups;  // groups that stay mapped (the tokens of an active sequence)
+    bool fenced;        // GPU work may still use its pages: wait before unmapping
   };
 
   void checkOpen() const;
@@ -148,34 +170,46 @@ class KVCache {
   size_t neededGroups(const Slot& s) const { return layout_->groupsForTokens(s.tokens); }
 
   void growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep);
-  uint64_t reclaimablePages(const std::vector<uint32_t>& exclude) const;
+  uint64_t collectTargets(const std::vector<GrowRequest>& batch);
+  uint64_t obtainablePages(const std::vector<uint32_t>& exclude);
+  bool waitForPrefetchToFinish(Lock& lk);
   std::vector<PageId> obtainPages(uint64_t count, std::vector<PageId>& createdNow,
                                   const std::vector<uint32_t>& exclude);
   void returnPages(const std::vector<PageId>& pages, const std::vector<PageId>& createdNow);
   void mapGroups(uint32_t slotIndex, Slot& s, size_t toGroups, const std::vector<PageId>& pages, size_t& next);
   void unmapGroupsFrom(Slot& s, size_t keepPages);
 
-  bool beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim);
+  bool beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim, bool ahead);
   void runExtension(Lock& lk, Extension& ext, const std::atomic<bool>* cancel);
+  void endExtension(const Extension& ext);
   void abortIfStopping(const std::atomic<bool>* cancel) const;
 
-  uint64_t reclaimLocked(uint64_t pages, bool waitForFences, const std::vector<uint32_t>& exclude);
+  std::vector<ReclaimCandidate> reclaimOrder(const std::vector<uint32_t>& exclude);
+  uint64_t reclaimLocked(uint64_t pages, const std::vector<uint32_t>& exclude);
   void unmapTailGroup(Slot& s);
-  void dropFinishedFences(Slot& s);
+  bool fencesPending(Slot& s);
   void waitFences(Slot& s);
   void checkRange(Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
 
+  void startWorker();
+  void wakeWorker();
   void workerLoop();
   bool planPrefetch(Extension& ext);
   bool topUpPool(Lock& lk);
   void teardown();
 
   std::mutex lock_;
-  std::condition_variable changed_;   // an extension finished (slots' `extending` changed)
+  std::condition_variable changed_;   // an extension or a top-up finished, or the cache closed
   std::condition_variable workCv_;    // work for the prefetch worker, or stop
+  std::condition_variable started_;   // the worker bound its thread (or failed to)
   bool closed_ = false;
   std::atomic<bool> closing_{false};
   bool prefetchActive_ = false;       // step() has run since the last trim()
+  uint64_t workEpoch_ = 0;            // bumped with every wake-up of the worker (its wait predicate)
+  uint32_t demandWaiting_ = 0;        // callers waiting for prefetch to finish: the worker starts nothing new
+  uint32_t aheadInFlight_ = 0;        // worker extensions and pool top-ups running off the lock
+  bool workerStarted_ = false;
+  std::string workerError_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<KVLayout> layout_;
   std::unique_ptr<PagePool> pool_;
@@ -186,7 +220,8 @@ class KVCache {
   uint64_t reclaimedPages_ = 0;
   uint64_t reusedPages_ = 0;
   PrefetchStats prefetch_;
-  // growBatch scratch, indexed by slot (see growBatch).
+  // growBatch scratch, indexed by slot (see collectTargets). Filled again
+  // after every wait, so callers on other threads may use it meanwhile.
   std::vector<uint32_t> batchStamp_;
   std::vector<uint64_t> batchTarget_;
   std::vector<uint32_t> batchSlots_;

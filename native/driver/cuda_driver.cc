@@ -59,6 +59,8 @@ bool resolveAll(void* lib, DriverApi& a, std::string* p) {
          VAT_RESOLVE(cuDeviceGetName) && VAT_RESOLVE(cuDeviceGetAttribute) && VAT_RESOLVE(cuDeviceTotalMem) &&
          VAT_RESOLVE(cuDevicePrimaryCtxRetain) && VAT_RESOLVE(cuDevicePrimaryCtxRelease) &&
          VAT_RESOLVE(cuCtxGetCurrent) && VAT_RESOLVE(cuCtxSetCurrent) && VAT_RESOLVE(cuCtxSynchronize) &&
+         VAT_RESOLVE(cuCtxPushCurrent) && VAT_RESOLVE(cuCtxPopCurrent) && VAT_RESOLVE(cuCtxCreate) &&
+         VAT_RESOLVE(cuCtxDestroy) &&
          VAT_RESOLVE(cuMemGetInfo) && VAT_RESOLVE(cuMemGetAllocationGranularity) &&
          VAT_RESOLVE(cuMemAddressReserve) && VAT_RESOLVE(cuMemAddressFree) && VAT_RESOLVE(cuMemCreate) &&
          VAT_RESOLVE(cuMemRelease) && VAT_RESOLVE(cuMemMap) && VAT_RESOLVE(cuMemUnmap) &&

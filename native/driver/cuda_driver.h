@@ -24,6 +24,12 @@ struct DriverApi {
   CUresult (*cuCtxGetCurrent)(CUcontext*);
   CUresult (*cuCtxSetCurrent)(CUcontext);
   CUresult (*cuCtxSynchronize)();
+  CUresult (*cuCtxPushCurrent)(CUcontext);
+  CUresult (*cuCtxPopCurrent)(CUcontext*);
+  // At API 12.0 cuGetProcAddress gives cuCtxCreate_v3 (execution-affinity
+  // parameters, none passed here). Used by the testing tools only.
+  CUresult (*cuCtxCreate)(CUcontext*, void* affinityParams, int affinityParamCount, unsigned flags, CUdevice);
+  CUresult (*cuCtxDestroy)(CUcontext);
   CUresult (*cuMemGetInfo)(size_t*, size_t*);
   CUresult (*cuMemGetAllocationGranularity)(size_t*, const CUmemAllocationProp*, int);
   CUresult (*cuMemAddressReserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);

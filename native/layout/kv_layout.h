@@ -30,6 +30,9 @@ struct TensorView {
   std::array<uint64_t, 4> strideElements{};  // per dimension
 };
 
+// Virtual bytes one cache may reserve: 128 TiB, half of a 48-bit space.
+constexpr uint64_t kMaxRangeBytes = uint64_t{1} << 47;
+
 class KVLayout {
  public:
   virtual ~KVLayout() = default;
@@ -52,6 +55,8 @@ class KVLayout {
 // Tensors follow each other: layer 0 K, layer 0 V, layer 1 K, ...
 class PerLayerLayout final : public KVLayout {
  public:
+  // Throws ERR_INVALID_ARGUMENT for a zero dimension or a range that
+  // overflows or passes kMaxRangeBytes: everything below relies on it.
   PerLayerLayout(const ModelShape& shape, size_t pageSize);
 
   const ModelShape& shape() const override { return shape_; }

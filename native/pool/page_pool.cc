@@ -7,7 +7,9 @@ namespace vat {
 PagePool::PagePool(Backend& backend, uint64_t budgetBytes)
     : backend_(backend), pageSize_(backend.pageSize()), budgetPages_(budgetBytes / backend.pageSize()) {}
 
-PoolCounts PagePool::counts() const { return {budgetPages_, created_.load(), idle_.size(), mapped_.load()}; }
+PoolCounts PagePool::counts() const {
+  return {budgetPages_, created_.load(), idle_.size(), mapped_.load(), stranded_.size()};
+}
 
 PageId PagePool::takeIdle() {
   if (idle_.empty()) return kNone;
@@ -17,32 +19,44 @@ PageId PagePool::takeIdle() {
 }
 
 PageId PagePool::create() {
-  if (headroom() == 0) {
+  if (!reserveCreation()) {
     Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages_) + " pages of " +
                                         std::to_string(pageSize_) + " bytes)");
     e.requestedBytes = pageSize_;
     throw e;
   }
-  PageHandle handle = backend_.createPage();  // throws: nothing to undo
-  ++pendingCreations_;
+  PageHandle handle;
+  try {
+    handle = backend_.createPage();
+  } catch (...) {
+    cancelCreation();
+    throw;
+  }
   return adopt(handle);
 }
 
 bool PagePool::reserveCreation() {
   if (headroom() == 0) return false;
+  // The record is allocated now, so that adopt() cannot fail with a page
+  // created and nowhere to keep it.
+  // The idle and stranded lists get room for every record, so putting a
+  // page there (after an unmap, on a rollback path) never allocates.
+  // Invariant: a vacant record for every pending creation.
+  if (vacant_.size() <= pendingCreations_) {
+    size_t records = pages_.size() + 1;
+    vacant_.reserve(records);
+    idle_.reserve(records);
+    stranded_.reserve(records);
+    pages_.push_back(std::make_unique<Page>());
+    vacant_.push_back(static_cast<PageId>(records - 1));
+  }
   ++pendingCreations_;
   return true;
 }
 
 PageId PagePool::adopt(PageHandle handle) {
-  PageId id;
-  if (!vacant_.empty()) {
-    id = vacant_.back();
-    vacant_.pop_back();
-  } else {
-    id = static_cast<PageId>(pages_.size());
-    pages_.push_back(std::make_unique<Page>());
-  }
+  PageId id = vacant_.back();
+  vacant_.pop_back();
   *pages_[id] = Page{handle, PageState::Created, 0};
   --pendingCreations_;
   ++created_;
@@ -50,6 +64,28 @@ PageId PagePool::adopt(PageHandle handle) {
 }
 
 void PagePool::putIdle(PageId id) { idle_.push_back(id); }
+
+void PagePool::strand(PageId id) {
+  Page& p = *pages_[id];
+  if (p.state != PageState::Mapped && p.state != PageState::Accessible) return;
+  p.state = PageState::Stranded;
+  --mapped_;
+  stranded_.push_back(id);
+}
+
+size_t PagePool::retryStranded() {
+  for (size_t i = stranded_.size(); i-- > 0;) {
+    PageId id = stranded_[i];
+    try {
+      unmap(*pages_[id]);
+    } catch (...) {
+      continue;
+    }
+    stranded_.erase(stranded_.begin() + static_cast<std::ptrdiff_t>(i));
+    idle_.push_back(id);
+  }
+  return stranded_.size();
+}
 
 void PagePool::destroy(PageId id) {
   Page& p = *pages_[id];
@@ -83,13 +119,13 @@ void PagePool::map(Page& p, Address at) {
 
 void PagePool::unmap(Page& p) {
   backend_.unmap(p.address);  // throws: page unchanged
+  if (p.state != PageState::Stranded) --mapped_;
   p.state = PageState::Created;
   p.address = 0;
-  --mapped_;
 }
 
 void PagePool::prefill(uint64_t pages) {
-  while (idle_.size() < pages && created_ < budgetPages_) putIdle(create());
+  while (idle_.size() < pages && headroom() > 0) putIdle(create());
 }
 
 uint64_t PagePool::trim(uint64_t maxPages) {
@@ -105,7 +141,7 @@ uint64_t PagePool::trim(uint64_t maxPages) {
 void PagePool::teardown() {
   for (PageId id = 0; id < pages_.size(); ++id) {
     Page& p = *pages_[id];
-    if (p.state == PageState::Mapped || p.state == PageState::Accessible) {
+    if (p.state == PageState::Mapped || p.state == PageState::Accessible || p.state == PageState::Stranded) {
       try {
         unmap(p);
       } catch (...) {
@@ -119,6 +155,7 @@ void PagePool::teardown() {
     }
   }
   idle_.clear();
+  stranded_.clear();
 }
 
 }  // namespace vat

@@ -4,9 +4,16 @@
 //   (none) --create--> Created --map--> Mapped --setAccess--> Accessible
 //      ^                  |  ^                                     |
 //      +-----release------+  +----------------unmap----------------+
+//                            |                                     |
+//                            +--unmap (retried)-- Stranded <-------+
+//                                                   (an unmap failed)
 //
 // and every failure goes back along the arrows it came by, so a failed map
-// leaves the page Created and a failed create leaves nothing.
+// leaves the page Created and a failed create leaves nothing. When going
+// back fails too (an unmap during a rollback or a reclaim), the page is
+// Stranded: still mapped at its address, owned by no slot, counted apart.
+// Its unmap is retried before anything is mapped again and at close, so a
+// later map at that address does not fail because of it.
 #pragma once
 
 #include <atomic>
@@ -18,7 +25,7 @@
 
 namespace vat {
 
-enum class PageState : uint8_t { Vacant, Created, Mapped, Accessible };
+enum class PageState : uint8_t { Vacant, Created, Mapped, Accessible, Stranded };
 
 using PageId = uint32_t;
 
@@ -33,6 +40,7 @@ struct PoolCounts {
   uint64_t created = 0;  // pages that exist (Created, Mapped or Accessible)
   uint64_t idle = 0;     // created, unmapped, waiting in the pool
   uint64_t mapped = 0;   // Accessible (or Mapped) somewhere
+  uint64_t stranded = 0; // still mapped after a failed unmap, owned by no slot
 };
 
 // Thread safety: the pool's bookkeeping (take, put, create, destroy, adopt,
@@ -73,9 +81,18 @@ class PagePool {
   void map(Page& page, Address at);
   void unmap(Page& page);
 
-  // Creating a page off the lock: reserve room in the budget (under the lock),
-  // create with the backend (no lock), then adopt it (under the lock) or
-  // cancel the reservation.
+  // A page that a failed unmap left mapped: kept out of the pool until its
+  // unmap succeeds (retryStranded, teardown).
+  void strand(PageId id);
+  bool hasStranded() const { return !stranded_.empty(); }
+  // Unmaps stranded pages again; those that go are idle. Returns how many
+  // are still stranded. Never throws for a failed unmap.
+  size_t retryStranded();
+
+  // Creating a page off the lock: reserve room in the budget and a page
+  // record (under the lock), create with the backend (no lock), then adopt
+  // it (under the lock; never allocates, never throws) or cancel the
+  // reservation.
   bool reserveCreation();
   void cancelCreation() { --pendingCreations_; }
   PageId adopt(PageHandle handle);
@@ -99,6 +116,7 @@ class PagePool {
   std::vector<std::unique_ptr<Page>> pages_;  // records never move
   std::vector<PageId> vacant_;  // records in pages_ free for reuse
   std::vector<PageId> idle_;    // created, unmapped; LIFO
+  std::vector<PageId> stranded_;
 };
 
 }  // namespace vat

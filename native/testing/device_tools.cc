@@ -100,6 +100,31 @@ uint64_t createStream(int device) {
   return reinterpret_cast<uint64_t>(s);
 }
 
+uint64_t createContext(int device) {
+  const DriverApi& d = driver();
+  CUdevice dev = 0;
+  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+  CUcontext ctx = nullptr;
+  check(d.cuCtxCreate(&ctx, nullptr, 0, 0, dev), "cuCtxCreate");
+  CUcontext popped = nullptr;
+  check(d.cuCtxPopCurrent(&popped), "cuCtxPopCurrent");  // cuCtxCreate made it current
+  return reinterpret_cast<uint64_t>(ctx);
+}
+
+void destroyContext(uint64_t context) {
+  check(driver().cuCtxDestroy(reinterpret_cast<CUcontext>(context)), "cuCtxDestroy");
+}
+
+void setCurrentContext(uint64_t context) {
+  check(driver().cuCtxSetCurrent(reinterpret_cast<CUcontext>(context)), "cuCtxSetCurrent");
+}
+
+uint64_t currentContext() {
+  CUcontext ctx = nullptr;
+  check(driver().cuCtxGetCurrent(&ctx), "cuCtxGetCurrent");
+  return reinterpret_cast<uint64_t>(ctx);
+}
+
 void destroyStream(int device, uint64_t stream) {
   kernels(device);
   check(driver().cuStreamDestroy(asStream(stream)), "cuStreamDestroy");

@@ -26,6 +26,13 @@ void destroyStream(int device, uint64_t stream);
 void synchronizeStream(int device, uint64_t stream);
 constexpr size_t kMaxWriteEntries = 256;
 
+// Contexts other than the primary one, to check that a cache works in its own
+// context whatever the calling thread has current (and leaves it so).
+uint64_t createContext(int device);  // the thread's current context is unchanged
+void destroyContext(uint64_t context);
+void setCurrentContext(uint64_t context);
+uint64_t currentContext();
+
 // The raw driver loop the library is measured against: cuMemCreate,
 // cuMemMap, cuMemSetAccess, cuMemUnmap, cuMemRelease over `pages` pages of
 // the allocation granularity, each timed as a whole loop (nanoseconds).
