@@ -55,7 +55,7 @@ export interface NativeCache {
 }
 
 /** How a test-injected backend fault fails. */
-export type FaultKind = 'outOfMemory' | 'error' | 'hostAlloc';
+export type FaultKind = 'outOfMemory' | 'error' | 'hostAlloc' | 'delay';
 
 export interface NativeDeviceInfo {
   ordinal: number;

@@ -13,6 +13,7 @@ interface NativeTesting {
   deviceMemory(device: number): { freeBytes: number; totalBytes: number };
   fillU32(device: number, address: bigint, count: number, seed: number, stream: bigint): void;
   spinThenFillU32(device: number, address: bigint, count: number, value: number, nanos: number, stream: bigint): void;
+  spinThenReadU32(device: number, address: bigint, count: number, nanos: number, stream: bigint): void;
   writeTokens(
     device: number,
     base: bigint,
@@ -69,6 +70,16 @@ export function fillValue(i: number, seed: number): number {
 /** Queues a kernel that writes out[i] = fillValue(i, seed) for i < count u32 words. */
 export function fillU32(address: bigint, count: number, seed: number, options: { device?: number; stream?: bigint } = {}): void {
   call(() => native.fillU32(options.device ?? 0, address, count, seed >>> 0, options.stream ?? 0n));
+}
+
+/**
+ * Queues a kernel that spins for `nanoseconds` on the GPU, then reads count
+ * u32 words from `address`, as attention reads the cache: a late reader.
+ * If the memory is unmapped before it reads, the stream faults
+ * (CUDA_ERROR_ILLEGAL_ADDRESS at the next synchronisation).
+ */
+export function spinThenReadU32(address: bigint, count: number, nanoseconds: number, options: { device?: number; stream?: bigint } = {}): void {
+  call(() => native.spinThenReadU32(options.device ?? 0, address, count, nanoseconds, options.stream ?? 0n));
 }
 
 /** Queues a kernel that spins for `nanoseconds` on the GPU, then writes `value` to count u32 words. */

@@ -72,8 +72,13 @@ export function pattern(bytes: number, seed: number): Uint8Array {
   return out;
 }
 
-/** What stats() says about the cache's state, without the call and time counters. */
+/**
+ * What stats() says about the cache's state, without the call and time
+ * counters; of the prefetch figures, those a caller's operation changes
+ * (hits, misses, pages mapped on demand), not the worker's.
+ */
 export function stateOf(c: { stats(): Record<string, unknown> }): Record<string, unknown> {
-  const { driverCalls: _calls, driverCallsOnJsThread: _js, prefetch: _prefetch, ...state } = c.stats();
-  return state;
+  const { driverCalls: _calls, driverCallsOnJsThread: _js, prefetch, ...state } = c.stats();
+  const { hits, misses, pagesOnDemand } = prefetch as { hits: number; misses: number; pagesOnDemand: number };
+  return { ...state, prefetch: { hits, misses, pagesOnDemand } };
 }

@@ -59,8 +59,9 @@ bool FaultPlan::take(BackendOp op, Fault& out) {
   return false;
 }
 
-void throwInjected(const Fault& f, ErrorCode ordinary, const char* call) {
+void applyFault(const Fault& f, ErrorCode ordinary, const char* call) {
   if (f.delayMs) std::this_thread::sleep_for(std::chrono::milliseconds(f.delayMs));
+  if (f.kind == FaultKind::Delay) return;
   if (f.kind == FaultKind::HostAlloc) throw std::bad_alloc();
   bool oom = f.kind == FaultKind::OutOfMemory;
   Error e(oom ? ErrorCode::OutOfMemory : ordinary,
@@ -69,9 +70,9 @@ void throwInjected(const Fault& f, ErrorCode ordinary, const char* call) {
   throw e;
 }
 
-void Backend::injectFault(BackendOp op, const char* what) {
+void Backend::injectFault(BackendOp op, const char* what, ErrorCode ordinary) {
   Fault f;
-  if (faults_.take(op, f)) throwInjected(f, ErrorCode::Internal, what);
+  if (faults_.take(op, f)) applyFault(f, ordinary, what);
 }
 
 const char* backendOpName(BackendOp op) {
@@ -116,7 +117,7 @@ Backend::CallScope::~CallScope() {
 
 void Backend::CallScope::injectFault(const char* call) {
   Fault f;
-  if (backend_.faults_.take(op_, f)) throwInjected(f, backend_.ordinaryError(), call);
+  if (backend_.faults_.take(op_, f)) applyFault(f, backend_.ordinaryError(), call);
 }
 
 }  // namespace vat

@@ -54,6 +54,7 @@ enum class FaultKind : uint8_t {
   OutOfMemory,  // ERR_OUT_OF_MEMORY, as the driver/OS reports it
   Error,        // an ordinary driver/OS error (ERR_CUDA / ERR_OS)
   HostAlloc,    // std::bad_alloc, as a full host heap would throw
+  Delay,        // no failure: the call only sleeps delayMs first (a slow driver)
 };
 
 struct Fault {
@@ -72,14 +73,16 @@ class FaultPlan {
   void disarm();
   // Consumes the fault armed for this call of `op`, if any.
   bool take(BackendOp op, Fault& out);
+  // Applies a taken fault: sleeps its delay, then throws unless it is a Delay.
 
  private:
   std::atomic<bool> armed_{false};
   std::mutex lock_;
   std::vector<Fault> faults_;
 };
-// Throws the error a fault stands for (after its delay).
-[[noreturn]] void throwInjected(const Fault& f, ErrorCode ordinary, const char* call);
+// Sleeps the fault's delay, then throws the error it stands for (a Delay
+// fault returns instead).
+void applyFault(const Fault& f, ErrorCode ordinary, const char* call);
 
 // Live driver/OS resources of every backend in the process, for leak tests:
 // they return to zero when every cache is closed.
@@ -149,8 +152,9 @@ class Backend {
   uint64_t callsOnOwnerThread() const { return ownerCalls_.load(std::memory_order_relaxed); }
   void armFault(const Fault& fault) { faults_.arm(fault); }
   void disarmFault() { faults_.disarm(); }
-  // For failures the cache itself can be made to inject (StartWorker).
-  void injectFault(BackendOp op, const char* what);
+  // For failures the cache itself can be made to inject (StartWorker);
+  // `ordinary` is the code a real failure there has.
+  void injectFault(BackendOp op, const char* what, ErrorCode ordinary);
 
  protected:
   // Times one call and counts it; returns true when a fault must be injected.

@@ -474,6 +474,10 @@ void TestingSpinThenFillU32(const Napi::CallbackInfo& info) {
   });
 }
 
+void TestingSpinThenReadU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::spinThenReadU32(dev(info), u64(info[1]), u64(info[2]), u64(info[3]), u64(info[4])); });
+}
+
 // writeTokens(device, base, tensors, tensorStride, slotStride, tokenBytes, seed, entries: BigUint64Array, stream)
 void TestingWriteTokens(const Napi::CallbackInfo& info) {
   Napi::TypedArrayOf<uint64_t> entries = info[7].As<Napi::TypedArrayOf<uint64_t>>();
@@ -532,6 +536,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("fillU32", Napi::Function::New<TestingFillU32>(env));
   t.Set("spinThenFillU32", Napi::Function::New<TestingSpinThenFillU32>(env));
   t.Set("writeTokens", Napi::Function::New<TestingWriteTokens>(env));
+  t.Set("spinThenReadU32", Napi::Function::New<TestingSpinThenReadU32>(env));
   t.Set("createStream", Napi::Function::New<TestingCreateStream>(env));
   t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
@@ -566,6 +571,7 @@ Fault faultFrom(const Napi::CallbackInfo& info, size_t first) {
   if (kind == "outOfMemory") f.kind = FaultKind::OutOfMemory;
   else if (kind == "error") f.kind = FaultKind::Error;
   else if (kind == "hostAlloc") f.kind = FaultKind::HostAlloc;
+  else if (kind == "delay") f.kind = FaultKind::Delay;
   else {
     Napi::Error err = Napi::Error::New(env, "unknown fault kind: " + kind);
     err.Set("code", "ERR_INVALID_ARGUMENT");

@@ -84,7 +84,7 @@ KVCache::KVCache(const CacheOptions& o) : prefetchTokens_(o.prefetchTokens) {
 // Starts the prefetch worker and waits until it has bound its thread, so
 // that a worker that cannot run is known (stats, an event) from the start.
 void KVCache::startWorker() {
-  backend_->injectFault(BackendOp::StartWorker, "std::thread");
+  backend_->injectFault(BackendOp::StartWorker, "std::thread", ErrorCode::Os);
   try {
     worker_ = std::thread([this] { workerLoop(); });
   } catch (const std::system_error& e) {
@@ -840,7 +840,7 @@ bool KVCache::topUpPool(Lock& lk) {
 void KVCache::workerLoop() {
   bool bound = true;
   try {
-    backend_->injectFault(BackendOp::StartWorker, "binding the prefetch thread");
+    backend_->injectFault(BackendOp::StartWorker, "binding the prefetch thread", backend_->ordinaryError());
     backend_->bindThread();
   } catch (const std::exception& e) {
     bound = false;

@@ -11,6 +11,7 @@
 namespace vat::testing {
 
 extern const char kKernelsPtx[];
+extern const char kReadKernelsPtx[];
 
 using namespace cu;
 
@@ -21,6 +22,7 @@ struct DeviceKernels {
   CUfunction fill = nullptr;
   CUfunction spinFill = nullptr;
   CUfunction writeTokens = nullptr;
+  CUfunction spinRead = nullptr;
 };
 
 // Loaded once per device and kept for the process: the primary context stays
@@ -45,6 +47,9 @@ DeviceKernels& kernels(int device) {
   check(d.cuModuleGetFunction(&k.fill, module, "vat_fill_u32"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&k.spinFill, module, "vat_spin_fill_u32"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&k.writeTokens, module, "vat_write_tokens"), "cuModuleGetFunction");
+  CUmodule readModule = nullptr;
+  check(d.cuModuleLoadData(&readModule, kReadKernelsPtx), "cuModuleLoadData");
+  check(d.cuModuleGetFunction(&k.spinRead, readModule, "vat_spin_then_read_u32"), "cuModuleGetFunction");
   return (*loaded)[device] = k;
 }
 
@@ -76,6 +81,14 @@ void spinThenFillU32(int device, uint64_t address, uint64_t count, uint32_t valu
   DeviceKernels& k = kernels(device);
   void* args[] = {&address, &count, &value, &nanoseconds};
   check(driver().cuLaunchKernel(k.spinFill, blocksFor(count), 1, 1, 256, 1, 1, 0, asStream(stream), args, nullptr),
+        "cuLaunchKernel");
+}
+
+void spinThenReadU32(int device, uint64_t address, uint64_t count, uint64_t nanoseconds, uint64_t stream) {
+  DeviceKernels& k = kernels(device);
+  uint64_t sink = 0;
+  void* args[] = {&address, &count, &nanoseconds, &sink};
+  check(driver().cuLaunchKernel(k.spinRead, blocksFor(count), 1, 1, 256, 1, 1, 0, asStream(stream), args, nullptr),
         "cuLaunchKernel");
 }
 

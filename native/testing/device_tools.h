@@ -17,6 +17,8 @@ void fillU32(int device, uint64_t address, uint64_t count, uint32_t seed, uint64
 // Spins on the GPU for `nanoseconds`, then out[i] = value for i < count.
 void spinThenFillU32(int device, uint64_t address, uint64_t count, uint32_t value, uint64_t nanoseconds,
                      uint64_t stream);
+// Spins for `nanoseconds`, then reads in[i] for i < count (u32): a late reader.
+void spinThenReadU32(int device, uint64_t address, uint64_t count, uint64_t nanoseconds, uint64_t stream);
 // A decode step's KV write: for each entry (slot << 32 | token), one token of
 // every tensor (`tensors` of them, `tensorStride` apart) gets written.
 void writeTokens(int device, uint64_t base, uint32_t tensors, uint64_t tensorStride, uint64_t slotStride,

@@ -1,0 +1,24 @@
+// Test kernels written in CUDA C. scripts/gen-ptx.sh compiles this file to
+// PTX (read_kernels_ptx.cc), which the driver JIT-compiles at run time: users
+// need no toolkit. The older kernels of kernels_ptx.cc are hand-written PTX.
+
+// Spins until `nanoseconds` have passed on the GPU's global timer, then reads
+// in[i] for i < count, every word, as an attention kernel reads the KV cache
+// (volatile loads: none is skipped). A long kernel that reads late: if the
+// memory is unmapped before it ends, it faults (CUDA_ERROR_ILLEGAL_ADDRESS).
+// The sum goes to *sink only when `sink` is not null.
+extern "C" __global__ void vat_spin_then_read_u32(const unsigned* in, unsigned long long count,
+                                                  unsigned long long nanoseconds, unsigned* sink) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < nanoseconds);
+  const volatile unsigned* words = in;
+  unsigned sum = 0;
+  unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  for (unsigned long long i = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride)
+    sum += words[i];
+  if (sink) atomicAdd(sink, sum);
+}
