@@ -7,7 +7,7 @@
 import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
-import { liveResources } from '../lib/testing.js';
+import { finishHostStream, holdHostStream, liveResources, spinThenReadU32, synchronizeStream } from '../lib/testing.js';
 import { backends, label } from './backends.js';
 
 interface SeqModel {
@@ -16,6 +16,10 @@ interface SeqModel {
 }
 interface Model {
   live: { seq: Sequence; m: SeqModel }[];
+  // Slots released with a fence still pending (host: a held stream), with the
+  // pages mapped there when last seen: none may go before a fence wait.
+  fenced: Map<number, number>;
+  fenceWaits: number;
 }
 interface Real {
   cache: KVCache;
@@ -34,6 +38,7 @@ function tokenBytesFor(seed: number, tokenBytes: number): Uint8Array {
 }
 
 let operations = 0;
+const HELD_STREAM = 0xfe0cen;
 const seed = process.env.VAT_SEED ? Number(process.env.VAT_SEED) : (Date.now() ^ (Math.random() * 2 ** 31)) >>> 0;
 
 function codeOf(f: () => unknown): string | null {
@@ -73,6 +78,18 @@ for (const b of backends) {
 
     const invariants = (m: Model, c: KVCache) => {
       const s = c.stats();
+      if (b.name === 'host') {
+        // A pending fence's slot only loses pages after a fence wait.
+        const waits = s.driverCalls.fenceWait!.calls;
+        for (const [slot, seen] of m.fenced) {
+          const now = s.slots[slot]!.mappedPages;
+          if (now < seen) {
+            expect(waits).toBeGreaterThan(m.fenceWaits);
+            m.fenced.delete(slot);
+          } else m.fenced.set(slot, now);
+        }
+        m.fenceWaits = waits;
+      }
       expect(s.pagesMapped + s.pagesPooled).toBe(s.pagesCreated);
       expect(s.pagesCreated * s.pageSize).toBeLessThanOrEqual(s.budgetBytes);
       expect(s.activeSequences).toBe(m.live.length);
@@ -167,6 +184,38 @@ for (const b of backends) {
           expect(codeOf(() => r.cache.release(e.seq))).toBe('ERR_SEQUENCE_RELEASED');
         },
       })),
+      pick.map((i) => ({
+        // GPU work still reads the sequence when it is released: on cuda a
+        // kernel that reads it after a short spin, on host a held stream.
+        toString: () => `releaseWhileRead(#${i})`,
+        check: (m: Model) => m.live.length > 0,
+        run: (m: Model, r: Real) => {
+          const idx = i % m.live.length;
+          const e = m.live[idx]!;
+          for (let l = 0; l < o.layers; l++) for (const k of KINDS) verify(r.cache, e, l, k);
+          const slot = e.seq.slot;
+          const mapped = r.cache.stats().slots[slot]!.mappedPages;
+          let stream = 0n;
+          if (b.name === 'cuda') {
+            if (e.m.tokens > 0) spinThenReadU32(e.seq.address(0, 'k'), (e.m.tokens * r.cache.tokenBytes) / 4, 3e6);
+          } else {
+            stream = HELD_STREAM;
+            holdHostStream(stream);
+          }
+          r.cache.release(e.seq, { stream });
+          m.live.splice(idx, 1);
+          if (b.name === 'host' && mapped > 0) m.fenced.set(slot, mapped);
+        },
+      })),
+      fc.constant({
+        toString: () => 'gpuWorkDone()',
+        check: () => true,
+        run: (m: Model) => {
+          if (b.name === 'cuda') synchronizeStream(0n); // a fault of a too-early unmap surfaces here
+          else finishHostStream(HELD_STREAM);
+          m.fenced.clear();
+        },
+      }),
       fc.option(fc.nat({ max: 64 * 4096 }), { nil: undefined }).map((bytes) => ({
         toString: () => `reclaim(${bytes})`,
         check: () => true,
@@ -197,7 +246,7 @@ for (const b of backends) {
       })),
     );
 
-    const runs = b.name === 'host' ? 480 : 40;
+    const runs = b.name === 'host' ? 560 : 40;
     afterAll(() => {
       console.log(`model-based (${b.name}): ${operations} operations, seed ${seed}`);
     });
@@ -208,9 +257,11 @@ for (const b of backends) {
         fc.property(fc.commands(counted, { maxCommands: 600, size: 'max' }), (cmds) => {
           const cache = new KVCache(o);
           try {
-            fc.modelRun(() => ({ model: { live: [] } as Model, real: { cache } }), cmds);
+            fc.modelRun(() => ({ model: { live: [], fenced: new Map(), fenceWaits: 0 } as Model, real: { cache } }), cmds);
           } finally {
             cache.close();
+            if (b.name === 'cuda') synchronizeStream(0n);
+            else finishHostStream(HELD_STREAM);
           }
           expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
         }),
@@ -256,7 +307,7 @@ for (const b of backends) {
         fc.asyncProperty(fc.commands(asyncCommands, { maxCommands: 200, size: 'max' }), async (cmds) => {
           const cache = new KVCache(withPrefetch);
           try {
-            await fc.asyncModelRun(() => ({ model: { live: [] } as Model, real: { cache } }), cmds);
+            await fc.asyncModelRun(() => ({ model: { live: [], fenced: new Map(), fenceWaits: 0 } as Model, real: { cache } }), cmds);
           } finally {
             cache.close();
           }

@@ -70,6 +70,7 @@ BackendOp opNamed(Napi::Env env, const Napi::Value& name) {
   std::string text = name.IsString() ? name.As<Napi::String>().Utf8Value() : "";
   for (size_t i = 0; i < kBackendOpCount; ++i)
     if (text == backendOpName(static_cast<BackendOp>(i))) return static_cast<BackendOp>(i);
+  if (text == backendOpName(BackendOp::StartWorker)) return BackendOp::StartWorker;
   Napi::Error err = Napi::Error::New(env, "unknown backend op: " + text);
   err.Set("code", "ERR_INVALID_ARGUMENT");
   throw err;
