@@ -56,6 +56,7 @@ export function formatPrometheus(stats: CacheStats, options?: MetricsOptions): s
   metric('pages', 'gauge', 'Physical pages by state.', [
     [{ state: 'mapped' }, stats.pagesMapped],
     [{ state: 'pooled' }, stats.pagesPooled],
+    [{ state: 'stranded' }, stats.pagesStranded],
   ]);
   metric('active_sequences', 'gauge', 'Sequences holding a slot.', [[{}, stats.activeSequences]]);
   metric('pages_reused_total', 'counter', 'Mapped pages a new sequence found in its slot (deferred reclamation).', [[{}, stats.pagesReused]]);
