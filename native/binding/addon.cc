@@ -372,14 +372,14 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   Napi::Value Layout(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (cache_->closed()) throw toJsError(env, Error(ErrorCode::Closed, "the KV cache is closed"));
     const KVLayout& l = cache_->layout();
     const ModelShape& shape = l.shape();
     Napi::Object o = Napi::Object::New(env);
-    o.Set("base", big(env, cache_->base()));
-    o.Set("pageSize", num(env, cache_->backend().pageSize()));
-    o.Set("granularity", num(env, cache_->backend().granularity()));
-    o.Set("backend", cache_->backend().name());
+    const CacheDescription& d = cache_->description();
+    o.Set("base", big(env, d.base));
+    o.Set("pageSize", num(env, d.pageSize));
+    o.Set("granularity", num(env, d.granularity));
+    o.Set("backend", d.backend);
     o.Set("tokenBytes", num(env, l.tokenBytes()));
     o.Set("bytesPerToken", num(env, l.bytesPerToken()));
     o.Set("pagesPerGroup", num(env, l.pagesPerGroup()));

@@ -1,0 +1,87 @@
+// The page mapper: takes physical pages for a slot's page groups (idle in the
+// pool, newly created within the budget, reclaimed from other slots in the
+// reclaim policy's order), maps them on the lock or off it, and commits or
+// rolls back. This is the one place where "all or nothing" is enforced and
+// where pages are unmapped from slots.
+//
+// Rollback rule: a failure is undone along the way it came. Where undoing
+// fails too (an unmap), the page is stranded in the pool (still mapped, owned
+// by no slot, retried before the next mapping), and a slot never lists a page
+// that is not mapped.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "cache/cache_core.h"
+
+namespace vat {
+
+// Groups [fromGroup, toGroup) of a slot being mapped with the lock released.
+struct Extension {
+  uint32_t slot = 0;
+  Extending kind = Extending::OnDemand;
+  size_t fromGroup = 0;
+  size_t toGroup = 0;
+  std::vector<PageId> pages;        // idle pages taken for it
+  size_t creations = 0;             // pages to create (budget reserved)
+  std::vector<PageId> created;      // pages created for it (destroyed on rollback)
+  std::vector<PageHandle> handles;  // room for the pages created off the lock
+  std::vector<Page*> records;       // room for the page records mapped off the lock
+};
+
+class PageMapper {
+ public:
+  explicit PageMapper(CacheCore& core) : core_(core) {}
+
+  // Pages a growth could have now: idle, within the budget, reclaimable
+  // (fenced ones included: the growth waits for them). `exclude`: slots not
+  // to take from (the growing ones).
+  uint64_t obtainablePages(const std::vector<uint32_t>& exclude);
+
+  // On the lock: maps every slot's groups up to its target, all or nothing.
+  // `missing` pages in all. On failure every slot is as it was and the error
+  // is thrown; pages it reclaimed before failing stay idle in the pool.
+  void growOnLock(const std::vector<std::pair<uint32_t, size_t>>& targets, uint64_t missing,
+                  const std::vector<uint32_t>& exclude);
+
+  // Unmaps tail groups, in reclaim order, until at least `pages` pages went
+  // back to the pool; a fenced slot is waited for first. Returns the pages.
+  uint64_t reclaim(uint64_t pages, const std::vector<uint32_t>& exclude);
+
+  // Off the lock. begin: takes the extension's pages (idle, reserved
+  // creations; with mayReclaim, reclaimed from others) and marks the slot as
+  // extending; false, taking nothing, when they cannot all be had.
+  bool beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim, Extending kind);
+  // run: creates and maps with the lock released, then commits to the slot
+  // or rolls back and rethrows. Called and returns with the lock held; the
+  // slot always stops extending and waiters are woken.
+  void runExtension(Lock& lk, Extension& ext, const std::atomic<bool>* cancel);
+
+  // Unmaps stranded pages again before anything is mapped (cheap when none).
+  void retryStranded();
+
+  uint64_t reclaimedPages() const { return reclaimedPages_; }
+  uint64_t pagesMappedOffLock() const { return pagesMappedOffLock_; }
+
+ private:
+  std::vector<PageId> obtainPages(uint64_t count, std::vector<PageId>& createdNow,
+                                  const std::vector<uint32_t>& exclude);
+  void returnPages(const std::vector<PageId>& pages, const std::vector<PageId>& createdNow);
+  void mapGroups(uint32_t slotIndex, Slot& s, size_t toGroups, const std::vector<PageId>& pages, size_t& next);
+  void unmapGroupsFrom(Slot& s, size_t keepPages);
+  void unmapTailGroup(Slot& s);
+  void endExtension(const Extension& ext);
+  void abortIfStopping(const std::atomic<bool>* cancel) const;
+
+  CacheCore& core_;
+  uint64_t reclaimedPages_ = 0;      // pages unmapped from other slots, ever
+  uint64_t pagesMappedOffLock_ = 0;  // pages committed by extensions (worker, growAsync), ever
+};
+
+// ERR_OUT_OF_MEMORY with the figures.
+Error outOfMemory(uint64_t neededPages, uint64_t obtainablePages, uint64_t pageSize, const PoolCounts& c);
+
+}  // namespace vat

@@ -1,0 +1,18 @@
+// Placement policy: which free slot a new sequence gets.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+
+#include "cache/slot_table.h"
+
+namespace vat {
+
+// Deferred reclamation: a released slot keeps its pages, so the slot whose
+// mapped groups best fit the expected length needs the fewest driver calls.
+// Best fit = the fewest groups that still cover it; failing that, the most.
+// Without an expected length, the slot with the most mapped groups.
+// Throws ERR_NO_SLOT when every slot holds a sequence.
+uint32_t placeSequence(const SlotTable& slots, std::optional<size_t> expectedGroups);
+
+}  // namespace vat

@@ -1,0 +1,163 @@
+#include "cache/prefetcher.h"
+
+#include <algorithm>
+#include <system_error>
+
+#include "common/errors.h"
+#include "common/lifetime.h"
+
+namespace vat {
+
+Prefetcher::~Prefetcher() {
+  // The owner stops the worker before destroying it; a thread still joinable
+  // here would terminate the process.
+  if (worker_.joinable()) worker_.detach();
+}
+
+void Prefetcher::start() {
+  if (lookAhead_ == 0) return;
+  core_.backend().injectFault(BackendOp::StartWorker, "std::thread", ErrorCode::Os);
+  try {
+    worker_ = std::thread([this] { run(); });
+  } catch (const std::system_error& e) {
+    fail(ErrorCode::Os, std::string("cannot start the prefetch thread: ") + e.what());
+  }
+  Lock lk(core_.lock);
+  started_.wait(lk, [&] { return startedUp_; });
+}
+
+void Prefetcher::stop() {
+  {
+    Lock lk(core_.lock);
+    wake();
+    workCv_.notify_all();
+  }
+  if (!worker_.joinable()) return;
+  if (processExiting()) worker_.detach();
+  else worker_.join();
+}
+
+void Prefetcher::wake() {
+  ++epoch_;
+  workCv_.notify_one();
+}
+
+void Prefetcher::afterStep(const std::vector<GrowRequest>& batch) {
+  if (lookAhead_ == 0) return;
+  uint64_t maxTokens = core_.layout->shape().maxTokens;
+  bool work = !active_;
+  for (const GrowRequest& r : batch) {
+    Slot& s = core_.slots[r.seq.slot];
+    s.prefetchTarget = std::max(s.prefetchTarget, std::min<uint64_t>(maxTokens, r.tokens + lookAhead_));
+    if (core_.layout->tokensInGroups(core_.groupsOf(s)) < s.prefetchTarget) work = true;
+  }
+  active_ = true;
+  // Wake the worker only when there is something to map: most decode steps
+  // stay inside pages already backed, and then cost no wake-up at all.
+  if (work) wake();
+}
+
+bool Prefetcher::waitForIdle(Lock& lk) {
+  if (inFlight_ == 0) return false;
+  ++demandWaiting_;
+  core_.changed.wait(lk, [&] { return core_.closing.load() || inFlight_ == 0; });
+  if (--demandWaiting_ == 0) wake();
+  return true;
+}
+
+// The most urgent active slot below its prefetch target (least backed room
+// left ahead of its tokens), one page group at a time, with pages that are
+// free: idle or within the budget.
+bool Prefetcher::plan(Extension& ext) {
+  if (demandWaiting_ > 0) return false;
+  const KVLayout& layout = *core_.layout;
+  int best = -1;
+  uint64_t bestRoom = UINT64_MAX;
+  for (uint32_t i = 0; i < core_.slots.size(); ++i) {
+    const Slot& s = core_.slots[i];
+    if (!s.active() || s.extendingNow() || s.prefetchTarget == 0) continue;
+    uint64_t backed = layout.tokensInGroups(core_.groupsOf(s));
+    if (backed >= s.prefetchTarget || core_.groupsOf(s) >= layout.maxGroups()) continue;
+    uint64_t room = backed > s.tokens ? backed - s.tokens : 0;
+    if (room < bestRoom) {
+      bestRoom = room;
+      best = static_cast<int>(i);
+    }
+  }
+  if (best < 0) return false;
+  uint32_t slot = static_cast<uint32_t>(best);
+  return mapper_.beginExtension(ext, slot, core_.groupsOf(core_.slots[slot]) + 1, false, Extending::Ahead);
+}
+
+// Keeps a group's worth of idle pages ready while prefetch is in use, so that
+// demand growth rarely pays for page creation.
+bool Prefetcher::topUpPool(Lock& lk) {
+  PagePool& pool = core_.pool();
+  if (!active_ || demandWaiting_ > 0 || pool.idleCount() >= lowWater_ || !pool.reserveCreation()) return false;
+  ++inFlight_;
+  lk.unlock();
+  PageHandle handle = 0;
+  bool ok = true;
+  try {
+    handle = core_.backend().createPage();
+  } catch (...) {
+    ok = false;
+  }
+  lk.lock();
+  --inFlight_;
+  core_.changed.notify_all();
+  if (!ok) {
+    pool.cancelCreation();
+    errors_++;
+    return false;
+  }
+  pool.putIdle(pool.adopt(handle));
+  return true;
+}
+
+void Prefetcher::run() {
+  bool bound = true;
+  try {
+    core_.backend().injectFault(BackendOp::StartWorker, "binding the prefetch thread", core_.backend().ordinaryError());
+    core_.backend().bindThread();
+  } catch (const std::exception& e) {
+    bound = false;
+    Lock lk(core_.lock);
+    workerError_ = std::string("the prefetch worker could not bind its thread, prefetch is off: ") + e.what();
+  }
+  Lock lk(core_.lock);
+  startedUp_ = true;
+  started_.notify_all();
+  if (!bound) return;  // demand still works; stats() and the 'prefetchError' event say why
+  while (!core_.closing.load()) {
+    if (processExiting()) return;
+    uint64_t seen = epoch_;
+    bool busy = false;
+    try {
+      Extension ext;
+      if (plan(ext)) {
+        busy = true;
+        ++inFlight_;
+        try {
+          mapper_.runExtension(lk, ext, nullptr);
+        } catch (...) {
+          errors_++;
+          core_.slots[ext.slot].prefetchTarget = 0;  // retried when the next step() asks again
+        }
+        --inFlight_;
+        core_.changed.notify_all();
+      } else {
+        busy = topUpPool(lk);
+      }
+    } catch (...) {
+      // Planning ran out of host memory (under the lock, nothing taken):
+      // nothing escapes this thread; try again at the next wake-up.
+      errors_++;
+      busy = false;
+    }
+    if (busy) continue;
+    workCv_.wait(lk, [&] { return core_.closing.load() || epoch_ != seen; });
+  }
+}
+
+}  // namespace vat

@@ -1,0 +1,78 @@
+// The prefetcher: one worker thread per cache that maps, while the GPU
+// computes, the look-ahead step() asks for (tokens + lookAhead of each
+// stepped sequence), one page group at a time, and keeps a group's worth of
+// idle pages in the pool. It never reclaims (demand does, and takes
+// prefetched tails first); it never holds demand up: a growth that would be
+// refused while the worker holds pages off the lock waits for it
+// (waitForIdle), and the worker starts nothing new meanwhile.
+//
+// Every wait of the worker has its predicate (closing, or a new wake-up
+// epoch), so a wake-up sent while it was off the lock is never lost.
+#pragma once
+
+#include <condition_variable>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cache/cache_core.h"
+#include "cache/page_mapper.h"
+
+namespace vat {
+
+struct GrowRequest {
+  SequenceRef seq;
+  uint64_t tokens = 0;
+};
+
+class Prefetcher {
+ public:
+  Prefetcher(CacheCore& core, PageMapper& mapper, uint32_t lookAheadTokens)
+      : core_(core), mapper_(mapper), lookAhead_(lookAheadTokens), lowWater_(core.layout->pagesPerGroup()) {}
+  ~Prefetcher();
+
+  // Starts the worker and waits until it has bound its thread. Throws ERR_OS
+  // when the thread cannot start. No-op with a look-ahead of 0.
+  void start();
+  // Stops the worker (the lock must not be held). Once the process is
+  // exiting the worker may be inside a driver call: it is detached.
+  void stop();
+
+  // Under the lock. After a step: raises the batch's targets and wakes the
+  // worker when there is something to map (most steps: nothing).
+  void afterStep(const std::vector<GrowRequest>& batch);
+  // Under the lock: something changed that may give the worker work.
+  void wake();
+  // Under the lock: the pool was trimmed; no top-up until the next step.
+  void pause() { active_ = false; }
+  // Under the lock. Demand wins: while the worker holds pages off the lock,
+  // waits until it is done and returns true (the caller decides again);
+  // returns false at once when it holds none.
+  bool waitForIdle(Lock& lk);
+
+  uint32_t lookAhead() const { return lookAhead_; }
+  uint64_t errors() const { return errors_; }
+  const std::string& workerError() const { return workerError_; }
+
+ private:
+  void run();
+  bool plan(Extension& ext);
+  bool topUpPool(Lock& lk);
+
+  CacheCore& core_;
+  PageMapper& mapper_;
+  uint32_t lookAhead_;
+  uint64_t lowWater_;             // idle pages kept ready while prefetch is active
+  std::condition_variable workCv_;
+  std::condition_variable started_;
+  std::thread worker_;
+  bool startedUp_ = false;
+  bool active_ = false;           // step() has run since the last pause()
+  uint64_t epoch_ = 0;            // bumped with every wake-up (the worker's wait predicate)
+  uint32_t demandWaiting_ = 0;    // callers in waitForIdle: the worker starts nothing new
+  uint32_t inFlight_ = 0;         // worker extensions and top-ups running off the lock
+  uint64_t errors_ = 0;           // extensions and top-ups that failed (retried at the next step)
+  std::string workerError_;       // why the worker could not start (prefetch off), or empty
+};
+
+}  // namespace vat

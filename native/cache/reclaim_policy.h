@@ -1,0 +1,33 @@
+// Reclaim policy: which mapped pages a growth may take from other slots, and
+// in what order. Every path that unmaps pages of a slot walks this order
+// (growth on the caller's thread, growAsync, reclaim()), and "how much could
+// be reclaimed" is its sum, so the two cannot disagree.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+#include "cache/slot_table.h"
+#include "layout/kv_layout.h"
+
+namespace vat {
+
+struct ReclaimCandidate {
+  uint32_t slot;
+  size_t keepGroups;  // groups that stay mapped (the tokens of an active sequence)
+  bool fenced;        // GPU work may still use its pages: wait before unmapping
+};
+
+// The order: the prefetched tails (groups beyond the tokens) of active
+// sequences, then released slots (highest slot first) - first those whose
+// fences have all passed, then, in the same order, those that must be waited
+// for. Slots being extended and those in `exclude` are left alone.
+std::vector<ReclaimCandidate> reclaimOrder(SlotTable& slots, const KVLayout& layout, Backend& backend,
+                                           const std::vector<uint32_t>& exclude);
+
+// Pages the order could give back.
+uint64_t reclaimablePages(const std::vector<ReclaimCandidate>& order, const SlotTable& slots,
+                          const KVLayout& layout);
+
+}  // namespace vat
