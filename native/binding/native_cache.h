@@ -1,0 +1,268 @@
+// The cache object JavaScript holds (lib/native.ts; lib/kv-cache.ts wraps it
+// in KVCache): converts arguments and results, nothing more. Arguments were
+// validated in TypeScript (lib/options.ts); the core checks what it relies on.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+#include <set>
+#include <vector>
+
+#include "binding/grow_task.h"
+#include "binding/js_values.h"
+#include "binding/test_hooks.h"
+#include "cache/kv_cache.h"
+
+namespace vat {
+
+class NativeCache;
+
+// Per-environment state (main thread and each worker thread): the live
+// caches, closed when the environment is torn down.
+struct AddonData {
+  std::set<NativeCache*> live;
+};
+
+// Closes every cache of an environment being torn down (a worker thread
+// ending, the main thread exiting).
+void closeAllInEnv(void* addonData);
+
+class NativeCache : public Napi::ObjectWrap<NativeCache> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "NativeCache",
+                       {
+                           InstanceMethod<&NativeCache::Reserve>("reserve"),
+                           InstanceMethod<&NativeCache::Grow>("grow"),
+                           InstanceMethod<&NativeCache::Step>("step"),
+                           InstanceMethod<&NativeCache::GrowAsync>("growAsync"),
+                           InstanceMethod<&NativeCache::Release>("release"),
+                           InstanceMethod<&NativeCache::Reclaim>("reclaim"),
+                           InstanceMethod<&NativeCache::Trim>("trim"),
+                           InstanceMethod<&NativeCache::Write>("write"),
+                           InstanceMethod<&NativeCache::Read>("read"),
+                           InstanceMethod<&NativeCache::Tokens>("tokens"),
+                           InstanceMethod<&NativeCache::Stats>("stats"),
+                           InstanceMethod<&NativeCache::Layout>("layout"),
+                           InstanceMethod<&NativeCache::Close>("close"),
+                           InstanceMethod<&NativeCache::WorkerError>("workerError"),
+                           InstanceMethod<&NativeCache::InjectFault>("injectFault"),
+                       });
+  }
+
+  NativeCache(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeCache>(info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = info[0].As<Napi::Object>();
+    CacheOptions opts;
+    opts.shape.layers = u32(o.Get("layers"));
+    opts.shape.kvHeads = u32(o.Get("kvHeads"));
+    opts.shape.headDim = u32(o.Get("headDim"));
+    opts.shape.dtypeBytes = u32(o.Get("dtypeBytes"));
+    opts.shape.maxSequences = u32(o.Get("maxSequences"));
+    opts.shape.maxTokens = u32(o.Get("maxTokens"));
+    opts.backend = o.Get("backend").As<Napi::String>().Utf8Value() == "cuda" ? BackendKind::Cuda : BackendKind::Host;
+    opts.device = static_cast<int>(u32(o.Get("device")));
+    opts.pageSize = static_cast<size_t>(u64(o.Get("pageSize")));
+    opts.memoryBudget = u64(o.Get("memoryBudget"));
+    opts.prefillBytes = u64(o.Get("prefillBytes"));
+    opts.prefetchTokens = u32(o.Get("prefetchTokens"));
+    cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
+    data_ = env.GetInstanceData<AddonData>();
+    data_->live.insert(this);
+  }
+
+  ~NativeCache() override {
+    if (data_) data_->live.erase(this);
+    // Collected without close(): free everything now (close() makes no
+    // driver call once the process is exiting).
+    if (cache_) cache_->close();
+  }
+
+  void closeFromCleanupHook() {
+    if (cache_) cache_->close();
+  }
+
+ private:
+  SequenceRef seq(const Napi::CallbackInfo& info) { return {u32(info[0]), u32(info[1])}; }
+
+  Napi::Value Reserve(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::optional<uint64_t> expected;
+    if (info.Length() > 0 && info[0].IsNumber()) expected = u64(info[0]);
+    SequenceRef r = guarded(env, [&] { return cache_->reserve(expected); });
+    Napi::Array out = Napi::Array::New(env, 2);
+    out.Set(0u, r.slot);
+    out.Set(1u, r.generation);
+    return out;
+  }
+
+  Napi::Value Grow(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->grow(seq(info), u64(info[2])); }));
+  }
+
+  // step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, n):
+  // the first n entries of reused arrays (no allocation per step on the JS side).
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    auto slots = info[0].As<Napi::Uint32Array>();
+    auto gens = info[1].As<Napi::Uint32Array>();
+    auto tokens = info[2].As<Napi::Uint32Array>();
+    size_t n = std::min<size_t>(u32(info[3]), slots.ElementLength());
+    batch_.resize(n);
+    for (size_t i = 0; i < n; ++i) batch_[i] = {{slots[i], gens[i]}, tokens[i]};
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->step(batch_); }));
+  }
+
+  // growAsync(slot, gen, tokens) -> [Promise, cancel()]
+  Napi::Value GrowAsync(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto cancel = std::make_shared<std::atomic<bool>>(false);
+    auto* task = new GrowTask(env, cache_, seq(info), u64(info[2]), cancel);
+    napi_value promise = task->promise();
+    task->Queue();
+    Napi::Array out = Napi::Array::New(env, 2);
+    out.Set(0u, Napi::Value(env, promise));
+    out.Set(1u, Napi::Function::New(env, [cancel](const Napi::CallbackInfo&) { cancel->store(true); }));
+    return out;
+  }
+
+  void Release(const Napi::CallbackInfo& info) {
+    std::optional<uint64_t> stream;
+    if (info.Length() > 2 && info[2].IsBigInt()) stream = u64(info[2]);
+    guarded(info.Env(), [&] { cache_->release(seq(info), stream); });
+  }
+
+  Napi::Value Reclaim(const Napi::CallbackInfo& info) {
+    uint64_t bytes = info.Length() > 0 && !info[0].IsUndefined() ? u64(info[0]) : UINT64_MAX;
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->reclaim(bytes); }));
+  }
+
+  Napi::Value Trim(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->trim(); }));
+  }
+
+  // write(slot, gen, layer, kind, token, Uint8Array)
+  void Write(const Napi::CallbackInfo& info) {
+    Napi::Uint8Array data = info[5].As<Napi::Uint8Array>();
+    guarded(info.Env(), [&] {
+      cache_->write(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), data.Data(),
+                    data.ByteLength());
+    });
+  }
+
+  void Read(const Napi::CallbackInfo& info) {
+    Napi::Uint8Array out = info[5].As<Napi::Uint8Array>();
+    guarded(info.Env(), [&] {
+      cache_->read(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), out.Data(),
+                   out.ByteLength());
+    });
+  }
+
+  Napi::Value Tokens(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->tokens(seq(info)); }));
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CacheStats st = guarded(env, [&] { return cache_->stats(); });
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("backend", st.backend);
+    o.Set("pageSize", num(env, st.pageSize));
+    o.Set("budgetBytes", num(env, st.budgetBytes));
+    o.Set("pagesCreated", num(env, st.pages.created));
+    o.Set("pagesMapped", num(env, st.pages.mapped));
+    o.Set("pagesPooled", num(env, st.pages.idle));
+    o.Set("pagesStranded", num(env, st.pages.stranded));
+    o.Set("bytesBacked", num(env, st.bytesBacked));
+    o.Set("bytesUsed", num(env, st.bytesUsed));
+    o.Set("activeSequences", num(env, st.activeSequences));
+    o.Set("reservedVirtualBytes", num(env, st.reservedVirtualBytes));
+    o.Set("pagesReclaimed", num(env, st.reclaimedPages));
+    o.Set("pagesReused", num(env, st.reusedPages));
+    o.Set("driverCallsOnJsThread", num(env, st.callsOnOwnerThread));
+    Napi::Object pf = Napi::Object::New(env);
+    pf.Set("tokens", cache_->prefetchTokens());
+    pf.Set("hits", num(env, st.prefetch.hits));
+    pf.Set("misses", num(env, st.prefetch.misses));
+    pf.Set("pagesAhead", num(env, st.prefetch.pagesAhead));
+    pf.Set("pagesOnDemand", num(env, st.prefetch.pagesOnDemand));
+    pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
+    pf.Set("errors", num(env, st.prefetch.errors));
+    pf.Set("workerError", st.prefetch.workerError.empty() ? env.Null() : Napi::String::New(env, st.prefetch.workerError));
+    o.Set("prefetch", pf);
+    Napi::Array slots = Napi::Array::New(env, st.slots.size());
+    for (size_t i = 0; i < st.slots.size(); ++i) {
+      const SlotStats& s = st.slots[i];
+      Napi::Object so = Napi::Object::New(env);
+      so.Set("slot", s.slot);
+      so.Set("active", s.active);
+      so.Set("tokens", num(env, s.tokens));
+      so.Set("backedTokens", num(env, s.backedTokens));
+      so.Set("mappedPages", num(env, s.mappedPages));
+      slots.Set(static_cast<uint32_t>(i), so);
+    }
+    o.Set("slots", slots);
+    Napi::Object calls = Napi::Object::New(env);
+    for (size_t i = 0; i < kBackendOpCount; ++i) {
+      Napi::Object c = Napi::Object::New(env);
+      c.Set("calls", num(env, st.calls[i].calls));
+      c.Set("nanoseconds", num(env, st.calls[i].nanos));
+      calls.Set(backendOpName(static_cast<BackendOp>(i)), c);
+    }
+    o.Set("driverCalls", calls);
+    return o;
+  }
+
+  Napi::Value Layout(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const KVLayout& l = cache_->layout();
+    const ModelShape& shape = l.shape();
+    Napi::Object o = Napi::Object::New(env);
+    const CacheDescription& d = cache_->description();
+    o.Set("base", big(env, d.base));
+    o.Set("pageSize", num(env, d.pageSize));
+    o.Set("granularity", num(env, d.granularity));
+    o.Set("backend", d.backend);
+    o.Set("tokenBytes", num(env, l.tokenBytes()));
+    o.Set("bytesPerToken", num(env, l.bytesPerToken()));
+    o.Set("pagesPerGroup", num(env, l.pagesPerGroup()));
+    o.Set("rangeBytes", num(env, l.rangeBytes()));
+    Napi::Array tensors = Napi::Array::New(env);
+    uint32_t n = 0;
+    for (uint32_t layer = 0; layer < shape.layers; ++layer) {
+      for (KVKind kind : {KVKind::K, KVKind::V}) {
+        TensorView v = l.tensor(layer, kind);
+        Napi::Object t = Napi::Object::New(env);
+        t.Set("offset", big(env, v.offset));
+        Napi::Array strides = Napi::Array::New(env, 4);
+        for (uint32_t d = 0; d < 4; ++d) strides.Set(d, num(env, v.strideElements[d]));
+        t.Set("strideElements", strides);
+        tensors.Set(n++, t);
+      }
+    }
+    o.Set("tensors", tensors);
+    return o;
+  }
+
+  void Close(const Napi::CallbackInfo&) {
+    if (cache_) cache_->close();
+  }
+
+  // Why the prefetch worker could not start, or null.
+  Napi::Value WorkerError(const Napi::CallbackInfo& info) {
+    std::string why = guarded(info.Env(), [&] { return cache_->workerError(); });
+    return why.empty() ? info.Env().Null() : Napi::String::New(info.Env(), why);
+  }
+
+  // Test-only: injectFault(op name, nth call from now, kind, delayMs)
+  void InjectFault(const Napi::CallbackInfo& info) {
+    Fault fault = faultFrom(info, 0);
+    guarded(info.Env(), [&] { cache_->armFault(fault); });
+  }
+
+  std::shared_ptr<KVCache> cache_;  // shared with GrowTasks in flight
+  std::vector<GrowRequest> batch_;  // reused by step() to avoid an allocation per call
+  AddonData* data_ = nullptr;
+};
+
+}  // namespace vat

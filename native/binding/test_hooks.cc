@@ -1,0 +1,170 @@
+#include "binding/test_hooks.h"
+
+#include "backend/host_backend.h"
+#include "binding/js_values.h"
+#include "testing/device_tools.h"
+
+namespace vat {
+
+namespace {
+
+// The backend operation called `name` (fault injection); ERR_INVALID_ARGUMENT otherwise.
+BackendOp opNamed(Napi::Env env, const Napi::Value& name) {
+  std::string text = name.IsString() ? name.As<Napi::String>().Utf8Value() : "";
+  for (size_t i = 0; i < kBackendOpCount; ++i)
+    if (text == backendOpName(static_cast<BackendOp>(i))) return static_cast<BackendOp>(i);
+  if (text == backendOpName(BackendOp::StartWorker)) return BackendOp::StartWorker;
+  Napi::Error err = Napi::Error::New(env, "unknown backend op: " + text);
+  err.Set("code", "ERR_INVALID_ARGUMENT");
+  throw err;
+}
+
+// vattention/testing: GPU helpers for tests and benchmarks.
+
+int dev(const Napi::CallbackInfo& info) { return static_cast<int>(u32(info[0])); }
+
+Napi::Value TestingDeviceMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  MemoryInfo m = guarded(env, [&] { return testing::deviceMemory(dev(info)); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("freeBytes", num(env, m.freeBytes));
+  o.Set("totalBytes", num(env, m.totalBytes));
+  return o;
+}
+
+void TestingFillU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] {
+    testing::fillU32(dev(info), u64(info[1]), u64(info[2]), u32(info[3]), u64(info[4]));
+  });
+}
+
+void TestingSpinThenFillU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] {
+    testing::spinThenFillU32(dev(info), u64(info[1]), u64(info[2]), u32(info[3]), u64(info[4]), u64(info[5]));
+  });
+}
+
+void TestingSpinThenReadU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::spinThenReadU32(dev(info), u64(info[1]), u64(info[2]), u64(info[3]), u64(info[4])); });
+}
+
+// writeTokens(device, base, tensors, tensorStride, slotStride, tokenBytes, seed, entries: BigUint64Array, stream)
+void TestingWriteTokens(const Napi::CallbackInfo& info) {
+  Napi::TypedArrayOf<uint64_t> entries = info[7].As<Napi::TypedArrayOf<uint64_t>>();
+  std::vector<uint64_t> list(entries.Data(), entries.Data() + entries.ElementLength());
+  guarded(info.Env(), [&] {
+    testing::writeTokens(dev(info), u64(info[1]), u32(info[2]), u64(info[3]), u64(info[4]), u64(info[5]),
+                         u32(info[6]), list, u64(info[8]));
+  });
+}
+
+Napi::Value TestingCreateStream(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::createStream(dev(info)); }));
+}
+
+void TestingDestroyStream(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyStream(dev(info), u64(info[1])); });
+}
+
+void TestingSynchronizeStream(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::synchronizeStream(dev(info), u64(info[1])); });
+}
+
+Napi::Value TestingCreateContext(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::createContext(dev(info)); }));
+}
+
+void TestingDestroyContext(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyContext(u64(info[0])); });
+}
+
+void TestingSetCurrentContext(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::setCurrentContext(u64(info[0])); });
+}
+
+Napi::Value TestingCurrentContext(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::currentContext(); }));
+}
+
+Napi::Value TestingRawVmmLoop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  testing::RawVmmTimes t = guarded(env, [&] { return testing::rawVmmLoop(dev(info), u64(info[1])); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pages", num(env, t.pages));
+  o.Set("pageSize", num(env, t.pageSize));
+  o.Set("createNs", num(env, t.createNs));
+  o.Set("mapNs", num(env, t.mapNs));
+  o.Set("setAccessNs", num(env, t.setAccessNs));
+  o.Set("unmapNs", num(env, t.unmapNs));
+  o.Set("releaseNs", num(env, t.releaseNs));
+  return o;
+}
+
+Napi::Object TestingExports(Napi::Env env) {
+  Napi::Object t = Napi::Object::New(env);
+  t.Set("deviceMemory", Napi::Function::New<TestingDeviceMemory>(env));
+  t.Set("fillU32", Napi::Function::New<TestingFillU32>(env));
+  t.Set("spinThenFillU32", Napi::Function::New<TestingSpinThenFillU32>(env));
+  t.Set("writeTokens", Napi::Function::New<TestingWriteTokens>(env));
+  t.Set("spinThenReadU32", Napi::Function::New<TestingSpinThenReadU32>(env));
+  t.Set("createStream", Napi::Function::New<TestingCreateStream>(env));
+  t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
+  t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
+  t.Set("rawVmmLoop", Napi::Function::New<TestingRawVmmLoop>(env));
+  t.Set("createContext", Napi::Function::New<TestingCreateContext>(env));
+  t.Set("destroyContext", Napi::Function::New<TestingDestroyContext>(env));
+  t.Set("setCurrentContext", Napi::Function::New<TestingSetCurrentContext>(env));
+  t.Set("currentContext", Napi::Function::New<TestingCurrentContext>(env));
+  return t;
+}
+
+// Test-only: live driver/OS resources of the process, and a fault armed for
+// the next cache constructed.
+Napi::Value LiveResourceCounts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  LiveResources& live = liveResources();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("ranges", Napi::Number::New(env, static_cast<double>(live.ranges.load())));
+  o.Set("pages", Napi::Number::New(env, static_cast<double>(live.pages.load())));
+  o.Set("mappings", Napi::Number::New(env, static_cast<double>(live.mappings.load())));
+  o.Set("fences", Napi::Number::New(env, static_cast<double>(live.fences.load())));
+  o.Set("contexts", Napi::Number::New(env, static_cast<double>(live.contexts.load())));
+  return o;
+}
+
+void InjectNextCacheFault(const Napi::CallbackInfo& info) { armNextBackendFault(faultFrom(info, 0)); }
+
+// Test-only: hold / finish a host-backend stream (see holdHostStream).
+void HoldHostStream(const Napi::CallbackInfo& info) { holdHostStream(u64(info[0])); }
+void FinishHostStream(const Napi::CallbackInfo& info) { finishHostStream(u64(info[0])); }
+
+}  // namespace
+
+Fault faultFrom(const Napi::CallbackInfo& info, size_t first) {
+  Napi::Env env = info.Env();
+  Fault f;
+  f.op = opNamed(env, info[first]);
+  f.countdown = u64(info[first + 1]);
+  std::string kind = info[first + 2].IsString() ? info[first + 2].As<Napi::String>().Utf8Value() : "";
+  if (kind == "outOfMemory") f.kind = FaultKind::OutOfMemory;
+  else if (kind == "error") f.kind = FaultKind::Error;
+  else if (kind == "hostAlloc") f.kind = FaultKind::HostAlloc;
+  else if (kind == "delay") f.kind = FaultKind::Delay;
+  else {
+    Napi::Error err = Napi::Error::New(env, "unknown fault kind: " + kind);
+    err.Set("code", "ERR_INVALID_ARGUMENT");
+    throw err;
+  }
+  f.delayMs = info.Length() > first + 3 && info[first + 3].IsNumber() ? u32(info[first + 3]) : 0;
+  return f;
+}
+
+void addTestHooks(Napi::Env env, Napi::Object exports) {
+  exports.Set("testing", TestingExports(env));
+  exports.Set("liveResources", Napi::Function::New<LiveResourceCounts>(env));
+  exports.Set("injectNextCacheFault", Napi::Function::New<InjectNextCacheFault>(env));
+  exports.Set("holdHostStream", Napi::Function::New<HoldHostStream>(env));
+  exports.Set("finishHostStream", Napi::Function::New<FinishHostStream>(env));
+}
+
+}  // namespace vat
