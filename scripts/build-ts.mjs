@@ -1,4 +1,5 @@
-// Builds dist/: the CommonJS implementation with tsc (dist/cjs), and a thin
+// Builds dist/: the CommonJS implementation with tsc (dist/cjs), the CLI
+// (dist/cli), and a thin
 // ES module entry (dist/esm) that re-exports it, so ESM and CJS consumers
 // share one copy of every class (instanceof works across both).
 import { execFileSync } from 'node:child_process';
@@ -11,6 +12,8 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
 rmSync(join(root, 'dist'), { recursive: true, force: true });
 execFileSync(process.execPath, [tsc, '-p', join(root, 'tsconfig.json')], { stdio: 'inherit', cwd: root });
+// The CLI after the library: it imports 'vattention' (this package, through its exports).
+execFileSync(process.execPath, [tsc, '-p', join(root, 'cli', 'tsconfig.json')], { stdio: 'inherit', cwd: root });
 
 function esmWrapper(entry) {
   // Names are read from the built CommonJS module itself, so the list cannot drift.

@@ -17,7 +17,7 @@ if echo "$listing" | grep -E '^package/(test|build|build-sanitize|\.gpu|\.ci|nod
   echo "the tarball carries files it should not (above)" >&2
   exit 1
 fi
-for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js; do
+for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js; do
   echo "$listing" | grep -qx "$f" || { echo "missing from the tarball: $f" >&2; exit 1; }
 done
 

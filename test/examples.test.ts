@@ -21,7 +21,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   });
 
   it('vattention info --json describes the driver and the backend auto picks', () => {
-    const r = spawnSync(process.execPath, [join(root, 'dist', 'cjs', 'cli.js'), 'info', '--json'], { encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'info', '--json'], { encoding: 'utf8' });
     expect(r.status).toBe(0);
     const info = JSON.parse(r.stdout);
     expect(typeof info.loaded).toBe('boolean');
@@ -29,7 +29,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   });
 
   it('vattention demo --json serves every request and reports memory and mapping figures', () => {
-    const r = spawnSync(process.execPath, [join(root, 'dist', 'cjs', 'cli.js'), 'demo', '--json', '--requests', '40'], { encoding: 'utf8', timeout: 120_000 });
+    const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'demo', '--json', '--requests', '40'], { encoding: 'utf8', timeout: 120_000 });
     expect(r.status).toBe(0);
     const report = JSON.parse(r.stdout);
     expect(report.served).toBe(40);
@@ -42,7 +42,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   it.skipIf(cudaSkip === null)(`vattention bench writes a report: tables, JSON and SVG plots${cudaSkip === null ? ' (skipped: on a GPU the full benchmark takes minutes and most of the device; run it by hand)' : ''}`, () => {
     const out = mkdtempSync(join(tmpdir(), 'vattention-report-'));
     try {
-      const r = spawnSync(process.execPath, [join(root, 'dist', 'cjs', 'cli.js'), 'bench', '--out', out], { encoding: 'utf8', timeout: 300_000 });
+      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out], { encoding: 'utf8', timeout: 300_000 });
       expect(r.status, r.stderr).toBe(0);
       for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'memory.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Decode loop');
@@ -55,7 +55,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   });
 
   it('an unknown command prints usage and fails', () => {
-    const r = spawnSync(process.execPath, [join(root, 'dist', 'cjs', 'cli.js'), 'frobnicate'], { encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'frobnicate'], { encoding: 'utf8' });
     expect(r.status).toBe(1);
     expect(r.stdout).toContain('usage: vattention');
   });

@@ -6,10 +6,7 @@
  * are released (their slots keep their pages for the next request).
  * When memory runs out the newest sequence is preempted and requeued.
  */
-import { OutOfMemoryError } from './errors.js';
-import { KVCache, type Sequence } from './kv-cache.js';
-import { autoBackend } from './info.js';
-import type { BackendChoice, DType } from './options.js';
+import { KVCache, OutOfMemoryError, autoBackend, type BackendChoice, type DType, type Sequence } from 'vattention';
 
 export interface DemoOptions {
   backend?: BackendChoice;

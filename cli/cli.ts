@@ -9,10 +9,10 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { runDemo, type DemoReport } from './demo.js';
-import { autoBackend, driverInfo } from './info.js';
+import { autoBackend, driverInfo } from 'vattention';
 import { lineChart } from './plot.js';
 
-const packageRoot = resolve(__dirname, '..', '..');
+const packageRoot = resolve(__dirname, '..', '..'); // dist/cli/cli.js -> the package root
 
 function flag(args: string[], name: string): boolean {
   return args.includes(`--${name}`);
