@@ -21,6 +21,10 @@
         ["'<!(node -p \"process.env.VATTENTION_SANITIZE || ''\")'=='1'", {
           "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
           "ldflags": ["-fsanitize=address,undefined"]
+        }],
+        ["'<!(node -p \"process.env.VATTENTION_TSAN || ''\")'=='1'", {
+          "cflags_cc": ["-fsanitize=thread", "-fno-omit-frame-pointer", "-g"],
+          "ldflags": ["-fsanitize=thread"]
         }]
       ]
     }

@@ -1,19 +1,23 @@
 #include "common/lifetime.h"
 
 #include <atomic>
-#include <cstdlib>
-#include <mutex>
 
 namespace vat {
 namespace {
 std::atomic<bool> exiting{false};
-void markExiting() { exiting.store(true, std::memory_order_release); }
+
+// Marks the process as exiting from a static object's destructor rather than
+// std::atexit: both run when the process exits, but the destructor is
+// registered with this shared object's handle (__cxa_atexit), so it is
+// dropped if Node unloads the addon (the last worker thread that loaded it
+// ended). A plain atexit handler, as ThreadSanitizer's interceptor registers
+// it, is not, and the process would call unmapped code at exit.
+struct ExitWatcher {
+  ~ExitWatcher() { exiting.store(true, std::memory_order_release); }
+};
 }  // namespace
 
-void watchProcessExit() {
-  static std::once_flag once;
-  std::call_once(once, [] { std::atexit(markExiting); });
-}
+void watchProcessExit() { static ExitWatcher watcher; }
 
 bool processExiting() { return exiting.load(std::memory_order_acquire); }
 
