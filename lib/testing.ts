@@ -30,6 +30,10 @@ interface NativeTesting {
   synchronizeStream(device: number, stream: bigint): void;
   rawVmmLoop(device: number, pages: number): RawVmmTimes;
   createContext(device: number): bigint;
+  checkFillU32(device: number, address: bigint, count: number, seed: number, counter: bigint, stream: bigint): void;
+  createCounter(device: number): bigint;
+  readCounter(device: number, counter: bigint): number;
+  destroyCounter(device: number, counter: bigint): void;
   destroyContext(context: bigint): void;
   setCurrentContext(context: bigint): void;
   currentContext(): bigint;
@@ -80,6 +84,29 @@ export function fillU32(address: bigint, count: number, seed: number, options: {
  */
 export function spinThenReadU32(address: bigint, count: number, nanoseconds: number, options: { device?: number; stream?: bigint } = {}): void {
   call(() => native.spinThenReadU32(options.device ?? 0, address, count, nanoseconds, options.stream ?? 0n));
+}
+
+/**
+ * Queues a kernel that reads count u32 words at `address` and adds to the
+ * device counter (see {@link createCounter}) how many differ from what
+ * `fillU32(address, count, seed)` writes: a reader that checks what it reads.
+ */
+export function checkFillU32(address: bigint, count: number, seed: number, counter: bigint, options: { device?: number; stream?: bigint } = {}): void {
+  call(() => native.checkFillU32(options.device ?? 0, address, count, seed >>> 0, counter, options.stream ?? 0n));
+}
+
+/** A u32 counter in device memory, zeroed. Free it with {@link destroyCounter}. */
+export function createCounter(device = 0): bigint {
+  return call(() => native.createCounter(device));
+}
+
+/** Reads a device counter (synchronous copy: waits for the work queued before it on the legacy stream). */
+export function readCounter(counter: bigint, device = 0): number {
+  return call(() => native.readCounter(device, counter));
+}
+
+export function destroyCounter(counter: bigint, device = 0): void {
+  call(() => native.destroyCounter(device, counter));
 }
 
 /** Queues a kernel that spins for `nanoseconds` on the GPU, then writes `value` to count u32 words. */

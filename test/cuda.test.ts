@@ -3,11 +3,15 @@
 import { describe, expect, it } from 'vitest';
 import { KVCache, OutOfMemoryError, driverInfo } from '../lib/index.js';
 import {
+  checkFillU32,
+  createCounter,
   createStream,
+  destroyCounter,
   destroyStream,
   deviceMemory,
   fillU32,
   fillValue,
+  readCounter,
   spinThenFillU32,
   synchronizeStream,
   writeTokens,
@@ -248,6 +252,26 @@ describe.skipIf(cudaSkip !== null)(`on a CUDA device${cudaSkip ? ` (skipped: ${c
       }
     } finally {
       destroyStream(stream);
+    }
+  });
+
+  it("the soak's checking reader counts exactly the words that differ from the pattern", () => {
+    using c = new KVCache({ ...shape, backend: 'cuda' });
+    const seq = c.reserve();
+    c.grow(seq, 3000); // crosses page boundaries
+    const words = (3000 * c.tokenBytes) / 4;
+    const counter = createCounter();
+    try {
+      fillU32(seq.address(2, 'v'), words, 77);
+      checkFillU32(seq.address(2, 'v'), words, 77, counter);
+      synchronizeStream(0n);
+      expect(readCounter(counter)).toBe(0);
+      c.write(seq, { layer: 2, kind: 'v', token: 1500 }, new Uint8Array(c.tokenBytes)); // one token of zeros
+      checkFillU32(seq.address(2, 'v'), words, 77, counter);
+      synchronizeStream(0n);
+      expect(readCounter(counter)).toBe(c.tokenBytes / 4);
+    } finally {
+      destroyCounter(counter);
     }
   });
 

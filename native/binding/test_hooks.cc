@@ -70,6 +70,24 @@ void TestingSynchronizeStream(const Napi::CallbackInfo& info) {
   guarded(info.Env(), [&] { testing::synchronizeStream(dev(info), u64(info[1])); });
 }
 
+void TestingCheckFillU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] {
+    testing::checkFillU32(dev(info), u64(info[1]), u64(info[2]), u32(info[3]), u64(info[4]), u64(info[5]));
+  });
+}
+
+Napi::Value TestingCreateCounter(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::createCounter(dev(info)); }));
+}
+
+Napi::Value TestingReadCounter(const Napi::CallbackInfo& info) {
+  return num(info.Env(), guarded(info.Env(), [&] { return testing::readCounter(dev(info), u64(info[1])); }));
+}
+
+void TestingDestroyCounter(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyCounter(dev(info), u64(info[1])); });
+}
+
 Napi::Value TestingCreateContext(const Napi::CallbackInfo& info) {
   return big(info.Env(), guarded(info.Env(), [&] { return testing::createContext(dev(info)); }));
 }
@@ -112,6 +130,10 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
   t.Set("rawVmmLoop", Napi::Function::New<TestingRawVmmLoop>(env));
   t.Set("createContext", Napi::Function::New<TestingCreateContext>(env));
+  t.Set("checkFillU32", Napi::Function::New<TestingCheckFillU32>(env));
+  t.Set("createCounter", Napi::Function::New<TestingCreateCounter>(env));
+  t.Set("readCounter", Napi::Function::New<TestingReadCounter>(env));
+  t.Set("destroyCounter", Napi::Function::New<TestingDestroyCounter>(env));
   t.Set("destroyContext", Napi::Function::New<TestingDestroyContext>(env));
   t.Set("setCurrentContext", Napi::Function::New<TestingSetCurrentContext>(env));
   t.Set("currentContext", Napi::Function::New<TestingCurrentContext>(env));

@@ -61,7 +61,7 @@ bool resolveAll(void* lib, DriverApi& a, std::string* p) {
          VAT_RESOLVE(cuCtxGetCurrent) && VAT_RESOLVE(cuCtxSetCurrent) && VAT_RESOLVE(cuCtxSynchronize) &&
          VAT_RESOLVE(cuCtxPushCurrent) && VAT_RESOLVE(cuCtxPopCurrent) && VAT_RESOLVE(cuCtxCreate) &&
          VAT_RESOLVE(cuCtxDestroy) &&
-         VAT_RESOLVE(cuMemGetInfo) && VAT_RESOLVE(cuMemGetAllocationGranularity) &&
+         VAT_RESOLVE(cuMemGetInfo) && VAT_RESOLVE(cuMemAlloc) && VAT_RESOLVE(cuMemFree) && VAT_RESOLVE(cuMemGetAllocationGranularity) &&
          VAT_RESOLVE(cuMemAddressReserve) && VAT_RESOLVE(cuMemAddressFree) && VAT_RESOLVE(cuMemCreate) &&
          VAT_RESOLVE(cuMemRelease) && VAT_RESOLVE(cuMemMap) && VAT_RESOLVE(cuMemUnmap) &&
          VAT_RESOLVE(cuMemSetAccess) && VAT_RESOLVE(cuMemcpyHtoD) && VAT_RESOLVE(cuMemcpyDtoH) &&

@@ -31,6 +31,8 @@ struct DriverApi {
   CUresult (*cuCtxCreate)(CUcontext*, void* affinityParams, int affinityParamCount, unsigned flags, CUdevice);
   CUresult (*cuCtxDestroy)(CUcontext);
   CUresult (*cuMemGetInfo)(size_t*, size_t*);
+  CUresult (*cuMemAlloc)(CUdeviceptr*, size_t);  // testing tools only (counters)
+  CUresult (*cuMemFree)(CUdeviceptr);
   CUresult (*cuMemGetAllocationGranularity)(size_t*, const CUmemAllocationProp*, int);
   CUresult (*cuMemAddressReserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long);
   CUresult (*cuMemAddressFree)(CUdeviceptr, size_t);

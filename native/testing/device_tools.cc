@@ -23,6 +23,7 @@ struct DeviceKernels {
   CUfunction spinFill = nullptr;
   CUfunction writeTokens = nullptr;
   CUfunction spinRead = nullptr;
+  CUfunction checkFill = nullptr;
 };
 
 // Loaded once per device and kept for the process: the primary context stays
@@ -50,6 +51,7 @@ DeviceKernels& kernels(int device) {
   CUmodule readModule = nullptr;
   check(d.cuModuleLoadData(&readModule, kReadKernelsPtx), "cuModuleLoadData");
   check(d.cuModuleGetFunction(&k.spinRead, readModule, "vat_spin_then_read_u32"), "cuModuleGetFunction");
+  check(d.cuModuleGetFunction(&k.checkFill, readModule, "vat_check_fill_u32"), "cuModuleGetFunction");
   return (*loaded)[device] = k;
 }
 
@@ -90,6 +92,34 @@ void spinThenReadU32(int device, uint64_t address, uint64_t count, uint64_t nano
   void* args[] = {&address, &count, &nanoseconds, &sink};
   check(driver().cuLaunchKernel(k.spinRead, blocksFor(count), 1, 1, 256, 1, 1, 0, asStream(stream), args, nullptr),
         "cuLaunchKernel");
+}
+
+void checkFillU32(int device, uint64_t address, uint64_t count, uint32_t seed, uint64_t counter, uint64_t stream) {
+  DeviceKernels& k = kernels(device);
+  void* args[] = {&address, &count, &seed, &counter};
+  check(driver().cuLaunchKernel(k.checkFill, blocksFor(count), 1, 1, 256, 1, 1, 0, asStream(stream), args, nullptr),
+        "cuLaunchKernel");
+}
+
+uint64_t createCounter(int device) {
+  kernels(device);
+  CUdeviceptr p = 0;
+  check(driver().cuMemAlloc(&p, sizeof(uint32_t)), "cuMemAlloc");
+  uint32_t zero = 0;
+  check(driver().cuMemcpyHtoD(p, &zero, sizeof zero), "cuMemcpyHtoD");
+  return p;
+}
+
+uint32_t readCounter(int device, uint64_t counter) {
+  kernels(device);
+  uint32_t v = 0;
+  check(driver().cuMemcpyDtoH(&v, counter, sizeof v), "cuMemcpyDtoH");
+  return v;
+}
+
+void destroyCounter(int device, uint64_t counter) {
+  kernels(device);
+  check(driver().cuMemFree(counter), "cuMemFree");
 }
 
 void writeTokens(int device, uint64_t base, uint32_t tensors, uint64_t tensorStride, uint64_t slotStride,

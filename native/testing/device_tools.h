@@ -19,6 +19,13 @@ void spinThenFillU32(int device, uint64_t address, uint64_t count, uint32_t valu
                      uint64_t stream);
 // Spins for `nanoseconds`, then reads in[i] for i < count (u32): a late reader.
 void spinThenReadU32(int device, uint64_t address, uint64_t count, uint64_t nanoseconds, uint64_t stream);
+// Adds to the u32 at `counter` the words of in[0, count) that differ from
+// fillU32's pattern with `seed`.
+void checkFillU32(int device, uint64_t address, uint64_t count, uint32_t seed, uint64_t counter, uint64_t stream);
+// A zeroed u32 in device memory (cuMemAlloc), read back synchronously.
+uint64_t createCounter(int device);
+uint32_t readCounter(int device, uint64_t counter);
+void destroyCounter(int device, uint64_t counter);
 // A decode step's KV write: for each entry (slot << 32 | token), one token of
 // every tensor (`tensors` of them, `tensorStride` apart) gets written.
 void writeTokens(int device, uint64_t base, uint32_t tensors, uint64_t tensorStride, uint64_t slotStride,

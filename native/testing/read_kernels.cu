@@ -22,3 +22,16 @@ extern "C" __global__ void vat_spin_then_read_u32(const unsigned* in, unsigned l
     sum += words[i];
   if (sink) atomicAdd(sink, sum);
 }
+
+// Counts the words of in[0, count) that differ from the pattern fillU32 writes
+// (in[i] = i * 0x9E3779B1 + seed) into *mismatches: a reader that checks
+// what it reads, for soak tests.
+extern "C" __global__ void vat_check_fill_u32(const unsigned* in, unsigned long long count, unsigned seed,
+                                              unsigned* mismatches) {
+  unsigned bad = 0;
+  unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  for (unsigned long long i = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride)
+    bad += in[i] != static_cast<unsigned>(i) * 0x9E3779B1u + seed;
+  if (bad) atomicAdd(mismatches, bad);
+}

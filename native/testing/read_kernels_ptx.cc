@@ -81,6 +81,64 @@ $L__BB0_7:
 	ret;
 
 }
+	// .globl	vat_check_fill_u32
+.visible .entry vat_check_fill_u32(
+	.param .u64 vat_check_fill_u32_param_0,
+	.param .u64 vat_check_fill_u32_param_1,
+	.param .u32 vat_check_fill_u32_param_2,
+	.param .u64 vat_check_fill_u32_param_3
+)
+{
+	.reg .pred 	%p<5>;
+	.reg .b32 	%r<18>;
+	.reg .b64 	%rd<17>;
+
+
+	ld.param.u64 	%rd7, [vat_check_fill_u32_param_0];
+	ld.param.u64 	%rd8, [vat_check_fill_u32_param_1];
+	ld.param.u32 	%r4, [vat_check_fill_u32_param_2];
+	ld.param.u64 	%rd9, [vat_check_fill_u32_param_3];
+	mov.u32 	%r6, %ntid.x;
+	cvt.u64.u32 	%rd1, %r6;
+	mov.u32 	%r7, %ctaid.x;
+	mul.wide.u32 	%rd10, %r7, %r6;
+	mov.u32 	%r8, %tid.x;
+	cvt.u64.u32 	%rd11, %r8;
+	add.s64 	%rd16, %rd10, %rd11;
+	setp.ge.u64 	%p1, %rd16, %rd8;
+	mov.u32 	%r17, 0;
+	@%p1 bra 	$L__BB1_3;
+
+	mov.u32 	%r10, %nctaid.x;
+	cvt.u64.u32 	%rd12, %r10;
+	mul.lo.s64 	%rd3, %rd12, %rd1;
+	cvta.to.global.u64 	%rd4, %rd7;
+	mov.u32 	%r17, 0;
+
+$L__BB1_2:
+	cvt.u32.u64 	%r11, %rd16;
+	mad.lo.s32 	%r12, %r11, -1640531535, %r4;
+	shl.b64 	%rd13, %rd16, 2;
+	add.s64 	%rd14, %rd4, %rd13;
+	ld.global.u32 	%r13, [%rd14];
+	setp.ne.s32 	%p2, %r13, %r12;
+	selp.u32 	%r14, 1, 0, %p2;
+	add.s32 	%r17, %r17, %r14;
+	add.s64 	%rd16, %rd16, %rd3;
+	setp.lt.u64 	%p3, %rd16, %rd8;
+	@%p3 bra 	$L__BB1_2;
+
+$L__BB1_3:
+	setp.eq.s32 	%p4, %r17, 0;
+	@%p4 bra 	$L__BB1_5;
+
+	cvta.to.global.u64 	%rd15, %rd9;
+	atom.global.add.u32 	%r15, [%rd15], %r17;
+
+$L__BB1_5:
+	ret;
+
+}
 
 )PTX";
 }  // namespace vat::testing

@@ -1,0 +1,177 @@
+// GPU soak: random serving traffic on the cuda backend for a fixed time, with
+// the prefetch worker on and memory under pressure (the budget is about half
+// of what the traffic would like), while real kernels read every active
+// sequence's tokens and check them against a per-sequence pattern. Finished
+// and preempted sequences are released with { stream } while the kernels that
+// read them are still queued, so growth under pressure must wait for their
+// fences; reclaim() and trim() run at random. At the end: every pattern
+// intact, no fault, free device memory back to its baseline after close().
+// Not part of the test suite (it takes minutes and the whole GPU).
+//   node bench/soak.mjs [--minutes 5] [--seed N] [--check-every 1]
+import { KVCache, OutOfMemoryError } from '../dist/esm/index.mjs';
+import {
+  checkFillU32,
+  createCounter,
+  createStream,
+  destroyCounter,
+  destroyStream,
+  deviceMemory,
+  fillU32,
+  readCounter,
+  spinThenFillU32,
+  synchronizeStream,
+} from '../dist/esm/testing.mjs';
+import { cudaPresent } from './common.mjs';
+
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
+);
+const minutes = Number(args.minutes ?? 5);
+const checkEvery = Number(args['check-every'] ?? 1);
+let seed = Number(args.seed ?? Date.now() % 1_000_000) >>> 0;
+
+if (!cudaPresent()) {
+  console.log('soak: skipped (needs a CUDA device with VMM support)');
+  process.exit(0);
+}
+
+function random() {
+  // xorshift32: the run is replayable with --seed
+  seed ^= seed << 13;
+  seed >>>= 0;
+  seed ^= seed >>> 17;
+  seed ^= seed << 5;
+  seed >>>= 0;
+  return seed / 2 ** 32;
+}
+const PHI = 0x9e3779b1;
+
+const shape = { backend: 'cuda', layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16', maxSequences: 32, maxTokens: 8192 };
+const tokenBytes = shape.kvHeads * shape.headDim * 2;
+const wordsPerToken = tokenBytes / 4;
+const MiB = 1024 * 1024;
+// What the traffic would like: every slot at half of maxTokens on average.
+const wanted = shape.maxSequences * (shape.maxTokens / 2) * tokenBytes * 2 * shape.layers;
+const budget = Math.floor(wanted / 2 / (2 * MiB)) * 2 * MiB;
+
+{
+  const warm = new KVCache({ ...shape, memoryBudget: 64 * MiB }); // the context and modules are loaded before the baseline
+  warm.grow(warm.reserve(), 1);
+  warm.close();
+}
+const baseline = deviceMemory().freeBytes;
+const cache = new KVCache({ ...shape, memoryBudget: budget, prefetchTokens: 64 });
+const stream = createStream();
+const counter = createCounter();
+const tensors = [];
+for (let layer = 0; layer < shape.layers; layer++) for (const kind of ['k', 'v']) tensors.push({ layer, kind });
+
+// A live sequence: its slot, the pattern seed of each tensor, tokens written, and where it stops.
+const live = [];
+const counts = { steps: 0, served: 0, preempted: 0, refused: 0, reclaims: 0, trims: 0, checks: 0, releasedWhileRead: 0 };
+let nextSeed = 1;
+
+// Writes tokens [from, to) of every tensor with the sequence's pattern: word i
+// of the sequence's range holds i * PHI + seed, whatever call wrote it.
+function writeRange(s, from, to) {
+  if (to <= from) return;
+  for (const [t, { layer, kind }] of tensors.entries()) {
+    const at = s.seq.address(layer, kind) + BigInt(from * tokenBytes);
+    const adjusted = (s.seeds[t] + Math.imul(from * wordsPerToken, PHI)) >>> 0;
+    fillU32(at, (to - from) * wordsPerToken, adjusted, { stream });
+  }
+}
+
+function releaseWhileRead(s) {
+  cache.release(s.seq, { stream }); // the checks queued on `stream` still read it
+  counts.releasedWhileRead++;
+  live.splice(live.indexOf(s), 1);
+}
+
+const end = Date.now() + minutes * 60_000;
+let lastReport = Date.now();
+while (Date.now() < end) {
+  // admit: fill free slots with new requests (prompt 1..2048, output up to maxTokens)
+  while (live.length < shape.maxSequences && random() < 0.3) {
+    const prompt = 1 + Math.floor(random() * 2048);
+    const target = Math.min(shape.maxTokens, prompt + 1 + Math.floor(random() * 6000));
+    const seq = cache.reserve({ expectedTokens: target });
+    live.push({ seq, seeds: tensors.map(() => nextSeed++ * 7919), tokens: 0, next: prompt, target });
+  }
+  if (live.length === 0) continue;
+  // one step: prefill the new ones, decode the rest by one token
+  const batch = live.map((s) => s.next);
+  try {
+    cache.step(live.map((s) => s.seq), batch);
+  } catch (e) {
+    if (!(e instanceof OutOfMemoryError)) throw e;
+    counts.refused++;
+    // preempt the longest; its pages go back once the kernels reading it are done
+    const victim = live.reduce((a, b) => (a.tokens >= b.tokens ? a : b));
+    releaseWhileRead(victim);
+    counts.preempted++;
+    continue;
+  }
+  counts.steps++;
+  spinThenFillU32(live[0].seq.address(0, 'k'), 0, 0, 200_000, { stream }); // 0.2 ms of "compute", writes nothing
+  for (const s of live) {
+    writeRange(s, s.tokens, s.next);
+    s.tokens = s.next;
+    s.next = Math.min(s.target, s.tokens + 1);
+  }
+  if (counts.steps % checkEvery === 0) {
+    for (const s of live)
+      for (const [t, { layer, kind }] of tensors.entries()) {
+        checkFillU32(s.seq.address(layer, kind), s.tokens * wordsPerToken, s.seeds[t], counter, { stream });
+        counts.checks++;
+      }
+  }
+  for (const s of [...live]) {
+    if (s.tokens >= s.target) {
+      releaseWhileRead(s);
+      counts.served++;
+    }
+  }
+  if (random() < 0.01) {
+    cache.reclaim();
+    counts.reclaims++;
+  }
+  if (random() < 0.005) {
+    cache.trim();
+    counts.trims++;
+  }
+  if (counts.steps % 64 === 0) synchronizeStream(stream); // bounds the queue; a fault surfaces here
+  if (Date.now() - lastReport > 30_000) {
+    lastReport = Date.now();
+    synchronizeStream(stream);
+    console.error(`soak: ${counts.steps} steps, ${counts.served} served, mismatches so far ${readCounter(counter)}`);
+  }
+}
+synchronizeStream(stream);
+const mismatches = readCounter(counter);
+const s = cache.stats();
+for (const l of live) cache.release(l.seq, { stream });
+cache.close();
+synchronizeStream(stream);
+destroyStream(stream);
+destroyCounter(counter);
+const after = deviceMemory().freeBytes;
+const report = {
+  minutes,
+  seed: args.seed ?? 'random',
+  budgetBytes: budget,
+  ...counts,
+  pagesMapped: s.driverCalls.map.calls,
+  pagesUnmapped: s.driverCalls.unmap.calls,
+  pagesReclaimed: s.pagesReclaimed,
+  fenceWaits: s.driverCalls.fenceWait.calls,
+  prefetchPagesAhead: s.prefetch.pagesAhead,
+  prefetchMisses: s.prefetch.misses,
+  jsThreadDriverCalls: s.driverCallsOnJsThread,
+  mismatches,
+  freeMemoryDelta: after - baseline,
+};
+console.log(JSON.stringify(report, null, 2));
+const ok = mismatches === 0 && Math.abs(after - baseline) <= 2 * MiB;
+console.log(ok ? 'soak: ok' : 'soak: FAILED');
+process.exitCode = ok ? 0 : 1;
