@@ -12,7 +12,10 @@
         # (native/driver/cuda_types_check.cc); nothing links libcuda.
         "<!(node -p \"process.env.CUDA_PATH ? process.env.CUDA_PATH + '/include' : '/usr/local/cuda/include'\")"
       ],
-      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      # NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS: a call that fails while a worker
+      # thread is being terminated must not throw a C++ exception out of the
+      # callback (std::terminate); the environment is going away anyway.
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED", "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS"],
       "cflags!": ["-fno-exceptions"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
       "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -286,6 +286,14 @@ for (const b of backends) {
       });
     }
 
+    it('worker threads terminated inside cache calls, at random moments: the process goes on (found on the H100: 1 abort in 7 runs)', () => {
+      const r = runChild(['terminate-in-call', b.name, '24'], 60_000);
+      expect(r.stderr).not.toMatch(/terminate called|Napi::Error|FATAL ERROR/);
+      expect(r.signal).toBe(null);
+      expect(r.stdout).toMatch(/main thread ok \(24 workers terminated inside calls\)/);
+      expect(r.status).toBe(0);
+    });
+
     it('18.2 grow() waiting for a pending growAsync on the same sequence keeps the larger length', async () => {
       const c = make();
       const tpp = tokensPerPage(c);
