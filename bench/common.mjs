@@ -41,11 +41,14 @@ export function environment() {
   };
 }
 
-/** Writes bench/results/<name>.json, and $BENCH_OUT/<name>.json when set. */
+/**
+ * Writes $BENCH_OUT/<name>.json, or bench/results/<name>.json in a clone of
+ * the repository when BENCH_OUT is not set. An installed package never writes
+ * inside itself (its folder may be read-only): the CLI always sets BENCH_OUT.
+ */
 export function saveResult(name, result) {
   const body = JSON.stringify({ benchmark: name, environment: environment(), ...result }, null, 2);
-  const dirs = [join(here, 'results')];
-  if (process.env.BENCH_OUT) dirs.push(process.env.BENCH_OUT);
+  const dirs = [process.env.BENCH_OUT || join(here, 'results')];
   for (const dir of dirs) {
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, `${name}.json`), body + '\n');

@@ -5,22 +5,79 @@
  *   demo   a simulated serving loop on this machine, and what it cost (--json)
  *   bench  the benchmarks that apply here, with a report and SVG plots
  */
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
 import { runDemo, type DemoReport } from './demo.js';
 import { autoBackend, driverInfo } from 'vattention';
 import { lineChart } from './plot.js';
 
 const packageRoot = resolve(__dirname, '..', '..'); // dist/cli/cli.js -> the package root
 
-function flag(args: string[], name: string): boolean {
-  return args.includes(`--${name}`);
+/** A mistake in the command line: one line on stderr, exit code 2. */
+class UsageError extends Error {}
+
+type Values = Record<string, string | boolean | undefined>;
+
+const COMMANDS = {
+  info: {
+    usage: 'vattention info [--json]\n  the CUDA driver, devices, VMM support and granularity, and the backend `auto` picks',
+    options: { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+  },
+  demo: {
+    usage:
+      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto]\n' +
+      '  a simulated serving loop on this machine, and what it cost (N: positive integers; defaults 300 requests, seed 42)',
+    options: {
+      json: { type: 'boolean' },
+      requests: { type: 'string' },
+      seed: { type: 'string' },
+      backend: { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  },
+  bench: {
+    usage:
+      'vattention bench [--out DIR] [--json]\n' +
+      '  the benchmarks that apply to this machine; writes report.txt, JSON results and SVG plots to DIR\n' +
+      '  (default ./vattention-report); --json prints the results as one JSON object',
+    options: { out: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
+  },
+} as const;
+
+type Command = keyof typeof COMMANDS;
+
+function usage(): string {
+  return `usage: vattention <command> [options]      (vattention <command> --help for one)
+
+${Object.values(COMMANDS)
+  .map((c) => c.usage)
+  .join('\n\n')}
+
+  vattention --version`;
 }
 
-function value(args: string[], name: string): string | undefined {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : undefined;
+function parse(command: Command, args: string[]): Values {
+  try {
+    return parseArgs({ args, options: COMMANDS[command].options, strict: true, allowPositionals: false }).values as Values;
+  } catch (e) {
+    throw new UsageError((e as Error).message.split('\n')[0]!); // one line
+  }
+}
+
+/** A flag's value as a positive integer, or a UsageError naming it. */
+function positiveInteger(values: Values, name: string, fallback: number): number {
+  const raw = values[name];
+  if (raw === undefined) return fallback;
+  const n = Number(raw);
+  if (typeof raw !== 'string' || !/^[0-9]+$/.test(raw) || !Number.isSafeInteger(n) || n < 1)
+    throw new UsageError(`--${name} must be a positive integer, got '${String(raw)}'`);
+  return n;
+}
+
+function version(): string {
+  return (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { version: string }).version;
 }
 
 const bytes = (n: number) => {
@@ -33,10 +90,10 @@ const bytes = (n: number) => {
   return `${n.toFixed(u ? 1 : 0)} ${units[u]}`;
 };
 
-function info(args: string[]): number {
+function info(values: Values): number {
   const d = driverInfo();
   const backend = autoBackend();
-  if (flag(args, 'json')) {
+  if (values.json) {
     console.log(JSON.stringify({ ...d, autoBackend: backend, hostBackend: true }, null, 2));
     return 0;
   }
@@ -85,27 +142,43 @@ function printDemo(r: DemoReport): void {
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
   console.log(`  waste (backed, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of backed`);
   console.log(`  pages reused through deferred reclamation: ${r.pagesReused}; newly mapped: ${r.pagesMapped} (${r.pagesCreated} created)`);
-  console.log(`  driver time creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
+  const what = r.backend === 'cuda' ? 'CUDA driver calls' : 'OS calls (mmap, fallocate, mprotect)';
+  console.log(`  time in ${what} creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
   console.log(`  serving-loop thread time spent mapping, reclaiming or waiting for the worker inside grow/step: ${(r.criticalPathMappingSeconds * 1e3).toFixed(1)} ms`);
 }
 
-function demo(args: string[]): number {
-  const requests = Number(value(args, 'requests') ?? 300);
+function demo(values: Values): number {
+  const requests = positiveInteger(values, 'requests', 300);
+  const seed = positiveInteger(values, 'seed', 42);
+  const backend = (values.backend as string | undefined) ?? 'auto';
+  if (backend !== 'cuda' && backend !== 'host' && backend !== 'auto')
+    throw new UsageError(`--backend must be cuda, host or auto, got '${backend}'`);
   const bar = progressBar(requests);
-  const report = runDemo({
-    backend: (value(args, 'backend') as 'cuda' | 'host' | 'auto' | undefined) ?? 'auto',
-    requests,
-    seed: Number(value(args, 'seed') ?? 42),
-    onProgress: (done) => bar.update(done),
-  });
+  const report = runDemo({ backend, requests, seed, onProgress: (done) => bar.update(done) });
   bar.end();
-  if (flag(args, 'json')) console.log(JSON.stringify(report, null, 2));
+  if (values.json) console.log(JSON.stringify(report, null, 2));
   else printDemo(report);
   return 0;
 }
 
-function bench(args: string[]): number {
-  const out = resolve(value(args, 'out') ?? 'vattention-report');
+/** Runs a script, forwarding its output as it comes (to stderr with --json); returns its stdout. */
+function runStreaming(script: string, env: NodeJS.ProcessEnv, toStderr: boolean): Promise<{ status: number; stdout: string }> {
+  return new Promise((done, fail) => {
+    const child = spawn(process.execPath, [script], { stdio: ['ignore', 'pipe', 'inherit'], env });
+    let stdout = '';
+    child.stdout.setEncoding('utf8');
+    child.stdout.on('data', (chunk: string) => {
+      stdout += chunk;
+      (toStderr ? process.stderr : process.stdout).write(chunk);
+    });
+    child.on('error', fail);
+    child.on('close', (code) => done({ status: code ?? 1, stdout }));
+  });
+}
+
+async function bench(values: Values): Promise<number> {
+  const out = resolve((values.out as string | undefined) ?? 'vattention-report');
+  const json = values.json === true;
   mkdirSync(out, { recursive: true });
   const runner = join(packageRoot, 'bench', 'run.mjs');
   if (!existsSync(runner)) {
@@ -113,15 +186,11 @@ function bench(args: string[]): number {
     return 1;
   }
   console.error('running the benchmarks that apply to this machine...');
-  const r = spawnSync(process.execPath, [runner], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-    encoding: 'utf8',
-    env: { ...process.env, BENCH_OUT: out },
-  });
-  process.stdout.write(r.stdout ?? '');
-  if (r.status !== 0) return r.status ?? 1;
+  // Every result goes under `out`: an installed package never writes inside itself.
+  const r = await runStreaming(runner, { ...process.env, BENCH_OUT: out }, json);
+  if (r.status !== 0) return r.status;
   // The tables, as printed, for people; the JSON beside them for machines.
-  writeFileSync(join(out, 'report.txt'), `vattention benchmarks, ${new Date().toISOString()}\n${r.stdout ?? ''}`);
+  writeFileSync(join(out, 'report.txt'), `vattention benchmarks, ${new Date().toISOString()}\n${r.stdout}`);
   console.error('running the demo trace...');
   const bar = progressBar(300);
   const trace = runDemo({ onProgress: (d) => bar.update(d) });
@@ -152,34 +221,55 @@ function bench(args: string[]): number {
     writeFileSync(join(out, 'decode-latency.svg'), lineChart({ title: `Library time per decode step, B = ${largest}`, xLabel: 'step', yLabel: 'µs (log)', logY: true, series }));
     plots.push('decode-latency.svg');
   }
-  console.log(`\nreport: ${out} (tables: report.txt; JSON results; plots: ${plots.join(', ')})`);
+  if (json) {
+    const results: Record<string, unknown> = {};
+    for (const f of readdirSync(out).filter((n) => n.endsWith('.json')))
+      results[f.replace(/\.json$/, '')] = JSON.parse(readFileSync(join(out, f), 'utf8'));
+    console.log(JSON.stringify({ out, plots, results }, null, 2));
+  } else {
+    console.log(`\nreport: ${out} (tables: report.txt; JSON results; plots: ${plots.join(', ')})`);
+  }
   return 0;
 }
 
-function main(argv: string[]): number {
+async function main(argv: string[]): Promise<number> {
   const [command, ...args] = argv;
-  switch (command) {
+  if (command === '--version' || command === '-v') {
+    console.log(version());
+    return 0;
+  }
+  if (command === undefined || command === 'help' || command === '--help' || command === '-h') {
+    console.log(usage());
+    return 0;
+  }
+  if (!(command in COMMANDS)) throw new UsageError(`unknown command '${command}' (info, demo, bench)`);
+  const values = parse(command as Command, args);
+  if (values.help) {
+    console.log(`usage: ${COMMANDS[command as Command].usage}`);
+    return 0;
+  }
+  switch (command as Command) {
     case 'info':
-      return info(args);
+      return info(values);
     case 'demo':
-      return demo(args);
+      return demo(values);
     case 'bench':
-      return bench(args);
-    default:
-      console.log(`usage: vattention <command>
-
-  info   [--json]                          the CUDA driver, devices, VMM support, granularity
-  demo   [--json] [--requests N] [--seed S] [--backend cuda|host|auto]
-                                           a simulated serving loop and what it cost
-  bench  [--out DIR]                       benchmarks that apply here, a report and SVG plots`);
-      return command === undefined || command === 'help' || command === '--help' ? 0 : 1;
+      return bench(values);
   }
 }
 
-try {
-  process.exitCode = main(process.argv.slice(2));
-} catch (e) {
-  const err = e as { code?: string; message?: string };
-  console.error(`vattention: ${err.code ? `${err.code}: ` : ''}${err.message ?? String(e)}`);
-  process.exitCode = 1;
-}
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    if (e instanceof UsageError) {
+      console.error(`vattention: ${e.message}`);
+      process.exitCode = 2;
+      return;
+    }
+    const err = e as { code?: string; message?: string };
+    console.error(`vattention: ${err.code ? `${err.code}: ` : ''}${err.message ?? String(e)}`);
+    process.exitCode = 1;
+  },
+);

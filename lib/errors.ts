@@ -172,8 +172,11 @@ export function fromNative(error: unknown): unknown {
       return new ClosedError(e.message);
     case 'ERR_ABORTED':
       return new AbortedError(e.message);
-    case 'ERR_INVALID_ARGUMENT':
-      return new InvalidArgumentRangeError('argument', e.message);
+    case 'ERR_INVALID_ARGUMENT': {
+      // The core names the option or argument first ("options.memoryBudget: ...") where it can.
+      const named = /^([A-Za-z][\w.]*): (.*)$/s.exec(e.message);
+      return named ? new InvalidArgumentRangeError(named[1]!, named[2]!) : new InvalidArgumentRangeError('argument', e.message);
+    }
     default:
       return new VattentionError('ERR_INTERNAL', e.message);
   }

@@ -1,5 +1,6 @@
 /** What the machine offers: the CUDA driver, its devices, and the backend 'auto' picks. */
 import { addon, type NativeDeviceInfo } from './native.js';
+import { checkInteger } from './options.js';
 
 export interface DeviceInfo extends NativeDeviceInfo {}
 
@@ -24,6 +25,7 @@ export function driverInfo(): DriverInfo {
 
 /** The backend 'auto' resolves to for a device: 'cuda' when it exists and supports VMM, else 'host'. */
 export function autoBackend(device = 0): 'cuda' | 'host' {
+  checkInteger('device', device, 0, 1023);
   const info = driverInfo();
   return info.devices[device]?.vmmSupported ? 'cuda' : 'host';
 }

@@ -42,8 +42,11 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   it.skipIf(cudaSkip === null)(`vattention bench writes a report: tables, JSON and SVG plots${cudaSkip === null ? ' (skipped: on a GPU the full benchmark takes minutes and most of the device; run it by hand)' : ''}`, () => {
     const out = mkdtempSync(join(tmpdir(), 'vattention-report-'));
     try {
-      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out], { encoding: 'utf8', timeout: 300_000 });
+      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out, '--json'], { encoding: 'utf8', timeout: 300_000 });
       expect(r.status, r.stderr).toBe(0);
+      const summary = JSON.parse(r.stdout); // --json: one JSON object on stdout, the tables went to stderr
+      expect(summary.out).toBe(out);
+      expect(Object.keys(summary.results)).toEqual(expect.arrayContaining(['overhead', 'decode', 'demo']));
       for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'memory.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Decode loop');
       const svg = readFileSync(join(out, 'decode-latency.svg'), 'utf8');
@@ -54,9 +57,46 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
     }
   });
 
-  it('an unknown command prints usage and fails', () => {
-    const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'frobnicate'], { encoding: 'utf8' });
-    expect(r.status).toBe(1);
-    expect(r.stdout).toContain('usage: vattention');
+  const cli = (...args: string[]) =>
+    spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), ...args], { encoding: 'utf8', timeout: 20_000 });
+
+  it('an unknown command or flag, or a bad number, is one line on stderr and exit code 2 (never a hang)', () => {
+    for (const [args, message] of [
+      [['frobnicate'], /unknown command 'frobnicate'/],
+      [['demo', '--bogus'], /Unknown option '--bogus'/],
+      [['demo', '--requests', '2.5'], /--requests must be a positive integer, got '2.5'/],
+      [['demo', '--requests', 'abc'], /--requests must be a positive integer, got 'abc'/],
+      [['demo', '--requests', '0'], /--requests must be a positive integer/],
+      [['demo', '--seed', '-1'], /'--seed' argument is ambiguous/],
+      [['demo', '--seed=-1'], /--seed must be a positive integer, got '-1'/],
+      [['demo', '--backend', 'tpu'], /--backend must be cuda, host or auto/],
+      [['bench', '--out'], /argument missing/],
+    ] as const) {
+      const r = cli(...args);
+      expect(r.signal, args.join(' ')).toBe(null);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
+      expect(r.stderr, args.join(' ')).toMatch(message);
+    }
+  });
+
+  it('--help of every command prints its usage without running anything; --version the version', () => {
+    for (const command of ['info', 'demo', 'bench']) {
+      const t0 = Date.now();
+      const r = cli(command, '--help');
+      expect(r.status).toBe(0);
+      expect(r.stdout).toContain(`usage: vattention ${command}`);
+      expect(Date.now() - t0).toBeLessThan(5000);
+    }
+    const v = cli('--version');
+    expect(v.stdout.trim()).toBe(JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version);
+    expect(cli().stdout).toContain('usage: vattention <command>');
+  });
+
+  it("demo names what it timed on each backend: driver calls on cuda, OS calls on host", () => {
+    const r = cli('demo', '--requests', '5', '--backend', 'host');
+    expect(r.status).toBe(0);
+    expect(r.stdout).toContain('time in OS calls');
+    expect(r.stdout).not.toContain('driver time');
   });
 });

@@ -34,6 +34,12 @@ KVCache::KVCache(const CacheOptions& o) {
   std::unique_ptr<Backend> backend = makeBackend(o);
   auto layout = std::make_unique<PerLayerLayout>(o.shape, backend->pageSize());
   uint64_t budget = o.memoryBudget ? o.memoryBudget : defaultBudget(*backend);
+  uint64_t groupBytes = layout->pagesPerGroup() * backend->pageSize();
+  if (o.memoryBudget && budget < groupBytes)
+    fail(ErrorCode::InvalidArgument, "options.memoryBudget: " + std::to_string(budget) +
+                                         " bytes is less than one page group (" + std::to_string(layout->pagesPerGroup()) +
+                                         " pages of " + std::to_string(backend->pageSize()) +
+                                         " bytes): no sequence could ever grow");
   description_.pageSize = backend->pageSize();
   description_.granularity = backend->granularity();
   description_.backend = backend->name();
