@@ -23,5 +23,6 @@ export default defineConfig({
     testTimeout: 60_000,
     hookTimeout: 60_000,
     fileParallelism: !cudaPresent(),
+    reporters: ['default', './test/skip-reporter.ts'],
   },
 });
