@@ -37,9 +37,16 @@ export class InvalidArgumentRangeError extends RangeError {
   }
 }
 
-/** Base class of the library's own errors. */
+/**
+ * Base class of the library's own errors. `code` says which one it is (the
+ * subclasses narrow it to their own code); branch on `code` or `instanceof`.
+ */
 export class VattentionError extends Error {
-  constructor(readonly code: ErrorCode, message: string) {
+  constructor(
+    /** The error's kind, stable across versions: see {@link ErrorCode}. */
+    readonly code: ErrorCode,
+    message: string,
+  ) {
     super(message);
     this.name = 'VattentionError';
   }
@@ -47,6 +54,7 @@ export class VattentionError extends Error {
 
 /** No CUDA driver, no such device, or a device without virtual memory management. */
 export class CudaUnavailableError extends VattentionError {
+  declare readonly code: 'ERR_CUDA_UNAVAILABLE';
   constructor(message: string) {
     super('ERR_CUDA_UNAVAILABLE', message);
     this.name = 'CudaUnavailableError';
@@ -55,6 +63,7 @@ export class CudaUnavailableError extends VattentionError {
 
 /** A CUDA driver call failed; `status` is the CUresult, `statusName` its name. */
 export class CudaError extends VattentionError {
+  declare readonly code: 'ERR_CUDA';
   constructor(message: string, readonly status: number, readonly statusName: string) {
     super('ERR_CUDA', message);
     this.name = 'CudaError';
@@ -63,6 +72,7 @@ export class CudaError extends VattentionError {
 
 /** An operating-system call of the host backend failed (errno in `status`). */
 export class OsError extends VattentionError {
+  declare readonly code: 'ERR_OS';
   constructor(message: string, readonly status: number, readonly statusName: string) {
     super('ERR_OS', message);
     this.name = 'OsError';
@@ -74,6 +84,7 @@ export class OsError extends VattentionError {
  * memory left. Ordinary and recoverable: the cache is exactly as before.
  */
 export class OutOfMemoryError extends VattentionError {
+  declare readonly code: 'ERR_OUT_OF_MEMORY';
   constructor(message: string, readonly requestedBytes: number, readonly availableBytes: number) {
     super('ERR_OUT_OF_MEMORY', message);
     this.name = 'OutOfMemoryError';
@@ -82,6 +93,7 @@ export class OutOfMemoryError extends VattentionError {
 
 /** Every sequence slot is taken. */
 export class NoSlotError extends VattentionError {
+  declare readonly code: 'ERR_NO_SLOT';
   constructor(message: string) {
     super('ERR_NO_SLOT', message);
     this.name = 'NoSlotError';
@@ -90,6 +102,7 @@ export class NoSlotError extends VattentionError {
 
 /** A token, layer or length past what the cache or the sequence has. */
 export class OutOfRangeError extends VattentionError {
+  declare readonly code: 'ERR_OUT_OF_RANGE';
   constructor(message: string) {
     super('ERR_OUT_OF_RANGE', message);
     this.name = 'OutOfRangeError';
@@ -98,6 +111,7 @@ export class OutOfRangeError extends VattentionError {
 
 /** The sequence was released (use after release, double release). */
 export class SequenceReleasedError extends VattentionError {
+  declare readonly code: 'ERR_SEQUENCE_RELEASED';
   constructor(message: string) {
     super('ERR_SEQUENCE_RELEASED', message);
     this.name = 'SequenceReleasedError';
@@ -106,6 +120,7 @@ export class SequenceReleasedError extends VattentionError {
 
 /** The sequence belongs to another cache. */
 export class ForeignSequenceError extends VattentionError {
+  declare readonly code: 'ERR_FOREIGN_SEQUENCE';
   constructor(message: string) {
     super('ERR_FOREIGN_SEQUENCE', message);
     this.name = 'ForeignSequenceError';
@@ -114,6 +129,7 @@ export class ForeignSequenceError extends VattentionError {
 
 /** The cache is closed. */
 export class ClosedError extends VattentionError {
+  declare readonly code: 'ERR_CLOSED';
   constructor(message = 'the KV cache is closed') {
     super('ERR_CLOSED', message);
     this.name = 'ClosedError';
@@ -122,6 +138,7 @@ export class ClosedError extends VattentionError {
 
 /** An asynchronous operation was aborted through its AbortSignal. */
 export class AbortedError extends VattentionError {
+  declare readonly code: 'ERR_ABORTED';
   constructor(message = 'the operation was aborted') {
     super('ERR_ABORTED', message);
     this.name = 'AbortedError';
@@ -134,6 +151,7 @@ export class AbortedError extends VattentionError {
  * changed.
  */
 export class ReentrantCallError extends VattentionError {
+  declare readonly code: 'ERR_REENTRANT';
   constructor(message: string) {
     super('ERR_REENTRANT', message);
     this.name = 'ReentrantCallError';

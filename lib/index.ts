@@ -30,6 +30,7 @@ export {
   OsError,
   OutOfMemoryError,
   OutOfRangeError,
+  ReentrantCallError,
   SequenceReleasedError,
   VattentionError,
 } from './errors.js';

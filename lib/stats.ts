@@ -1,17 +1,22 @@
 /** The shape of `KVCache.stats()`: kept by the native core, documented here once. */
 
 export interface SlotStats {
+  /** The slot's index (`Sequence.slot`). */
   slot: number;
+  /** A sequence holds the slot. */
   active: boolean;
   /** Grown length of the sequence in the slot (0 when free). */
   tokens: number;
   /** Tokens the slot's mapped pages hold (kept after release: deferred reclamation). */
   backedTokens: number;
+  /** Pages mapped in the slot, across every layer's K and V. */
   mappedPages: number;
 }
 
 export interface CallStats {
+  /** Calls made, ever. */
   calls: number;
+  /** Time spent in them, on every thread. */
   nanoseconds: number;
 }
 
@@ -35,11 +40,15 @@ export interface PrefetchStats {
 }
 
 export interface CacheStats {
+  /** The backend in use. */
   backend: 'cuda' | 'host';
+  /** Bytes of one physical page. */
   pageSize: number;
+  /** Bytes of physical memory the cache may back (the `memoryBudget` option, rounded down to pages). */
   budgetBytes: number;
   /** Pages that exist: mapped + pooled + stranded. */
   pagesCreated: number;
+  /** Pages mapped into slots (active sequences and released slots). */
   pagesMapped: number;
   /** Created pages waiting unmapped in the pool. */
   pagesPooled: number;
@@ -53,7 +62,9 @@ export interface CacheStats {
   bytesBacked: number;
   /** Tokens of active sequences × bytes per token (all layers, K and V). */
   bytesUsed: number;
+  /** Sequences holding a slot (reserved and not released). */
   activeSequences: number;
+  /** Virtual address space reserved for every layer's K and V (no physical memory). */
   reservedVirtualBytes: number;
   /** Pages ever unmapped from released slots (reclaim). */
   pagesReclaimed: number;
@@ -61,7 +72,9 @@ export interface CacheStats {
   pagesReused: number;
   /** Backend (driver or OS) calls made on the thread that created the cache: the serving loop's critical path. */
   driverCallsOnJsThread: number;
+  /** The prefetch worker and the callers' side of it. */
   prefetch: PrefetchStats;
+  /** One entry per slot, in slot order. */
   slots: SlotStats[];
   /** Backend calls by kind: reserveRange, createPage, map, setAccess, unmap, releasePage, copyIn, ... */
   driverCalls: Record<string, CallStats>;

@@ -2,22 +2,26 @@
 # Packaging as a user meets it: `npm pack`, then install the tarball into a
 # fresh CommonJS JavaScript project and a fresh ESM TypeScript project, build
 # from source there, type-check and run both. Also: the tarball carries no
-# tests or build leftovers, and publint finds nothing wrong.
+# tests, CLI sources or build leftovers (and no CLI types: the CLI is not part
+# of the API), it carries the LICENSE and the examples, publint finds nothing
+# wrong and the types resolve under every moduleResolution (attw).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"
 npx publint --strict
+# Types resolve for every consumer: node10 (through ./testing.d.ts), node16 from CJS and ESM, bundlers.
+npx attw --pack . --format table-flipped
 npm pack --pack-destination "$work" >/dev/null 2>&1
 tgz=$(ls "$work"/vattention-*.tgz)
 listing=$(tar tzf "$tgz")
 echo "packed $(basename "$tgz"): $(echo "$listing" | wc -l) files"
-if echo "$listing" | grep -E '^package/(test|build|build-sanitize|\.gpu|\.ci|node_modules|lib|bench/results)/|\.tsbuildinfo$'; then
+if echo "$listing" | grep -E '^package/(test|build|build-sanitize|build-tsan|\.gpu|\.ci|node_modules|lib|cli|bench/results)/|\.tsbuildinfo$|^package/dist/cli/.*\.d\.ts$'; then
   echo "the tarball carries files it should not (above)" >&2
   exit 1
 fi
-for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js; do
+for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs; do
   echo "$listing" | grep -qx "$f" || { echo "missing from the tarball: $f" >&2; exit 1; }
 done
 

@@ -2,7 +2,7 @@
 // TypeError / RangeError with code ERR_INVALID_ARGUMENT (or a library error
 // with its code), never a crash, and changes nothing.
 import { afterAll, describe, expect, it } from 'vitest';
-import { KVCache, type KVCacheOptions } from '../lib/index.js';
+import { KVCache, type KVCacheOptions, autoBackend } from '../lib/index.js';
 import { stateOf } from './backends.js';
 
 const good: KVCacheOptions = {
@@ -169,4 +169,35 @@ describe('bad arguments to methods leave the cache unchanged', () => {
       expect(seq.tokens).toBe(10);
     });
   }
+});
+
+describe('budgets and helpers a new user gets wrong', () => {
+  const host = { backend: 'host' as const, layers: 2, kvHeads: 2, headDim: 64, dtype: 'float16' as const, maxSequences: 2, maxTokens: 64, pageSize: 4096 };
+
+  for (const memoryBudget of [1, 4096, 3 * 4096]) {
+    it(`memoryBudget ${memoryBudget} (below one page group of 4 pages) is a RangeError naming the option`, () => {
+      let error: any;
+      try {
+        new KVCache({ ...host, memoryBudget });
+      } catch (e) {
+        error = e;
+      }
+      expect(error).toBeInstanceOf(RangeError);
+      expect(error.code).toBe('ERR_INVALID_ARGUMENT');
+      expect(error.argument).toBe('options.memoryBudget');
+      expect(error.message).toMatch(/less than one page group/);
+    });
+  }
+
+  it('a budget of exactly one page group is accepted and backs one group', () => {
+    const c = new KVCache({ ...host, memoryBudget: 4 * 4096 });
+    c.grow(c.reserve(), 1);
+    expect(c.stats().pagesMapped).toBe(4);
+    c.close();
+  });
+
+  it("autoBackend('0') is a TypeError with a code, not a silent answer", () => {
+    expect(() => autoBackend('0' as never)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentTypeError' }));
+    expect(() => autoBackend(-1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+  });
 });
