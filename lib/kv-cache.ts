@@ -401,6 +401,18 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   }
 
   /**
+   * Bytes a growth could get now: idle pool pages, pages the budget still
+   * allows, and pages reclaimable from prefetched tails and released slots
+   * (including those waiting for a fence). A scheduler compares it with
+   * `tokens × bytesPerToken` (rounded up to page groups) before admitting a
+   * sequence. O(slots), no driver call.
+   */
+  obtainableBytes(): number {
+    const native = this.#open();
+    return this.#call(() => native.obtainableBytes());
+  }
+
+  /**
    * The statistics as Prometheus text exposition (bytes backed and used,
    * pages by state, driver calls and their time by kind, prefetch hits and
    * misses, critical-path stall time), ready to serve on a /metrics route.

@@ -54,6 +54,32 @@ for (const b of backends) {
       expect(s.slots[seq.slot]).toMatchObject({ active: true, tokens: tokensPerPage(c) + 1, backedTokens: 2 * tokensPerPage(c) });
     });
 
+    it('obtainableBytes() says what a growth could get, and a growth of exactly that succeeds while one page more is refused', () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: 0 });
+      try {
+        const group = groupPages * c.pageSize;
+        expect(c.obtainableBytes()).toBe(c.stats().budgetBytes);
+        const a = c.reserve();
+        c.grow(a, tokensPerPage(c) * 2);
+        const other = c.reserve();
+        c.grow(other, tokensPerPage(c));
+        c.release(other); // its group stays mapped, and counts as obtainable
+        const free = c.obtainableBytes();
+        expect(free).toBe(c.stats().budgetBytes - 2 * group); // a's two groups are not obtainable; the released one is
+        const groups = Math.floor(free / group);
+        const fits = Math.min(b.options.maxTokens, tokensPerPage(c) * (2 + groups));
+        const before = stateOf(c);
+        if (tokensPerPage(c) * (2 + groups + 1) <= b.options.maxTokens) {
+          expect(() => c.grow(a, tokensPerPage(c) * (2 + groups + 1))).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
+          expect(stateOf(c)).toEqual(before);
+        }
+        c.grow(a, fits);
+        expect(a.tokens).toBe(fits);
+      } finally {
+        c.close();
+      }
+    });
+
     it('growing to fewer tokens than backed does nothing', () => {
       const c = make();
       const seq = c.reserve();

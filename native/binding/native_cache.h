@@ -44,6 +44,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::Read>("read"),
                            InstanceMethod<&NativeCache::Tokens>("tokens"),
                            InstanceMethod<&NativeCache::Stats>("stats"),
+                           InstanceMethod<&NativeCache::ObtainableBytes>("obtainableBytes"),
                            InstanceMethod<&NativeCache::Layout>("layout"),
                            InstanceMethod<&NativeCache::Close>("close"),
                            InstanceMethod<&NativeCache::WorkerError>("workerError"),
@@ -160,6 +161,10 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   Napi::Value Tokens(const Napi::CallbackInfo& info) {
     return num(info.Env(), guarded(info.Env(), [&] { return cache_->tokens(seq(info)); }));
+  }
+
+  Napi::Value ObtainableBytes(const Napi::CallbackInfo& info) {
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->obtainableBytes(); }));
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {

@@ -325,6 +325,12 @@ uint64_t KVCache::tokens(SequenceRef seq) {
   return activeSlot(seq).tokens;
 }
 
+uint64_t KVCache::obtainableBytes() {
+  Lock lk(core_->lock);
+  checkOpen();
+  return mapper_->obtainablePages({}) * core_->pool().pageSize();
+}
+
 CacheStats KVCache::stats() {
   Lock lk(core_->lock);
   checkOpen();

@@ -116,6 +116,10 @@ class KVCache {
   void write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data, uint64_t bytes);
   void read(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, void* out, uint64_t bytes);
   uint64_t tokens(SequenceRef seq);
+  // Bytes a growth could get now (idle, within the budget, reclaimable from
+  // prefetched tails and released slots): what a scheduler checks before
+  // admitting or re-admitting a sequence.
+  uint64_t obtainableBytes();
   CacheStats stats();
   // Stops the worker, waits for extensions in flight (they stop early and
   // roll back), then tears everything down and gives every driver/OS
