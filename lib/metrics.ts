@@ -35,20 +35,19 @@ function checkLabels(labels: unknown): Record<string, string> {
   return o as Record<string, string>;
 }
 
-export function formatPrometheus(stats: CacheStats, options?: MetricsOptions): string {
-  const o = checkObject('options', options, true);
-  if (o.prefix !== undefined && typeof o.prefix !== 'string')
-    throw new InvalidArgumentTypeError('options.prefix', `must be a string, got ${describe(o.prefix)}`);
-  const prefix = (o.prefix as string | undefined) ?? 'vattention';
-  if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix))
-    throw new InvalidArgumentRangeError('options.prefix', `'${prefix}' is not a valid Prometheus metric name prefix`);
-  const base = checkLabels(o.labels);
-  const out: string[] = [];
-  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) => {
-    const full = `${prefix}_${name}`;
-    out.push(`# HELP ${full} ${help}`, `# TYPE ${full} ${type}`);
-    for (const [labels, value] of samples) out.push(`${full}${labelText({ ...base, ...labels })} ${value}`);
-  };
+/** One metric and its samples, before formatting: shared by metrics() and the prom-client collector. */
+export interface MetricFamily {
+  name: string;
+  type: 'gauge' | 'counter';
+  help: string;
+  samples: [Record<string, string>, number][];
+}
+
+/** The metrics a cache exports, from one statistics snapshot. */
+export function metricFamilies(stats: CacheStats): MetricFamily[] {
+  const families: MetricFamily[] = [];
+  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) =>
+    families.push({ name, type, help, samples });
   metric('page_size_bytes', 'gauge', 'Bytes per physical page.', [[{ backend: stats.backend }, stats.pageSize]]);
   metric('budget_bytes', 'gauge', 'Bytes of physical memory the cache may back.', [[{}, stats.budgetBytes]]);
   metric('backed_bytes', 'gauge', 'Bytes of physical pages mapped into sequences.', [[{}, stats.bytesBacked]]);
@@ -71,5 +70,27 @@ export function formatPrometheus(stats: CacheStats, options?: MetricsOptions): s
   metric('demand_pages_total', 'counter', 'Pages mapped on the caller thread by grow and step.', [[{}, stats.prefetch.pagesOnDemand]]);
   metric('stall_seconds_total', 'counter', 'Time grow and step spent mapping or waiting on the caller thread.', [[{}, stats.prefetch.stallNanoseconds / 1e9]]);
   metric('prefetch_errors_total', 'counter', 'Prefetch mappings that failed.', [[{}, stats.prefetch.errors]]);
+  return families;
+}
+
+/** Checks metrics options: a valid prefix and labels with valid names and string values. */
+export function checkMetricsOptions(options: unknown): { prefix: string; labels: Record<string, string> } {
+  const o = checkObject('options', options, true);
+  if (o.prefix !== undefined && typeof o.prefix !== 'string')
+    throw new InvalidArgumentTypeError('options.prefix', `must be a string, got ${describe(o.prefix)}`);
+  const prefix = (o.prefix as string | undefined) ?? 'vattention';
+  if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix))
+    throw new InvalidArgumentRangeError('options.prefix', `'${prefix}' is not a valid Prometheus metric name prefix`);
+  return { prefix, labels: checkLabels(o.labels) };
+}
+
+export function formatPrometheus(stats: CacheStats, options?: MetricsOptions): string {
+  const { prefix, labels: base } = checkMetricsOptions(options);
+  const out: string[] = [];
+  for (const family of metricFamilies(stats)) {
+    const full = `${prefix}_${family.name}`;
+    out.push(`# HELP ${full} ${family.help}`, `# TYPE ${full} ${family.type}`);
+    for (const [labels, value] of family.samples) out.push(`${full}${labelText({ ...base, ...labels })} ${value}`);
+  }
   return out.join('\n') + '\n';
 }

@@ -32,4 +32,5 @@ function esmWrapper(entry) {
 
 esmWrapper('index');
 esmWrapper('testing');
+esmWrapper('prom-client');
 console.log('built dist/cjs and dist/esm');

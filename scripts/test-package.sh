@@ -21,7 +21,7 @@ if echo "$listing" | grep -E '^package/(test|build|build-sanitize|build-tsan|\.g
   echo "the tarball carries files it should not (above)" >&2
   exit 1
 fi
-for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs; do
+for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs package/dist/cjs/prom-client.d.ts package/dist/esm/prom-client.mjs package/prom-client.d.ts; do
   echo "$listing" | grep -qx "$f" || { echo "missing from the tarball: $f" >&2; exit 1; }
 done
 
