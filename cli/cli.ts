@@ -140,7 +140,9 @@ function printDemo(r: DemoReport): void {
   console.log(`  model KV: ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}; ${r.maxSequences} slots x ${r.maxTokens} tokens; budget ${bytes(r.memoryBudget)}`);
   console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions), ${r.wallSeconds.toFixed(2)} s`);
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
-  console.log(`  waste (backed, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of backed`);
+  console.log(`  waste (backed, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of backed:`);
+  console.log(`    past the tokens of active sequences (page-group rounding, look-ahead): mean ${bytes(r.meanBytesBeyondTokens)}`);
+  console.log(`    kept by released slots for the next sequence (deferred reclamation, reclaimable): mean ${bytes(r.meanBytesInReleasedSlots)}`);
   console.log(`  pages reused through deferred reclamation: ${r.pagesReused}; newly mapped: ${r.pagesMapped} (${r.pagesCreated} created)`);
   const what = r.backend === 'cuda' ? 'CUDA driver calls' : 'OS calls (mmap, fallocate, mprotect)';
   console.log(`  time in ${what} creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
@@ -199,12 +201,13 @@ async function bench(values: Values): Promise<number> {
   writeFileSync(
     join(out, 'memory.svg'),
     lineChart({
-      title: `Demo serving loop (${trace.backend}): memory backed vs holding tokens`,
+      title: `Demo serving loop (${trace.backend}): where the backed memory is`,
       xLabel: 'step',
       yLabel: 'MiB',
       series: [
-        { name: 'backed', points: trace.trace.map((p) => [p.step, p.bytesBacked / 2 ** 20]) },
         { name: 'holding tokens', points: trace.trace.map((p) => [p.step, p.bytesUsed / 2 ** 20]) },
+        { name: 'backed by active sequences', points: trace.trace.map((p) => [p.step, (p.bytesBacked - p.bytesInReleasedSlots) / 2 ** 20]) },
+        { name: 'kept by released slots', points: trace.trace.map((p) => [p.step, p.bytesInReleasedSlots / 2 ** 20]) },
       ],
     }),
   );

@@ -28,6 +28,7 @@ export interface DemoTracePoint {
   step: number;
   bytesBacked: number;
   bytesUsed: number;
+  bytesInReleasedSlots: number;
   active: number;
 }
 
@@ -48,6 +49,9 @@ export interface DemoReport {
   /** Mean of (backed - used): bytes mapped but not holding tokens. */
   meanWasteBytes: number;
   wasteFraction: number;
+  /** Means of where the backed bytes were: past the tokens of active sequences, kept by released slots. */
+  meanBytesBeyondTokens: number;
+  meanBytesInReleasedSlots: number;
   /** Mapped pages new sequences found in their slot (deferred reclamation). */
   pagesReused: number;
   /** Pages newly mapped (map calls). */
@@ -133,6 +137,8 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     let preemptions = 0;
     let sumBacked = 0;
     let sumUsed = 0;
+    let sumBeyond = 0;
+    let sumReleased = 0;
     let peak = 0;
     const preemptNewest = () => {
       const victim = running.pop()!;
@@ -186,8 +192,17 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       const s = cache.stats();
       sumBacked += s.bytesBacked;
       sumUsed += s.bytesUsed;
+      sumBeyond += s.bytesBeyondTokens;
+      sumReleased += s.bytesInReleasedSlots;
       peak = Math.max(peak, s.bytesBacked);
-      if (steps % 4 === 0) trace.push({ step: steps, bytesBacked: s.bytesBacked, bytesUsed: s.bytesUsed, active: running.length });
+      if (steps % 4 === 0)
+        trace.push({
+          step: steps,
+          bytesBacked: s.bytesBacked,
+          bytesUsed: s.bytesUsed,
+          bytesInReleasedSlots: s.bytesInReleasedSlots,
+          active: running.length,
+        });
       options.onProgress?.(served, requests);
     }
     const s = cache.stats();
@@ -208,6 +223,8 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       meanBytesUsed: sumUsed / steps,
       meanWasteBytes: (sumBacked - sumUsed) / steps,
       wasteFraction: sumBacked ? (sumBacked - sumUsed) / sumBacked : 0,
+      meanBytesBeyondTokens: sumBeyond / steps,
+      meanBytesInReleasedSlots: sumReleased / steps,
       pagesReused: s.pagesReused,
       pagesMapped: s.driverCalls.map?.calls ?? 0,
       pagesCreated: s.driverCalls.createPage?.calls ?? 0,

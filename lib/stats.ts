@@ -62,6 +62,16 @@ export interface CacheStats {
   bytesBacked: number;
   /** Tokens of active sequences × bytes per token (all layers, K and V). */
   bytesUsed: number;
+  /**
+   * Bytes mapped to active sequences past their tokens: the rounding of each
+   * sequence up to whole page groups, and the look-ahead the prefetch worker
+   * mapped. `bytesUsed + bytesBeyondTokens + bytesInReleasedSlots = bytesBacked`.
+   */
+  bytesBeyondTokens: number;
+  /** Bytes released slots keep mapped for the next sequence placed there (deferred reclamation); reclaimable. */
+  bytesInReleasedSlots: number;
+  /** Bytes of idle pages in the pool: created, not mapped. */
+  bytesPooled: number;
   /** Sequences holding a slot (reserved and not released). */
   activeSequences: number;
   /** Virtual address space reserved for every layer's K and V (no physical memory). */

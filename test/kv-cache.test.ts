@@ -80,6 +80,30 @@ for (const b of backends) {
       }
     });
 
+    it('stats() says where the backed bytes are: tokens, past the tokens, released slots; and what is pooled', () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: 0 });
+      try {
+        const group = groupPages * c.pageSize;
+        const a = c.reserve();
+        c.grow(a, tokensPerPage(c) + 1); // 2 groups, one token into the second
+        const other = c.reserve();
+        c.grow(other, 1);
+        c.release(other);
+        let s = c.stats();
+        expect(s.bytesUsed).toBe((tokensPerPage(c) + 1) * c.bytesPerToken);
+        expect(s.bytesBeyondTokens).toBe(2 * group - s.bytesUsed);
+        expect(s.bytesInReleasedSlots).toBe(group);
+        expect(s.bytesPooled).toBe(0);
+        expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+        c.reclaim();
+        s = c.stats();
+        expect(s.bytesInReleasedSlots).toBe(0);
+        expect(s.bytesPooled).toBe(group);
+      } finally {
+        c.close();
+      }
+    });
+
     it('growing to fewer tokens than backed does nothing', () => {
       const c = make();
       const seq = c.reserve();

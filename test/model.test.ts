@@ -91,6 +91,8 @@ for (const b of backends) {
         m.fenceWaits = waits;
       }
       expect(s.pagesMapped + s.pagesPooled).toBe(s.pagesCreated);
+      expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+      expect(s.bytesPooled).toBe(s.pagesPooled * s.pageSize);
       expect(s.pagesCreated * s.pageSize).toBeLessThanOrEqual(s.budgetBytes);
       expect(s.activeSequences).toBe(m.live.length);
       let used = 0;

@@ -180,6 +180,9 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("pagesStranded", num(env, st.pages.stranded));
     o.Set("bytesBacked", num(env, st.bytesBacked));
     o.Set("bytesUsed", num(env, st.bytesUsed));
+    o.Set("bytesBeyondTokens", num(env, st.bytesBeyondTokens));
+    o.Set("bytesInReleasedSlots", num(env, st.bytesInReleasedSlots));
+    o.Set("bytesPooled", num(env, st.bytesPooled));
     o.Set("activeSequences", num(env, st.activeSequences));
     o.Set("reservedVirtualBytes", num(env, st.reservedVirtualBytes));
     o.Set("pagesReclaimed", num(env, st.reclaimedPages));

@@ -342,14 +342,20 @@ CacheStats KVCache::stats() {
   st.budgetBytes = pool.budgetPages() * pool.pageSize();
   st.pages = pool.counts();
   st.bytesBacked = st.pages.mapped * st.pageSize;
+  st.bytesPooled = st.pages.idle * st.pageSize;
   st.reservedVirtualBytes = layout.rangeBytes();
   st.slots.reserve(core_->slots.size());
   for (uint32_t i = 0; i < core_->slots.size(); ++i) {
     const Slot& s = core_->slots[i];
     st.slots.push_back({i, s.active(), s.tokens, layout.tokensInGroups(core_->groupsOf(s)), s.pages.size()});
+    uint64_t mapped = s.pages.size() * st.pageSize;
     if (s.active()) {
       st.activeSequences++;
-      st.bytesUsed += s.tokens * layout.bytesPerToken();
+      uint64_t used = s.tokens * layout.bytesPerToken();
+      st.bytesUsed += used;
+      st.bytesBeyondTokens += mapped - used;
+    } else {
+      st.bytesInReleasedSlots += mapped;
     }
   }
   st.calls = core_->backend().counters();

@@ -75,6 +75,10 @@ struct CacheStats {
   PoolCounts pages;
   uint64_t bytesBacked = 0;  // mapped pages * page size
   uint64_t bytesUsed = 0;    // tokens of active sequences * bytes per token
+  // Where the backed bytes are: bytesUsed + bytesBeyondTokens + bytesInReleasedSlots = bytesBacked.
+  uint64_t bytesBeyondTokens = 0;     // mapped to active sequences past their tokens (page rounding, look-ahead)
+  uint64_t bytesInReleasedSlots = 0;  // kept mapped by released slots (deferred reclamation; reclaimable)
+  uint64_t bytesPooled = 0;           // idle pages in the pool (not mapped)
   uint32_t activeSequences = 0;
   uint64_t reservedVirtualBytes = 0;
   std::vector<SlotStats> slots;
