@@ -4,6 +4,7 @@ export type {
   CallStats,
   GrowAsyncOptions,
   KVCacheEvents,
+  LayoutStats,
   PrefetchStats,
   ReadRange,
   ReleaseOptions,
@@ -15,7 +16,7 @@ export type {
 export { DTYPE_BYTES } from './options.js';
 export { formatPrometheus } from './metrics.js';
 export type { MetricsOptions } from './metrics.js';
-export type { BackendChoice, DType, KVCacheOptions, KVKind } from './options.js';
+export type { BackendChoice, DType, KVCacheOptions, KVKind, KVLayoutChoice } from './options.js';
 export { driverInfo, autoBackend } from './info.js';
 export type { DeviceInfo, DriverInfo } from './info.js';
 export {

@@ -18,7 +18,7 @@ import { EventEmitter } from 'node:events';
 import { autoBackend } from './info.js';
 import { type MetricsOptions, formatPrometheus } from './metrics.js';
 import { addon, type FaultKind, type NativeCache, type NativeLayout } from './native.js';
-import type { CacheStats } from './stats.js';
+import type { CacheStats, LayoutStats } from './stats.js';
 import {
   type DType,
   type KVCacheOptions,
@@ -40,14 +40,18 @@ export interface TensorInfo {
   address: bigint;
   /** [maxSequences, maxTokens, kvHeads, headDim]. */
   shape: [number, number, number, number];
-  /** Strides in elements; a slot's stride is maxTokens rounded up to whole pages. */
+  /**
+   * Strides in elements. A slot's stride is maxTokens rows rounded up to whole
+   * pages; the token stride is kvHeads × headDim per layer, times the layers
+   * sharing the tensor in an all-layers or grouped layout (a strided view).
+   */
   strides: [number, number, number, number];
   /** Strides in bytes. */
   strideBytes: [number, number, number, number];
   dtype: DType;
 }
 
-export type { CacheStats, CallStats, PrefetchStats, SlotStats } from './stats.js';
+export type { CacheStats, CallStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
 
 export interface ReserveOptions {
   /** Tokens the sequence is expected to reach; picks the released slot whose pages fit best. */
@@ -154,6 +158,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         memoryBudget: o.memoryBudget,
         prefillBytes: o.poolPrefill,
         prefetchTokens: o.prefetchTokens,
+        layerGroups: o.layerGroups,
       });
     } catch (e) {
       throw fromNative(e);
@@ -397,7 +402,19 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   stats(): CacheStats {
     const native = this.#open();
-    return this.#call(() => native.stats());
+    return { ...this.#call(() => native.stats()), layout: this.layout };
+  }
+
+  /** The tensor arrangement in use and the size of its page group (what one mapping step adds to a sequence). */
+  get layout(): LayoutStats {
+    const l = this.#layout;
+    return {
+      name: l.layout,
+      layerGroups: l.layerGroups,
+      pagesPerPageGroup: l.pagesPerGroup,
+      bytesPerPageGroup: l.pagesPerGroup * l.pageSize,
+      tokensPerPageGroup: l.pageSize / l.tokenPitch,
+    };
   }
 
   /**

@@ -49,6 +49,8 @@ export function metricFamilies(stats: CacheStats): MetricFamily[] {
   const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) =>
     families.push({ name, type, help, samples });
   metric('page_size_bytes', 'gauge', 'Bytes per physical page.', [[{ backend: stats.backend }, stats.pageSize]]);
+  metric('page_group_bytes', 'gauge', 'Bytes one growth step maps: a page of every tensor of the layout.', [[{ layout: stats.layout.name }, stats.layout.bytesPerPageGroup]]);
+  metric('page_group_tokens', 'gauge', 'Tokens one page group holds.', [[{ layout: stats.layout.name }, stats.layout.tokensPerPageGroup]]);
   metric('budget_bytes', 'gauge', 'Bytes of physical memory the cache may back.', [[{}, stats.budgetBytes]]);
   metric('backed_bytes', 'gauge', 'Bytes of physical pages mapped into sequences.', [[{}, stats.bytesBacked]]);
   metric('used_bytes', 'gauge', 'Bytes holding tokens of active sequences.', [[{}, stats.bytesUsed]]);

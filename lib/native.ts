@@ -20,9 +20,10 @@ export interface NativeCacheOptions {
   memoryBudget: bigint;
   prefillBytes: bigint;
   prefetchTokens: number;
+  layerGroups: number;
 }
 
-export type NativeStats = CacheStats;
+export type NativeStats = Omit<CacheStats, 'layout'>;
 
 export interface NativeLayout {
   base: bigint;
@@ -32,6 +33,9 @@ export interface NativeLayout {
   tokenBytes: number;
   bytesPerToken: number;
   pagesPerGroup: number;
+  layout: string;
+  layerGroups: number;
+  tokenPitch: number;
   rangeBytes: number;
   tensors: { offset: bigint; strideElements: number[] }[];
 }

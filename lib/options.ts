@@ -7,6 +7,16 @@ import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js
 export type DType = 'float16' | 'bfloat16' | 'float32' | 'int8' | 'float8';
 export type BackendChoice = 'cuda' | 'host' | 'auto';
 export type KVKind = 'k' | 'v';
+/**
+ * How layers share tensors (see the README's "Layouts"):
+ * - `'per-layer'`: a K and a V tensor per layer (vAttention's layout). A page
+ *   group is a page of each of the 2 × layers tensors.
+ * - `'all-layers'`: one K and one V tensor holding every layer; a page group
+ *   is 2 pages for any model, so a sequence wastes less than 2 pages.
+ * - `{ layerGroups: N }`: N K and N V tensors of layers / N consecutive layers
+ *   each (N divides layers); N = 1 is all-layers, N = layers is per-layer.
+ */
+export type KVLayoutChoice = 'per-layer' | 'all-layers' | { layerGroups: number };
 
 export const DTYPE_BYTES: Readonly<Record<DType, number>> = Object.freeze({
   float16: 2,
@@ -52,6 +62,8 @@ export interface KVCacheOptions {
    * group ready in the pool. 0 turns the worker off. Default 64.
    */
   prefetchTokens?: number;
+  /** Tensor arrangement; default `'per-layer'`. See {@link KVLayoutChoice}. */
+  layout?: KVLayoutChoice;
 }
 
 export interface NormalizedOptions {
@@ -68,6 +80,8 @@ export interface NormalizedOptions {
   pageSize: number;
   poolPrefill: bigint;
   prefetchTokens: number;
+  /** Tensors per kind: layers for per-layer, 1 for all-layers. */
+  layerGroups: number;
 }
 
 export const DEFAULT_PREFETCH_TOKENS = 64;
@@ -131,7 +145,30 @@ const KNOWN = new Set([
   'pageSize',
   'poolPrefill',
   'prefetchTokens',
+  'layout',
 ]);
+
+/** The number of K (and V) tensors a layout choice asks for. */
+export function layerGroupsOf(name: string, value: unknown, layers: number): number {
+  if (value === undefined || value === 'per-layer') return layers;
+  if (value === 'all-layers') return 1;
+  if (typeof value === 'string')
+    throw new InvalidArgumentRangeError(name, `must be 'per-layer', 'all-layers' or { layerGroups: N }, got '${value}'`);
+  const o = checkObject(name, value, false);
+  for (const key of Object.keys(o))
+    if (key !== 'layerGroups') throw new InvalidArgumentRangeError(`${name}.${key}`, 'is not a known option');
+  const n = checkInteger(`${name}.layerGroups`, o.layerGroups, 1, layers);
+  if (layers % n !== 0)
+    throw new InvalidArgumentRangeError(`${name}.layerGroups`, `must divide layers (${layers}), got ${n}`);
+  return n;
+}
+
+/** The layout's name as stats() reports it. */
+export function layoutName(layerGroups: number, layers: number): string {
+  if (layerGroups === layers) return 'per-layer';
+  if (layerGroups === 1) return 'all-layers';
+  return `layer-groups:${layerGroups}`;
+}
 
 export function normalizeOptions(input: unknown): NormalizedOptions {
   const o = checkObject('options', input, false);
@@ -172,11 +209,13 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
       ? DEFAULT_PREFETCH_TOKENS
       : checkInteger('options.prefetchTokens', o.prefetchTokens, 0, maxTokens);
   const dtypeBytes = DTYPE_BYTES[dtype];
-  // The whole virtual range must be addressable: 2 * layers tensors of
+  const layerGroups = layerGroupsOf('options.layout', o.layout, layers);
+  // The whole virtual range must be addressable: 2 * layerGroups tensors of
   // maxSequences slots, each rounded up to whole pages (estimated at 2 MiB).
   const page = BigInt(pageSize || 2 * 1024 * 1024);
-  const slotBytes = ((BigInt(maxTokens) * BigInt(kvHeads * headDim * dtypeBytes) + page - 1n) / page) * page;
-  const rangeBytes = 2n * BigInt(layers) * BigInt(maxSequences) * slotBytes;
+  const rowBytes = BigInt(kvHeads * headDim * dtypeBytes) * BigInt(layers / layerGroups);
+  const slotBytes = ((BigInt(maxTokens) * rowBytes + page - 1n) / page) * page;
+  const rangeBytes = 2n * BigInt(layerGroups) * BigInt(maxSequences) * slotBytes;
   if (rangeBytes > 1n << 47n)
     throw new InvalidArgumentRangeError(
       'options',
@@ -196,5 +235,6 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     pageSize,
     poolPrefill,
     prefetchTokens,
+    layerGroups,
   };
 }

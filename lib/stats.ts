@@ -39,9 +39,24 @@ export interface PrefetchStats {
   workerError: string | null;
 }
 
+export interface LayoutStats {
+  /** 'per-layer', 'all-layers' or 'layer-groups:N'. */
+  name: string;
+  /** K (and V) tensors: layers for per-layer, 1 for all-layers. */
+  layerGroups: number;
+  /** Pages mapped together to extend a sequence: one per tensor (2 × layerGroups). */
+  pagesPerPageGroup: number;
+  /** pagesPerPageGroup × page size: the most a sequence can hold past its tokens, less one token. */
+  bytesPerPageGroup: number;
+  /** Tokens one page group holds; not a whole number when a token's row does not divide the page (a row may straddle two pages). */
+  tokensPerPageGroup: number;
+}
+
 export interface CacheStats {
   /** The backend in use. */
   backend: 'cuda' | 'host';
+  /** The layout and its page group. */
+  layout: LayoutStats;
   /** Bytes of one physical page. */
   pageSize: number;
   /** Bytes of physical memory the cache may back (the `memoryBudget` option, rounded down to pages). */

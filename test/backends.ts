@@ -1,11 +1,13 @@
 // The backends a behaviour test runs against, each with a small model shape
 // chosen so that a page holds a handful of tokens (many page boundaries).
-import { driverInfo, type KVCacheOptions } from '../lib/index.js';
+import { driverInfo, type KVCacheOptions, type KVLayoutChoice } from '../lib/index.js';
 
 export interface BackendCase {
   name: 'host' | 'cuda';
   /** Why the backend's tests are skipped on this machine, or null. */
   skip: string | null;
+  /** The layout's name in stats(). */
+  layoutName: string;
   options: KVCacheOptions;
 }
 
@@ -19,15 +21,25 @@ function cudaSkipReason(): string | null {
 
 export const cudaSkip = cudaSkipReason();
 
-// host: 4 KiB pages, 256-byte tokens -> 16 tokens a page.
-// cuda: 2 MiB pages (the granularity), 8 KiB tokens -> 256 tokens a page.
-export const backends: BackendCase[] = [
+// The layouts every behaviour test runs under (4 layers: layerGroups 2 is a
+// real middle ground).
+export const layouts: { name: string; layout: KVLayoutChoice }[] = [
+  { name: 'per-layer', layout: 'per-layer' },
+  { name: 'all-layers', layout: 'all-layers' },
+  { name: 'layer-groups:2', layout: { layerGroups: 2 } },
+];
+
+// host: 4 KiB pages, 256-byte tokens per layer -> per page 16 tokens
+// (per-layer), 8 (2 layer groups) or 4 (all layers).
+// cuda: 2 MiB pages (the granularity), 4 KiB tokens per layer -> 512, 256 or
+// 128 tokens a page. Either budget holds one whole sequence in every layout.
+const backendOptions: Omit<BackendCase, 'layoutName'>[] = [
   {
     name: 'host',
     skip: null,
     options: {
       backend: 'host',
-      layers: 3,
+      layers: 4,
       kvHeads: 2,
       headDim: 64,
       dtype: 'float16',
@@ -42,7 +54,7 @@ export const backends: BackendCase[] = [
     skip: cudaSkip,
     options: {
       backend: 'cuda',
-      layers: 3,
+      layers: 4,
       kvHeads: 8,
       headDim: 256,
       dtype: 'float16',
@@ -53,8 +65,17 @@ export const backends: BackendCase[] = [
   },
 ];
 
+/** Every backend under every layout: parametrize a suite with `for (const b of backends)`. */
+export const backends: BackendCase[] = backendOptions.flatMap((b) =>
+  layouts.map(({ name, layout }) => ({ ...b, layoutName: name, options: { ...b.options, layout } })),
+);
+
+/** One case per backend (per-layer layout), for tests about the backend rather than the layout. */
+export const perLayerBackends: BackendCase[] = backends.filter((b) => b.layoutName === 'per-layer');
+
 export function label(b: BackendCase): string {
-  return b.skip ? `${b.name} backend (skipped: ${b.skip})` : `${b.name} backend`;
+  const name = `${b.name} backend, ${b.layoutName} layout`;
+  return b.skip ? `${name} (skipped: ${b.skip})` : name;
 }
 
 /** Bytes 0..n-1 of a pattern that differs per (seed, position). */
@@ -81,4 +102,22 @@ export function stateOf(c: { stats(): Record<string, unknown> }): Record<string,
   const { driverCalls: _calls, driverCallsOnJsThread: _js, prefetch, ...state } = c.stats();
   const { hits, misses, pagesOnDemand } = prefetch as { hits: number; misses: number; pagesOnDemand: number };
   return { ...state, prefetch: { hits, misses, pagesOnDemand } };
+}
+
+/** K (and V) tensors of the case's layout, worked out from the option (not asked of the cache). */
+export function layerGroupsOf(b: BackendCase): number {
+  const l = b.options.layout;
+  if (l === undefined || l === 'per-layer') return b.options.layers;
+  if (l === 'all-layers') return 1;
+  return l.layerGroups;
+}
+
+/** Pages one growth step maps under the case's layout. */
+export function groupPagesOf(b: BackendCase): number {
+  return 2 * layerGroupsOf(b);
+}
+
+/** Whole tokens a page group holds under the case's layout. */
+export function tokensPerGroupOf(b: BackendCase, pageSize: number, tokenBytes: number): number {
+  return Math.floor(pageSize / (tokenBytes * (b.options.layers / layerGroupsOf(b))));
 }

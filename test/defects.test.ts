@@ -10,7 +10,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, Sequence } from '../lib/index.js';
 import { addon } from '../lib/native.js';
 import { finishHostStream, holdHostStream, injectNextCacheFault, liveResources } from '../lib/testing.js';
-import { backends, label, pattern, stateOf } from './backends.js';
+import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 const noLeaks = { ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 };
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -36,8 +36,8 @@ for (const b of backends) {
       open.push(c);
       return c;
     };
-    const tokensPerPage = (c: KVCache) => Math.floor(c.pageSize / c.tokenBytes);
-    const perGroup = 2 * b.options.layers;
+    const tokensPerPage = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
+    const perGroup = groupPagesOf(b);
     const mappedIn = (c: KVCache, seq: { slot: number }) => c.stats().slots[seq.slot]!.mappedPages;
     const calls = (c: KVCache, op: string) => c.stats().driverCalls[op]!.calls;
     const hostOnly = b.name !== 'host';
@@ -236,10 +236,12 @@ for (const b of backends) {
       const native = (o: Record<string, unknown>) => {
         const n = new (addon.NativeCache as unknown as new (o: unknown) => { stats(): { pagesPooled: number }; close(): void })({
           layers: 2, kvHeads: 2, headDim: 64, dtypeBytes: 2, maxSequences: 2, maxTokens: 64, backend: b.name, device: 0,
-          pageSize: b.name === 'host' ? 4096 : 0, memoryBudget: 16n * BigInt(b.name === 'host' ? 4096 : 2 << 20), prefillBytes: 0n, prefetchTokens: 0, ...o,
+          pageSize: b.name === 'host' ? 4096 : 0, memoryBudget: 16n * BigInt(b.name === 'host' ? 4096 : 2 << 20), prefillBytes: 0n, prefetchTokens: 0, layerGroups: 2, ...o,
         });
         return n;
       };
+      for (const bad of [3]) // layerGroups must divide layers (0 means one per layer)
+        expect(() => native({ layerGroups: bad })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringContaining('layerGroups') }));
       for (const zero of ['layers', 'kvHeads', 'headDim', 'dtypeBytes', 'maxSequences', 'maxTokens'])
         expect(() => native({ [zero]: 0 })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringContaining(zero) }));
       expect(() => native({ maxSequences: 1 << 20, maxTokens: 1 << 30, layers: 1000 })).toThrow(

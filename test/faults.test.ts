@@ -3,7 +3,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
 import { injectNextCacheFault, liveResources } from '../lib/testing.js';
-import { backends, label, pattern, stateOf } from './backends.js';
+import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 for (const b of backends) {
   describe.skipIf(b.skip !== null)(`fault injection, ${label(b)}`, () => {
@@ -17,7 +17,7 @@ for (const b of backends) {
       // No prefetch worker: each injected fault must hit the call site under test.
       const c = new KVCache({ ...b.options, prefetchTokens: 0 });
       open.push(c);
-      const tpp = Math.floor(c.pageSize / c.tokenBytes);
+      const tpp = tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
       const a = c.reserve();
       c.grow(a, tpp + 2);
       c.write(a, { layer: 1, kind: 'k', token: 0 }, pattern((tpp + 2) * c.tokenBytes, 3));
@@ -32,7 +32,7 @@ for (const b of backends) {
 
     const growOps = ['createPage', 'map', 'setAccess'] as const;
     for (const op of growOps) {
-      for (const nth of [0, 1, 4]) {
+      for (const nth of [0, 1, groupPagesOf(b) + 1]) { // the first, the second, one in the second group
         for (const oom of [true, false]) {
           it(`grow survives ${op} #${nth} failing with ${oom ? 'out of memory' : 'an error'}`, () => {
             const { c, a, tpp } = setup();
@@ -67,7 +67,7 @@ for (const b of backends) {
     it('reclaim survives an unmap failure part way through a page group', () => {
       const { c } = setup();
       const before = comparable(c);
-      c._injectFault('unmap', 2, false);
+      c._injectFault('unmap', 1, false); // the second page of the first group: every layout has at least 2
       expect(() => c.reclaim()).toThrow(expect.objectContaining({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' }));
       expect(comparable(c)).toEqual(before);
       expect(c.reclaim()).toBeGreaterThan(0);
@@ -158,7 +158,7 @@ for (const b of backends) {
       const c = new KVCache({ ...b.options, prefetchTokens: b.name === 'host' ? 16 : 512 });
       open.push(c);
       const seq = c.reserve();
-      c._injectFault('map', 2 * b.options.layers, false); // after the first group, mapped on demand
+      c._injectFault('map', groupPagesOf(b), false); // after the first group, mapped on demand
       c.step([seq], [1]);
       const deadline = Date.now() + 5000;
       while (c.stats().prefetch.errors === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));

@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, OutOfMemoryError, type Sequence } from '../lib/index.js';
-import { backends, label, pattern, stateOf } from './backends.js';
+import { backends, groupPagesOf, label, layerGroupsOf, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 for (const b of backends) {
   describe.skipIf(b.skip !== null)(label(b), () => {
@@ -15,26 +15,52 @@ for (const b of backends) {
     afterEach(() => {
       for (const c of open.splice(0)) c.close();
     });
-    const tokensPerPage = (c: KVCache) => Math.floor(c.pageSize / c.tokenBytes);
-    const groupPages = b.options.layers * 2;
+    // Tokens of one page group (whole ones), from the option, not the cache.
+    const tokensPerPage = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
+    const groupPages = groupPagesOf(b);
 
-    it('exposes per-layer K and V tensors of shape [maxSequences, maxTokens, kvHeads, headDim]', () => {
+    it("exposes every layer's K and V as a view of shape [maxSequences, maxTokens, kvHeads, headDim] whose token rows never overlap another view's", () => {
       const c = make();
       const o = b.options;
+      const layersPerTensor = o.layers / layerGroupsOf(b);
       const tensors = c.tensors();
       expect(tensors).toHaveLength(o.layers);
-      const k0 = tensors[0]!.k;
-      expect(k0.shape).toEqual([o.maxSequences, o.maxTokens, o.kvHeads, o.headDim]);
-      expect(k0.strides.slice(1)).toEqual([o.kvHeads * o.headDim, o.headDim, 1]);
-      expect(typeof k0.address).toBe('bigint');
-      // slot stride covers maxTokens, rounded up to whole pages
-      expect(k0.strideBytes[0] % c.pageSize).toBe(0);
-      expect(k0.strideBytes[0]).toBeGreaterThanOrEqual(o.maxTokens * c.tokenBytes);
-      // tensors do not overlap and are page aligned
-      const addrs = tensors.flatMap((t) => [t.k.address, t.v.address]).sort((x, y) => (x < y ? -1 : 1));
-      for (let i = 1; i < addrs.length; i++)
-        expect(addrs[i]! - addrs[i - 1]!).toBe(BigInt(k0.strideBytes[0] * o.maxSequences));
-      for (const a of addrs) expect(a % BigInt(c.pageSize)).toBe(0n);
+      const views = tensors.flatMap((t) => [t.k, t.v]);
+      const slotStride = views[0]!.strideBytes[0];
+      // slot stride covers maxTokens rows, rounded up to whole pages
+      expect(slotStride % c.pageSize).toBe(0);
+      expect(slotStride).toBeGreaterThanOrEqual(o.maxTokens * c.tokenBytes * layersPerTensor);
+      for (const v of views) {
+        expect(v.shape).toEqual([o.maxSequences, o.maxTokens, o.kvHeads, o.headDim]);
+        expect(v.strides).toEqual([slotStride / 2, o.kvHeads * o.headDim * layersPerTensor, o.headDim, 1]);
+        expect(typeof v.address).toBe('bigint');
+      }
+      // the first layer of each tensor is page aligned
+      for (let layer = 0; layer < o.layers; layer += layersPerTensor)
+        for (const v of [tensors[layer]!.k, tensors[layer]!.v]) expect(v.address % BigInt(c.pageSize)).toBe(0n);
+      // byte intervals of tokens 0..2 of slots 0..1 in every view are disjoint and inside the range
+      const intervals: [bigint, bigint][] = [];
+      for (const v of views)
+        for (let slot = 0; slot < 2; slot++)
+          for (let token = 0; token < 3; token++) {
+            const at = v.address + BigInt(slot * v.strideBytes[0] + token * v.strideBytes[1]);
+            intervals.push([at, at + BigInt(c.tokenBytes)]);
+          }
+      intervals.sort((x, y) => (x[0] < y[0] ? -1 : 1));
+      for (let i = 1; i < intervals.length; i++) expect(intervals[i]![0] >= intervals[i - 1]![1]).toBe(true);
+      const end = views[0]!.address + BigInt(c.stats().reservedVirtualBytes);
+      expect(intervals.at(-1)![1] <= end).toBe(true);
+    });
+
+    it('reports its layout and page group in stats()', () => {
+      const c = make();
+      expect(c.stats().layout).toEqual({
+        name: b.layoutName,
+        layerGroups: layerGroupsOf(b),
+        pagesPerPageGroup: groupPages,
+        bytesPerPageGroup: groupPages * c.pageSize,
+        tokensPerPageGroup: c.pageSize / (c.tokenBytes * (b.options.layers / layerGroupsOf(b))),
+      });
     });
 
     it('backs nothing until a sequence grows, then exactly the pages needed in every layer', () => {
@@ -188,7 +214,7 @@ for (const b of backends) {
       for (const s of seqs) c.release(s);
       const fit2 = c.reserve({ expectedTokens: 2 * tpp - 1 });
       expect(fit2.slot).toBe(slots[2]);
-      const fit1 = c.reserve({ expectedTokens: 5 });
+      const fit1 = c.reserve({ expectedTokens: Math.min(5, tpp) });
       expect(fit1.slot).toBe(slots[0]);
       c.release(fit1);
       // nothing covers 4 pages: take the slot with the most

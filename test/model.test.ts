@@ -8,7 +8,7 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
 import { finishHostStream, holdHostStream, liveResources, spinThenReadU32, synchronizeStream } from '../lib/testing.js';
-import { backends, label } from './backends.js';
+import { backends, label, tokensPerGroupOf } from './backends.js';
 
 interface SeqModel {
   tokens: number;
@@ -54,7 +54,7 @@ for (const b of backends) {
   describe.skipIf(b.skip !== null)(`model-based random operations, ${label(b)}`, () => {
     const o = { ...b.options, prefetchTokens: 0 };
     const maxTokens = o.maxTokens;
-    const tpp = b.name === 'host' ? 16 : 512; // tokens per page, see backends.ts
+    const tpp = tokensPerGroupOf(b, b.name === 'host' ? 4096 : 2 << 20, b.options.kvHeads * b.options.headDim * 2); // see backends.ts
     const tokenCount = fc.oneof(
       fc.constantFrom(0, 1, tpp - 1, tpp, tpp + 1, 2 * tpp, maxTokens - 1, maxTokens, maxTokens + 1),
       fc.integer({ min: 0, max: maxTokens }),

@@ -2,7 +2,7 @@
 // and closing while either is busy. Run against every backend present.
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
-import { backends, label, pattern, stateOf } from './backends.js';
+import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 const until = async (what: () => boolean, ms = 5000) => {
   const end = Date.now() + ms;
@@ -23,7 +23,7 @@ for (const b of backends) {
     afterEach(() => {
       for (const c of open.splice(0)) c.close();
     });
-    const tpp = (c: KVCache) => Math.floor(c.pageSize / c.tokenBytes);
+    const tpp = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
 
     it('step() backs the batch, then the worker maps ahead so later steps make no driver call on the JS thread', async () => {
       // look ahead one page of tokens: two sequences stay well inside the budget
@@ -60,7 +60,7 @@ for (const b of backends) {
       const s = c.stats();
       expect(s.driverCallsOnJsThread).toBeGreaterThan(js0);
       expect(s.prefetch.pagesAhead).toBe(0);
-      expect(s.prefetch.pagesOnDemand).toBe(2 * 2 * 2 * b.options.layers);
+      expect(s.prefetch.pagesOnDemand).toBe(2 * 2 * groupPagesOf(b));
     });
 
     it('step() is all or nothing across the batch', () => {
@@ -85,10 +85,10 @@ for (const b of backends) {
       c.step([x], [1]);
       await until(() => c.stats().slots[x.slot]!.backedTokens >= Math.min(1 + c.options.prefetchTokens, c.options.maxTokens));
       const prefetched = c.stats().slots[x.slot]!.mappedPages;
-      expect(prefetched).toBeGreaterThan(2 * b.options.layers); // more than x's one token needs
+      expect(prefetched).toBeGreaterThan(groupPagesOf(b)); // more than x's one token needs
       // y needs every page the budget has left, and some of x's look-ahead
       const budgetPages = c.stats().budgetBytes / c.pageSize;
-      const group = 2 * b.options.layers;
+      const group = groupPagesOf(b);
       const yGroups = Math.floor((budgetPages - group) / group);
       c.grow(y, Math.min(yGroups * tpp(c), c.options.maxTokens));
       const s = c.stats();

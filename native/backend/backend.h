@@ -130,9 +130,11 @@ class Backend {
   virtual void setAccess(Address at) = 0;                 // read-write for the device
   virtual void unmap(Address at) = 0;
 
-  // Synchronous copies between host memory and backed virtual memory.
-  virtual void copyIn(Address dst, const void* src, size_t bytes) = 0;
-  virtual void copyOut(void* dst, Address src, size_t bytes) = 0;
+  // Synchronous copies between host memory and backed virtual memory: `rows`
+  // rows of `rowBytes`, packed on the host side, `pitch` bytes apart in the
+  // range (a layer's tokens in a grouped layout are not adjacent).
+  virtual void copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) = 0;
+  virtual void copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) = 0;
 
   // Fences: work queued on `stream` so far; done() never blocks, wait() does.
   virtual FenceHandle recordFence(uint64_t stream) = 0;

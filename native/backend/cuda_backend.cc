@@ -185,18 +185,52 @@ void CudaBackend::unmap(Address at) {
   liveResources().mappings--;
 }
 
-void CudaBackend::copyIn(Address dst, const void* src, size_t bytes) {
+namespace {
+// A pitched copy between packed host rows and rows `pitch` apart on the device.
+cu::CUDA_MEMCPY2D pitchedCopy(size_t rowBytes, size_t rows) {
+  cu::CUDA_MEMCPY2D c{};
+  c.WidthInBytes = rowBytes;
+  c.Height = rows;
+  return c;
+}
+}  // namespace
+
+void CudaBackend::copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) {
   ContextScope context(*this);
   CallScope scope(*this, BackendOp::CopyIn);
-  scope.injectFault("cuMemcpyHtoD");
-  check(driver().cuMemcpyHtoD(dst, src, bytes), "cuMemcpyHtoD");
+  if (pitch == rowBytes || rows == 1) {
+    scope.injectFault("cuMemcpyHtoD");
+    check(driver().cuMemcpyHtoD(dst, src, rowBytes * rows), "cuMemcpyHtoD");
+    return;
+  }
+  scope.injectFault("cuMemcpy2D");
+  cu::CUDA_MEMCPY2D c = pitchedCopy(rowBytes, rows);
+  c.srcMemoryType = cu::CU_MEMORYTYPE_HOST;
+  c.srcHost = src;
+  c.srcPitch = rowBytes;
+  c.dstMemoryType = cu::CU_MEMORYTYPE_DEVICE;
+  c.dstDevice = dst;
+  c.dstPitch = pitch;
+  check(driver().cuMemcpy2D(&c), "cuMemcpy2D");
 }
 
-void CudaBackend::copyOut(void* dst, Address src, size_t bytes) {
+void CudaBackend::copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) {
   ContextScope context(*this);
   CallScope scope(*this, BackendOp::CopyOut);
-  scope.injectFault("cuMemcpyDtoH");
-  check(driver().cuMemcpyDtoH(dst, src, bytes), "cuMemcpyDtoH");
+  if (pitch == rowBytes || rows == 1) {
+    scope.injectFault("cuMemcpyDtoH");
+    check(driver().cuMemcpyDtoH(dst, src, rowBytes * rows), "cuMemcpyDtoH");
+    return;
+  }
+  scope.injectFault("cuMemcpy2D");
+  cu::CUDA_MEMCPY2D c = pitchedCopy(rowBytes, rows);
+  c.srcMemoryType = cu::CU_MEMORYTYPE_DEVICE;
+  c.srcDevice = src;
+  c.srcPitch = pitch;
+  c.dstMemoryType = cu::CU_MEMORYTYPE_HOST;
+  c.dstHost = dst;
+  c.dstPitch = rowBytes;
+  check(driver().cuMemcpy2D(&c), "cuMemcpy2D");
 }
 
 FenceHandle CudaBackend::recordFence(uint64_t stream) {

@@ -40,8 +40,8 @@ class CudaBackend final : public Backend {
   void map(Address at, PageHandle page) override;
   void setAccess(Address at) override;
   void unmap(Address at) override;
-  void copyIn(Address dst, const void* src, size_t bytes) override;
-  void copyOut(void* dst, Address src, size_t bytes) override;
+  void copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) override;
+  void copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) override;
   FenceHandle recordFence(uint64_t stream) override;
   bool fenceDone(FenceHandle fence) override;
   void waitFence(FenceHandle fence) override;

@@ -175,16 +175,18 @@ void HostBackend::unmap(Address a) {
   liveResources().mappings--;
 }
 
-void HostBackend::copyIn(Address dst, const void* src, size_t bytes) {
+void HostBackend::copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) {
   CallScope scope(*this, BackendOp::CopyIn);
   scope.injectFault("memcpy");
-  std::memcpy(at(dst), src, bytes);
+  const auto* from = static_cast<const uint8_t*>(src);
+  for (size_t r = 0; r < rows; r++) std::memcpy(at(dst + r * pitch), from + r * rowBytes, rowBytes);
 }
 
-void HostBackend::copyOut(void* dst, Address src, size_t bytes) {
+void HostBackend::copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) {
   CallScope scope(*this, BackendOp::CopyOut);
   scope.injectFault("memcpy");
-  std::memcpy(dst, at(src), bytes);
+  auto* to = static_cast<uint8_t*>(dst);
+  for (size_t r = 0; r < rows; r++) std::memcpy(to + r * rowBytes, at(src + r * pitch), rowBytes);
 }
 
 // Host memory has no asynchronous writers: a fence has passed as soon as it

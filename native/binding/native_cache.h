@@ -68,6 +68,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.memoryBudget = u64(o.Get("memoryBudget"));
     opts.prefillBytes = u64(o.Get("prefillBytes"));
     opts.prefetchTokens = u32(o.Get("prefetchTokens"));
+    opts.layerGroups = u32(o.Get("layerGroups"));
     cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
@@ -234,6 +235,9 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("tokenBytes", num(env, l.tokenBytes()));
     o.Set("bytesPerToken", num(env, l.bytesPerToken()));
     o.Set("pagesPerGroup", num(env, l.pagesPerGroup()));
+    o.Set("layout", l.name());
+    o.Set("layerGroups", num(env, l.layerGroups()));
+    o.Set("tokenPitch", num(env, l.tokenPitch()));
     o.Set("rangeBytes", num(env, l.rangeBytes()));
     Napi::Array tensors = Napi::Array::New(env);
     uint32_t n = 0;

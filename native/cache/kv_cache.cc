@@ -32,7 +32,7 @@ uint64_t nowNanos() {
 KVCache::KVCache(const CacheOptions& o) {
   watchProcessExit();
   std::unique_ptr<Backend> backend = makeBackend(o);
-  auto layout = std::make_unique<PerLayerLayout>(o.shape, backend->pageSize());
+  auto layout = std::make_unique<GroupedLayout>(o.shape, backend->pageSize(), o.layerGroups ? o.layerGroups : o.shape.layers);
   uint64_t budget = o.memoryBudget ? o.memoryBudget : defaultBudget(*backend);
   uint64_t groupBytes = layout->pagesPerGroup() * backend->pageSize();
   if (o.memoryBudget && budget < groupBytes)
@@ -307,8 +307,9 @@ void KVCache::write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token
   Slot& s = activeSlot(seq);
   checkRange(s, layer, token, bytes);
   if (bytes == 0) return;
-  core_->backend().copyIn(core_->device.base() + core_->layout->tokenOffset(seq.slot, layer, kind, token), data,
-                          bytes);
+  const KVLayout& layout = *core_->layout;
+  core_->backend().copyIn(core_->device.base() + layout.tokenOffset(seq.slot, layer, kind, token), layout.tokenPitch(),
+                          data, layout.tokenBytes(), bytes / layout.tokenBytes());
 }
 
 void KVCache::read(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, void* out, uint64_t bytes) {
@@ -316,8 +317,9 @@ void KVCache::read(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token,
   Slot& s = activeSlot(seq);
   checkRange(s, layer, token, bytes);
   if (bytes == 0) return;
-  core_->backend().copyOut(out, core_->device.base() + core_->layout->tokenOffset(seq.slot, layer, kind, token),
-                           bytes);
+  const KVLayout& layout = *core_->layout;
+  core_->backend().copyOut(out, core_->device.base() + layout.tokenOffset(seq.slot, layer, kind, token),
+                           layout.tokenPitch(), layout.tokenBytes(), bytes / layout.tokenBytes());
 }
 
 uint64_t KVCache::tokens(SequenceRef seq) {

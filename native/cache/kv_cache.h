@@ -42,6 +42,7 @@ enum class BackendKind { Cuda, Host };
 
 struct CacheOptions {
   ModelShape shape;
+  uint32_t layerGroups = 0;     // tensors per kind (see GroupedLayout); 0 = one per layer
   BackendKind backend = BackendKind::Host;
   int device = 0;
   size_t pageSize = 0;          // 0 = backend default

@@ -70,4 +70,28 @@ struct CUmemAccessDesc {
   CUmemAccess_flags flags;
 };
 
+enum CUmemorytype { CU_MEMORYTYPE_HOST = 0x1, CU_MEMORYTYPE_DEVICE = 0x2 };
+struct CUarray_st;
+using CUarray = CUarray_st*;
+
+// cuMemcpy2D's description of a pitched copy (CUDA_MEMCPY2D_v2).
+struct CUDA_MEMCPY2D {
+  size_t srcXInBytes;
+  size_t srcY;
+  CUmemorytype srcMemoryType;
+  const void* srcHost;
+  CUdeviceptr srcDevice;
+  CUarray srcArray;
+  size_t srcPitch;
+  size_t dstXInBytes;
+  size_t dstY;
+  CUmemorytype dstMemoryType;
+  void* dstHost;
+  CUdeviceptr dstDevice;
+  CUarray dstArray;
+  size_t dstPitch;
+  size_t WidthInBytes;
+  size_t Height;
+};
+
 }  // namespace vat::cu
