@@ -1,14 +1,20 @@
 // Decode loop (vAttention paper, Figure 10): B sequences of a 32-layer,
-// 8-KV-head, 128-dim fp16 model start from a prefill and grow one token a
-// step for T steps. Each step: cache.step() (the library, timed on the JS
-// thread), a GPU kernel that writes the new token's K and V into every
-// layer, a fixed stretch of simulated compute, then a stream sync. Run with
-// prefetch on and with synchronous mapping (prefetchTokens: 0) in one run.
+// 32-query-head, 8-KV-head, 128-dim fp16 model (Llama-3-8B's attention)
+// start from a prefill and grow one token a step for T steps. Each step:
+// cache.step() (the library, timed on the JS thread), a GPU kernel that
+// writes the new token's K and V into every layer, then the real decode
+// attention of all 32 layers (native/kernels), then a stream sync. Runs:
+// per-layer layout with prefetch and with synchronous mapping
+// (prefetchTokens: 0), the all-layers layout with prefetch, and the same loop
+// over vLLM-style paged blocks (blocks of 16 handed out from a free list in
+// JS, the block table uploaded each step, the paged mode of the same kernel).
 // Without a GPU it runs on the host backend (8 layers, B up to 64, no
-// kernel: the compute is a sleep), to show the same effect on host mmap.
+// kernel: the compute is a sleep of --compute-us), to show the same effect
+// on host mmap.
 //   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--compute-us 2000]
 import { KVCache } from '../dist/esm/index.mjs';
-import { createStream, destroyStream, spinThenFillU32, synchronizeStream, writeTokens } from '../dist/esm/testing.mjs';
+import * as gpu from '../dist/esm/testing.mjs';
+import { createStream, destroyStream, synchronizeStream, writeTokens } from '../dist/esm/testing.mjs';
 import { cudaPresent, fmt, nowNs, saveResult, summarize, table } from './common.mjs';
 
 const args = Object.fromEntries(
@@ -20,6 +26,8 @@ const batches = (args.batches ?? (onGpu ? '1,16,64,256' : '1,16,64')).split(',')
 const steps = Number(args.steps ?? (onGpu ? 512 : 256));
 const computeNs = Number(args['compute-us'] ?? 2000) * 1000;
 const model = { layers: onGpu ? 32 : 8, kvHeads: 8, headDim: 128, dtype: 'float16' };
+const qHeads = 32;
+const maxTokens = 4096;
 const prefetchTokens = 64;
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
@@ -36,46 +44,74 @@ function prefills(b, tokensPerPage) {
   });
 }
 
-function run(b, prefetch) {
+/** The device buffers of a step's attention: queries, outputs, lengths, rows. */
+function attentionBuffers(b) {
+  const bytes = b * qHeads * model.headDim * 2;
+  return { q: gpu.allocate(bytes), out: gpu.allocate(bytes), lengths: gpu.allocate(4 * b), rows: gpu.allocate(4 * b) };
+}
+function freeBuffers(bufs) {
+  for (const at of Object.values(bufs)) gpu.free(at);
+}
+
+/** Every layer's attention for one decode step, queued on `stream`. */
+function attendAllLayers(b, bufs, maxLength, kvOfLayer, stream) {
+  for (let layer = 0; layer < model.layers; layer++)
+    gpu.decodeAttention({ dtype: model.dtype, batch: b, qHeads, kvHeads: model.kvHeads, headDim: model.headDim, q: bufs.q, out: bufs.out, lengths: bufs.lengths, maxLength, ...kvOfLayer[layer], stream });
+}
+
+function run(b, prefetch, layout) {
   const cache = new KVCache({
     ...model,
     backend,
     maxSequences: b,
-    maxTokens: 4096,
+    maxTokens,
+    layout,
     prefetchTokens: prefetch ? prefetchTokens : 0,
   });
   const stream = onGpu ? createStream() : 0n;
+  const bufs = onGpu ? attentionBuffers(b) : null;
   try {
     const k0 = cache.tensor(0, 'k');
-    const layout = {
+    const groups = cache.layout.layerGroups;
+    // writeTokens sees each tensor's token row (all the layers it holds) as one token
+    const writeLayout = {
       base: k0.address,
-      tensors: 2 * model.layers,
+      tensors: 2 * groups,
       tensorStride: Number(cache.tensor(0, 'v').address - k0.address),
       slotStride: k0.strideBytes[0],
-      tokenBytes: cache.tokenBytes,
+      tokenBytes: k0.strideBytes[1],
     };
-    const tokensPerPage = cache.pageSize / cache.tokenBytes;
+    const kvOfLayer = cache.tensors().map(({ k, v }) => ({ ...gpu.cacheKV(k, v), rows: bufs?.rows }));
+    const tokensPerPage = Math.floor(cache.layout.tokensPerPageGroup);
     const seqs = Array.from({ length: b }, () => cache.reserve());
     const lens = prefills(b, tokensPerPage);
     for (let i = 0; i < b; i++) cache.grow(seqs[i], lens[i]); // prefill, not timed
     cache.step(seqs, lens); // schedules look-ahead
-    if (onGpu) synchronizeStream(stream);
+    if (onGpu) {
+      gpu.copyToDevice(bufs.rows, Int32Array.from(seqs, (s) => s.slot));
+      synchronizeStream(stream);
+    }
     const before = cache.stats();
     const lib = [];
     const whole = [];
     const entries = Array.from({ length: b }, () => [0, 0]); // reused every step
+    const lengths = new Int32Array(b);
     for (let t = 0; t < steps; t++) {
       for (let i = 0; i < b; i++) lens[i]++;
       const t0 = nowNs();
       cache.step(seqs, lens);
       const t1 = nowNs();
       if (onGpu) {
+        let maxLength = 0;
         for (let i = 0; i < b; i++) {
           entries[i][0] = seqs[i].slot;
           entries[i][1] = lens[i] - 1;
+          lengths[i] = lens[i];
+          maxLength = Math.max(maxLength, lens[i]);
         }
-        writeTokens(layout, entries, t, { stream });
-        spinThenFillU32(k0.address, 0, 0, computeNs, { stream });
+        writeTokens(writeLayout, entries, t, { stream });
+        gpu.copyToDevice(bufs.lengths, lengths, { stream });
+        attendAllLayers(b, bufs, maxLength, kvOfLayer, stream);
         synchronizeStream(stream);
       } else {
         Atomics.wait(sleeper, 0, 0, computeNs / 1e6); // the "GPU" computes; the worker may map meanwhile
@@ -86,6 +122,7 @@ function run(b, prefetch) {
     }
     const after = cache.stats();
     return {
+      memory: cache.layout.name,
       batch: b,
       prefetch,
       steps,
@@ -96,38 +133,139 @@ function run(b, prefetch) {
       pagesMappedOnDemand: after.prefetch.pagesOnDemand - before.prefetch.pagesOnDemand,
       misses: after.prefetch.misses - before.prefetch.misses,
       bytesBacked: after.bytesBacked,
+      bytesUsed: after.bytesUsed,
       libraryNs: lib,
     };
   } finally {
-    if (onGpu) destroyStream(stream);
+    if (onGpu) {
+      freeBuffers(bufs);
+      destroyStream(stream);
+    }
     cache.close();
   }
 }
 
-const results = [];
-for (const b of batches) {
-  for (const prefetch of [true, false]) {
-    const r = run(b, prefetch);
-    results.push(r);
-    process.stderr.write(`decode B=${b} prefetch=${prefetch}: lib p99 ${fmt.us(r.library.p99)} µs\n`);
+/**
+ * The same loop over paged blocks of 16 tokens in cuMemAlloc memory: a free
+ * list in JS hands out blocks, the block table goes to the device each step
+ * (what a paged server does), attention runs in paged mode.
+ */
+function runPaged(b) {
+  const blockSize = 16;
+  const row = model.kvHeads * model.headDim, blockBytes = blockSize * row * 2;
+  const stream = createStream();
+  const bufs = attentionBuffers(b);
+  const lens = prefills(b, 1024);
+  const maxBlocks = Math.ceil((Math.max(...lens) + steps) / blockSize);
+  const blocks = b * maxBlocks;
+  const pool = gpu.allocate(2 * model.layers * blocks * blockBytes); // [2 × layers][blocks][16][heads][dim]
+  const table = gpu.allocate(4 * b * maxBlocks);
+  try {
+    const free = Array.from({ length: blocks }, (_, i) => blocks - 1 - i);
+    const hostTable = new Int32Array(b * maxBlocks);
+    const owned = new Int32Array(b);
+    const ensure = (i, tokens) => {
+      let changed = false;
+      while (owned[i] * blockSize < tokens) {
+        hostTable[i * maxBlocks + owned[i]++] = free.pop();
+        changed = true;
+      }
+      return changed;
+    };
+    for (let i = 0; i < b; i++) ensure(i, lens[i]);
+    gpu.copyToDevice(table, hostTable);
+    const tensorStride = blocks * blockBytes;
+    const kvOfLayer = Array.from({ length: model.layers }, (_, layer) => ({
+      k: pool + BigInt(2 * layer * tensorStride),
+      v: pool + BigInt((2 * layer + 1) * tensorStride),
+      strides: { row: blockSize * row, token: row, head: model.headDim },
+      paged: { blockTable: table, maxBlocksPerSequence: maxBlocks, blockSize },
+    }));
+    const writeLayout = { base: pool, tensors: 2 * model.layers, tensorStride, slotStride: blockBytes, tokenBytes: row * 2 };
+    const lib = [], whole = [];
+    const entries = Array.from({ length: b }, () => [0, 0]);
+    const lengths = new Int32Array(b);
+    for (let t = 0; t < steps; t++) {
+      for (let i = 0; i < b; i++) lens[i]++;
+      const t0 = nowNs();
+      let changed = false;
+      for (let i = 0; i < b; i++) changed = ensure(i, lens[i]) || changed;
+      if (changed) gpu.copyToDevice(table, hostTable, { stream });
+      const t1 = nowNs();
+      let maxLength = 0;
+      for (let i = 0; i < b; i++) {
+        const token = lens[i] - 1;
+        entries[i][0] = hostTable[i * maxBlocks + Math.floor(token / blockSize)];
+        entries[i][1] = token % blockSize;
+        lengths[i] = lens[i];
+        maxLength = Math.max(maxLength, lens[i]);
+      }
+      writeTokens(writeLayout, entries, t, { stream });
+      gpu.copyToDevice(bufs.lengths, lengths, { stream });
+      attendAllLayers(b, bufs, maxLength, kvOfLayer, stream);
+      synchronizeStream(stream);
+      const t2 = nowNs();
+      lib.push(Number(t1 - t0));
+      whole.push(Number(t2 - t0));
+    }
+    const used = lens.reduce((a, n) => a + n, 0) * row * 2 * 2 * model.layers;
+    return {
+      memory: 'paged 16',
+      batch: b,
+      prefetch: false,
+      steps,
+      library: summarize(lib),
+      step: summarize(whole),
+      jsThreadDriverCalls: 0,
+      pagesMappedAhead: 0,
+      pagesMappedOnDemand: 0,
+      misses: 0,
+      bytesBacked: Number(owned.reduce((a, n) => a + n, 0)) * blockBytes * 2 * model.layers,
+      bytesUsed: used,
+      libraryNs: lib,
+    };
+  } finally {
+    gpu.free(table);
+    gpu.free(pool);
+    freeBuffers(bufs);
+    destroyStream(stream);
   }
 }
 
-console.log(`Decode loop (${backend}): ${model.layers} layers x 8 KV heads x 128 dims fp16, ${steps} steps, ${computeNs / 1000} µs ${onGpu ? 'simulated compute (GPU spin kernel)' : 'sleep'} per step, prefetchTokens ${prefetchTokens}`);
+const results = [];
+const configs = [
+  ['per-layer', true],
+  ['per-layer', false],
+  ...(onGpu ? [['all-layers', true], ['paged', false]] : [['all-layers', true]]),
+];
+for (const b of batches) {
+  for (const [memory, prefetch] of configs) {
+    const r = memory === 'paged' ? runPaged(b) : run(b, prefetch, memory);
+    results.push(r);
+    process.stderr.write(`decode B=${b} ${r.memory} ${prefetch ? 'prefetch' : 'sync'}: lib p99 ${fmt.us(r.library.p99)} µs, step p50 ${fmt.ms(r.step.p50)} ms\n`);
+  }
+}
+
+const work = onGpu ? `write K/V + decode attention of ${model.layers} layers (${qHeads}/${model.kvHeads} heads) per step` : `${computeNs / 1000} µs sleep per step`;
+console.log(`Decode loop (${backend}): ${model.layers} layers x 8 KV heads x 128 dims fp16, ${steps} steps, ${work}, prefetchTokens ${prefetchTokens}`);
+const perLayerP50 = (b) => results.find((r) => r.batch === b && r.memory === 'per-layer' && r.prefetch)?.step.p50;
 console.log(
   table(results, [
     { title: 'B', value: (r) => r.batch },
-    { title: 'mapping', value: (r) => (r.prefetch ? 'prefetch' : 'sync') },
+    { title: 'memory', value: (r) => r.memory },
+    { title: 'mapping', value: (r) => (r.memory === 'paged 16' ? 'blocks' : r.prefetch ? 'prefetch' : 'sync') },
     { title: 'lib p50 µs', value: (r) => fmt.us(r.library.p50) },
     { title: 'lib p99 µs', value: (r) => fmt.us(r.library.p99) },
     { title: 'lib max µs', value: (r) => fmt.us(r.library.max) },
     { title: 'step p50 ms', value: (r) => fmt.ms(r.step.p50) },
     { title: 'step p99 ms', value: (r) => fmt.ms(r.step.p99) },
-    { title: 'step max ms', value: (r) => fmt.ms(r.step.max) },
+    { title: 'tokens/s', value: (r) => fmt.int(r.batch / (r.step.p50 / 1e9)) },
+    { title: 'step vs per-layer', value: (r) => (r.step.p50 / perLayerP50(r.batch)).toFixed(3) },
     { title: 'JS-thread driver calls', value: (r) => r.jsThreadDriverCalls },
     { title: 'pages ahead', value: (r) => r.pagesMappedAhead },
     { title: 'pages on demand', value: (r) => r.pagesMappedOnDemand },
     { title: 'misses', value: (r) => r.misses },
+    { title: 'no-token share', value: (r) => `${((1 - r.bytesUsed / r.bytesBacked) * 100).toFixed(1)}%` },
   ]),
 );
-saveResult('decode', { backend, model, steps, computeNs, prefetchTokens, results });
+saveResult('decode', { backend, model: { ...model, qHeads }, steps, computeNs: onGpu ? null : computeNs, prefetchTokens, results });

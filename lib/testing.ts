@@ -7,7 +7,9 @@
  */
 import { fromNative } from './errors.js';
 import { addon, type FaultKind } from './native.js';
-import { checkInteger } from './options.js';
+import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
+import { checkInteger, checkObject, describe } from './options.js';
+import type { TensorInfo } from './kv-cache.js';
 
 interface NativeTesting {
   deviceMemory(device: number): { freeBytes: number; totalBytes: number };
@@ -37,6 +39,31 @@ interface NativeTesting {
   destroyContext(context: bigint): void;
   setCurrentContext(context: bigint): void;
   currentContext(): bigint;
+  allocate(device: number, bytes: number): bigint;
+  free(device: number, address: bigint): void;
+  copyToDevice(device: number, dst: bigint, data: ArrayBufferView, stream: bigint | undefined): void;
+  copyFromDevice(device: number, out: ArrayBufferView, src: bigint): void;
+  createEvent(device: number): bigint;
+  recordEvent(device: number, event: bigint, stream: bigint): void;
+  elapsedMilliseconds(device: number, start: bigint, end: bigint): number;
+  destroyEvent(device: number, event: bigint): void;
+  deviceProperties(device: number): DeviceProperties;
+  decodeAttention(device: number, call: Record<string, unknown>): AttentionPlan;
+}
+
+/** Device attributes the benchmarks need. */
+export interface DeviceProperties {
+  multiprocessors: number;
+  /** Peak memory clock (kHz): peak bandwidth = 2 × clock × bus width / 8. */
+  memoryClockKHz: number;
+  busWidthBits: number;
+  l2Bytes: number;
+}
+
+/** How a decodeAttention call split the KV length. */
+export interface AttentionPlan {
+  splits: number;
+  tokensPerSplit: number;
 }
 
 /** Whole-loop times (ns) of the raw driver calls over `pages` pages of `pageSize` bytes. */
@@ -251,4 +278,222 @@ export function setCurrentContext(context: bigint): void {
 /** The calling thread's current CUDA context (0n when none). */
 export function currentContext(): bigint {
   return call(() => native.currentContext());
+}
+
+// ---- device memory, copies, events ----------------------------------------
+
+function checkAddress(name: string, value: unknown): bigint {
+  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 64n)
+    throw new InvalidArgumentTypeError(name, `must be a device address (bigint), got ${describe(value)}`);
+  return value;
+}
+
+function checkView(name: string, value: unknown): ArrayBufferView {
+  if (!ArrayBuffer.isView(value)) throw new InvalidArgumentTypeError(name, `must be a TypedArray or DataView, got ${describe(value)}`);
+  if ((value.buffer as ArrayBuffer & { detached?: boolean }).detached === true) throw new InvalidArgumentTypeError(name, 'is detached');
+  return value;
+}
+
+/** `bytes` of plain device memory (cuMemAlloc), for kernel inputs and baselines. Free with {@link free}. */
+export function allocate(bytes: number, device = 0): bigint {
+  checkInteger('bytes', bytes, 1, Number.MAX_SAFE_INTEGER);
+  return call(() => native.allocate(device, bytes));
+}
+
+export function free(address: bigint, device = 0): void {
+  checkAddress('address', address);
+  call(() => native.free(device, address));
+}
+
+/**
+ * Copies `data` to device memory at `dst`: synchronous, or queued on
+ * `options.stream` (the bytes are staged before it returns).
+ */
+export function copyToDevice(dst: bigint, data: ArrayBufferView, options: { device?: number; stream?: bigint } = {}): void {
+  checkAddress('dst', dst);
+  checkView('data', data);
+  call(() => native.copyToDevice(options.device ?? 0, dst, data, options.stream));
+}
+
+/** Copies `out.byteLength` bytes from device memory at `src` into `out` (synchronous). */
+export function copyFromDevice<T extends ArrayBufferView>(out: T, src: bigint, device = 0): T {
+  checkView('out', out);
+  checkAddress('src', src);
+  call(() => native.copyFromDevice(device, out, src));
+  return out;
+}
+
+/** A CUDA event that records time (for GPU timing). */
+export function createEvent(device = 0): bigint {
+  return call(() => native.createEvent(device));
+}
+
+export function recordEvent(event: bigint, stream = 0n, device = 0): void {
+  call(() => native.recordEvent(device, event, stream));
+}
+
+/** GPU time between two recorded events; waits for `end`. */
+export function elapsedMilliseconds(start: bigint, end: bigint, device = 0): number {
+  return call(() => native.elapsedMilliseconds(device, start, end));
+}
+
+export function destroyEvent(event: bigint, device = 0): void {
+  call(() => native.destroyEvent(device, event));
+}
+
+export function deviceProperties(device = 0): DeviceProperties {
+  return call(() => native.deviceProperties(device));
+}
+
+/** Peak memory bandwidth (bytes/s) from the driver's memory clock and bus width (double data rate). */
+export function peakBandwidth(device = 0): number {
+  const p = deviceProperties(device);
+  return 2 * p.memoryClockKHz * 1000 * (p.busWidthBits / 8);
+}
+
+// ---- decode attention --------------------------------------------------------
+
+/** Where a decode-attention call finds K and V: element strides, shared by K and V. */
+export interface KVStrides {
+  /** Strided mode: a sequence's (row's) stride. Paged mode: a block's. */
+  row: number;
+  /** A token's stride (within a block in paged mode). */
+  token: number;
+  /** A KV head's stride. */
+  head: number;
+}
+
+export interface DecodeAttentionArgs {
+  dtype: 'float16' | 'bfloat16';
+  batch: number;
+  /** Query heads; qHeads / kvHeads must be 1, 2, 4 or 8. */
+  qHeads: number;
+  kvHeads: number;
+  /** 64, 128 or 256. */
+  headDim: number;
+  /** [batch, qHeads, headDim] query, contiguous, in `dtype`. */
+  q: bigint;
+  /** [batch, qHeads, headDim] output, contiguous, in `dtype`. */
+  out: bigint;
+  /** int32[batch] device array: tokens of each entry. */
+  lengths: bigint;
+  /** At least every entry's length (plans the split of the KV length). */
+  maxLength: number;
+  /** K and V base addresses (16-byte aligned). */
+  k: bigint;
+  v: bigint;
+  strides: KVStrides;
+  /** Strided mode: int32[batch] device array, the row (cache slot) of each entry; default entry i is row i. */
+  rows?: bigint;
+  /** Paged mode (vLLM-style blocks): an int32 [batch, maxBlocksPerSequence] block table. */
+  paged?: { blockTable: bigint; maxBlocksPerSequence: number; blockSize: number };
+  /** Softmax scale; default 1 / sqrt(headDim). */
+  scale?: number;
+  /** Splits of the KV length; default planned from the device's multiprocessors. */
+  splits?: number;
+  stream?: bigint;
+  device?: number;
+}
+
+function checkStride(name: string, value: unknown): number {
+  return checkInteger(name, value, 0, Number.MAX_SAFE_INTEGER);
+}
+
+/**
+ * Queues decode attention (one query token per entry, grouped-query) over
+ * K/V at any strides (every layout of a cache; a plain [B, T, H, D] tensor)
+ * or in paged blocks: out = softmax(q·Kᵀ × scale)·V per query head, fp32
+ * accumulation, the KV length split over blocks (flash-decoding) plus a
+ * reduce. The kernels are this package's own (native/kernels), loaded from
+ * PTX on first use.
+ */
+export function decodeAttention(args: DecodeAttentionArgs): AttentionPlan {
+  const a = checkObject('args', args, false) as unknown as DecodeAttentionArgs;
+  if (a.dtype !== 'float16' && a.dtype !== 'bfloat16')
+    throw new InvalidArgumentRangeError('args.dtype', `must be 'float16' or 'bfloat16', got ${describe(a.dtype)}`);
+  const strides = checkObject('args.strides', a.strides, false) as unknown as KVStrides;
+  const paged = a.paged === undefined ? undefined : (checkObject('args.paged', a.paged, false) as unknown as NonNullable<DecodeAttentionArgs['paged']>);
+  const call_ = {
+    dtype: a.dtype,
+    batch: checkInteger('args.batch', a.batch, 1, 65_535),
+    qHeads: checkInteger('args.qHeads', a.qHeads, 1, 65_535),
+    kvHeads: checkInteger('args.kvHeads', a.kvHeads, 1, 65_535),
+    headDim: checkInteger('args.headDim', a.headDim, 1, 65_535),
+    maxLength: checkInteger('args.maxLength', a.maxLength, 0, 0x7fff_ffff),
+    splits: a.splits === undefined ? 0 : checkInteger('args.splits', a.splits, 1, 65_535),
+    scale: a.scale === undefined ? 0 : a.scale,
+    stream: a.stream ?? 0n,
+    q: checkAddress('args.q', a.q),
+    k: checkAddress('args.k', a.k),
+    v: checkAddress('args.v', a.v),
+    out: checkAddress('args.out', a.out),
+    lengths: checkAddress('args.lengths', a.lengths),
+    rows: paged ? checkAddress('args.paged.blockTable', paged.blockTable) : a.rows === undefined ? 0n : checkAddress('args.rows', a.rows),
+    rowStride: checkStride('args.strides.row', strides.row),
+    tokenStride: checkStride('args.strides.token', strides.token),
+    headStride: checkStride('args.strides.head', strides.head),
+    paged: paged !== undefined,
+    maxBlocksPerSequence: paged ? checkInteger('args.paged.maxBlocksPerSequence', paged.maxBlocksPerSequence, 1, 0x7fff_ffff) : 0,
+    blockSize: paged ? checkInteger('args.paged.blockSize', paged.blockSize, 1, 0x7fff_ffff) : 0,
+  };
+  if (typeof call_.scale !== 'number' || !(call_.scale >= 0) || !Number.isFinite(call_.scale))
+    throw new InvalidArgumentRangeError('args.scale', `must be a positive number, got ${describe(a.scale)}`);
+  return call(() => native.decodeAttention(a.device ?? 0, call_));
+}
+
+/** K/V addresses and strides of one layer of a cache, for {@link decodeAttention} (rows: the slots). */
+export function cacheKV(k: TensorInfo, v: TensorInfo): { k: bigint; v: bigint; strides: KVStrides } {
+  if (k.strides.some((s, i) => s !== v.strides[i])) throw new InvalidArgumentRangeError('v', 'K and V must have the same strides');
+  return { k: k.address, v: v.address, strides: { row: k.strides[0], token: k.strides[1], head: k.strides[2] } };
+}
+
+// ---- 16-bit floats (Node has no Float16Array before 22) ---------------------
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+/** IEEE fp16 bits of `x`, rounded to nearest even. */
+export function toFloat16Bits(x: number): number {
+  f32[0] = x;
+  const bits = u32[0]!;
+  const sign = (bits >>> 16) & 0x8000;
+  const exp = (bits >>> 23) & 0xff;
+  let mant = bits & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  let e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rest = mant & ((1 << shift) - 1), mid = 1 << (shift - 1);
+    if (rest > mid || (rest === mid && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rest = mant & 0x1fff;
+  if (rest > 0x1000 || (rest === 0x1000 && half & 1)) half++;
+  return sign | half;
+}
+
+export function fromFloat16Bits(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >>> 10) & 0x1f, mant = h & 0x3ff;
+  if (exp === 0) return sign * mant * 2 ** -24;
+  if (exp === 0x1f) return mant ? NaN : sign * Infinity;
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+}
+
+/** bfloat16 bits of `x`, rounded to nearest even. */
+export function toBFloat16Bits(x: number): number {
+  f32[0] = x;
+  const bits = u32[0]!;
+  if ((bits & 0x7f800000) === 0x7f800000 && bits & 0x7fffff) return (bits >>> 16) | 0x40;
+  return ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+export function fromBFloat16Bits(h: number): number {
+  u32[0] = h << 16;
+  return f32[0]!;
 }

@@ -88,6 +88,102 @@ void TestingDestroyCounter(const Napi::CallbackInfo& info) {
   guarded(info.Env(), [&] { testing::destroyCounter(dev(info), u64(info[1])); });
 }
 
+// Bytes of a TypedArray / DataView argument (the TS layer checked its type).
+std::pair<uint8_t*, size_t> bytesOf(const Napi::Value& v) {
+  if (v.IsDataView()) {
+    Napi::DataView d = v.As<Napi::DataView>();
+    return {static_cast<uint8_t*>(d.ArrayBuffer().Data()) + d.ByteOffset(), d.ByteLength()};
+  }
+  Napi::TypedArray t = v.As<Napi::TypedArray>();
+  return {static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset(), t.ByteLength()};
+}
+
+Napi::Value TestingAllocate(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::allocate(dev(info), u64(info[1])); }));
+}
+
+void TestingFree(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::free(dev(info), u64(info[1])); });
+}
+
+// copyToDevice(device, dst, bytes, stream | undefined): async on a stream when one is given.
+void TestingCopyToDevice(const Napi::CallbackInfo& info) {
+  auto [data, size] = bytesOf(info[2]);
+  guarded(info.Env(), [&] {
+    if (info[3].IsUndefined()) testing::copyToDevice(dev(info), u64(info[1]), data, size);
+    else testing::copyToDeviceAsync(dev(info), u64(info[1]), data, size, u64(info[3]));
+  });
+}
+
+void TestingCopyFromDevice(const Napi::CallbackInfo& info) {
+  auto [data, size] = bytesOf(info[1]);
+  guarded(info.Env(), [&] { testing::copyFromDevice(dev(info), data, u64(info[2]), size); });
+}
+
+Napi::Value TestingCreateEvent(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::createEvent(dev(info)); }));
+}
+
+void TestingRecordEvent(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::recordEvent(dev(info), u64(info[1]), u64(info[2])); });
+}
+
+Napi::Value TestingElapsedMilliseconds(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), guarded(info.Env(), [&] {
+                             return testing::elapsedMilliseconds(dev(info), u64(info[1]), u64(info[2]));
+                           }));
+}
+
+void TestingDestroyEvent(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyEvent(dev(info), u64(info[1])); });
+}
+
+Napi::Value TestingDeviceProperties(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  testing::DeviceProperties p = guarded(env, [&] { return testing::deviceProperties(dev(info)); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("multiprocessors", p.multiprocessors);
+  o.Set("memoryClockKHz", p.memoryClockKHz);
+  o.Set("busWidthBits", p.busWidthBits);
+  o.Set("l2Bytes", p.l2Bytes);
+  return o;
+}
+
+// decodeAttention(device, call): the TS layer (lib/testing.ts) validated and
+// flattened the arguments into one object of numbers and bigints.
+Napi::Value TestingDecodeAttention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = info[1].As<Napi::Object>();
+  kernels::DecodeAttentionCall c;
+  c.dtype = o.Get("dtype").As<Napi::String>().Utf8Value() == "bfloat16" ? kernels::KVDtype::BFloat16
+                                                                          : kernels::KVDtype::Float16;
+  c.addressing = o.Get("paged").ToBoolean() ? kernels::Addressing::Paged : kernels::Addressing::Strided;
+  c.batch = u32(o.Get("batch"));
+  c.qHeads = u32(o.Get("qHeads"));
+  c.kvHeads = u32(o.Get("kvHeads"));
+  c.headDim = u32(o.Get("headDim"));
+  c.maxLength = u32(o.Get("maxLength"));
+  c.splits = u32(o.Get("splits"));
+  c.scale = o.Get("scale").As<Napi::Number>().FloatValue();
+  c.stream = u64(o.Get("stream"));
+  c.q = u64(o.Get("q"));
+  c.k = u64(o.Get("k"));
+  c.v = u64(o.Get("v"));
+  c.out = u64(o.Get("out"));
+  c.lengths = u64(o.Get("lengths"));
+  c.rows = u64(o.Get("rows"));
+  c.rowStride = static_cast<int64_t>(u64(o.Get("rowStride")));
+  c.tokenStride = static_cast<int64_t>(u64(o.Get("tokenStride")));
+  c.headStride = static_cast<int64_t>(u64(o.Get("headStride")));
+  c.maxBlocksPerSequence = u32(o.Get("maxBlocksPerSequence"));
+  c.blockSize = u32(o.Get("blockSize"));
+  kernels::DecodeAttentionPlan plan = guarded(env, [&] { return testing::decodeAttention(dev(info), c); });
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("splits", plan.splits);
+  r.Set("tokensPerSplit", plan.tokensPerSplit);
+  return r;
+}
+
 Napi::Value TestingCreateContext(const Napi::CallbackInfo& info) {
   return big(info.Env(), guarded(info.Env(), [&] { return testing::createContext(dev(info)); }));
 }
@@ -137,6 +233,16 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("destroyContext", Napi::Function::New<TestingDestroyContext>(env));
   t.Set("setCurrentContext", Napi::Function::New<TestingSetCurrentContext>(env));
   t.Set("currentContext", Napi::Function::New<TestingCurrentContext>(env));
+  t.Set("allocate", Napi::Function::New<TestingAllocate>(env));
+  t.Set("free", Napi::Function::New<TestingFree>(env));
+  t.Set("copyToDevice", Napi::Function::New<TestingCopyToDevice>(env));
+  t.Set("copyFromDevice", Napi::Function::New<TestingCopyFromDevice>(env));
+  t.Set("createEvent", Napi::Function::New<TestingCreateEvent>(env));
+  t.Set("recordEvent", Napi::Function::New<TestingRecordEvent>(env));
+  t.Set("elapsedMilliseconds", Napi::Function::New<TestingElapsedMilliseconds>(env));
+  t.Set("destroyEvent", Napi::Function::New<TestingDestroyEvent>(env));
+  t.Set("deviceProperties", Napi::Function::New<TestingDeviceProperties>(env));
+  t.Set("decodeAttention", Napi::Function::New<TestingDecodeAttention>(env));
   return t;
 }
 

@@ -58,7 +58,7 @@ bool resolveAll(void* lib, DriverApi& a, std::string* p) {
          VAT_RESOLVE(cuGetErrorString) && VAT_RESOLVE(cuDeviceGetCount) && VAT_RESOLVE(cuDeviceGet) &&
          VAT_RESOLVE(cuDeviceGetName) && VAT_RESOLVE(cuDeviceGetAttribute) && VAT_RESOLVE(cuDeviceTotalMem) &&
          VAT_RESOLVE(cuDevicePrimaryCtxRetain) && VAT_RESOLVE(cuDevicePrimaryCtxRelease) &&
-         VAT_RESOLVE(cuCtxGetCurrent) && VAT_RESOLVE(cuCtxSetCurrent) && VAT_RESOLVE(cuCtxSynchronize) &&
+         VAT_RESOLVE(cuCtxGetCurrent) && VAT_RESOLVE(cuCtxSetCurrent) && VAT_RESOLVE(cuCtxSynchronize) && VAT_RESOLVE(cuCtxGetDevice) &&
          VAT_RESOLVE(cuCtxPushCurrent) && VAT_RESOLVE(cuCtxPopCurrent) && VAT_RESOLVE(cuCtxCreate) &&
          VAT_RESOLVE(cuCtxDestroy) &&
          VAT_RESOLVE(cuMemGetInfo) && VAT_RESOLVE(cuMemAlloc) && VAT_RESOLVE(cuMemFree) && VAT_RESOLVE(cuMemGetAllocationGranularity) &&

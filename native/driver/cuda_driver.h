@@ -24,6 +24,7 @@ struct DriverApi {
   CUresult (*cuCtxGetCurrent)(CUcontext*);
   CUresult (*cuCtxSetCurrent)(CUcontext);
   CUresult (*cuCtxSynchronize)();
+  CUresult (*cuCtxGetDevice)(CUdevice*);
   CUresult (*cuCtxPushCurrent)(CUcontext);
   CUresult (*cuCtxPopCurrent)(CUcontext*);
   // At API 12.0 cuGetProcAddress gives cuCtxCreate_v3 (execution-affinity

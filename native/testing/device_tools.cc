@@ -178,6 +178,77 @@ void synchronizeStream(int device, uint64_t stream) {
   check(driver().cuStreamSynchronize(asStream(stream)), "cuStreamSynchronize");
 }
 
+uint64_t allocate(int device, uint64_t bytes) {
+  kernels(device);
+  CUdeviceptr p = 0;
+  check(driver().cuMemAlloc(&p, bytes), "cuMemAlloc");
+  return p;
+}
+
+void free(int device, uint64_t address) {
+  kernels(device);
+  check(driver().cuMemFree(address), "cuMemFree");
+}
+
+void copyToDevice(int device, uint64_t dst, const void* src, uint64_t bytes) {
+  kernels(device);
+  check(driver().cuMemcpyHtoD(dst, src, bytes), "cuMemcpyHtoD");
+}
+
+void copyFromDevice(int device, void* dst, uint64_t src, uint64_t bytes) {
+  kernels(device);
+  check(driver().cuMemcpyDtoH(dst, src, bytes), "cuMemcpyDtoH");
+}
+
+void copyToDeviceAsync(int device, uint64_t dst, const void* src, uint64_t bytes, uint64_t stream) {
+  kernels(device);
+  check(driver().cuMemcpyHtoDAsync(dst, src, bytes, asStream(stream)), "cuMemcpyHtoDAsync");
+}
+
+uint64_t createEvent(int device) {
+  kernels(device);
+  CUevent e = nullptr;
+  check(driver().cuEventCreate(&e, 0), "cuEventCreate");
+  return reinterpret_cast<uint64_t>(e);
+}
+
+void recordEvent(int device, uint64_t event, uint64_t stream) {
+  kernels(device);
+  check(driver().cuEventRecord(reinterpret_cast<CUevent>(event), asStream(stream)), "cuEventRecord");
+}
+
+float elapsedMilliseconds(int device, uint64_t start, uint64_t end) {
+  kernels(device);
+  check(driver().cuEventSynchronize(reinterpret_cast<CUevent>(end)), "cuEventSynchronize");
+  float ms = 0;
+  check(driver().cuEventElapsedTime(&ms, reinterpret_cast<CUevent>(start), reinterpret_cast<CUevent>(end)),
+        "cuEventElapsedTime");
+  return ms;
+}
+
+void destroyEvent(int device, uint64_t event) {
+  kernels(device);
+  check(driver().cuEventDestroy(reinterpret_cast<CUevent>(event)), "cuEventDestroy");
+}
+
+DeviceProperties deviceProperties(int device) {
+  kernels(device);
+  const DriverApi& d = driver();
+  CUdevice dev = 0;
+  check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+  DeviceProperties p;
+  check(d.cuDeviceGetAttribute(&p.multiprocessors, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&p.memoryClockKHz, CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&p.busWidthBits, CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&p.l2Bytes, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, dev), "cuDeviceGetAttribute");
+  return p;
+}
+
+kernels::DecodeAttentionPlan decodeAttention(int device, const kernels::DecodeAttentionCall& call) {
+  kernels(device);
+  return kernels::decodeAttention(call);
+}
+
 RawVmmTimes rawVmmLoop(int device, uint64_t pages) {
   kernels(device);
   const DriverApi& d = driver();

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "kernels/decode_attention.h"
 
 namespace vat::testing {
 
@@ -41,6 +42,32 @@ uint64_t createContext(int device);  // the thread's current context is unchange
 void destroyContext(uint64_t context);
 void setCurrentContext(uint64_t context);
 uint64_t currentContext();
+
+// Plain device memory (cuMemAlloc) and synchronous copies, for inputs and
+// outputs of kernels under test and the baselines of benchmarks.
+uint64_t allocate(int device, uint64_t bytes);
+void free(int device, uint64_t address);
+void copyToDevice(int device, uint64_t dst, const void* src, uint64_t bytes);
+void copyFromDevice(int device, void* dst, uint64_t src, uint64_t bytes);
+// Queued on `stream`; `src` is copied to a staging buffer before it returns.
+void copyToDeviceAsync(int device, uint64_t dst, const void* src, uint64_t bytes, uint64_t stream);
+
+// Timing events (cuEventElapsedTime waits for `end`).
+uint64_t createEvent(int device);
+void recordEvent(int device, uint64_t event, uint64_t stream);
+float elapsedMilliseconds(int device, uint64_t start, uint64_t end);
+void destroyEvent(int device, uint64_t event);
+
+struct DeviceProperties {
+  int multiprocessors = 0;
+  int memoryClockKHz = 0;
+  int busWidthBits = 0;
+  int l2Bytes = 0;
+};
+DeviceProperties deviceProperties(int device);
+
+// Decode attention (native/kernels) on `device`'s primary context.
+kernels::DecodeAttentionPlan decodeAttention(int device, const kernels::DecodeAttentionCall& call);
 
 // The raw driver loop the library is measured against: cuMemCreate,
 // cuMemMap, cuMemSetAccess, cuMemUnmap, cuMemRelease over `pages` pages of
