@@ -67,7 +67,7 @@ function allocate(bytes) {
 /** The K/V arguments of one variant; `close` frees what it made. */
 function setup(v, B, T) {
   if (v.cache) {
-    const cache = new KVCache({ backend: 'cuda', ...model, ...v.cache, maxSequences: B, maxTokens: T, prefetchTokens: 0 });
+    const cache = new KVCache({ backend: 'cuda', kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, ...v.cache, maxSequences: B, maxTokens: T, prefetchTokens: 0 });
     const seqs = Array.from({ length: B }, () => cache.reserve());
     for (const s of seqs) cache.grow(s, T);
     const layer = v.cache.layers - 1;

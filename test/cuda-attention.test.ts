@@ -206,7 +206,7 @@ describe.skipIf(cudaSkip !== null)(`decode attention on the GPU${cudaSkip ? ` (s
     const s: Shape = { dtype: 'float16', qHeads: 32, kvHeads: 8, headDim: 128 };
     // Budget for one sequence: growing the second needs the first one's pages.
     const layers = 2, n = 4096;
-    using c = new KVCache({ backend: 'cuda', layers, ...s, maxSequences: 2, maxTokens: n, memoryBudget: 2 * layers * 4 * 2 ** 21, prefetchTokens: 0 });
+    using c = new KVCache({ backend: 'cuda', layers, kvHeads: s.kvHeads, headDim: s.headDim, dtype: s.dtype, maxSequences: 2, maxTokens: n, memoryBudget: 2 * layers * 4 * 2 ** 21, prefetchTokens: 0 });
     const stream = gpu.createStream();
     try {
       const a = c.reserve();

@@ -117,13 +117,15 @@ __device__ void partialAttention(const AttentionParams& p) {
         kRaw[u] = vRaw[u] = make_uint4(0, 0, 0, 0);
       }
     }
+    // Scores of the kUnroll tokens, then one online-softmax update for all of
+    // them: one rescale of the accumulator per pass, not per token.
+    float s[kUnroll][G];
+    bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; u++) {
-      const bool valid = first + u * kTokensPerWarp + sub < end;
-      float kf[8], vf[8];
+      valid[u] = first + u * kTokensPerWarp + sub < end;
+      float kf[8];
       toFloats(kRaw[u], kf, T());
-      toFloats(vRaw[u], vf, T());
-      float s[G];
 #pragma unroll
       for (int g = 0; g < G; g++) {
         float dot = 0.f;
@@ -131,17 +133,32 @@ __device__ void partialAttention(const AttentionParams& p) {
         for (int i = 0; i < 8; i++) dot = fmaf(q[g][i], kf[i], dot);
 #pragma unroll
         for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        s[g] = dot;
+        s[u][g] = dot;
       }
-      if (!valid) continue;
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      float mNew = m[g];
+#pragma unroll
+      for (int u = 0; u < kUnroll; u++)
+        if (valid[u]) mNew = fmaxf(mNew, s[u][g]);
+      const float old = rescale(m[g], mNew);
+      l[g] *= old;
+#pragma unroll
+      for (int i = 0; i < 8; i++) acc[g][i] *= old;
+      m[g] = mNew;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      if (!valid[u]) continue;
+      float vf[8];
+      toFloats(vRaw[u], vf, T());
 #pragma unroll
       for (int g = 0; g < G; g++) {
-        float mNew = fmaxf(m[g], s[g]);
-        float old = rescale(m[g], mNew), w = exp2f(s[g] - mNew);
-        l[g] = l[g] * old + w;
+        const float w = exp2f(s[u][g] - m[g]);
+        l[g] += w;
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[g][i] = fmaf(acc[g][i], old, w * vf[i]);
-        m[g] = mNew;
+        for (int i = 0; i < 8; i++) acc[g][i] = fmaf(w, vf[i], acc[g][i]);
       }
     }
   }
