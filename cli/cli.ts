@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { runDemo, type DemoReport } from './demo.js';
-import { autoBackend, driverInfo } from 'vattention';
+import { autoBackend, driverInfo, type KVLayoutChoice } from 'vattention';
 import { lineChart } from './plot.js';
 
 const packageRoot = resolve(__dirname, '..', '..'); // dist/cli/cli.js -> the package root
@@ -27,10 +27,13 @@ const COMMANDS = {
   },
   demo: {
     usage:
-      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto]\n' +
-      '  a simulated serving loop on this machine, and what it cost (N: positive integers; defaults 300 requests, seed 42)',
+      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto] [--layout per-layer|all-layers|groups:N] [--compare-layouts]\n' +
+      '  a simulated serving loop on this machine, and what it cost (N: positive integers; defaults 300 requests, seed 42);\n' +
+      '  --compare-layouts runs the same trace under each layout and prints one table',
     options: {
       json: { type: 'boolean' },
+      layout: { type: 'string' },
+      'compare-layouts': { type: 'boolean' },
       requests: { type: 'string' },
       seed: { type: 'string' },
       backend: { type: 'string' },
@@ -134,15 +137,56 @@ function progressBar(total: number) {
   };
 }
 
+/** --layout's value: per-layer, all-layers or groups:N. */
+function layoutOption(raw: string | undefined): KVLayoutChoice | undefined {
+  if (raw === undefined) return undefined;
+  if (raw === 'per-layer' || raw === 'all-layers') return raw;
+  const m = /^groups:([0-9]+)$/.exec(raw);
+  if (m && Number(m[1]) >= 1) return { layerGroups: Number(m[1]) };
+  throw new UsageError(`--layout must be per-layer, all-layers or groups:N, got '${raw}'`);
+}
+
+const LAYOUTS_COMPARED: KVLayoutChoice[] = ['per-layer', { layerGroups: 4 }, 'all-layers'];
+
+function printComparison(reports: DemoReport[]): void {
+  const r0 = reports[0]!;
+  const m = r0.model;
+  console.log(`The same trace (${r0.requests} requests) under each layout, ${r0.backend} backend, ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}, budget ${bytes(r0.memoryBudget)}`);
+  const rows = reports.map((r) => [
+    r.layout.name,
+    bytes(r.layout.bytesPerPageGroup),
+    r.layout.tokensPerPageGroup.toFixed(1),
+    bytes(r.meanBytesBacked),
+    bytes(r.meanBytesUsed),
+    bytes(r.meanBytesPageRounding),
+    bytes(r.meanBytesPageRoundingPerRequest),
+    bytes(r.meanBytesSpareGroups),
+    bytes(r.meanBytesInReleasedSlots),
+    bytes(r.meanBytesPooled),
+    `${(100 * r.wasteFraction).toFixed(1)}%`,
+    String(r.steps),
+    String(r.preemptions),
+    `${(r.criticalPathMappingSeconds * 1e3).toFixed(1)}`,
+  ]);
+  const head = ['layout', 'page group', 'tokens/group', 'backed', 'tokens', 'page rounding', 'rounding/request', 'spare groups', 'released slots', 'pooled', 'no-token share', 'steps', 'preemptions', 'serving-thread mapping ms'];
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
+  console.log(line(head));
+  console.log(widths.map((w) => '-'.repeat(w)).join('  '));
+  for (const r of rows) console.log(line(r));
+  console.log('(means over the steps. page rounding: the unfilled part of each running sequence\'s last page group; spare groups: whole groups mapped past a sequence\'s tokens (look-ahead, inherited from the slot); released slots: kept for the next sequence, reclaimable)');
+}
+
 function printDemo(r: DemoReport): void {
   const m = r.model;
-  console.log(`Simulated serving loop on the ${r.backend} backend`);
+  console.log(`Simulated serving loop on the ${r.backend} backend, ${r.layout.name} layout (page group ${bytes(r.layout.bytesPerPageGroup)} = ${r.layout.tokensPerPageGroup.toFixed(1)} tokens)`);
   console.log(`  model KV: ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}; ${r.maxSequences} slots x ${r.maxTokens} tokens; budget ${bytes(r.memoryBudget)}`);
   console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions), ${r.wallSeconds.toFixed(2)} s`);
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
   console.log(`  waste (backed, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of backed:`);
-  console.log(`    past the tokens of active sequences (page-group rounding, look-ahead): mean ${bytes(r.meanBytesBeyondTokens)}`);
+  console.log(`    past the tokens of active sequences: mean ${bytes(r.meanBytesBeyondTokens)} = page-group rounding ${bytes(r.meanBytesPageRounding)} (${bytes(r.meanBytesPageRoundingPerRequest)} per running request) + spare whole groups (look-ahead, inherited from the slot) ${bytes(r.meanBytesSpareGroups)}`);
   console.log(`    kept by released slots for the next sequence (deferred reclamation, reclaimable): mean ${bytes(r.meanBytesInReleasedSlots)}`);
+  console.log(`  idle in the pool: mean ${bytes(r.meanBytesPooled)}`);
   console.log(`  pages reused through deferred reclamation: ${r.pagesReused}; newly mapped: ${r.pagesMapped} (${r.pagesCreated} created)`);
   const what = r.backend === 'cuda' ? 'CUDA driver calls' : 'OS calls (mmap, fallocate, mprotect)';
   console.log(`  time in ${what} creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
@@ -155,8 +199,21 @@ function demo(values: Values): number {
   const backend = (values.backend as string | undefined) ?? 'auto';
   if (backend !== 'cuda' && backend !== 'host' && backend !== 'auto')
     throw new UsageError(`--backend must be cuda, host or auto, got '${backend}'`);
+  const layout = layoutOption(values.layout as string | undefined);
+  if (values['compare-layouts']) {
+    if (layout !== undefined) throw new UsageError('--compare-layouts runs every layout: leave out --layout');
+    const reports = LAYOUTS_COMPARED.map((l) => {
+      const bar = progressBar(requests);
+      const r = runDemo({ backend, requests, seed, layout: l, onProgress: (done) => bar.update(done) });
+      bar.end();
+      return r;
+    });
+    if (values.json) console.log(JSON.stringify(reports.map(({ trace: _trace, ...r }) => r), null, 2));
+    else printComparison(reports);
+    return 0;
+  }
   const bar = progressBar(requests);
-  const report = runDemo({ backend, requests, seed, onProgress: (done) => bar.update(done) });
+  const report = runDemo({ backend, requests, seed, layout, onProgress: (done) => bar.update(done) });
   bar.end();
   if (values.json) console.log(JSON.stringify(report, null, 2));
   else printDemo(report);
@@ -193,15 +250,31 @@ async function bench(values: Values): Promise<number> {
   if (r.status !== 0) return r.status;
   // The tables, as printed, for people; the JSON beside them for machines.
   writeFileSync(join(out, 'report.txt'), `vattention benchmarks, ${new Date().toISOString()}\n${r.stdout}`);
-  console.error('running the demo trace...');
-  const bar = progressBar(300);
-  const trace = runDemo({ onProgress: (d) => bar.update(d) });
-  bar.end();
-  writeFileSync(join(out, 'demo.json'), JSON.stringify(trace, null, 2));
+  console.error('running the demo trace under each layout...');
+  const traces = LAYOUTS_COMPARED.map((layout) => {
+    const bar = progressBar(300);
+    const t = runDemo({ layout, onProgress: (d) => bar.update(d) });
+    bar.end();
+    return t;
+  });
+  const trace = traces[0]!;
+  writeFileSync(join(out, 'demo.json'), JSON.stringify(traces, null, 2));
+  writeFileSync(
+    join(out, 'memory-by-layout.svg'),
+    lineChart({
+      title: `Demo serving loop (${trace.backend}): memory backed by active sequences, per layout`,
+      xLabel: 'step',
+      yLabel: 'MiB',
+      series: [
+        ...traces.map((t) => ({ name: `backed, ${t.layout.name}`, points: t.trace.map((p) => [p.step, (p.bytesBacked - p.bytesInReleasedSlots) / 2 ** 20] as [number, number]) })),
+        { name: `holding tokens, ${trace.layout.name}`, points: trace.trace.map((p) => [p.step, p.bytesUsed / 2 ** 20] as [number, number]) },
+      ],
+    }),
+  );
   writeFileSync(
     join(out, 'memory.svg'),
     lineChart({
-      title: `Demo serving loop (${trace.backend}): where the backed memory is`,
+      title: `Demo serving loop (${trace.backend}, ${trace.layout.name}): where the backed memory is`,
       xLabel: 'step',
       yLabel: 'MiB',
       series: [
@@ -211,7 +284,7 @@ async function bench(values: Values): Promise<number> {
       ],
     }),
   );
-  const plots = ['memory.svg'];
+  const plots = ['memory.svg', 'memory-by-layout.svg'];
   const decodePath = join(out, 'decode.json');
   if (existsSync(decodePath)) {
     const decode = JSON.parse(readFileSync(decodePath, 'utf8')) as {

@@ -6,7 +6,7 @@
  * are released (their slots keep their pages for the next request).
  * When memory runs out the newest sequence is preempted and requeued.
  */
-import { KVCache, OutOfMemoryError, autoBackend, type BackendChoice, type DType, type Sequence } from 'vattention';
+import { KVCache, OutOfMemoryError, autoBackend, type BackendChoice, type DType, type KVLayoutChoice, type Sequence } from 'vattention';
 
 export interface DemoOptions {
   backend?: BackendChoice;
@@ -20,6 +20,8 @@ export interface DemoOptions {
   maxSequences?: number;
   maxTokens?: number;
   prefetchTokens?: number;
+  /** The cache's layout (default: the library's default). */
+  layout?: KVLayoutChoice;
   /** Called every step with the fraction of requests finished. */
   onProgress?: (done: number, total: number) => void;
 }
@@ -34,6 +36,8 @@ export interface DemoTracePoint {
 
 export interface DemoReport {
   backend: 'cuda' | 'host';
+  /** The layout and its page group (what one growth step maps). */
+  layout: { name: string; bytesPerPageGroup: number; tokensPerPageGroup: number };
   model: { layers: number; kvHeads: number; headDim: number; dtype: DType };
   maxSequences: number;
   maxTokens: number;
@@ -52,6 +56,15 @@ export interface DemoReport {
   /** Means of where the backed bytes were: past the tokens of active sequences, kept by released slots. */
   meanBytesBeyondTokens: number;
   meanBytesInReleasedSlots: number;
+  /** Mean bytes of idle pages in the pool. */
+  meanBytesPooled: number;
+  /** Mean over steps of bytesBeyondTokens / active sequences: what one running request holds past its tokens. */
+  meanBytesBeyondTokensPerRequest: number;
+  /** Mean over steps of bytesPageRounding / active sequences: internal fragmentation per running request. */
+  meanBytesPageRoundingPerRequest: number;
+  /** Means of bytesPageRounding and bytesSpareGroups (their sum is meanBytesBeyondTokens). */
+  meanBytesPageRounding: number;
+  meanBytesSpareGroups: number;
   /** Mapped pages new sequences found in their slot (deferred reclamation). */
   pagesReused: number;
   /** Pages newly mapped (map calls). */
@@ -120,6 +133,7 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     maxTokens,
     memoryBudget: options.memoryBudget ?? (onGpu ? 8 : 1) * 2 ** 30,
     prefetchTokens: options.prefetchTokens ?? 64,
+    ...(options.layout === undefined ? {} : { layout: options.layout }),
   });
   const started = process.hrtime.bigint();
   try {
@@ -139,6 +153,12 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     let sumUsed = 0;
     let sumBeyond = 0;
     let sumReleased = 0;
+    let sumPooled = 0;
+    let sumBeyondPerRequest = 0;
+    let sumRoundingPerRequest = 0;
+    let sumRounding = 0;
+    let sumSpare = 0;
+    let stepsWithActive = 0;
     let peak = 0;
     const preemptNewest = () => {
       const victim = running.pop()!;
@@ -194,6 +214,14 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       sumUsed += s.bytesUsed;
       sumBeyond += s.bytesBeyondTokens;
       sumReleased += s.bytesInReleasedSlots;
+      sumPooled += s.bytesPooled;
+      sumRounding += s.bytesPageRounding;
+      sumSpare += s.bytesSpareGroups;
+      if (s.activeSequences > 0) {
+        sumBeyondPerRequest += s.bytesBeyondTokens / s.activeSequences;
+        sumRoundingPerRequest += s.bytesPageRounding / s.activeSequences;
+        stepsWithActive++;
+      }
       peak = Math.max(peak, s.bytesBacked);
       if (steps % 4 === 0)
         trace.push({
@@ -207,8 +235,10 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     }
     const s = cache.stats();
     const mappingNs = ['createPage', 'map', 'setAccess', 'unmap'].reduce((t, op) => t + (s.driverCalls[op]?.nanoseconds ?? 0), 0);
+    const { name, bytesPerPageGroup, tokensPerPageGroup } = cache.layout;
     return {
       backend: cache.backend,
+      layout: { name, bytesPerPageGroup, tokensPerPageGroup },
       model,
       maxSequences,
       maxTokens,
@@ -225,6 +255,11 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       wasteFraction: sumBacked ? (sumBacked - sumUsed) / sumBacked : 0,
       meanBytesBeyondTokens: sumBeyond / steps,
       meanBytesInReleasedSlots: sumReleased / steps,
+      meanBytesPooled: sumPooled / steps,
+      meanBytesBeyondTokensPerRequest: stepsWithActive ? sumBeyondPerRequest / stepsWithActive : 0,
+      meanBytesPageRoundingPerRequest: stepsWithActive ? sumRoundingPerRequest / stepsWithActive : 0,
+      meanBytesPageRounding: sumRounding / steps,
+      meanBytesSpareGroups: sumSpare / steps,
       pagesReused: s.pagesReused,
       pagesMapped: s.driverCalls.map?.calls ?? 0,
       pagesCreated: s.driverCalls.createPage?.calls ?? 0,

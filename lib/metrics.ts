@@ -54,9 +54,10 @@ export function metricFamilies(stats: CacheStats): MetricFamily[] {
   metric('budget_bytes', 'gauge', 'Bytes of physical memory the cache may back.', [[{}, stats.budgetBytes]]);
   metric('backed_bytes', 'gauge', 'Bytes of physical pages mapped into sequences.', [[{}, stats.bytesBacked]]);
   metric('used_bytes', 'gauge', 'Bytes holding tokens of active sequences.', [[{}, stats.bytesUsed]]);
-  metric('memory_bytes', 'gauge', 'Physical memory by what it holds: tokens, mapped past the tokens of active sequences, kept by released slots, idle in the pool.', [
+  metric('memory_bytes', 'gauge', 'Physical memory by what it holds: tokens, the rest of the page groups they need, whole page groups past them (look-ahead, inherited), kept by released slots, idle in the pool.', [
     [{ kind: 'tokens' }, stats.bytesUsed],
-    [{ kind: 'beyond_tokens' }, stats.bytesBeyondTokens],
+    [{ kind: 'page_rounding' }, stats.bytesPageRounding],
+    [{ kind: 'spare_groups' }, stats.bytesSpareGroups],
     [{ kind: 'released_slots' }, stats.bytesInReleasedSlots],
     [{ kind: 'pooled' }, stats.bytesPooled],
   ]);

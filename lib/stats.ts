@@ -83,6 +83,19 @@ export interface CacheStats {
    * mapped. `bytesUsed + bytesBeyondTokens + bytesInReleasedSlots = bytesBacked`.
    */
   bytesBeyondTokens: number;
+  /**
+   * Of bytesBeyondTokens, the part inside the page groups the tokens need:
+   * each active sequence's last group is partly empty (internal
+   * fragmentation; less than one page group per sequence — see
+   * `layout.bytesPerPageGroup`).
+   */
+  bytesPageRounding: number;
+  /**
+   * Of bytesBeyondTokens, whole page groups past what the tokens need: the
+   * prefetch look-ahead, and pages a sequence found in its slot (deferred
+   * reclamation) beyond its length. Reclaimable once no fence holds them.
+   */
+  bytesSpareGroups: number;
   /** Bytes released slots keep mapped for the next sequence placed there (deferred reclamation); reclaimable. */
   bytesInReleasedSlots: number;
   /** Bytes of idle pages in the pool: created, not mapped. */

@@ -121,10 +121,22 @@ for (const b of backends) {
         expect(s.bytesInReleasedSlots).toBe(group);
         expect(s.bytesPooled).toBe(0);
         expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+        expect(s.bytesPageRounding).toBe(s.bytesBeyondTokens); // no look-ahead, nothing inherited
+        expect(s.bytesSpareGroups).toBe(0);
+        // a sequence placed in the released 2-group slot... first free a's slot and place a short one there
+        c.release(a);
+        const short = c.reserve({ expectedTokens: 2 * tokensPerPage(c) });
+        expect(short.slot).toBe(a.slot);
+        c.grow(short, 1);
+        s = c.stats();
+        expect(s.bytesPageRounding).toBe(group - s.bytesUsed); // the group its one token needs
+        expect(s.bytesSpareGroups).toBe(group); // the second group it inherited
+        expect(s.bytesPageRounding + s.bytesSpareGroups).toBe(s.bytesBeyondTokens);
+        c.release(short);
         c.reclaim();
         s = c.stats();
         expect(s.bytesInReleasedSlots).toBe(0);
-        expect(s.bytesPooled).toBe(group);
+        expect(s.bytesPooled).toBe(3 * group);
       } finally {
         c.close();
       }

@@ -92,6 +92,8 @@ for (const b of backends) {
       }
       expect(s.pagesMapped + s.pagesPooled).toBe(s.pagesCreated);
       expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+      expect(s.bytesPageRounding + s.bytesSpareGroups).toBe(s.bytesBeyondTokens);
+      expect(s.bytesPageRounding).toBeLessThan(Math.max(1, s.activeSequences) * s.layout.bytesPerPageGroup);
       expect(s.bytesPooled).toBe(s.pagesPooled * s.pageSize);
       expect(s.pagesCreated * s.pageSize).toBeLessThanOrEqual(s.budgetBytes);
       expect(s.activeSequences).toBe(m.live.length);

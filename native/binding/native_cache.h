@@ -182,6 +182,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("bytesBacked", num(env, st.bytesBacked));
     o.Set("bytesUsed", num(env, st.bytesUsed));
     o.Set("bytesBeyondTokens", num(env, st.bytesBeyondTokens));
+    o.Set("bytesPageRounding", num(env, st.bytesPageRounding));
+    o.Set("bytesSpareGroups", num(env, st.bytesSpareGroups));
     o.Set("bytesInReleasedSlots", num(env, st.bytesInReleasedSlots));
     o.Set("bytesPooled", num(env, st.bytesPooled));
     o.Set("activeSequences", num(env, st.activeSequences));

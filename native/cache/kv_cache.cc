@@ -354,8 +354,11 @@ CacheStats KVCache::stats() {
     if (s.active()) {
       st.activeSequences++;
       uint64_t used = s.tokens * layout.bytesPerToken();
+      uint64_t needed = layout.groupsForTokens(s.tokens) * layout.pagesPerGroup() * st.pageSize;
       st.bytesUsed += used;
       st.bytesBeyondTokens += mapped - used;
+      st.bytesPageRounding += needed - used;
+      st.bytesSpareGroups += mapped - needed;
     } else {
       st.bytesInReleasedSlots += mapped;
     }

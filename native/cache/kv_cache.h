@@ -77,7 +77,9 @@ struct CacheStats {
   uint64_t bytesBacked = 0;  // mapped pages * page size
   uint64_t bytesUsed = 0;    // tokens of active sequences * bytes per token
   // Where the backed bytes are: bytesUsed + bytesBeyondTokens + bytesInReleasedSlots = bytesBacked.
-  uint64_t bytesBeyondTokens = 0;     // mapped to active sequences past their tokens (page rounding, look-ahead)
+  uint64_t bytesBeyondTokens = 0;     // mapped to active sequences past their tokens: the two below
+  uint64_t bytesPageRounding = 0;     // of the page groups the tokens need, past the tokens (internal fragmentation)
+  uint64_t bytesSpareGroups = 0;      // whole page groups past what the tokens need (look-ahead, inherited tails)
   uint64_t bytesInReleasedSlots = 0;  // kept mapped by released slots (deferred reclamation; reclaimable)
   uint64_t bytesPooled = 0;           // idle pages in the pool (not mapped)
   uint32_t activeSequences = 0;
