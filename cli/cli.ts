@@ -288,12 +288,13 @@ async function bench(values: Values): Promise<number> {
   const decodePath = join(out, 'decode.json');
   if (existsSync(decodePath)) {
     const decode = JSON.parse(readFileSync(decodePath, 'utf8')) as {
-      results: { batch: number; prefetch: boolean; libraryNs?: number[] }[];
+      results: { batch: number; memory?: string; prefetch: boolean; libraryNs?: number[] }[];
     };
     const largest = Math.max(...decode.results.map((x) => x.batch));
+    const mode = (x: { memory?: string; prefetch: boolean }) => (x.memory === 'paged 16' ? 'blocks from a free list' : x.prefetch ? 'prefetch' : 'synchronous mapping');
     const series = decode.results
       .filter((x) => x.batch === largest && x.libraryNs)
-      .map((x) => ({ name: x.prefetch ? 'prefetch' : 'synchronous mapping', points: x.libraryNs!.map((ns, i) => [i, ns / 1e3] as [number, number]) }));
+      .map((x) => ({ name: `${x.memory ? `${x.memory}, ` : ''}${mode(x)}`, points: x.libraryNs!.map((ns, i) => [i, ns / 1e3] as [number, number]) }));
     writeFileSync(join(out, 'decode-latency.svg'), lineChart({ title: `Library time per decode step, B = ${largest}`, xLabel: 'step', yLabel: 'µs (log)', logY: true, series }));
     plots.push('decode-latency.svg');
   }

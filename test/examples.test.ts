@@ -46,8 +46,10 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
       expect(r.status, r.stderr).toBe(0);
       const summary = JSON.parse(r.stdout); // --json: one JSON object on stdout, the tables went to stderr
       expect(summary.out).toBe(out);
-      expect(Object.keys(summary.results)).toEqual(expect.arrayContaining(['overhead', 'decode', 'demo']));
-      for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'memory.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
+      expect(Object.keys(summary.results)).toEqual(expect.arrayContaining(['overhead', 'decode', 'demo', 'fragmentation']));
+      for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'fragmentation.json', 'memory.svg', 'memory-by-layout.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
+      expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Memory a request holds past its tokens');
+      expect(readFileSync(join(out, 'memory-by-layout.svg'), 'utf8')).toContain('all-layers');
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Decode loop');
       const svg = readFileSync(join(out, 'decode-latency.svg'), 'utf8');
       expect(svg).toMatch(/^<svg[^>]*xmlns="http:\/\/www.w3.org\/2000\/svg"/);
