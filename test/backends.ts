@@ -32,7 +32,8 @@ export const layouts: { name: string; layout: KVLayoutChoice }[] = [
 // host: 4 KiB pages, 256-byte tokens per layer -> per page 16 tokens
 // (per-layer), 8 (2 layer groups) or 4 (all layers).
 // cuda: 2 MiB pages (the granularity), 4 KiB tokens per layer -> 512, 256 or
-// 128 tokens a page. Either budget holds one whole sequence in every layout.
+// 128 tokens a page. Either budget holds one whole sequence in every layout,
+// not two.
 const backendOptions: Omit<BackendCase, 'layoutName'>[] = [
   {
     name: 'host',
@@ -60,7 +61,7 @@ const backendOptions: Omit<BackendCase, 'layoutName'>[] = [
       dtype: 'float16',
       maxSequences: 4,
       maxTokens: 2100,
-      memoryBudget: 40 * 2 * 1024 * 1024,
+      memoryBudget: 64 * 2 * 1024 * 1024,
     },
   },
 ];
