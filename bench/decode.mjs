@@ -31,8 +31,9 @@ const maxTokens = 4096;
 const prefetchTokens = 64;
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
-// Prefill lengths spread over one page of tokens, so page boundaries fall on
-// different steps for different sequences (deterministic generator).
+// Prefill lengths spread over 1..1024 tokens (one per-layer page of this
+// model), so page boundaries fall on different steps for different
+// sequences; the same lengths for every layout (deterministic generator).
 function prefills(b, tokensPerPage) {
   let x = 0x9e3779b9;
   return Array.from({ length: b }, () => {
@@ -82,9 +83,8 @@ function run(b, prefetch, layout) {
       tokenBytes: k0.strideBytes[1],
     };
     const kvOfLayer = cache.tensors().map(({ k, v }) => ({ ...gpu.cacheKV(k, v), rows: bufs?.rows }));
-    const tokensPerPage = Math.floor(cache.layout.tokensPerPageGroup);
     const seqs = Array.from({ length: b }, () => cache.reserve());
-    const lens = prefills(b, tokensPerPage);
+    const lens = prefills(b, 1024); // the same lengths in every configuration
     for (let i = 0; i < b; i++) cache.grow(seqs[i], lens[i]); // prefill, not timed
     cache.step(seqs, lens); // schedules look-ahead
     if (onGpu) {

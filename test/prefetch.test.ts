@@ -2,7 +2,7 @@
 // and closing while either is busy. Run against every backend present.
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
-import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { backends, groupPagesOf, label, layerGroupsOf, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 const until = async (what: () => boolean, ms = 5000) => {
   const end = Date.now() + ms;
@@ -80,7 +80,9 @@ for (const b of backends) {
     });
 
     it('demand wins: growth takes back pages the worker prefetched for others', async () => {
-      const c = make({ prefetchTokens: c0Tokens(b) });
+      // a budget of one whole sequence and one page group: y's growth to
+      // maxTokens needs all but one group, so x's look-ahead must give way
+      const c = make({ prefetchTokens: c0Tokens(b), memoryBudget: (fullSequencePages(b) + groupPagesOf(b)) * pageSizeOf(b) });
       const [x, y] = [c.reserve(), c.reserve()];
       c.step([x], [1]);
       await until(() => c.stats().slots[x.slot]!.backedTokens >= Math.min(1 + c.options.prefetchTokens, c.options.maxTokens));
@@ -163,7 +165,16 @@ for (const b of backends) {
   });
 }
 
+const pageSizeOf = (b: (typeof backends)[number]) => (b.name === 'host' ? 4096 : 2 << 20);
+const tokenBytesOf = (b: (typeof backends)[number]) => b.options.kvHeads * b.options.headDim * 2;
+
 function c0Tokens(b: (typeof backends)[number]): number {
   // three page groups ahead
-  return b.name === 'host' ? 3 * 16 : 3 * 512;
+  return 3 * tokensPerGroupOf(b, pageSizeOf(b), tokenBytesOf(b));
+}
+
+/** Pages a sequence of maxTokens holds under the case's layout. */
+function fullSequencePages(b: (typeof backends)[number]): number {
+  const rowBytes = tokenBytesOf(b) * (b.options.layers / layerGroupsOf(b));
+  return Math.ceil((b.options.maxTokens * rowBytes) / pageSizeOf(b)) * groupPagesOf(b);
 }
