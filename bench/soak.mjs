@@ -46,7 +46,7 @@ function random() {
 }
 const PHI = 0x9e3779b1;
 
-const shape = { backend: 'cuda', layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16', maxSequences: 32, maxTokens: 8192 };
+const shape = { backend: 'cuda', layout: 'per-layer', layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16', maxSequences: 32, maxTokens: 8192 };
 const tokenBytes = shape.kvHeads * shape.headDim * 2;
 const wordsPerToken = tokenBytes / 4;
 const MiB = 1024 * 1024;

@@ -4,6 +4,7 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import { KVCache, type KVCacheOptions, autoBackend } from '../lib/index.js';
 import { stateOf } from './backends.js';
+import { liveResources } from '../lib/testing.js';
 
 const good: KVCacheOptions = {
   backend: 'host',
@@ -172,7 +173,7 @@ describe('bad arguments to methods leave the cache unchanged', () => {
 });
 
 describe('budgets and helpers a new user gets wrong', () => {
-  const host = { backend: 'host' as const, layers: 2, kvHeads: 2, headDim: 64, dtype: 'float16' as const, maxSequences: 2, maxTokens: 64, pageSize: 4096 };
+  const host = { backend: 'host' as const, layout: 'per-layer' as const, layers: 2, kvHeads: 2, headDim: 64, dtype: 'float16' as const, maxSequences: 2, maxTokens: 64, pageSize: 4096 };
 
   for (const memoryBudget of [1, 4096, 3 * 4096]) {
     it(`memoryBudget ${memoryBudget} (below one page group of 4 pages) is a RangeError naming the option`, () => {
@@ -195,6 +196,20 @@ describe('budgets and helpers a new user gets wrong', () => {
     expect(c.stats().pagesMapped).toBe(4);
     c.close();
   });
+
+  it('the default layout is all-layers: a page group is 2 pages whatever the layers', () => {
+    const { layout: _perLayer, ...shape } = host;
+    using c = new KVCache({ ...shape, layers: 6, memoryBudget: 2 * 4096 });
+    c.grow(c.reserve(), 1);
+    expect(c.stats().pagesMapped).toBe(2);
+    expect(c.layout.name).toBe('all-layers');
+  });
+
+  for (const [layout, why] of [['rows', 'an unknown name'], [{ layerGroups: 3 }, 'a count that does not divide layers'], [{ layerGroups: 0 }, 'zero'], [{ groups: 2 }, 'an unknown key']] as const)
+    it(`layout ${JSON.stringify(layout)} (${why}) is a RangeError naming the option, and nothing is created`, () => {
+      expect(() => new KVCache({ ...host, layout: layout as never })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', argument: expect.stringMatching(/^options\.layout/) }));
+      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
+    });
 
   it("autoBackend('0') is a TypeError with a code, not a silent answer", () => {
     expect(() => autoBackend('0' as never)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentTypeError' }));

@@ -25,7 +25,7 @@ import {
 import { cudaSkip } from './backends.js';
 
 describe.skipIf(cudaSkip !== null)(`a cache called with another context current${cudaSkip ? ` (skipped: ${cudaSkip})` : ''}`, () => {
-  const shape = { backend: 'cuda' as const, layers: 2, kvHeads: 8, headDim: 128, dtype: 'float16' as const, maxSequences: 4, maxTokens: 16_384, prefetchTokens: 0 };
+  const shape = { backend: 'cuda' as const, layout: 'per-layer' as const, layers: 2, kvHeads: 8, headDim: 128, dtype: 'float16' as const, maxSequences: 4, maxTokens: 16_384, prefetchTokens: 0 };
   let foreign = 0n;
   beforeAll(() => {
     foreign = createContext();

@@ -14,7 +14,7 @@ const MiB = 1024 * 1024;
 
 describe.skipIf(cudaSkip !== null)(`fences across slot reuse on a CUDA device${cudaSkip ? ` (skipped: ${cudaSkip})` : ''}`, () => {
   // 8 KV heads x 128 dims fp16 = 2 KiB a token: 1024 tokens a 2 MiB page; 4 layers: 8 pages a group.
-  const shape = { backend: 'cuda' as const, layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16' as const, maxSequences: 4, maxTokens: 65_536, prefetchTokens: 0 };
+  const shape = { backend: 'cuda' as const, layout: 'per-layer' as const, layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16' as const, maxSequences: 4, maxTokens: 65_536, prefetchTokens: 0 };
   const spin = 300e6; // the reader starts reading after 300 ms
 
   it('a kernel still reading a released sequence survives: its reused slot is reclaimed only after the fence', () => {

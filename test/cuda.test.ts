@@ -57,7 +57,7 @@ describe('without a usable CUDA device', () => {
 
 describe.skipIf(cudaSkip !== null)(`on a CUDA device${cudaSkip ? ` (skipped: ${cudaSkip})` : ''}`, () => {
   // Llama-3-8B-like per-layer token: 8 KV heads x 128 dims, fp16 = 2 KiB.
-  const shape = { layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16' as const, maxSequences: 8, maxTokens: 16384 };
+  const shape = { layout: 'per-layer' as const, layers: 4, kvHeads: 8, headDim: 128, dtype: 'float16' as const, maxSequences: 8, maxTokens: 16384 };
 
   it("backend 'auto' picks cuda, and the driver types were checked against cuda.h at build time", () => {
     using c = new KVCache(shape);
