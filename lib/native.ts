@@ -5,7 +5,7 @@
 import type { CacheStats } from './stats.js';
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-const bindings = require('bindings') as (name: string) => NativeAddon;
+const bindingsWith = require('bindings') as (options: { bindings: string; try: string[][] }) => NativeAddon;
 
 export interface NativeCacheOptions {
   layers: number;
@@ -85,8 +85,42 @@ export interface NativeAddon {
   driverInfo(): NativeDriverInfo;
 }
 
+/** glibc's version when the process runs on glibc (the shipped prebuilds need it), else null (musl). */
+function glibcVersion(): string | null {
+  const report = process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined;
+  return report?.header?.glibcVersionRuntime ?? null;
+}
+
+/**
+ * Where the addon may be, in order: a build from source (build/Release, made
+ * by the install script where no prebuild fits, or by `npm rebuild`), then the
+ * prebuild shipped in the package for this platform (made with prebuildify:
+ * one Node-API binary serves every Node >= 20 and, since libcuda is loaded at
+ * run time, every GPU). Found at run time, so `npm install --ignore-scripts`
+ * works where a prebuild fits.
+ */
+function loadAddon(): NativeAddon {
+  const tries = [
+    ['module_root', 'build', 'Release', 'bindings'],
+    ['module_root', 'build', 'Debug', 'bindings'],
+  ];
+  if (process.platform === 'linux' && glibcVersion() !== null)
+    tries.push(['module_root', 'prebuilds', `${process.platform}-${process.arch}`, 'vattention.glibc.node']);
+  try {
+    return bindingsWith({ bindings: 'vattention.node', try: tries });
+  } catch (e) {
+    const libc = glibcVersion() ? `glibc ${glibcVersion()}` : 'not glibc';
+    throw new Error(
+      `vattention: no native addon for ${process.platform}-${process.arch} (${libc}). ` +
+        'Prebuilt binaries ship for linux-x64 with glibc; elsewhere the addon is compiled at install ' +
+        '(`npm rebuild vattention`; needs a C++17 compiler, Python 3 and make). ' +
+        (e as Error).message,
+    );
+  }
+}
+
 // VATTENTION_ADDON names another build of the addon (the sanitizer build of
-// `npm run test:sanitize`); normally `bindings` finds build/Release.
+// `npm run test:sanitize`); normally `loadAddon` finds it.
 const override = process.env.VATTENTION_ADDON;
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-export const addon: NativeAddon = override ? (require(override) as NativeAddon) : bindings('vattention');
+export const addon: NativeAddon = override ? (require(override) as NativeAddon) : loadAddon();

@@ -1,10 +1,25 @@
 #!/usr/bin/env node
-// The package's install step: builds the native addon from source with
-// node-gyp, and when that fails says what is missing and how to fix it.
+// The package's install step. Where a prebuilt binary ships for this
+// platform (prebuilds/linux-x64, glibc) there is nothing to do: the loader
+// finds it at run time (lib/native.ts), so installing with --ignore-scripts
+// works too. Elsewhere, or with VATTENTION_BUILD_FROM_SOURCE=1 (or npm's
+// --build-from-source), it builds the addon with node-gyp, and when that
+// fails says what is missing and how to fix it.
 'use strict';
 const { spawnSync } = require('node:child_process');
 const { existsSync } = require('node:fs');
 const path = require('node:path');
+
+const root = path.join(__dirname, '..');
+const forced = process.env.VATTENTION_BUILD_FROM_SOURCE === '1' || process.env.npm_config_build_from_source === 'true';
+const glibc = process.report && process.report.getReport().header.glibcVersionRuntime;
+const prebuild = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'vattention.glibc.node');
+// A clone of the repository (binding.gyp beside a .git) builds from source: its developers change the C++.
+const isClone = existsSync(path.join(root, '.git'));
+if (!forced && !isClone && process.platform === 'linux' && glibc && existsSync(prebuild)) {
+  console.log(`vattention: using the prebuilt addon for ${process.platform}-${process.arch} (glibc ${glibc}); no compiler needed`);
+  process.exit(0);
+}
 
 // npm hands lifecycle scripts its bundled node-gyp; fall back to ours, then PATH.
 const candidates = [
@@ -15,7 +30,7 @@ const [cmd, args] = candidates.length
   ? [process.execPath, [candidates[0], 'rebuild']]
   : ['node-gyp', ['rebuild']];
 
-const r = spawnSync(cmd, args, { stdio: 'inherit', cwd: path.join(__dirname, '..') });
+const r = spawnSync(cmd, args, { stdio: 'inherit', cwd: root });
 if (r.status === 0) process.exit(0);
 
 function have(tool, ...versionArgs) {

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Packaging as a user meets it: `npm pack`, then install the tarball into a
-# fresh CommonJS JavaScript project and a fresh ESM TypeScript project, build
-# from source there, type-check and run both. Also: the tarball carries no
+# Packaging as a user meets it: `npm pack` (prepack makes the prebuilt
+# binary), then install the tarball into fresh projects: a CommonJS one that
+# builds from source (VATTENTION_BUILD_FROM_SOURCE=1), an ESM TypeScript one
+# (prebuilt binary), one where compiling is impossible (no make, no compiler,
+# no python on PATH; CXX=false), and one installed with --ignore-scripts;
+# type-check and run them. Also: the tarball carries no
 # tests, CLI sources or build leftovers (and no CLI types: the CLI is not part
 # of the API), it carries the LICENSE and the examples, publint finds nothing
 # wrong and the types resolve under every moduleResolution (attw).
@@ -21,14 +24,15 @@ if echo "$listing" | grep -E '^package/(test|build|build-sanitize|build-tsan|\.g
   echo "the tarball carries files it should not (above)" >&2
   exit 1
 fi
-for f in package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs package/dist/cjs/prom-client.d.ts package/dist/esm/prom-client.mjs package/prom-client.d.ts; do
+for f in package/prebuilds/linux-x64/vattention.glibc.node package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs package/dist/cjs/prom-client.d.ts package/dist/esm/prom-client.mjs package/prom-client.d.ts; do
   echo "$listing" | grep -qx "$f" || { echo "missing from the tarball: $f" >&2; exit 1; }
 done
 
-# CommonJS JavaScript consumer
+# CommonJS JavaScript consumer, built from source
 mkdir "$work/cjs" && cd "$work/cjs"
 npm init -y >/dev/null
-npm install --no-audit --no-fund "$tgz" >/dev/null
+VATTENTION_BUILD_FROM_SOURCE=1 npm install --no-audit --no-fund "$tgz" >/dev/null
+[ -f node_modules/vattention/build/Release/vattention.node ] || { echo "the source build did not happen" >&2; exit 1; }
 cat > index.js <<'JS'
 const { KVCache, OutOfMemoryError } = require('vattention');
 const cache = new KVCache({ backend: 'host', layers: 2, kvHeads: 2, headDim: 64, dtype: 'float16', maxSequences: 2, maxTokens: 64, pageSize: 4096, memoryBudget: 1 << 20 });
@@ -69,4 +73,33 @@ console.log('esm typescript consumer: ok');
 TS
 "$root/node_modules/.bin/tsc" -p .
 node out/index.js
+[ ! -e node_modules/vattention/build ] || { echo "the ESM consumer compiled although a prebuild fits" >&2; exit 1; }
+
+# Consumers that cannot compile: (1) no make, compiler or python on PATH and
+# CXX=false; (2) npm runs no install script at all.
+cat > "$work/smoke.cjs" <<'JS'
+const { KVCache, driverInfo } = require('vattention');
+const cache = new KVCache({ backend: 'host', layers: 4, kvHeads: 2, headDim: 64, dtype: 'float16', maxSequences: 2, maxTokens: 64, pageSize: 4096, memoryBudget: 1 << 20 });
+const seq = cache.reserve();
+cache.grow(seq, 33);
+cache.write(seq, { layer: 3, kind: 'k', token: 0 }, new Uint8Array(33 * cache.tokenBytes).fill(7));
+if (!cache.read(seq, { layer: 3, kind: 'k', token: 0, count: 33 }).every((x) => x === 7)) throw new Error('data');
+cache.close();
+if (typeof driverInfo().loaded !== 'boolean') throw new Error('driverInfo');
+console.log('prebuilt consumer: ok');
+JS
+fake=$work/no-toolchain
+mkdir "$fake"
+for tool in make gmake cc gcc g++ c++ clang clang++ python python3; do printf '#!/bin/sh\necho "$0: not available here" >&2\nexit 127\n' > "$fake/$tool"; chmod +x "$fake/$tool"; done
+mkdir "$work/nocompiler" && cd "$work/nocompiler"
+npm init -y >/dev/null
+PATH="$fake:$PATH" CXX=false CC=false npm install --no-audit --no-fund "$tgz" >/dev/null
+[ ! -e node_modules/vattention/build ] || { echo "something was compiled" >&2; exit 1; }
+cp "$work/smoke.cjs" . && PATH="$fake:$PATH" node smoke.cjs
+PATH="$fake:$PATH" npx vattention info >/dev/null
+mkdir "$work/noscripts" && cd "$work/noscripts"
+npm init -y >/dev/null
+npm install --ignore-scripts --no-audit --no-fund "$tgz" >/dev/null
+[ ! -e node_modules/vattention/build ] || { echo "something was compiled" >&2; exit 1; }
+cp "$work/smoke.cjs" . && node smoke.cjs
 echo "package: ok"
