@@ -40,6 +40,7 @@ interface NativeTesting {
   setCurrentContext(context: bigint): void;
   currentContext(): bigint;
   allocate(device: number, bytes: number): bigint;
+  writeRowsU32(device: number, address: bigint, stride: number, rows: number, rowBytes: number, seed: number, stream: bigint): void;
   free(device: number, address: bigint): void;
   copyToDevice(device: number, dst: bigint, data: ArrayBufferView, stream: bigint | undefined): void;
   copyFromDevice(device: number, out: ArrayBufferView, src: bigint): void;
@@ -278,6 +279,29 @@ export function setCurrentContext(context: bigint): void {
 /** The calling thread's current CUDA context (0n when none). */
 export function currentContext(): bigint {
   return call(() => native.currentContext());
+}
+
+/** Word `w` of row `row` that {@link writeRowsU32} writes with `seed`. */
+export function rowValue(seed: number, row: number, w: number): number {
+  return (Math.imul(seed, 0x9e3779b1) ^ Math.imul(row, 0x85ebca6b) ^ w) >>> 0;
+}
+
+/**
+ * Queues a kernel writing `rows` rows of `rowBytes` bytes (a multiple of 4),
+ * `stride` bytes apart from `address` — through a strided view, e.g. a layer
+ * of an all-layers cache: `stride` = `tensor.strideBytes[1]`. Word w of row r
+ * gets {@link rowValue}(seed, r, w).
+ */
+export function writeRowsU32(
+  address: bigint,
+  rows: { count: number; rowBytes: number; stride: number },
+  seed: number,
+  options: { device?: number; stream?: bigint } = {},
+): void {
+  checkInteger('rows.count', rows.count, 0, 0x7fff_ffff);
+  checkInteger('rows.rowBytes', rows.rowBytes, 4, Number.MAX_SAFE_INTEGER);
+  checkInteger('rows.stride', rows.stride, 0, Number.MAX_SAFE_INTEGER);
+  call(() => native.writeRowsU32(options.device ?? 0, address, rows.stride, rows.count, rows.rowBytes, seed >>> 0, options.stream ?? 0n));
 }
 
 // ---- device memory, copies, events ----------------------------------------

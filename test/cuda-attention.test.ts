@@ -179,6 +179,25 @@ describe.skipIf(cudaSkip !== null)(`decode attention on the GPU${cudaSkip ? ` (s
     }
   }
 
+  it('a kernel writing through every layer\'s strided view of an all-layers cache writes exactly the bytes read() returns for that layer', () => {
+    const layers = 6, n = 700; // 6 × 2 KiB rows: 170.7 tokens a page, rows straddle pages
+    using c = new KVCache({ backend: 'cuda', layers, kvHeads: 8, headDim: 128, dtype: 'float16', maxSequences: 3, maxTokens: 1024, layout: 'all-layers', prefetchTokens: 0 });
+    c.release(c.reserve());
+    const seq = c.reserve();
+    c.grow(seq, n);
+    for (let l = 0; l < layers; l++)
+      for (const [kind, k] of [['k', 0], ['v', 1]] as const)
+        gpu.writeRowsU32(seq.address(l, kind), { count: n, rowBytes: c.tokenBytes, stride: c.tensor(l, kind).strideBytes[1] }, 2 * l + k);
+    for (let l = 0; l < layers; l++)
+      for (const [kind, k] of [['k', 0], ['v', 1]] as const) {
+        const bytes = c.read(seq, { layer: l, kind, token: 0, count: n });
+        const got = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+        let bad = 0;
+        for (let t = 0; t < n; t++) for (let w = 0; w < c.tokenBytes / 4; w++) if (got[t * (c.tokenBytes / 4) + w] !== gpu.rowValue(2 * l + k, t, w)) bad++;
+        expect(bad, `layer ${l} ${kind}`).toBe(0);
+      }
+  });
+
   it('runs on a plain [B, T, H, D] tensor in cuMemAlloc memory (rows default to the entry index)', () => {
     const s: Shape = { dtype: 'float16', qHeads: 32, kvHeads: 8, headDim: 128 };
     const lengths = [300, 77], T = 512, row = s.kvHeads * s.headDim;

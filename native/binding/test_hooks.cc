@@ -58,6 +58,12 @@ void TestingWriteTokens(const Napi::CallbackInfo& info) {
   });
 }
 
+void TestingWriteRowsU32(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] {
+    testing::writeRowsU32(dev(info), u64(info[1]), u64(info[2]), u64(info[3]), u64(info[4]), u32(info[5]), u64(info[6]));
+  });
+}
+
 Napi::Value TestingCreateStream(const Napi::CallbackInfo& info) {
   return big(info.Env(), guarded(info.Env(), [&] { return testing::createStream(dev(info)); }));
 }
@@ -234,6 +240,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("setCurrentContext", Napi::Function::New<TestingSetCurrentContext>(env));
   t.Set("currentContext", Napi::Function::New<TestingCurrentContext>(env));
   t.Set("allocate", Napi::Function::New<TestingAllocate>(env));
+  t.Set("writeRowsU32", Napi::Function::New<TestingWriteRowsU32>(env));
   t.Set("free", Napi::Function::New<TestingFree>(env));
   t.Set("copyToDevice", Napi::Function::New<TestingCopyToDevice>(env));
   t.Set("copyFromDevice", Napi::Function::New<TestingCopyFromDevice>(env));

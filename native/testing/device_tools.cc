@@ -24,6 +24,7 @@ struct DeviceKernels {
   CUfunction writeTokens = nullptr;
   CUfunction spinRead = nullptr;
   CUfunction checkFill = nullptr;
+  CUfunction writeRows = nullptr;
 };
 
 // Loaded once per device and kept for the process: the primary context stays
@@ -52,6 +53,7 @@ DeviceKernels& kernels(int device) {
   check(d.cuModuleLoadData(&readModule, kReadKernelsPtx), "cuModuleLoadData");
   check(d.cuModuleGetFunction(&k.spinRead, readModule, "vat_spin_then_read_u32"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&k.checkFill, readModule, "vat_check_fill_u32"), "cuModuleGetFunction");
+  check(d.cuModuleGetFunction(&k.writeRows, readModule, "vat_write_rows_u32"), "cuModuleGetFunction");
   return (*loaded)[device] = k;
 }
 
@@ -133,6 +135,17 @@ void writeTokens(int device, uint64_t base, uint32_t tensors, uint64_t tensorStr
   void* args[] = {&base, &tensorStride, &slotStride, &tokenBytes, &seed, table};
   check(driver().cuLaunchKernel(k.writeTokens, static_cast<unsigned>(entries.size()), tensors, 1, 128, 1, 1, 0,
                                 asStream(stream), args, nullptr),
+        "cuLaunchKernel");
+}
+
+void writeRowsU32(int device, uint64_t address, uint64_t stride, uint64_t rows, uint64_t rowBytes, uint32_t seed,
+                  uint64_t stream) {
+  if (rowBytes % 4 != 0) fail(ErrorCode::InvalidArgument, "writeRowsU32: rowBytes must be a multiple of 4");
+  if (rows == 0) return;
+  DeviceKernels& k = kernels(device);
+  void* args[] = {&address, &stride, &rows, &rowBytes, &seed};
+  unsigned blocks = static_cast<unsigned>(rows < 4096 ? rows : 4096);
+  check(driver().cuLaunchKernel(k.writeRows, blocks, 1, 1, 128, 1, 1, 0, asStream(stream), args, nullptr),
         "cuLaunchKernel");
 }
 

@@ -31,6 +31,10 @@ void destroyCounter(int device, uint64_t counter);
 // every tensor (`tensors` of them, `tensorStride` apart) gets written.
 void writeTokens(int device, uint64_t base, uint32_t tensors, uint64_t tensorStride, uint64_t slotStride,
                  uint64_t tokenBytes, uint32_t seed, const std::vector<uint64_t>& entries, uint64_t stream);
+// Writes `rows` rows of `rowBytes` (multiple of 4) `stride` bytes apart: a
+// kernel writing through a strided tensor view (see read_kernels.cu).
+void writeRowsU32(int device, uint64_t address, uint64_t stride, uint64_t rows, uint64_t rowBytes, uint32_t seed,
+                  uint64_t stream);
 uint64_t createStream(int device);
 void destroyStream(int device, uint64_t stream);
 void synchronizeStream(int device, uint64_t stream);

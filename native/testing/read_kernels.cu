@@ -35,3 +35,15 @@ extern "C" __global__ void vat_check_fill_u32(const unsigned* in, unsigned long 
     bad += in[i] != static_cast<unsigned>(i) * 0x9E3779B1u + seed;
   if (bad) atomicAdd(mismatches, bad);
 }
+
+// Writes `rows` rows of `rowBytes` bytes (a multiple of 4), `stride` bytes
+// apart, through a strided view of the cache: word w of row r gets
+// (seed * 0x9E3779B1) ^ (r * 0x85EBCA6B) ^ w. One block per row.
+extern "C" __global__ void vat_write_rows_u32(unsigned char* base, unsigned long long stride, unsigned long long rows,
+                                              unsigned long long rowBytes, unsigned seed) {
+  for (unsigned long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    unsigned* row = reinterpret_cast<unsigned*>(base + r * stride);
+    unsigned key = (seed * 0x9E3779B1u) ^ (static_cast<unsigned>(r) * 0x85EBCA6Bu);
+    for (unsigned long long w = threadIdx.x; w < rowBytes / 4; w += blockDim.x) row[w] = key ^ static_cast<unsigned>(w);
+  }
+}

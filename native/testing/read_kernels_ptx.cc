@@ -139,6 +139,70 @@ $L__BB1_5:
 	ret;
 
 }
+	// .globl	vat_write_rows_u32
+.visible .entry vat_write_rows_u32(
+	.param .u64 vat_write_rows_u32_param_0,
+	.param .u64 vat_write_rows_u32_param_1,
+	.param .u64 vat_write_rows_u32_param_2,
+	.param .u64 vat_write_rows_u32_param_3,
+	.param .u32 vat_write_rows_u32_param_4
+)
+{
+	.reg .pred 	%p<5>;
+	.reg .b32 	%r<12>;
+	.reg .b64 	%rd<21>;
+
+
+	ld.param.u64 	%rd12, [vat_write_rows_u32_param_0];
+	ld.param.u64 	%rd13, [vat_write_rows_u32_param_1];
+	ld.param.u64 	%rd14, [vat_write_rows_u32_param_2];
+	ld.param.u64 	%rd15, [vat_write_rows_u32_param_3];
+	ld.param.u32 	%r3, [vat_write_rows_u32_param_4];
+	mov.u32 	%r4, %ctaid.x;
+	cvt.u64.u32 	%rd19, %r4;
+	setp.ge.u64 	%p1, %rd19, %rd14;
+	@%p1 bra 	$L__BB2_6;
+
+	mul.lo.s32 	%r1, %r3, -1640531535;
+	mov.u32 	%r5, %tid.x;
+	cvt.u64.u32 	%rd2, %r5;
+	shr.u64 	%rd3, %rd15, 2;
+	mov.u32 	%r6, %nctaid.x;
+	cvt.u64.u32 	%rd4, %r6;
+	mov.u32 	%r7, %ntid.x;
+	cvt.u64.u32 	%rd5, %r7;
+	cvta.to.global.u64 	%rd6, %rd12;
+
+$L__BB2_2:
+	setp.le.u64 	%p2, %rd3, %rd2;
+	@%p2 bra 	$L__BB2_5;
+
+	cvt.u32.u64 	%r8, %rd19;
+	mul.lo.s32 	%r9, %r8, -2048144789;
+	xor.b32  	%r2, %r9, %r1;
+	mul.lo.s64 	%rd16, %rd19, %rd13;
+	add.s64 	%rd8, %rd6, %rd16;
+	mov.u64 	%rd20, %rd2;
+
+$L__BB2_4:
+	cvt.u32.u64 	%r10, %rd20;
+	xor.b32  	%r11, %r2, %r10;
+	shl.b64 	%rd17, %rd20, 2;
+	add.s64 	%rd18, %rd8, %rd17;
+	st.global.u32 	[%rd18], %r11;
+	add.s64 	%rd20, %rd20, %rd5;
+	setp.lt.u64 	%p3, %rd20, %rd3;
+	@%p3 bra 	$L__BB2_4;
+
+$L__BB2_5:
+	add.s64 	%rd19, %rd19, %rd4;
+	setp.lt.u64 	%p4, %rd19, %rd14;
+	@%p4 bra 	$L__BB2_2;
+
+$L__BB2_6:
+	ret;
+
+}
 
 )PTX";
 }  // namespace vat::testing
