@@ -6,15 +6,19 @@ import { defineConfig } from 'vitest/config';
 // the GPU's memory, and some measure it (free memory back to baseline) or
 // fill it on purpose (device out-of-memory), which would disturb a file
 // running beside them. Without a device, files run in parallel.
+// The addon is looked for where the library looks (lib/native.ts): a source
+// build, then the shipped prebuild.
 function cudaPresent(): boolean {
-  try {
-    const addon = createRequire(join(process.cwd(), 'package.json'))('./build/Release/vattention.node') as {
-      driverInfo(): { devices: unknown[] };
-    };
-    return addon.driverInfo().devices.length > 0;
-  } catch {
-    return false;
+  const load = createRequire(join(process.cwd(), 'package.json'));
+  for (const path of ['./build/Release/vattention.node', `./prebuilds/${process.platform}-${process.arch}/vattention.glibc.node`]) {
+    try {
+      const addon = load(path) as { driverInfo(): { devices: unknown[] } };
+      return addon.driverInfo().devices.length > 0;
+    } catch {
+      // not there (or not loadable): try the next
+    }
   }
+  return false;
 }
 
 export default defineConfig({
