@@ -159,6 +159,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         prefillBytes: o.poolPrefill,
         prefetchTokens: o.prefetchTokens,
         layerGroups: o.layerGroups,
+        idlePageGroups: o.idlePageGroups,
       });
     } catch (e) {
       throw fromNative(e);

@@ -68,7 +68,10 @@ export function metricFamilies(stats: CacheStats): MetricFamily[] {
   ]);
   metric('active_sequences', 'gauge', 'Sequences holding a slot.', [[{}, stats.activeSequences]]);
   metric('pages_reused_total', 'counter', 'Mapped pages a new sequence found in its slot (deferred reclamation).', [[{}, stats.pagesReused]]);
-  metric('pages_reclaimed_total', 'counter', 'Pages unmapped from released slots or prefetched tails.', [[{}, stats.pagesReclaimed]]);
+  metric('pages_reclaimed_total', 'counter', 'Pages unmapped from released slots or prefetched tails, by who did it: the prefetch worker ahead of need, or a growth / reclaim() on demand.', [
+    [{ by: 'ahead' }, stats.prefetch.pagesReclaimedAhead],
+    [{ by: 'demand' }, stats.pagesReclaimed - stats.prefetch.pagesReclaimedAhead],
+  ]);
   const ops = Object.entries(stats.driverCalls);
   metric('driver_calls_total', 'counter', 'Backend (driver or OS) calls by operation.', ops.map(([op, c]) => [{ op }, c.calls]));
   metric('driver_call_seconds_total', 'counter', 'Time spent in backend calls by operation.', ops.map(([op, c]) => [{ op }, c.nanoseconds / 1e9]));

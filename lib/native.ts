@@ -21,6 +21,7 @@ export interface NativeCacheOptions {
   prefillBytes: bigint;
   prefetchTokens: number;
   layerGroups: number;
+  idlePageGroups: number;
 }
 
 export type NativeStats = Omit<CacheStats, 'layout'>;

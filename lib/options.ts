@@ -63,6 +63,15 @@ export interface KVCacheOptions {
    */
   prefetchTokens?: number;
   /**
+   * Page groups the prefetch worker keeps idle in the pool while `step()` is
+   * in use: created within the budget, or, when the budget is full, reclaimed
+   * ahead of need from released slots (least recently released first, only
+   * those whose fences have passed) — so the serving loop does not unmap on
+   * its own thread. 0: no idle pages kept and no reclaim ahead (demand
+   * growth reclaims for itself). Default 1.
+   */
+  idlePageGroups?: number;
+  /**
    * Tensor arrangement; default `'all-layers'` (chosen by the attention and
    * decode benchmarks: no measurable cost to the kernel, 32× less memory past
    * the tokens for Llama-3-8B). Kernels must honour the tensors' strides; use
@@ -88,6 +97,7 @@ export interface NormalizedOptions {
   prefetchTokens: number;
   /** Tensors per kind: layers for per-layer, 1 for all-layers. */
   layerGroups: number;
+  idlePageGroups: number;
 }
 
 export const DEFAULT_PREFETCH_TOKENS = 64;
@@ -152,6 +162,7 @@ const KNOWN = new Set([
   'poolPrefill',
   'prefetchTokens',
   'layout',
+  'idlePageGroups',
 ]);
 
 /** The number of K (and V) tensors a layout choice asks for. */
@@ -242,5 +253,6 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     poolPrefill,
     prefetchTokens,
     layerGroups,
+    idlePageGroups: o.idlePageGroups === undefined ? 1 : checkInteger('options.idlePageGroups', o.idlePageGroups, 0, 1024),
   };
 }

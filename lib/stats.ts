@@ -31,6 +31,12 @@ export interface PrefetchStats {
   pagesAhead: number;
   /** Pages mapped on the caller's thread by grow and step. */
   pagesOnDemand: number;
+  /**
+   * Pages the worker unmapped from released slots ahead of need (memory full,
+   * option `idlePageGroups`); `pagesReclaimed - pagesReclaimedAhead` were
+   * reclaimed on demand, by a growth or `reclaim()`.
+   */
+  pagesReclaimedAhead: number;
   /** Time grow and step spent mapping or waiting on the caller's thread. */
   stallNanoseconds: number;
   /** Worker mappings that failed (retried at the next step). */

@@ -99,6 +99,65 @@ for (const b of backends) {
       expect(x.tokens).toBe(1);
     });
 
+    /** Fills the whole budget with three sequences and releases them, oldest first. */
+    const fillAndRelease = (c: KVCache) => {
+      const per = tpp(c), group = groupPagesOf(b);
+      const groups = c.stats().budgetBytes / c.pageSize / group;
+      const shares = [Math.ceil(groups / 3), Math.ceil(groups / 3), groups - 2 * Math.ceil(groups / 3)];
+      const fillers = shares.map((g) => {
+        const seq = c.reserve({ expectedTokens: 0 });
+        c.grow(seq, g * per);
+        return seq;
+      });
+      for (const f of fillers) c.release(f);
+      expect(c.stats().pagesMapped).toBe(groups * group);
+      expect(c.obtainableBytes()).toBe(groups * group * c.pageSize); // all of it reclaimable, none free
+      return { slots: fillers.map((f) => f.slot), shares };
+    };
+
+    it('memory full of released slots: the worker reclaims ahead of need (least recently released first), so steps that cross page groups make no backend call on the JS thread', async () => {
+      const c = make({ prefetchTokens: tokensPerGroupOf(b, b.name === 'host' ? 4096 : 2 << 20, b.options.kvHeads * b.options.headDim * 2) });
+      const per = tpp(c), group = groupPagesOf(b);
+      const { slots, shares } = fillAndRelease(c);
+      const seq = c.reserve({ expectedTokens: 0 }); // the empty slot
+      c.step([seq], [1]); // its first group: mapped (and room made) on demand
+      const caughtUp = (len: number) => () => {
+        const s = c.stats();
+        return s.slots[seq.slot]!.backedTokens >= Math.min(len + per, c.options.maxTokens) && s.pagesPooled >= group;
+      };
+      await until(caughtUp(1));
+      const s0 = c.stats();
+      const onDemand0 = s0.pagesReclaimed - s0.prefetch.pagesReclaimedAhead;
+      const end = Math.min(3 * per, c.options.maxTokens - per);
+      for (let len = 2; len <= end; len++) {
+        c.step([seq], [len]);
+        await until(caughtUp(len)); // the GPU's compute time, in which the worker works
+      }
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(s0.driverCallsOnJsThread); // the worker made room and mapped; the serving thread did neither
+      expect(s.prefetch.misses).toBe(s0.prefetch.misses);
+      expect(s.prefetch.pagesReclaimedAhead).toBeGreaterThan(s0.prefetch.pagesReclaimedAhead);
+      expect(s.pagesReclaimed - s.prefetch.pagesReclaimedAhead).toBe(onDemand0);
+      // least recently released first (demand and worker alike): the newest released slot is untouched
+      expect(s.slots[slots[0]!]!.mappedPages).toBeLessThan(shares[0]! * group);
+      expect(s.slots[slots[2]!]!.mappedPages).toBe(shares[2]! * group);
+      expect(c.metrics()).toMatch(/vattention_pages_reclaimed_total\{by="ahead"\} [1-9]/);
+    });
+
+    it('idlePageGroups: 0 turns reclaim-ahead off: the growth reclaims on demand, on the JS thread', async () => {
+      const c = make({ prefetchTokens: tpp({ pageSize: b.name === 'host' ? 4096 : 2 << 20, tokenBytes: b.options.kvHeads * b.options.headDim * 2 } as KVCache), idlePageGroups: 0 });
+      fillAndRelease(c);
+      const seq = c.reserve({ expectedTokens: 0 });
+      c.step([seq], [1]);
+      await new Promise((r) => setTimeout(r, 50)); // time in which a worker would have reclaimed
+      const js0 = c.stats().driverCallsOnJsThread;
+      c.step([seq], [tpp(c) + 1]);
+      const s = c.stats();
+      expect(s.prefetch.pagesReclaimedAhead).toBe(0);
+      expect(s.pagesReclaimed).toBeGreaterThan(0);
+      expect(s.driverCallsOnJsThread).toBeGreaterThan(js0);
+    });
+
     it('growAsync backs the tokens off the JS thread, all or nothing', async () => {
       const c = make({ prefetchTokens: 0 });
       const seq = c.reserve();

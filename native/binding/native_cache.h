@@ -69,6 +69,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.prefillBytes = u64(o.Get("prefillBytes"));
     opts.prefetchTokens = u32(o.Get("prefetchTokens"));
     opts.layerGroups = u32(o.Get("layerGroups"));
+    opts.idleGroups = u32(o.Get("idlePageGroups"));
     cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
@@ -196,6 +197,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     pf.Set("hits", num(env, st.prefetch.hits));
     pf.Set("misses", num(env, st.prefetch.misses));
     pf.Set("pagesAhead", num(env, st.prefetch.pagesAhead));
+    pf.Set("pagesReclaimedAhead", num(env, st.prefetch.pagesReclaimedAhead));
     pf.Set("pagesOnDemand", num(env, st.prefetch.pagesOnDemand));
     pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
     pf.Set("errors", num(env, st.prefetch.errors));

@@ -45,7 +45,7 @@ KVCache::KVCache(const CacheOptions& o) {
   description_.backend = backend->name();
   core_ = std::make_unique<CacheCore>(std::move(backend), std::move(layout));
   mapper_ = std::make_unique<PageMapper>(*core_);
-  prefetcher_ = std::make_unique<Prefetcher>(*core_, *mapper_, o.prefetchTokens);
+  prefetcher_ = std::make_unique<Prefetcher>(*core_, *mapper_, o.prefetchTokens, o.idleGroups);
   batchStamp_.assign(o.shape.maxSequences, 0);
   batchTarget_.assign(o.shape.maxSequences, 0);
   batchSlots_.reserve(o.shape.maxSequences);
@@ -259,6 +259,7 @@ void KVCache::release(SequenceRef seq, std::optional<uint64_t> fenceStream) {
   s.generation++;
   s.tokens = 0;
   s.prefetchTarget = 0;
+  s.releasedAt = ++core_->slots.releaseClock;
   s.fences.pending(core_->backend());
   prefetcher_->wake();  // pages may have become reclaimable for a waiting plan
 }
@@ -369,6 +370,7 @@ CacheStats KVCache::stats() {
   st.reusedPages = reusedPages_;
   st.prefetch = demand_;
   st.prefetch.pagesAhead = mapper_->pagesMappedOffLock();
+  st.prefetch.pagesReclaimedAhead = mapper_->reclaimedAheadPages();
   st.prefetch.errors = prefetcher_->errors();
   st.prefetch.workerError = prefetcher_->workerError();
   return st;

@@ -49,6 +49,7 @@ struct CacheOptions {
   uint64_t memoryBudget = 0;    // 0 = default (see defaultBudget)
   uint64_t prefillBytes = 0;    // pages created into the pool at start
   uint32_t prefetchTokens = 0;  // look-ahead of step(); 0 = no prefetch worker
+  uint32_t idleGroups = 1;      // page groups the worker keeps idle (creating or reclaiming ahead); 0 = none
 };
 
 struct SlotStats {
@@ -64,6 +65,7 @@ struct PrefetchStats {
   uint64_t misses = 0;            // step() entries that mapped or waited on the caller's thread
   uint64_t pagesAhead = 0;        // pages mapped by the worker / async growth
   uint64_t pagesOnDemand = 0;     // pages mapped on the caller's thread (grow, step)
+  uint64_t pagesReclaimedAhead = 0;  // pages the worker unmapped from released slots ahead of need
   uint64_t stallNanos = 0;        // caller time spent mapping or waiting in grow/step
   uint64_t errors = 0;            // worker extensions that failed (retried at the next step)
   std::string workerError;        // why the worker could not start (prefetch off), or empty

@@ -196,6 +196,15 @@ void PageMapper::unmapTailGroup(Slot& s) {
   reclaimedPages_ += perGroup;
 }
 
+bool PageMapper::reclaimAhead() {
+  int slot = reclaimAheadCandidate(core_.slots, core_.backend());
+  if (slot < 0) return false;
+  retryStranded();
+  unmapTailGroup(core_.slots[static_cast<uint32_t>(slot)]);
+  reclaimedAheadPages_ += core_.layout->pagesPerGroup();
+  return true;
+}
+
 bool PageMapper::beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim, Extending kind) {
   PagePool& pool = core_.pool();
   Slot& s = core_.slots[slot];

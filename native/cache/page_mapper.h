@@ -60,10 +60,16 @@ class PageMapper {
   // slot always stops extending and waiters are woken.
   void runExtension(Lock& lk, Extension& ext, const std::atomic<bool>* cancel);
 
+  // On the lock, for the prefetch worker: unmaps the tail page group of the
+  // released slot reclaim policy picks (reclaimAheadCandidate), into the
+  // pool. False when no released slot can give a group without a fence wait.
+  bool reclaimAhead();
+
   // Unmaps stranded pages again before anything is mapped (cheap when none).
   void retryStranded();
 
   uint64_t reclaimedPages() const { return reclaimedPages_; }
+  uint64_t reclaimedAheadPages() const { return reclaimedAheadPages_; }
   uint64_t pagesMappedOffLock() const { return pagesMappedOffLock_; }
 
  private:
@@ -78,6 +84,7 @@ class PageMapper {
 
   CacheCore& core_;
   uint64_t reclaimedPages_ = 0;      // pages unmapped from other slots, ever
+  uint64_t reclaimedAheadPages_ = 0; // of those, by the prefetch worker ahead of need
   uint64_t pagesMappedOffLock_ = 0;  // pages committed by extensions (worker, growAsync), ever
 };
 

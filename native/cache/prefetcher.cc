@@ -84,9 +84,28 @@ bool Prefetcher::plan(Extension& ext) {
       best = static_cast<int>(i);
     }
   }
+  starved_ = false;
   if (best < 0) return false;
   uint32_t slot = static_cast<uint32_t>(best);
-  return mapper_.beginExtension(ext, slot, core_.groupsOf(core_.slots[slot]) + 1, false, Extending::Ahead);
+  if (mapper_.beginExtension(ext, slot, core_.groupsOf(core_.slots[slot]) + 1, false, Extending::Ahead)) return true;
+  starved_ = true;  // memory is full: reclaimAhead may free a group for it
+  return false;
+}
+
+// Memory full (no room left in the budget) and the look-ahead or the idle
+// pages short: unmaps one page group of a released slot, on the lock (one
+// group: 2 unmaps with the default layout, 2 x layers per-layer). Demand
+// growth still reclaims for itself when it gets there first.
+bool Prefetcher::reclaimAhead() {
+  PagePool& pool = core_.pool();
+  if (!active_ || lowWater_ == 0 || demandWaiting_ > 0 || pool.headroom() > 0) return false;
+  if (!starved_ && pool.idleCount() >= lowWater_) return false;
+  try {
+    return mapper_.reclaimAhead();
+  } catch (...) {
+    errors_++;  // the slot is as it was, or shrunk with pages stranded (retried later)
+    return false;
+  }
 }
 
 // Keeps a group's worth of idle pages ready while prefetch is in use, so that
@@ -147,7 +166,7 @@ void Prefetcher::run() {
         --inFlight_;
         core_.changed.notify_all();
       } else {
-        busy = topUpPool(lk);
+        busy = topUpPool(lk) || reclaimAhead();
       }
     } catch (...) {
       // Planning ran out of host memory (under the lock, nothing taken):

@@ -1,10 +1,14 @@
 // The prefetcher: one worker thread per cache that maps, while the GPU
 // computes, the look-ahead step() asks for (tokens + lookAhead of each
-// stepped sequence), one page group at a time, and keeps a group's worth of
-// idle pages in the pool. It never reclaims (demand does, and takes
-// prefetched tails first); it never holds demand up: a growth that would be
-// refused while the worker holds pages off the lock waits for it
-// (waitForIdle), and the worker starts nothing new meanwhile.
+// stepped sequence), one page group at a time, and keeps `idleGroups` page
+// groups idle in the pool: creating pages within the budget, or — when the
+// budget is full (the normal state of a busy server, deferred reclamation
+// keeping released slots mapped) — reclaiming released slots ahead of need,
+// least recently released first, only those whose fences have passed (it
+// never waits for a fence). So the serving loop's step() finds pages ready
+// instead of unmapping on its own thread. It never holds demand up: a growth
+// that would be refused while the worker holds pages off the lock waits for
+// it (waitForIdle), and the worker starts nothing new meanwhile.
 //
 // Every wait of the worker has its predicate (closing, or a new wake-up
 // epoch), so a wake-up sent while it was off the lock is never lost.
@@ -27,8 +31,8 @@ struct GrowRequest {
 
 class Prefetcher {
  public:
-  Prefetcher(CacheCore& core, PageMapper& mapper, uint32_t lookAheadTokens)
-      : core_(core), mapper_(mapper), lookAhead_(lookAheadTokens), lowWater_(core.layout->pagesPerGroup()) {}
+  Prefetcher(CacheCore& core, PageMapper& mapper, uint32_t lookAheadTokens, uint32_t idleGroups)
+      : core_(core), mapper_(mapper), lookAhead_(lookAheadTokens), lowWater_(uint64_t{idleGroups} * core.layout->pagesPerGroup()) {}
   ~Prefetcher();
 
   // Starts the worker and waits until it has bound its thread. Throws ERR_OS
@@ -58,11 +62,13 @@ class Prefetcher {
   void run();
   bool plan(Extension& ext);
   bool topUpPool(Lock& lk);
+  bool reclaimAhead();
 
   CacheCore& core_;
   PageMapper& mapper_;
   uint32_t lookAhead_;
   uint64_t lowWater_;             // idle pages kept ready while prefetch is active
+  bool starved_ = false;          // the last plan wanted a group and found no free pages
   std::condition_variable workCv_;
   std::condition_variable started_;
   std::thread worker_;

@@ -20,11 +20,17 @@ struct ReclaimCandidate {
 };
 
 // The order: the prefetched tails (groups beyond the tokens) of active
-// sequences, then released slots (highest slot first) - first those whose
-// fences have all passed, then, in the same order, those that must be waited
-// for. Slots being extended and those in `exclude` are left alone.
+// sequences, then released slots, least recently released first - first
+// those whose fences have all passed, then, in the same order, those that
+// must be waited for. Slots being extended and those in `exclude` are left alone.
 std::vector<ReclaimCandidate> reclaimOrder(SlotTable& slots, const KVLayout& layout, Backend& backend,
                                            const std::vector<uint32_t>& exclude);
+
+// Reclaim ahead of need (the prefetch worker, memory full): the released slot
+// least recently released whose fences have all passed (never waited for),
+// or -1. Least recently released first: the slots released last are the
+// likeliest to be reused by the next sequences (deferred reclamation).
+int reclaimAheadCandidate(SlotTable& slots, Backend& backend);
 
 // Pages the order could give back.
 uint64_t reclaimablePages(const std::vector<ReclaimCandidate>& order, const SlotTable& slots,

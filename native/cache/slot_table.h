@@ -36,6 +36,7 @@ struct Slot {
   uint32_t generation = 0;       // bumped at reserve and release: stale references fail
   uint64_t tokens = 0;           // grown length of the active sequence
   uint64_t prefetchTarget = 0;   // tokens the worker should have backed
+  uint64_t releasedAt = 0;       // SlotTable::releaseClock when last released (reclaim-ahead order)
   std::vector<PageId> pages;     // mapped, group-major
   FenceList fences;
 
@@ -56,6 +57,7 @@ class SlotTable {
   // The slot of a live sequence; ERR_INVALID_ARGUMENT / ERR_SEQUENCE_RELEASED otherwise.
   Slot& active(SequenceRef seq);
   bool anyExtending() const;
+  uint64_t releaseClock = 0;  // bumped at every release
   // Teardown: every slot dropped (its fences must be drained first).
   void clear() { slots_.clear(); }
 
