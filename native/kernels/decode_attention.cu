@@ -23,7 +23,10 @@
 using vat::kernels::AttentionParams;
 using vat::kernels::kAttentionThreads;
 
-namespace {
+// A named namespace, not an anonymous one: nvcc names the shared arrays of
+// the templates below after it, and an anonymous namespace's name hashes the
+// file's path, so the PTX would differ between checkouts (npm run check:kernels).
+namespace vat_attention {
 
 constexpr float kNegInf = -__builtin_huge_valf();
 
@@ -233,25 +236,25 @@ __device__ void reduceSplits(const AttentionParams& p) {
   reinterpret_cast<T*>(p.out)[head * D + d] = fromFloat(sum > 0.f ? value / sum : 0.f, T());
 }
 
-}  // namespace
+}  // namespace vat_attention
 
 // Entry points with plain names for cuModuleGetFunction:
 // vat_attention_<dtype>_d<D>_g<G>_<mode> and vat_attention_reduce_<dtype>_d<D>.
 #define VAT_PARTIAL(T, tname, D, G)                                                                        \
   extern "C" __global__ void __launch_bounds__(kAttentionThreads)                                          \
       vat_attention_##tname##_d##D##_g##G##_strided(AttentionParams p) {                                   \
-    partialAttention<T, D, G, false>(p);                                                                   \
+    vat_attention::partialAttention<T, D, G, false>(p);                                                                   \
   }                                                                                                        \
   extern "C" __global__ void __launch_bounds__(kAttentionThreads)                                          \
       vat_attention_##tname##_d##D##_g##G##_paged(AttentionParams p) {                                     \
-    partialAttention<T, D, G, true>(p);                                                                    \
+    vat_attention::partialAttention<T, D, G, true>(p);                                                                    \
   }
 #define VAT_HEAD_DIM(T, tname, D)                                                                           \
   VAT_PARTIAL(T, tname, D, 1)                                                                              \
   VAT_PARTIAL(T, tname, D, 2)                                                                              \
   VAT_PARTIAL(T, tname, D, 4)                                                                              \
   VAT_PARTIAL(T, tname, D, 8)                                                                              \
-  extern "C" __global__ void vat_attention_reduce_##tname##_d##D(AttentionParams p) { reduceSplits<T, D>(p); }
+  extern "C" __global__ void vat_attention_reduce_##tname##_d##D(AttentionParams p) { vat_attention::reduceSplits<T, D>(p); }
 
 // One module per element type and head dimension (VAT_DTYPE_BF16, VAT_HEAD_DIM
 // set by scripts/gen-ptx.sh), so a process JIT-compiles only what it uses.

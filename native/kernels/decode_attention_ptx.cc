@@ -15,30 +15,30 @@ const char kAttentionPtx_f16_d64[] = R"PTX(
 .address_size 64
 
 	// .globl	vat_attention_f16_d64_g1_strided
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
 
 .visible .entry vat_attention_f16_d64_g1_strided(
 	.param .align 8 .b8 vat_attention_f16_d64_g1_strided_param_0[120]
@@ -51,11 +51,11 @@ const char kAttentionPtx_f16_d64[] = R"PTX(
 	.reg .b32 	%r<438>;
 	.reg .b64 	%rd<112>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r113, %r114}, [vat_attention_f16_d64_g1_strided_param_0+96];
 	ld.param.v2.u32 	{%r115, %r116}, [vat_attention_f16_d64_g1_strided_param_0+104];
@@ -1058,7 +1058,7 @@ $L__BB0_45:
 	and.b32  	%r397, %r398, 7;
 	shl.b32 	%r352, %r398, 3;
 	and.b32  	%r353, %r352, -256;
-	mov.u32 	%r354, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r354, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r355, %r354, %r353;
 	shl.b32 	%r356, %r398, 5;
 	and.b32  	%r357, %r356, 224;
@@ -1076,10 +1076,10 @@ $L__BB0_45:
 
 	shr.u32 	%r360, %r117, 3;
 	and.b32  	%r361, %r360, 536870908;
-	mov.u32 	%r362, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r362, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r363, %r362, %r361;
 	st.shared.f32 	[%r363], %f148;
-	mov.u32 	%r364, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r364, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r365, %r364, %r361;
 	st.shared.f32 	[%r365], %f161;
 
@@ -1096,7 +1096,7 @@ $L__BB0_62:
 	ld.param.u64 	%rd107, [vat_attention_f16_d64_g1_strided_param_0+24];
 	add.s32 	%r437, %r117, -128;
 	cvta.to.global.u64 	%rd26, %rd107;
-	mov.u32 	%r387, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r387, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_63:
 	add.s32 	%r437, %r437, 128;
@@ -1126,12 +1126,12 @@ $L__BB0_63:
 	ex2.approx.f32 	%f518, %f431;
 
 $L__BB0_65:
-	mov.u32 	%r391, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r391, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r89, %r391, %r386;
 	ld.shared.f32 	%f433, [%r89];
 	fma.rn.f32 	%f189, %f518, %f433, 0f00000000;
 	shl.b32 	%r392, %r87, 8;
-	mov.u32 	%r393, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r393, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r394, %r393, %r392;
 	shl.b32 	%r395, %r88, 2;
 	add.s32 	%r90, %r394, %r395;
@@ -1204,7 +1204,7 @@ $L__BB0_50:
 	cvt.s64.s32 	%rd22, %r396;
 	cvt.s64.s32 	%rd23, %r115;
 	cvta.to.global.u64 	%rd24, %rd106;
-	mov.u32 	%r373, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r373, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_51:
 	add.s32 	%r436, %r436, 128;
@@ -1234,12 +1234,12 @@ $L__BB0_51:
 	ex2.approx.f32 	%f514, %f410;
 
 $L__BB0_53:
-	mov.u32 	%r377, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r377, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r82, %r377, %r372;
 	ld.shared.f32 	%f412, [%r82];
 	fma.rn.f32 	%f169, %f514, %f412, 0f00000000;
 	shl.b32 	%r378, %r80, 8;
-	mov.u32 	%r379, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r379, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r380, %r379, %r378;
 	shl.b32 	%r381, %r81, 2;
 	add.s32 	%r83, %r380, %r381;
@@ -1317,11 +1317,11 @@ $L__BB0_74:
 	.reg .b32 	%r<439>;
 	.reg .b64 	%rd<111>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r112, %r113}, [vat_attention_f16_d64_g1_paged_param_0+88];
 	ld.param.v2.u32 	{%r114, %r115}, [vat_attention_f16_d64_g1_paged_param_0+96];
@@ -2324,7 +2324,7 @@ $L__BB1_37:
 	and.b32  	%r402, %r403, 7;
 	shl.b32 	%r357, %r403, 3;
 	and.b32  	%r358, %r357, -256;
-	mov.u32 	%r359, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r359, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r360, %r359, %r358;
 	shl.b32 	%r361, %r403, 5;
 	and.b32  	%r362, %r361, 224;
@@ -2342,10 +2342,10 @@ $L__BB1_37:
 
 	shr.u32 	%r365, %r118, 3;
 	and.b32  	%r366, %r365, 536870908;
-	mov.u32 	%r367, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r367, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r368, %r367, %r366;
 	st.shared.f32 	[%r368], %f148;
-	mov.u32 	%r369, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r369, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r370, %r369, %r366;
 	st.shared.f32 	[%r370], %f161;
 
@@ -2362,7 +2362,7 @@ $L__BB1_54:
 	ld.param.u64 	%rd110, [vat_attention_f16_d64_g1_paged_param_0+24];
 	add.s32 	%r438, %r118, -128;
 	cvta.to.global.u64 	%rd16, %rd110;
-	mov.u32 	%r392, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r392, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_55:
 	add.s32 	%r438, %r438, 128;
@@ -2392,12 +2392,12 @@ $L__BB1_55:
 	ex2.approx.f32 	%f518, %f431;
 
 $L__BB1_57:
-	mov.u32 	%r396, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r396, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r90, %r396, %r391;
 	ld.shared.f32 	%f433, [%r90];
 	fma.rn.f32 	%f189, %f518, %f433, 0f00000000;
 	shl.b32 	%r397, %r88, 8;
-	mov.u32 	%r398, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r398, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r399, %r398, %r397;
 	shl.b32 	%r400, %r89, 2;
 	add.s32 	%r91, %r399, %r400;
@@ -2470,7 +2470,7 @@ $L__BB1_42:
 	cvt.s64.s32 	%rd12, %r401;
 	cvt.s64.s32 	%rd13, %r116;
 	cvta.to.global.u64 	%rd14, %rd109;
-	mov.u32 	%r378, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r378, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_43:
 	add.s32 	%r437, %r437, 128;
@@ -2500,12 +2500,12 @@ $L__BB1_43:
 	ex2.approx.f32 	%f514, %f410;
 
 $L__BB1_45:
-	mov.u32 	%r382, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r382, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r83, %r382, %r377;
 	ld.shared.f32 	%f412, [%r83];
 	fma.rn.f32 	%f169, %f514, %f412, 0f00000000;
 	shl.b32 	%r383, %r81, 8;
-	mov.u32 	%r384, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r384, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r385, %r384, %r383;
 	shl.b32 	%r386, %r82, 2;
 	add.s32 	%r84, %r385, %r386;
@@ -2583,11 +2583,11 @@ $L__BB1_66:
 	.reg .b32 	%r<529>;
 	.reg .b64 	%rd<114>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r143, %r144}, [vat_attention_f16_d64_g2_strided_param_0+96];
 	ld.param.v2.u32 	{%r145, %r146}, [vat_attention_f16_d64_g2_strided_param_0+104];
@@ -3966,7 +3966,7 @@ $L__BB2_64:
 	setp.ne.s32 	%p98, %r488, 0;
 	shr.u32 	%r446, %r489, 5;
 	shl.b32 	%r447, %r446, 9;
-	mov.u32 	%r448, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r448, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r449, %r448, %r447;
 	shl.b32 	%r450, %r489, 5;
 	and.b32  	%r451, %r450, 224;
@@ -3980,9 +3980,9 @@ $L__BB2_64:
 	st.shared.f32 	[%r87+24], %f304;
 	st.shared.f32 	[%r87+28], %f305;
 	shl.b32 	%r452, %r446, 3;
-	mov.u32 	%r453, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r453, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r88, %r453, %r452;
-	mov.u32 	%r454, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r454, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r89, %r454, %r452;
 	@%p98 bra 	$L__BB2_67;
 
@@ -4016,7 +4016,7 @@ $L__BB2_83:
 	ld.param.u64 	%rd109, [vat_attention_f16_d64_g2_strided_param_0+24];
 	add.s32 	%r528, %r147, -128;
 	cvta.to.global.u64 	%rd25, %rd109;
-	mov.u32 	%r478, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r478, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_84:
 	add.s32 	%r528, %r528, 128;
@@ -4046,12 +4046,12 @@ $L__BB2_84:
 	ex2.approx.f32 	%f870, %f722;
 
 $L__BB2_86:
-	mov.u32 	%r482, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r482, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r103, %r482, %r477;
 	ld.shared.f32 	%f724, [%r103];
 	fma.rn.f32 	%f348, %f870, %f724, 0f00000000;
 	shl.b32 	%r483, %r101, 8;
-	mov.u32 	%r484, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r484, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r485, %r484, %r483;
 	shl.b32 	%r486, %r102, 2;
 	add.s32 	%r104, %r485, %r486;
@@ -4124,7 +4124,7 @@ $L__BB2_71:
 	cvt.s64.s32 	%rd21, %r487;
 	cvt.s64.s32 	%rd22, %r145;
 	cvta.to.global.u64 	%rd23, %rd108;
-	mov.u32 	%r464, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r464, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_72:
 	add.s32 	%r527, %r527, 128;
@@ -4154,12 +4154,12 @@ $L__BB2_72:
 	ex2.approx.f32 	%f866, %f701;
 
 $L__BB2_74:
-	mov.u32 	%r468, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r468, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r96, %r468, %r463;
 	ld.shared.f32 	%f703, [%r96];
 	fma.rn.f32 	%f328, %f866, %f703, 0f00000000;
 	shl.b32 	%r469, %r94, 8;
-	mov.u32 	%r470, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r470, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r471, %r470, %r469;
 	shl.b32 	%r472, %r95, 2;
 	add.s32 	%r97, %r471, %r472;
@@ -4237,11 +4237,11 @@ $L__BB2_95:
 	.reg .b32 	%r<534>;
 	.reg .b64 	%rd<113>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r142, %r143}, [vat_attention_f16_d64_g2_paged_param_0+88];
 	ld.param.v2.u32 	{%r144, %r145}, [vat_attention_f16_d64_g2_paged_param_0+96];
@@ -5624,7 +5624,7 @@ $L__BB3_56:
 	setp.ne.s32 	%p94, %r493, 0;
 	shr.u32 	%r451, %r494, 5;
 	shl.b32 	%r452, %r451, 9;
-	mov.u32 	%r453, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r453, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r454, %r453, %r452;
 	shl.b32 	%r455, %r494, 5;
 	and.b32  	%r456, %r455, 224;
@@ -5638,9 +5638,9 @@ $L__BB3_56:
 	st.shared.f32 	[%r88+24], %f304;
 	st.shared.f32 	[%r88+28], %f305;
 	shl.b32 	%r457, %r451, 3;
-	mov.u32 	%r458, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r458, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r89, %r458, %r457;
-	mov.u32 	%r459, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r459, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r90, %r459, %r457;
 	@%p94 bra 	$L__BB3_59;
 
@@ -5674,7 +5674,7 @@ $L__BB3_75:
 	ld.param.u64 	%rd112, [vat_attention_f16_d64_g2_paged_param_0+24];
 	add.s32 	%r533, %r148, -128;
 	cvta.to.global.u64 	%rd15, %rd112;
-	mov.u32 	%r483, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r483, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_76:
 	add.s32 	%r533, %r533, 128;
@@ -5704,12 +5704,12 @@ $L__BB3_76:
 	ex2.approx.f32 	%f870, %f722;
 
 $L__BB3_78:
-	mov.u32 	%r487, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r487, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r104, %r487, %r482;
 	ld.shared.f32 	%f724, [%r104];
 	fma.rn.f32 	%f348, %f870, %f724, 0f00000000;
 	shl.b32 	%r488, %r102, 8;
-	mov.u32 	%r489, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r489, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r490, %r489, %r488;
 	shl.b32 	%r491, %r103, 2;
 	add.s32 	%r105, %r490, %r491;
@@ -5782,7 +5782,7 @@ $L__BB3_63:
 	cvt.s64.s32 	%rd11, %r492;
 	cvt.s64.s32 	%rd12, %r146;
 	cvta.to.global.u64 	%rd13, %rd111;
-	mov.u32 	%r469, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r469, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_64:
 	add.s32 	%r532, %r532, 128;
@@ -5812,12 +5812,12 @@ $L__BB3_64:
 	ex2.approx.f32 	%f866, %f701;
 
 $L__BB3_66:
-	mov.u32 	%r473, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r473, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r97, %r473, %r468;
 	ld.shared.f32 	%f703, [%r97];
 	fma.rn.f32 	%f328, %f866, %f703, 0f00000000;
 	shl.b32 	%r474, %r95, 8;
-	mov.u32 	%r475, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r475, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r476, %r475, %r474;
 	shl.b32 	%r477, %r96, 2;
 	add.s32 	%r98, %r476, %r477;
@@ -5895,11 +5895,11 @@ $L__BB3_87:
 	.reg .b32 	%r<710>;
 	.reg .b64 	%rd<116>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r184, %r185}, [vat_attention_f16_d64_g4_strided_param_0+96];
 	ld.param.v2.u32 	{%r186, %r187}, [vat_attention_f16_d64_g4_strided_param_0+104];
@@ -8055,7 +8055,7 @@ $L__BB4_100:
 	setp.ne.s32 	%p180, %r665, 0;
 	shr.u32 	%r619, %r666, 5;
 	shl.b32 	%r620, %r619, 10;
-	mov.u32 	%r621, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r621, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r622, %r621, %r620;
 	shl.b32 	%r623, %r666, 5;
 	and.b32  	%r624, %r623, 224;
@@ -8069,9 +8069,9 @@ $L__BB4_100:
 	st.shared.f32 	[%r99+24], %f594;
 	st.shared.f32 	[%r99+28], %f595;
 	shl.b32 	%r625, %r619, 4;
-	mov.u32 	%r626, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r626, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r100, %r626, %r625;
-	mov.u32 	%r627, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r627, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r101, %r627, %r625;
 	@%p180 bra 	$L__BB4_103;
 
@@ -8133,7 +8133,7 @@ $L__BB4_123:
 	ld.param.u64 	%rd111, [vat_attention_f16_d64_g4_strided_param_0+24];
 	add.s32 	%r709, %r188, -128;
 	cvta.to.global.u64 	%rd25, %rd111;
-	mov.u32 	%r655, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r655, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_124:
 	add.s32 	%r709, %r709, 128;
@@ -8163,12 +8163,12 @@ $L__BB4_124:
 	ex2.approx.f32 	%f1582, %f1308;
 
 $L__BB4_126:
-	mov.u32 	%r659, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r659, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r116, %r659, %r654;
 	ld.shared.f32 	%f1310, [%r116];
 	fma.rn.f32 	%f668, %f1582, %f1310, 0f00000000;
 	shl.b32 	%r660, %r114, 8;
-	mov.u32 	%r661, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r661, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r662, %r661, %r660;
 	shl.b32 	%r663, %r115, 2;
 	add.s32 	%r117, %r662, %r663;
@@ -8241,7 +8241,7 @@ $L__BB4_111:
 	cvt.s64.s32 	%rd21, %r664;
 	cvt.s64.s32 	%rd22, %r186;
 	cvta.to.global.u64 	%rd23, %rd110;
-	mov.u32 	%r641, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r641, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_112:
 	add.s32 	%r708, %r708, 128;
@@ -8271,12 +8271,12 @@ $L__BB4_112:
 	ex2.approx.f32 	%f1578, %f1287;
 
 $L__BB4_114:
-	mov.u32 	%r645, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r645, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r109, %r645, %r640;
 	ld.shared.f32 	%f1289, [%r109];
 	fma.rn.f32 	%f648, %f1578, %f1289, 0f00000000;
 	shl.b32 	%r646, %r107, 8;
-	mov.u32 	%r647, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r647, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r648, %r647, %r646;
 	shl.b32 	%r649, %r108, 2;
 	add.s32 	%r110, %r648, %r649;
@@ -8354,11 +8354,11 @@ $L__BB4_135:
 	.reg .b32 	%r<715>;
 	.reg .b64 	%rd<115>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r183, %r184}, [vat_attention_f16_d64_g4_paged_param_0+88];
 	ld.param.v2.u32 	{%r185, %r186}, [vat_attention_f16_d64_g4_paged_param_0+96];
@@ -10518,7 +10518,7 @@ $L__BB5_92:
 	setp.ne.s32 	%p176, %r670, 0;
 	shr.u32 	%r624, %r671, 5;
 	shl.b32 	%r625, %r624, 10;
-	mov.u32 	%r626, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r626, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r627, %r626, %r625;
 	shl.b32 	%r628, %r671, 5;
 	and.b32  	%r629, %r628, 224;
@@ -10532,9 +10532,9 @@ $L__BB5_92:
 	st.shared.f32 	[%r100+24], %f594;
 	st.shared.f32 	[%r100+28], %f595;
 	shl.b32 	%r630, %r624, 4;
-	mov.u32 	%r631, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r631, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r101, %r631, %r630;
-	mov.u32 	%r632, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r632, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r102, %r632, %r630;
 	@%p176 bra 	$L__BB5_95;
 
@@ -10596,7 +10596,7 @@ $L__BB5_115:
 	ld.param.u64 	%rd114, [vat_attention_f16_d64_g4_paged_param_0+24];
 	add.s32 	%r714, %r189, -128;
 	cvta.to.global.u64 	%rd15, %rd114;
-	mov.u32 	%r660, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r660, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_116:
 	add.s32 	%r714, %r714, 128;
@@ -10626,12 +10626,12 @@ $L__BB5_116:
 	ex2.approx.f32 	%f1582, %f1308;
 
 $L__BB5_118:
-	mov.u32 	%r664, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r664, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r117, %r664, %r659;
 	ld.shared.f32 	%f1310, [%r117];
 	fma.rn.f32 	%f668, %f1582, %f1310, 0f00000000;
 	shl.b32 	%r665, %r115, 8;
-	mov.u32 	%r666, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r666, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r667, %r666, %r665;
 	shl.b32 	%r668, %r116, 2;
 	add.s32 	%r118, %r667, %r668;
@@ -10704,7 +10704,7 @@ $L__BB5_103:
 	cvt.s64.s32 	%rd11, %r669;
 	cvt.s64.s32 	%rd12, %r187;
 	cvta.to.global.u64 	%rd13, %rd113;
-	mov.u32 	%r646, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r646, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_104:
 	add.s32 	%r713, %r713, 128;
@@ -10734,12 +10734,12 @@ $L__BB5_104:
 	ex2.approx.f32 	%f1578, %f1287;
 
 $L__BB5_106:
-	mov.u32 	%r650, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r650, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r110, %r650, %r645;
 	ld.shared.f32 	%f1289, [%r110];
 	fma.rn.f32 	%f648, %f1578, %f1289, 0f00000000;
 	shl.b32 	%r651, %r108, 8;
-	mov.u32 	%r652, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r652, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r653, %r652, %r651;
 	shl.b32 	%r654, %r109, 2;
 	add.s32 	%r111, %r653, %r654;
@@ -10817,11 +10817,11 @@ $L__BB5_127:
 	.reg .b32 	%r<1070>;
 	.reg .b64 	%rd<120>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r264, %r265}, [vat_attention_f16_d64_g8_strided_param_0+96];
 	ld.param.v2.u32 	{%r266, %r267}, [vat_attention_f16_d64_g8_strided_param_0+104];
@@ -14501,7 +14501,7 @@ $L__BB6_172:
 	setp.ne.s32 	%p344, %r1017, 0;
 	shr.u32 	%r963, %r1018, 5;
 	shl.b32 	%r964, %r963, 11;
-	mov.u32 	%r965, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r965, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r966, %r965, %r964;
 	shl.b32 	%r967, %r1018, 5;
 	and.b32  	%r968, %r967, 224;
@@ -14515,9 +14515,9 @@ $L__BB6_172:
 	st.shared.f32 	[%r123+24], %f1174;
 	st.shared.f32 	[%r123+28], %f1175;
 	shl.b32 	%r969, %r963, 5;
-	mov.u32 	%r970, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r970, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r124, %r970, %r969;
-	mov.u32 	%r971, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r971, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r125, %r971, %r969;
 	@%p344 bra 	$L__BB6_175;
 
@@ -14635,7 +14635,7 @@ $L__BB6_203:
 	ld.param.u64 	%rd115, [vat_attention_f16_d64_g8_strided_param_0+24];
 	add.s32 	%r1069, %r268, -128;
 	cvta.to.global.u64 	%rd25, %rd115;
-	mov.u32 	%r1007, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r1007, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_204:
 	add.s32 	%r1069, %r1069, 128;
@@ -14665,12 +14665,12 @@ $L__BB6_204:
 	ex2.approx.f32 	%f3006, %f2480;
 
 $L__BB6_206:
-	mov.u32 	%r1011, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r1011, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r140, %r1011, %r1006;
 	ld.shared.f32 	%f2482, [%r140];
 	fma.rn.f32 	%f1308, %f3006, %f2482, 0f00000000;
 	shl.b32 	%r1012, %r138, 8;
-	mov.u32 	%r1013, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r1013, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r1014, %r1013, %r1012;
 	shl.b32 	%r1015, %r139, 2;
 	add.s32 	%r141, %r1014, %r1015;
@@ -14743,7 +14743,7 @@ $L__BB6_191:
 	cvt.s64.s32 	%rd21, %r1016;
 	cvt.s64.s32 	%rd22, %r266;
 	cvta.to.global.u64 	%rd23, %rd114;
-	mov.u32 	%r993, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r993, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_192:
 	add.s32 	%r1068, %r1068, 128;
@@ -14773,12 +14773,12 @@ $L__BB6_192:
 	ex2.approx.f32 	%f3002, %f2459;
 
 $L__BB6_194:
-	mov.u32 	%r997, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r997, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r133, %r997, %r992;
 	ld.shared.f32 	%f2461, [%r133];
 	fma.rn.f32 	%f1288, %f3002, %f2461, 0f00000000;
 	shl.b32 	%r998, %r131, 8;
-	mov.u32 	%r999, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r999, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r1000, %r999, %r998;
 	shl.b32 	%r1001, %r132, 2;
 	add.s32 	%r134, %r1000, %r1001;
@@ -14856,11 +14856,11 @@ $L__BB6_215:
 	.reg .b32 	%r<1075>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r263, %r264}, [vat_attention_f16_d64_g8_paged_param_0+88];
 	ld.param.v2.u32 	{%r265, %r266}, [vat_attention_f16_d64_g8_paged_param_0+96];
@@ -18544,7 +18544,7 @@ $L__BB7_164:
 	setp.ne.s32 	%p340, %r1022, 0;
 	shr.u32 	%r968, %r1023, 5;
 	shl.b32 	%r969, %r968, 11;
-	mov.u32 	%r970, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r970, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r971, %r970, %r969;
 	shl.b32 	%r972, %r1023, 5;
 	and.b32  	%r973, %r972, 224;
@@ -18558,9 +18558,9 @@ $L__BB7_164:
 	st.shared.f32 	[%r124+24], %f1174;
 	st.shared.f32 	[%r124+28], %f1175;
 	shl.b32 	%r974, %r968, 5;
-	mov.u32 	%r975, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r975, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r125, %r975, %r974;
-	mov.u32 	%r976, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r976, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r126, %r976, %r974;
 	@%p340 bra 	$L__BB7_167;
 
@@ -18678,7 +18678,7 @@ $L__BB7_195:
 	ld.param.u64 	%rd118, [vat_attention_f16_d64_g8_paged_param_0+24];
 	add.s32 	%r1074, %r269, -128;
 	cvta.to.global.u64 	%rd15, %rd118;
-	mov.u32 	%r1012, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r1012, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_196:
 	add.s32 	%r1074, %r1074, 128;
@@ -18708,12 +18708,12 @@ $L__BB7_196:
 	ex2.approx.f32 	%f3006, %f2480;
 
 $L__BB7_198:
-	mov.u32 	%r1016, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r1016, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r141, %r1016, %r1011;
 	ld.shared.f32 	%f2482, [%r141];
 	fma.rn.f32 	%f1308, %f3006, %f2482, 0f00000000;
 	shl.b32 	%r1017, %r139, 8;
-	mov.u32 	%r1018, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r1018, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r1019, %r1018, %r1017;
 	shl.b32 	%r1020, %r140, 2;
 	add.s32 	%r142, %r1019, %r1020;
@@ -18786,7 +18786,7 @@ $L__BB7_183:
 	cvt.s64.s32 	%rd11, %r1021;
 	cvt.s64.s32 	%rd12, %r267;
 	cvta.to.global.u64 	%rd13, %rd117;
-	mov.u32 	%r998, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r998, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_184:
 	add.s32 	%r1073, %r1073, 128;
@@ -18816,12 +18816,12 @@ $L__BB7_184:
 	ex2.approx.f32 	%f3002, %f2459;
 
 $L__BB7_186:
-	mov.u32 	%r1002, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r1002, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r134, %r1002, %r997;
 	ld.shared.f32 	%f2461, [%r134];
 	fma.rn.f32 	%f1288, %f3002, %f2461, 0f00000000;
 	shl.b32 	%r1003, %r132, 8;
-	mov.u32 	%r1004, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_9363b46252_GLOBAL__N__2f2d1c30_19_decode_attention_cu_9363b46216partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r1004, _ZZN13vat_attention16partialAttentionI6__halfLi64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r1005, %r1004, %r1003;
 	shl.b32 	%r1006, %r133, 2;
 	add.s32 	%r135, %r1005, %r1006;
@@ -19134,30 +19134,30 @@ const char kAttentionPtx_f16_d128[] = R"PTX(
 .address_size 64
 
 	// .globl	vat_attention_f16_d128_g1_strided
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
 
 .visible .entry vat_attention_f16_d128_g1_strided(
 	.param .align 8 .b8 vat_attention_f16_d128_g1_strided_param_0[120]
@@ -19170,11 +19170,11 @@ const char kAttentionPtx_f16_d128[] = R"PTX(
 	.reg .b32 	%r<420>;
 	.reg .b64 	%rd<112>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r112, %r113}, [vat_attention_f16_d128_g1_strided_param_0+96];
 	ld.param.v2.u32 	{%r114, %r115}, [vat_attention_f16_d128_g1_strided_param_0+104];
@@ -20121,7 +20121,7 @@ $L__BB0_41:
 	shl.b32 	%r383, %r384, 4;
 	and.b32  	%r382, %r384, 15;
 	and.b32  	%r338, %r383, -512;
-	mov.u32 	%r339, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r339, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r340, %r339, %r338;
 	shl.b32 	%r341, %r384, 5;
 	and.b32  	%r342, %r341, 480;
@@ -20139,10 +20139,10 @@ $L__BB0_41:
 
 	shr.u32 	%r345, %r116, 3;
 	and.b32  	%r346, %r345, 536870908;
-	mov.u32 	%r347, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r347, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r348, %r347, %r346;
 	st.shared.f32 	[%r348], %f133;
-	mov.u32 	%r349, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r349, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r350, %r349, %r346;
 	st.shared.f32 	[%r350], %f146;
 
@@ -20159,7 +20159,7 @@ $L__BB0_58:
 	ld.param.u64 	%rd107, [vat_attention_f16_d128_g1_strided_param_0+24];
 	add.s32 	%r419, %r116, -128;
 	cvta.to.global.u64 	%rd26, %rd107;
-	mov.u32 	%r372, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r372, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_59:
 	add.s32 	%r419, %r419, 128;
@@ -20189,12 +20189,12 @@ $L__BB0_59:
 	ex2.approx.f32 	%f487, %f402;
 
 $L__BB0_61:
-	mov.u32 	%r376, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r376, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r88, %r376, %r371;
 	ld.shared.f32 	%f404, [%r88];
 	fma.rn.f32 	%f174, %f487, %f404, 0f00000000;
 	shl.b32 	%r377, %r86, 9;
-	mov.u32 	%r378, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r378, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r379, %r378, %r377;
 	shl.b32 	%r380, %r87, 2;
 	add.s32 	%r89, %r379, %r380;
@@ -20267,7 +20267,7 @@ $L__BB0_46:
 	cvt.s64.s32 	%rd22, %r381;
 	cvt.s64.s32 	%rd23, %r114;
 	cvta.to.global.u64 	%rd24, %rd106;
-	mov.u32 	%r358, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r358, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_47:
 	add.s32 	%r418, %r418, 128;
@@ -20297,12 +20297,12 @@ $L__BB0_47:
 	ex2.approx.f32 	%f483, %f381;
 
 $L__BB0_49:
-	mov.u32 	%r362, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r362, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r81, %r362, %r357;
 	ld.shared.f32 	%f383, [%r81];
 	fma.rn.f32 	%f154, %f483, %f383, 0f00000000;
 	shl.b32 	%r363, %r79, 9;
-	mov.u32 	%r364, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r364, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r365, %r364, %r363;
 	shl.b32 	%r366, %r80, 2;
 	add.s32 	%r82, %r365, %r366;
@@ -20380,11 +20380,11 @@ $L__BB0_70:
 	.reg .b32 	%r<425>;
 	.reg .b64 	%rd<111>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r111, %r112}, [vat_attention_f16_d128_g1_paged_param_0+88];
 	ld.param.v2.u32 	{%r113, %r114}, [vat_attention_f16_d128_g1_paged_param_0+96];
@@ -21335,7 +21335,7 @@ $L__BB1_33:
 	shl.b32 	%r388, %r389, 4;
 	and.b32  	%r387, %r389, 15;
 	and.b32  	%r343, %r388, -512;
-	mov.u32 	%r344, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r344, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r345, %r344, %r343;
 	shl.b32 	%r346, %r389, 5;
 	and.b32  	%r347, %r346, 480;
@@ -21353,10 +21353,10 @@ $L__BB1_33:
 
 	shr.u32 	%r350, %r117, 3;
 	and.b32  	%r351, %r350, 536870908;
-	mov.u32 	%r352, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r352, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r353, %r352, %r351;
 	st.shared.f32 	[%r353], %f133;
-	mov.u32 	%r354, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r354, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r355, %r354, %r351;
 	st.shared.f32 	[%r355], %f146;
 
@@ -21373,7 +21373,7 @@ $L__BB1_50:
 	ld.param.u64 	%rd110, [vat_attention_f16_d128_g1_paged_param_0+24];
 	add.s32 	%r424, %r117, -128;
 	cvta.to.global.u64 	%rd16, %rd110;
-	mov.u32 	%r377, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r377, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_51:
 	add.s32 	%r424, %r424, 128;
@@ -21403,12 +21403,12 @@ $L__BB1_51:
 	ex2.approx.f32 	%f487, %f402;
 
 $L__BB1_53:
-	mov.u32 	%r381, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r381, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r89, %r381, %r376;
 	ld.shared.f32 	%f404, [%r89];
 	fma.rn.f32 	%f174, %f487, %f404, 0f00000000;
 	shl.b32 	%r382, %r87, 9;
-	mov.u32 	%r383, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r383, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r384, %r383, %r382;
 	shl.b32 	%r385, %r88, 2;
 	add.s32 	%r90, %r384, %r385;
@@ -21481,7 +21481,7 @@ $L__BB1_38:
 	cvt.s64.s32 	%rd12, %r386;
 	cvt.s64.s32 	%rd13, %r115;
 	cvta.to.global.u64 	%rd14, %rd109;
-	mov.u32 	%r363, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r363, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_39:
 	add.s32 	%r423, %r423, 128;
@@ -21511,12 +21511,12 @@ $L__BB1_39:
 	ex2.approx.f32 	%f483, %f381;
 
 $L__BB1_41:
-	mov.u32 	%r367, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r367, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r82, %r367, %r362;
 	ld.shared.f32 	%f383, [%r82];
 	fma.rn.f32 	%f154, %f483, %f383, 0f00000000;
 	shl.b32 	%r368, %r80, 9;
-	mov.u32 	%r369, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r369, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r370, %r369, %r368;
 	shl.b32 	%r371, %r81, 2;
 	add.s32 	%r83, %r370, %r371;
@@ -21594,11 +21594,11 @@ $L__BB1_62:
 	.reg .b32 	%r<499>;
 	.reg .b64 	%rd<114>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r141, %r142}, [vat_attention_f16_d128_g2_strided_param_0+96];
 	ld.param.v2.u32 	{%r143, %r144}, [vat_attention_f16_d128_g2_strided_param_0+104];
@@ -22873,7 +22873,7 @@ $L__BB2_56:
 	setp.ne.s32 	%p82, %r458, 0;
 	shr.u32 	%r416, %r459, 5;
 	shl.b32 	%r417, %r416, 10;
-	mov.u32 	%r418, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r418, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r419, %r418, %r417;
 	shl.b32 	%r420, %r459, 5;
 	and.b32  	%r421, %r420, 480;
@@ -22887,9 +22887,9 @@ $L__BB2_56:
 	st.shared.f32 	[%r85+24], %f273;
 	st.shared.f32 	[%r85+28], %f274;
 	shl.b32 	%r422, %r416, 3;
-	mov.u32 	%r423, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r423, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r86, %r423, %r422;
-	mov.u32 	%r424, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r424, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r87, %r424, %r422;
 	@%p82 bra 	$L__BB2_59;
 
@@ -22923,7 +22923,7 @@ $L__BB2_75:
 	ld.param.u64 	%rd109, [vat_attention_f16_d128_g2_strided_param_0+24];
 	add.s32 	%r498, %r145, -128;
 	cvta.to.global.u64 	%rd25, %rd109;
-	mov.u32 	%r448, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r448, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_76:
 	add.s32 	%r498, %r498, 128;
@@ -22953,12 +22953,12 @@ $L__BB2_76:
 	ex2.approx.f32 	%f808, %f664;
 
 $L__BB2_78:
-	mov.u32 	%r452, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r452, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r101, %r452, %r447;
 	ld.shared.f32 	%f666, [%r101];
 	fma.rn.f32 	%f318, %f808, %f666, 0f00000000;
 	shl.b32 	%r453, %r99, 9;
-	mov.u32 	%r454, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r454, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r455, %r454, %r453;
 	shl.b32 	%r456, %r100, 2;
 	add.s32 	%r102, %r455, %r456;
@@ -23031,7 +23031,7 @@ $L__BB2_63:
 	cvt.s64.s32 	%rd21, %r457;
 	cvt.s64.s32 	%rd22, %r143;
 	cvta.to.global.u64 	%rd23, %rd108;
-	mov.u32 	%r434, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r434, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_64:
 	add.s32 	%r497, %r497, 128;
@@ -23061,12 +23061,12 @@ $L__BB2_64:
 	ex2.approx.f32 	%f804, %f643;
 
 $L__BB2_66:
-	mov.u32 	%r438, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r438, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r94, %r438, %r433;
 	ld.shared.f32 	%f645, [%r94];
 	fma.rn.f32 	%f298, %f804, %f645, 0f00000000;
 	shl.b32 	%r439, %r92, 9;
-	mov.u32 	%r440, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r440, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r441, %r440, %r439;
 	shl.b32 	%r442, %r93, 2;
 	add.s32 	%r95, %r441, %r442;
@@ -23144,11 +23144,11 @@ $L__BB2_87:
 	.reg .b32 	%r<504>;
 	.reg .b64 	%rd<113>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r140, %r141}, [vat_attention_f16_d128_g2_paged_param_0+88];
 	ld.param.v2.u32 	{%r142, %r143}, [vat_attention_f16_d128_g2_paged_param_0+96];
@@ -24427,7 +24427,7 @@ $L__BB3_48:
 	setp.ne.s32 	%p78, %r463, 0;
 	shr.u32 	%r421, %r464, 5;
 	shl.b32 	%r422, %r421, 10;
-	mov.u32 	%r423, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r423, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r424, %r423, %r422;
 	shl.b32 	%r425, %r464, 5;
 	and.b32  	%r426, %r425, 480;
@@ -24441,9 +24441,9 @@ $L__BB3_48:
 	st.shared.f32 	[%r86+24], %f273;
 	st.shared.f32 	[%r86+28], %f274;
 	shl.b32 	%r427, %r421, 3;
-	mov.u32 	%r428, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r428, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r87, %r428, %r427;
-	mov.u32 	%r429, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r429, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r88, %r429, %r427;
 	@%p78 bra 	$L__BB3_51;
 
@@ -24477,7 +24477,7 @@ $L__BB3_67:
 	ld.param.u64 	%rd112, [vat_attention_f16_d128_g2_paged_param_0+24];
 	add.s32 	%r503, %r146, -128;
 	cvta.to.global.u64 	%rd15, %rd112;
-	mov.u32 	%r453, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r453, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_68:
 	add.s32 	%r503, %r503, 128;
@@ -24507,12 +24507,12 @@ $L__BB3_68:
 	ex2.approx.f32 	%f808, %f664;
 
 $L__BB3_70:
-	mov.u32 	%r457, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r457, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r102, %r457, %r452;
 	ld.shared.f32 	%f666, [%r102];
 	fma.rn.f32 	%f318, %f808, %f666, 0f00000000;
 	shl.b32 	%r458, %r100, 9;
-	mov.u32 	%r459, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r459, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r460, %r459, %r458;
 	shl.b32 	%r461, %r101, 2;
 	add.s32 	%r103, %r460, %r461;
@@ -24585,7 +24585,7 @@ $L__BB3_55:
 	cvt.s64.s32 	%rd11, %r462;
 	cvt.s64.s32 	%rd12, %r144;
 	cvta.to.global.u64 	%rd13, %rd111;
-	mov.u32 	%r439, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r439, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_56:
 	add.s32 	%r502, %r502, 128;
@@ -24615,12 +24615,12 @@ $L__BB3_56:
 	ex2.approx.f32 	%f804, %f643;
 
 $L__BB3_58:
-	mov.u32 	%r443, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r443, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r95, %r443, %r438;
 	ld.shared.f32 	%f645, [%r95];
 	fma.rn.f32 	%f298, %f804, %f645, 0f00000000;
 	shl.b32 	%r444, %r93, 9;
-	mov.u32 	%r445, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r445, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r446, %r445, %r444;
 	shl.b32 	%r447, %r94, 2;
 	add.s32 	%r96, %r446, %r447;
@@ -24698,11 +24698,11 @@ $L__BB3_79:
 	.reg .b32 	%r<650>;
 	.reg .b64 	%rd<116>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r180, %r181}, [vat_attention_f16_d128_g4_strided_param_0+96];
 	ld.param.v2.u32 	{%r182, %r183}, [vat_attention_f16_d128_g4_strided_param_0+104];
@@ -26650,7 +26650,7 @@ $L__BB4_84:
 	setp.ne.s32 	%p148, %r605, 0;
 	shr.u32 	%r559, %r606, 5;
 	shl.b32 	%r560, %r559, 11;
-	mov.u32 	%r561, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r561, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r562, %r561, %r560;
 	shl.b32 	%r563, %r606, 5;
 	and.b32  	%r564, %r563, 480;
@@ -26664,9 +26664,9 @@ $L__BB4_84:
 	st.shared.f32 	[%r95+24], %f531;
 	st.shared.f32 	[%r95+28], %f532;
 	shl.b32 	%r565, %r559, 4;
-	mov.u32 	%r566, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r566, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r96, %r566, %r565;
-	mov.u32 	%r567, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r567, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r97, %r567, %r565;
 	@%p148 bra 	$L__BB4_87;
 
@@ -26728,7 +26728,7 @@ $L__BB4_107:
 	ld.param.u64 	%rd111, [vat_attention_f16_d128_g4_strided_param_0+24];
 	add.s32 	%r649, %r184, -128;
 	cvta.to.global.u64 	%rd25, %rd111;
-	mov.u32 	%r595, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r595, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_108:
 	add.s32 	%r649, %r649, 128;
@@ -26758,12 +26758,12 @@ $L__BB4_108:
 	ex2.approx.f32 	%f1458, %f1192;
 
 $L__BB4_110:
-	mov.u32 	%r599, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r599, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r112, %r599, %r594;
 	ld.shared.f32 	%f1194, [%r112];
 	fma.rn.f32 	%f608, %f1458, %f1194, 0f00000000;
 	shl.b32 	%r600, %r110, 9;
-	mov.u32 	%r601, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r601, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r602, %r601, %r600;
 	shl.b32 	%r603, %r111, 2;
 	add.s32 	%r113, %r602, %r603;
@@ -26836,7 +26836,7 @@ $L__BB4_95:
 	cvt.s64.s32 	%rd21, %r604;
 	cvt.s64.s32 	%rd22, %r182;
 	cvta.to.global.u64 	%rd23, %rd110;
-	mov.u32 	%r581, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r581, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_96:
 	add.s32 	%r648, %r648, 128;
@@ -26866,12 +26866,12 @@ $L__BB4_96:
 	ex2.approx.f32 	%f1454, %f1171;
 
 $L__BB4_98:
-	mov.u32 	%r585, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r585, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r105, %r585, %r580;
 	ld.shared.f32 	%f1173, [%r105];
 	fma.rn.f32 	%f588, %f1454, %f1173, 0f00000000;
 	shl.b32 	%r586, %r103, 9;
-	mov.u32 	%r587, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r587, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r588, %r587, %r586;
 	shl.b32 	%r589, %r104, 2;
 	add.s32 	%r106, %r588, %r589;
@@ -26949,11 +26949,11 @@ $L__BB4_119:
 	.reg .b32 	%r<655>;
 	.reg .b64 	%rd<115>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r179, %r180}, [vat_attention_f16_d128_g4_paged_param_0+88];
 	ld.param.v2.u32 	{%r181, %r182}, [vat_attention_f16_d128_g4_paged_param_0+96];
@@ -28905,7 +28905,7 @@ $L__BB5_76:
 	setp.ne.s32 	%p144, %r610, 0;
 	shr.u32 	%r564, %r611, 5;
 	shl.b32 	%r565, %r564, 11;
-	mov.u32 	%r566, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r566, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r567, %r566, %r565;
 	shl.b32 	%r568, %r611, 5;
 	and.b32  	%r569, %r568, 480;
@@ -28919,9 +28919,9 @@ $L__BB5_76:
 	st.shared.f32 	[%r96+24], %f531;
 	st.shared.f32 	[%r96+28], %f532;
 	shl.b32 	%r570, %r564, 4;
-	mov.u32 	%r571, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r571, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r97, %r571, %r570;
-	mov.u32 	%r572, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r572, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r98, %r572, %r570;
 	@%p144 bra 	$L__BB5_79;
 
@@ -28983,7 +28983,7 @@ $L__BB5_99:
 	ld.param.u64 	%rd114, [vat_attention_f16_d128_g4_paged_param_0+24];
 	add.s32 	%r654, %r185, -128;
 	cvta.to.global.u64 	%rd15, %rd114;
-	mov.u32 	%r600, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r600, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_100:
 	add.s32 	%r654, %r654, 128;
@@ -29013,12 +29013,12 @@ $L__BB5_100:
 	ex2.approx.f32 	%f1458, %f1192;
 
 $L__BB5_102:
-	mov.u32 	%r604, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r604, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r113, %r604, %r599;
 	ld.shared.f32 	%f1194, [%r113];
 	fma.rn.f32 	%f608, %f1458, %f1194, 0f00000000;
 	shl.b32 	%r605, %r111, 9;
-	mov.u32 	%r606, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r606, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r607, %r606, %r605;
 	shl.b32 	%r608, %r112, 2;
 	add.s32 	%r114, %r607, %r608;
@@ -29091,7 +29091,7 @@ $L__BB5_87:
 	cvt.s64.s32 	%rd11, %r609;
 	cvt.s64.s32 	%rd12, %r183;
 	cvta.to.global.u64 	%rd13, %rd113;
-	mov.u32 	%r586, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r586, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_88:
 	add.s32 	%r653, %r653, 128;
@@ -29121,12 +29121,12 @@ $L__BB5_88:
 	ex2.approx.f32 	%f1454, %f1171;
 
 $L__BB5_90:
-	mov.u32 	%r590, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r590, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r106, %r590, %r585;
 	ld.shared.f32 	%f1173, [%r106];
 	fma.rn.f32 	%f588, %f1454, %f1173, 0f00000000;
 	shl.b32 	%r591, %r104, 9;
-	mov.u32 	%r592, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r592, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r593, %r592, %r591;
 	shl.b32 	%r594, %r105, 2;
 	add.s32 	%r107, %r593, %r594;
@@ -29204,11 +29204,11 @@ $L__BB5_111:
 	.reg .b32 	%r<950>;
 	.reg .b64 	%rd<120>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r256, %r257}, [vat_attention_f16_d128_g8_strided_param_0+96];
 	ld.param.v2.u32 	{%r258, %r259}, [vat_attention_f16_d128_g8_strided_param_0+104];
@@ -32472,7 +32472,7 @@ $L__BB6_140:
 	setp.ne.s32 	%p280, %r897, 0;
 	shr.u32 	%r843, %r898, 5;
 	shl.b32 	%r844, %r843, 12;
-	mov.u32 	%r845, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r845, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r846, %r845, %r844;
 	shl.b32 	%r847, %r898, 5;
 	and.b32  	%r848, %r847, 480;
@@ -32486,9 +32486,9 @@ $L__BB6_140:
 	st.shared.f32 	[%r115+24], %f1047;
 	st.shared.f32 	[%r115+28], %f1048;
 	shl.b32 	%r849, %r843, 5;
-	mov.u32 	%r850, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r850, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r116, %r850, %r849;
-	mov.u32 	%r851, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r851, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r117, %r851, %r849;
 	@%p280 bra 	$L__BB6_143;
 
@@ -32606,7 +32606,7 @@ $L__BB6_171:
 	ld.param.u64 	%rd115, [vat_attention_f16_d128_g8_strided_param_0+24];
 	add.s32 	%r949, %r260, -128;
 	cvta.to.global.u64 	%rd25, %rd115;
-	mov.u32 	%r887, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r887, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_172:
 	add.s32 	%r949, %r949, 128;
@@ -32636,12 +32636,12 @@ $L__BB6_172:
 	ex2.approx.f32 	%f2758, %f2248;
 
 $L__BB6_174:
-	mov.u32 	%r891, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r891, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r132, %r891, %r886;
 	ld.shared.f32 	%f2250, [%r132];
 	fma.rn.f32 	%f1188, %f2758, %f2250, 0f00000000;
 	shl.b32 	%r892, %r130, 9;
-	mov.u32 	%r893, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r893, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r894, %r893, %r892;
 	shl.b32 	%r895, %r131, 2;
 	add.s32 	%r133, %r894, %r895;
@@ -32714,7 +32714,7 @@ $L__BB6_159:
 	cvt.s64.s32 	%rd21, %r896;
 	cvt.s64.s32 	%rd22, %r258;
 	cvta.to.global.u64 	%rd23, %rd114;
-	mov.u32 	%r873, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r873, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_160:
 	add.s32 	%r948, %r948, 128;
@@ -32744,12 +32744,12 @@ $L__BB6_160:
 	ex2.approx.f32 	%f2754, %f2227;
 
 $L__BB6_162:
-	mov.u32 	%r877, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r877, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r125, %r877, %r872;
 	ld.shared.f32 	%f2229, [%r125];
 	fma.rn.f32 	%f1168, %f2754, %f2229, 0f00000000;
 	shl.b32 	%r878, %r123, 9;
-	mov.u32 	%r879, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r879, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r880, %r879, %r878;
 	shl.b32 	%r881, %r124, 2;
 	add.s32 	%r126, %r880, %r881;
@@ -32827,11 +32827,11 @@ $L__BB6_183:
 	.reg .b32 	%r<955>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r255, %r256}, [vat_attention_f16_d128_g8_paged_param_0+88];
 	ld.param.v2.u32 	{%r257, %r258}, [vat_attention_f16_d128_g8_paged_param_0+96];
@@ -36099,7 +36099,7 @@ $L__BB7_132:
 	setp.ne.s32 	%p276, %r902, 0;
 	shr.u32 	%r848, %r903, 5;
 	shl.b32 	%r849, %r848, 12;
-	mov.u32 	%r850, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r850, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r851, %r850, %r849;
 	shl.b32 	%r852, %r903, 5;
 	and.b32  	%r853, %r852, 480;
@@ -36113,9 +36113,9 @@ $L__BB7_132:
 	st.shared.f32 	[%r116+24], %f1047;
 	st.shared.f32 	[%r116+28], %f1048;
 	shl.b32 	%r854, %r848, 5;
-	mov.u32 	%r855, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r855, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r117, %r855, %r854;
-	mov.u32 	%r856, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r856, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r118, %r856, %r854;
 	@%p276 bra 	$L__BB7_135;
 
@@ -36233,7 +36233,7 @@ $L__BB7_163:
 	ld.param.u64 	%rd118, [vat_attention_f16_d128_g8_paged_param_0+24];
 	add.s32 	%r954, %r261, -128;
 	cvta.to.global.u64 	%rd15, %rd118;
-	mov.u32 	%r892, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r892, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_164:
 	add.s32 	%r954, %r954, 128;
@@ -36263,12 +36263,12 @@ $L__BB7_164:
 	ex2.approx.f32 	%f2758, %f2248;
 
 $L__BB7_166:
-	mov.u32 	%r896, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r896, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r133, %r896, %r891;
 	ld.shared.f32 	%f2250, [%r133];
 	fma.rn.f32 	%f1188, %f2758, %f2250, 0f00000000;
 	shl.b32 	%r897, %r131, 9;
-	mov.u32 	%r898, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r898, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r899, %r898, %r897;
 	shl.b32 	%r900, %r132, 2;
 	add.s32 	%r134, %r899, %r900;
@@ -36341,7 +36341,7 @@ $L__BB7_151:
 	cvt.s64.s32 	%rd11, %r901;
 	cvt.s64.s32 	%rd12, %r259;
 	cvta.to.global.u64 	%rd13, %rd117;
-	mov.u32 	%r878, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r878, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_152:
 	add.s32 	%r953, %r953, 128;
@@ -36371,12 +36371,12 @@ $L__BB7_152:
 	ex2.approx.f32 	%f2754, %f2227;
 
 $L__BB7_154:
-	mov.u32 	%r882, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r882, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r126, %r882, %r877;
 	ld.shared.f32 	%f2229, [%r126];
 	fma.rn.f32 	%f1168, %f2754, %f2229, 0f00000000;
 	shl.b32 	%r883, %r124, 9;
-	mov.u32 	%r884, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_50b6504452_GLOBAL__N__2f2d1c30_19_decode_attention_cu_50b6504416partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r884, _ZZN13vat_attention16partialAttentionI6__halfLi128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r885, %r884, %r883;
 	shl.b32 	%r886, %r125, 2;
 	add.s32 	%r127, %r885, %r886;
@@ -36689,30 +36689,30 @@ const char kAttentionPtx_f16_d256[] = R"PTX(
 .address_size 64
 
 	// .globl	vat_attention_f16_d256_g1_strided
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
 
 .visible .entry vat_attention_f16_d256_g1_strided(
 	.param .align 8 .b8 vat_attention_f16_d256_g1_strided_param_0[120]
@@ -36725,11 +36725,11 @@ const char kAttentionPtx_f16_d256[] = R"PTX(
 	.reg .b32 	%r<405>;
 	.reg .b64 	%rd<117>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r108, %r109}, [vat_attention_f16_d256_g1_strided_param_0+96];
 	ld.param.v2.u32 	{%r110, %r111}, [vat_attention_f16_d256_g1_strided_param_0+104];
@@ -37632,7 +37632,7 @@ $L__BB0_38:
 	and.b32  	%r361, %r362, 31;
 	shl.b32 	%r318, %r362, 5;
 	and.b32  	%r319, %r318, -1024;
-	mov.u32 	%r320, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r320, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r321, %r320, %r319;
 	and.b32  	%r322, %r318, 992;
 	add.s32 	%r323, %r321, %r322;
@@ -37650,10 +37650,10 @@ $L__BB0_38:
 	mov.u32 	%r370, %tid.x;
 	shr.u32 	%r369, %r370, 3;
 	and.b32  	%r368, %r369, 536870908;
-	mov.u32 	%r327, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r327, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r328, %r327, %r368;
 	st.shared.f32 	[%r328], %f401;
-	mov.u32 	%r329, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r329, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r330, %r329, %r368;
 	st.shared.f32 	[%r330], %f422;
 
@@ -37672,7 +37672,7 @@ $L__BB0_54:
 	mov.u32 	%r367, %tid.x;
 	add.s32 	%r404, %r367, -128;
 	cvta.to.global.u64 	%rd29, %rd111;
-	mov.u32 	%r352, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r352, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_55:
 	add.s32 	%r404, %r404, 128;
@@ -37702,7 +37702,7 @@ $L__BB0_55:
 	ex2.approx.f32 	%f455, %f373;
 
 $L__BB0_57:
-	mov.u32 	%r356, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r356, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r84, %r356, %r351;
 	ld.shared.f32 	%f375, [%r84];
 	fma.rn.f32 	%f159, %f455, %f375, 0f00000000;
@@ -37780,7 +37780,7 @@ $L__BB0_42:
 	cvt.s64.s32 	%rd25, %r366;
 	cvt.s64.s32 	%rd26, %r110;
 	cvta.to.global.u64 	%rd27, %rd110;
-	mov.u32 	%r338, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r338, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_43:
 	add.s32 	%r403, %r403, 128;
@@ -37810,7 +37810,7 @@ $L__BB0_43:
 	ex2.approx.f32 	%f451, %f352;
 
 $L__BB0_45:
-	mov.u32 	%r342, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r342, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r77, %r342, %r337;
 	ld.shared.f32 	%f354, [%r77];
 	fma.rn.f32 	%f139, %f451, %f354, 0f00000000;
@@ -37892,11 +37892,11 @@ $L__BB0_66:
 	.reg .b32 	%r<421>;
 	.reg .b64 	%rd<111>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r109, %r110}, [vat_attention_f16_d256_g1_paged_param_0+88];
 	ld.param.v2.u32 	{%r111, %r112}, [vat_attention_f16_d256_g1_paged_param_0+96];
@@ -38816,7 +38816,7 @@ $L__BB1_30:
 	and.b32  	%r370, %r371, 31;
 	shl.b32 	%r327, %r371, 5;
 	and.b32  	%r328, %r327, -1024;
-	mov.u32 	%r329, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r329, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r330, %r329, %r328;
 	and.b32  	%r331, %r327, 992;
 	add.s32 	%r332, %r330, %r331;
@@ -38834,10 +38834,10 @@ $L__BB1_30:
 	mov.u32 	%r379, %tid.x;
 	shr.u32 	%r378, %r379, 3;
 	and.b32  	%r377, %r378, 536870908;
-	mov.u32 	%r336, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r336, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r337, %r336, %r377;
 	st.shared.f32 	[%r337], %f401;
-	mov.u32 	%r338, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r338, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r339, %r338, %r377;
 	st.shared.f32 	[%r339], %f422;
 
@@ -38856,7 +38856,7 @@ $L__BB1_46:
 	mov.u32 	%r376, %tid.x;
 	add.s32 	%r420, %r376, -128;
 	cvta.to.global.u64 	%rd16, %rd110;
-	mov.u32 	%r361, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r361, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_47:
 	add.s32 	%r420, %r420, 128;
@@ -38886,7 +38886,7 @@ $L__BB1_47:
 	ex2.approx.f32 	%f455, %f373;
 
 $L__BB1_49:
-	mov.u32 	%r365, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r365, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r87, %r365, %r360;
 	ld.shared.f32 	%f375, [%r87];
 	fma.rn.f32 	%f159, %f455, %f375, 0f00000000;
@@ -38964,7 +38964,7 @@ $L__BB1_34:
 	cvt.s64.s32 	%rd12, %r375;
 	cvt.s64.s32 	%rd13, %r113;
 	cvta.to.global.u64 	%rd14, %rd109;
-	mov.u32 	%r347, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r347, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_35:
 	add.s32 	%r419, %r419, 128;
@@ -38994,7 +38994,7 @@ $L__BB1_35:
 	ex2.approx.f32 	%f451, %f352;
 
 $L__BB1_37:
-	mov.u32 	%r351, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r351, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r80, %r351, %r346;
 	ld.shared.f32 	%f354, [%r80];
 	fma.rn.f32 	%f139, %f451, %f354, 0f00000000;
@@ -39076,11 +39076,11 @@ $L__BB1_58:
 	.reg .b32 	%r<461>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r122, %r123}, [vat_attention_f16_d256_g2_strided_param_0+96];
 	ld.param.v2.u32 	{%r124, %r125}, [vat_attention_f16_d256_g2_strided_param_0+104];
@@ -40261,7 +40261,7 @@ $L__BB2_48:
 	setp.ne.s32 	%p65, %r420, 0;
 	shr.u32 	%r379, %r421, 5;
 	shl.b32 	%r380, %r379, 11;
-	mov.u32 	%r381, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r381, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r382, %r381, %r380;
 	shl.b32 	%r383, %r421, 5;
 	and.b32  	%r384, %r383, 992;
@@ -40275,9 +40275,9 @@ $L__BB2_48:
 	st.shared.f32 	[%r70+24], %f680;
 	st.shared.f32 	[%r70+28], %f679;
 	shl.b32 	%r385, %r379, 3;
-	mov.u32 	%r386, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r386, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r71, %r386, %r385;
-	mov.u32 	%r387, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r387, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r72, %r387, %r385;
 	@%p65 bra 	$L__BB2_50;
 
@@ -40529,11 +40529,11 @@ $L__BB2_78:
 	.reg .b32 	%r<471>;
 	.reg .b64 	%rd<113>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r123, %r124}, [vat_attention_f16_d256_g2_paged_param_0+88];
 	ld.param.v2.u32 	{%r125, %r126}, [vat_attention_f16_d256_g2_paged_param_0+96];
@@ -41717,7 +41717,7 @@ $L__BB3_40:
 	setp.ne.s32 	%p61, %r429, 0;
 	shr.u32 	%r388, %r430, 5;
 	shl.b32 	%r389, %r388, 11;
-	mov.u32 	%r390, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r390, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r391, %r390, %r389;
 	shl.b32 	%r392, %r430, 5;
 	and.b32  	%r393, %r392, 992;
@@ -41731,9 +41731,9 @@ $L__BB3_40:
 	st.shared.f32 	[%r73+24], %f680;
 	st.shared.f32 	[%r73+28], %f679;
 	shl.b32 	%r394, %r388, 3;
-	mov.u32 	%r395, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r395, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r74, %r395, %r394;
-	mov.u32 	%r396, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r396, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r75, %r396, %r394;
 	@%p61 bra 	$L__BB3_42;
 
@@ -41985,11 +41985,11 @@ $L__BB3_70:
 	.reg .b32 	%r<579>;
 	.reg .b64 	%rd<116>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r148, %r149}, [vat_attention_f16_d256_g4_strided_param_0+96];
 	ld.param.v2.u32 	{%r150, %r151}, [vat_attention_f16_d256_g4_strided_param_0+104];
@@ -43716,7 +43716,7 @@ $L__BB4_68:
 	setp.ne.s32 	%p115, %r537, 0;
 	shr.u32 	%r492, %r538, 5;
 	shl.b32 	%r493, %r492, 12;
-	mov.u32 	%r494, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r494, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r495, %r494, %r493;
 	shl.b32 	%r496, %r538, 5;
 	and.b32  	%r497, %r496, 992;
@@ -43730,9 +43730,9 @@ $L__BB4_68:
 	st.shared.f32 	[%r71+24], %f1226;
 	st.shared.f32 	[%r71+28], %f1225;
 	shl.b32 	%r498, %r492, 4;
-	mov.u32 	%r499, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r499, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r72, %r499, %r498;
-	mov.u32 	%r500, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r500, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r73, %r500, %r498;
 	@%p115 bra 	$L__BB4_70;
 
@@ -44012,11 +44012,11 @@ $L__BB4_102:
 	.reg .b32 	%r<584>;
 	.reg .b64 	%rd<115>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r147, %r148}, [vat_attention_f16_d256_g4_paged_param_0+88];
 	ld.param.v2.u32 	{%r149, %r150}, [vat_attention_f16_d256_g4_paged_param_0+96];
@@ -45747,7 +45747,7 @@ $L__BB5_60:
 	setp.ne.s32 	%p111, %r542, 0;
 	shr.u32 	%r497, %r543, 5;
 	shl.b32 	%r498, %r497, 12;
-	mov.u32 	%r499, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r499, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r500, %r499, %r498;
 	shl.b32 	%r501, %r543, 5;
 	and.b32  	%r502, %r501, 992;
@@ -45761,9 +45761,9 @@ $L__BB5_60:
 	st.shared.f32 	[%r72+24], %f1226;
 	st.shared.f32 	[%r72+28], %f1225;
 	shl.b32 	%r503, %r497, 4;
-	mov.u32 	%r504, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r504, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r73, %r504, %r503;
-	mov.u32 	%r505, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r505, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r74, %r505, %r503;
 	@%p111 bra 	$L__BB5_62;
 
@@ -46043,11 +46043,11 @@ $L__BB5_94:
 	.reg .b32 	%r<777>;
 	.reg .b64 	%rd<120>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r199, %r200}, [vat_attention_f16_d256_g8_strided_param_0+96];
 	ld.param.v2.u32 	{%r201, %r202}, [vat_attention_f16_d256_g8_strided_param_0+104];
@@ -48874,7 +48874,7 @@ $L__BB6_108:
 	setp.ne.s32 	%p215, %r735, 0;
 	shr.u32 	%r682, %r736, 5;
 	shl.b32 	%r683, %r682, 13;
-	mov.u32 	%r684, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r684, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r685, %r684, %r683;
 	shl.b32 	%r686, %r736, 5;
 	and.b32  	%r687, %r686, 992;
@@ -48888,9 +48888,9 @@ $L__BB6_108:
 	st.shared.f32 	[%r74+24], %f2306;
 	st.shared.f32 	[%r74+28], %f2305;
 	shl.b32 	%r688, %r682, 5;
-	mov.u32 	%r689, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r689, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r75, %r689, %r688;
-	mov.u32 	%r690, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r690, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r76, %r690, %r688;
 	@%p215 bra 	$L__BB6_110;
 
@@ -49226,11 +49226,11 @@ $L__BB6_150:
 	.reg .b32 	%r<782>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r198, %r199}, [vat_attention_f16_d256_g8_paged_param_0+88];
 	ld.param.v2.u32 	{%r200, %r201}, [vat_attention_f16_d256_g8_paged_param_0+96];
@@ -52061,7 +52061,7 @@ $L__BB7_100:
 	setp.ne.s32 	%p211, %r740, 0;
 	shr.u32 	%r687, %r741, 5;
 	shl.b32 	%r688, %r687, 13;
-	mov.u32 	%r689, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r689, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r690, %r689, %r688;
 	shl.b32 	%r691, %r741, 5;
 	and.b32  	%r692, %r691, 992;
@@ -52075,9 +52075,9 @@ $L__BB7_100:
 	st.shared.f32 	[%r75+24], %f2306;
 	st.shared.f32 	[%r75+28], %f2305;
 	shl.b32 	%r693, %r687, 5;
-	mov.u32 	%r694, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r694, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r76, %r694, %r693;
-	mov.u32 	%r695, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_b895a0d952_GLOBAL__N__2f2d1c30_19_decode_attention_cu_b895a0d916partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r695, _ZZN13vat_attention16partialAttentionI6__halfLi256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r77, %r695, %r693;
 	@%p211 bra 	$L__BB7_102;
 
@@ -52648,30 +52648,30 @@ const char kAttentionPtx_bf16_d64[] = R"PTX(
 .address_size 64
 
 	// .globl	vat_attention_bf16_d64_g1_strided
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
 
 .visible .entry vat_attention_bf16_d64_g1_strided(
 	.param .align 8 .b8 vat_attention_bf16_d64_g1_strided_param_0[120]
@@ -52684,11 +52684,11 @@ const char kAttentionPtx_bf16_d64[] = R"PTX(
 	.reg .b32 	%r<366>;
 	.reg .b64 	%rd<112>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r105, %r106}, [vat_attention_bf16_d64_g1_strided_param_0+96];
 	ld.param.v2.u32 	{%r107, %r108}, [vat_attention_bf16_d64_g1_strided_param_0+104];
@@ -53583,7 +53583,7 @@ $L__BB0_45:
 	and.b32  	%r325, %r326, 7;
 	shl.b32 	%r280, %r326, 3;
 	and.b32  	%r281, %r280, -256;
-	mov.u32 	%r282, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r282, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r283, %r282, %r281;
 	shl.b32 	%r284, %r326, 5;
 	and.b32  	%r285, %r284, 224;
@@ -53601,10 +53601,10 @@ $L__BB0_45:
 
 	shr.u32 	%r288, %r109, 3;
 	and.b32  	%r289, %r288, 536870908;
-	mov.u32 	%r290, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r290, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r291, %r290, %r289;
 	st.shared.f32 	[%r291], %f148;
-	mov.u32 	%r292, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r292, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r293, %r292, %r289;
 	st.shared.f32 	[%r293], %f161;
 
@@ -53621,7 +53621,7 @@ $L__BB0_62:
 	ld.param.u64 	%rd107, [vat_attention_bf16_d64_g1_strided_param_0+24];
 	add.s32 	%r365, %r109, -128;
 	cvta.to.global.u64 	%rd26, %rd107;
-	mov.u32 	%r315, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r315, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_63:
 	add.s32 	%r365, %r365, 128;
@@ -53651,12 +53651,12 @@ $L__BB0_63:
 	ex2.approx.f32 	%f518, %f431;
 
 $L__BB0_65:
-	mov.u32 	%r319, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r319, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r89, %r319, %r314;
 	ld.shared.f32 	%f433, [%r89];
 	fma.rn.f32 	%f189, %f518, %f433, 0f00000000;
 	shl.b32 	%r320, %r87, 8;
-	mov.u32 	%r321, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r321, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r322, %r321, %r320;
 	shl.b32 	%r323, %r88, 2;
 	add.s32 	%r90, %r322, %r323;
@@ -53729,7 +53729,7 @@ $L__BB0_50:
 	cvt.s64.s32 	%rd22, %r324;
 	cvt.s64.s32 	%rd23, %r107;
 	cvta.to.global.u64 	%rd24, %rd106;
-	mov.u32 	%r301, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r301, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_51:
 	add.s32 	%r364, %r364, 128;
@@ -53759,12 +53759,12 @@ $L__BB0_51:
 	ex2.approx.f32 	%f514, %f410;
 
 $L__BB0_53:
-	mov.u32 	%r305, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r305, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r82, %r305, %r300;
 	ld.shared.f32 	%f412, [%r82];
 	fma.rn.f32 	%f169, %f514, %f412, 0f00000000;
 	shl.b32 	%r306, %r80, 8;
-	mov.u32 	%r307, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r307, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r308, %r307, %r306;
 	shl.b32 	%r309, %r81, 2;
 	add.s32 	%r83, %r308, %r309;
@@ -53842,11 +53842,11 @@ $L__BB0_74:
 	.reg .b32 	%r<367>;
 	.reg .b64 	%rd<111>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[1024];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r104, %r105}, [vat_attention_bf16_d64_g1_paged_param_0+88];
 	ld.param.v2.u32 	{%r106, %r107}, [vat_attention_bf16_d64_g1_paged_param_0+96];
@@ -54741,7 +54741,7 @@ $L__BB1_37:
 	and.b32  	%r330, %r331, 7;
 	shl.b32 	%r285, %r331, 3;
 	and.b32  	%r286, %r285, -256;
-	mov.u32 	%r287, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r287, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r288, %r287, %r286;
 	shl.b32 	%r289, %r331, 5;
 	and.b32  	%r290, %r289, 224;
@@ -54759,10 +54759,10 @@ $L__BB1_37:
 
 	shr.u32 	%r293, %r110, 3;
 	and.b32  	%r294, %r293, 536870908;
-	mov.u32 	%r295, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r295, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r296, %r295, %r294;
 	st.shared.f32 	[%r296], %f148;
-	mov.u32 	%r297, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r297, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r298, %r297, %r294;
 	st.shared.f32 	[%r298], %f161;
 
@@ -54779,7 +54779,7 @@ $L__BB1_54:
 	ld.param.u64 	%rd110, [vat_attention_bf16_d64_g1_paged_param_0+24];
 	add.s32 	%r366, %r110, -128;
 	cvta.to.global.u64 	%rd16, %rd110;
-	mov.u32 	%r320, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r320, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_55:
 	add.s32 	%r366, %r366, 128;
@@ -54809,12 +54809,12 @@ $L__BB1_55:
 	ex2.approx.f32 	%f518, %f431;
 
 $L__BB1_57:
-	mov.u32 	%r324, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r324, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r90, %r324, %r319;
 	ld.shared.f32 	%f433, [%r90];
 	fma.rn.f32 	%f189, %f518, %f433, 0f00000000;
 	shl.b32 	%r325, %r88, 8;
-	mov.u32 	%r326, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r326, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r327, %r326, %r325;
 	shl.b32 	%r328, %r89, 2;
 	add.s32 	%r91, %r327, %r328;
@@ -54887,7 +54887,7 @@ $L__BB1_42:
 	cvt.s64.s32 	%rd12, %r329;
 	cvt.s64.s32 	%rd13, %r108;
 	cvta.to.global.u64 	%rd14, %rd109;
-	mov.u32 	%r306, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r306, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_43:
 	add.s32 	%r365, %r365, 128;
@@ -54917,12 +54917,12 @@ $L__BB1_43:
 	ex2.approx.f32 	%f514, %f410;
 
 $L__BB1_45:
-	mov.u32 	%r310, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r310, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r83, %r310, %r305;
 	ld.shared.f32 	%f412, [%r83];
 	fma.rn.f32 	%f169, %f514, %f412, 0f00000000;
 	shl.b32 	%r311, %r81, 8;
-	mov.u32 	%r312, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r312, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r313, %r312, %r311;
 	shl.b32 	%r314, %r82, 2;
 	add.s32 	%r84, %r313, %r314;
@@ -55000,11 +55000,11 @@ $L__BB1_66:
 	.reg .b32 	%r<449>;
 	.reg .b64 	%rd<114>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r127, %r128}, [vat_attention_bf16_d64_g2_strided_param_0+96];
 	ld.param.v2.u32 	{%r129, %r130}, [vat_attention_bf16_d64_g2_strided_param_0+104];
@@ -56263,7 +56263,7 @@ $L__BB2_64:
 	setp.ne.s32 	%p98, %r408, 0;
 	shr.u32 	%r366, %r409, 5;
 	shl.b32 	%r367, %r366, 9;
-	mov.u32 	%r368, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r368, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r369, %r368, %r367;
 	shl.b32 	%r370, %r409, 5;
 	and.b32  	%r371, %r370, 224;
@@ -56277,9 +56277,9 @@ $L__BB2_64:
 	st.shared.f32 	[%r87+24], %f304;
 	st.shared.f32 	[%r87+28], %f305;
 	shl.b32 	%r372, %r366, 3;
-	mov.u32 	%r373, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r373, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r88, %r373, %r372;
-	mov.u32 	%r374, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r374, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r89, %r374, %r372;
 	@%p98 bra 	$L__BB2_67;
 
@@ -56313,7 +56313,7 @@ $L__BB2_83:
 	ld.param.u64 	%rd109, [vat_attention_bf16_d64_g2_strided_param_0+24];
 	add.s32 	%r448, %r131, -128;
 	cvta.to.global.u64 	%rd25, %rd109;
-	mov.u32 	%r398, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r398, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_84:
 	add.s32 	%r448, %r448, 128;
@@ -56343,12 +56343,12 @@ $L__BB2_84:
 	ex2.approx.f32 	%f870, %f722;
 
 $L__BB2_86:
-	mov.u32 	%r402, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r402, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r103, %r402, %r397;
 	ld.shared.f32 	%f724, [%r103];
 	fma.rn.f32 	%f348, %f870, %f724, 0f00000000;
 	shl.b32 	%r403, %r101, 8;
-	mov.u32 	%r404, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r404, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r405, %r404, %r403;
 	shl.b32 	%r406, %r102, 2;
 	add.s32 	%r104, %r405, %r406;
@@ -56421,7 +56421,7 @@ $L__BB2_71:
 	cvt.s64.s32 	%rd21, %r407;
 	cvt.s64.s32 	%rd22, %r129;
 	cvta.to.global.u64 	%rd23, %rd108;
-	mov.u32 	%r384, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r384, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_72:
 	add.s32 	%r447, %r447, 128;
@@ -56451,12 +56451,12 @@ $L__BB2_72:
 	ex2.approx.f32 	%f866, %f701;
 
 $L__BB2_74:
-	mov.u32 	%r388, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r388, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r96, %r388, %r383;
 	ld.shared.f32 	%f703, [%r96];
 	fma.rn.f32 	%f328, %f866, %f703, 0f00000000;
 	shl.b32 	%r389, %r94, 8;
-	mov.u32 	%r390, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r390, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r391, %r390, %r389;
 	shl.b32 	%r392, %r95, 2;
 	add.s32 	%r97, %r391, %r392;
@@ -56534,11 +56534,11 @@ $L__BB2_95:
 	.reg .b32 	%r<454>;
 	.reg .b64 	%rd<113>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r126, %r127}, [vat_attention_bf16_d64_g2_paged_param_0+88];
 	ld.param.v2.u32 	{%r128, %r129}, [vat_attention_bf16_d64_g2_paged_param_0+96];
@@ -57801,7 +57801,7 @@ $L__BB3_56:
 	setp.ne.s32 	%p94, %r413, 0;
 	shr.u32 	%r371, %r414, 5;
 	shl.b32 	%r372, %r371, 9;
-	mov.u32 	%r373, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r373, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r374, %r373, %r372;
 	shl.b32 	%r375, %r414, 5;
 	and.b32  	%r376, %r375, 224;
@@ -57815,9 +57815,9 @@ $L__BB3_56:
 	st.shared.f32 	[%r88+24], %f304;
 	st.shared.f32 	[%r88+28], %f305;
 	shl.b32 	%r377, %r371, 3;
-	mov.u32 	%r378, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r378, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r89, %r378, %r377;
-	mov.u32 	%r379, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r379, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r90, %r379, %r377;
 	@%p94 bra 	$L__BB3_59;
 
@@ -57851,7 +57851,7 @@ $L__BB3_75:
 	ld.param.u64 	%rd112, [vat_attention_bf16_d64_g2_paged_param_0+24];
 	add.s32 	%r453, %r132, -128;
 	cvta.to.global.u64 	%rd15, %rd112;
-	mov.u32 	%r403, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r403, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_76:
 	add.s32 	%r453, %r453, 128;
@@ -57881,12 +57881,12 @@ $L__BB3_76:
 	ex2.approx.f32 	%f870, %f722;
 
 $L__BB3_78:
-	mov.u32 	%r407, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r407, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r104, %r407, %r402;
 	ld.shared.f32 	%f724, [%r104];
 	fma.rn.f32 	%f348, %f870, %f724, 0f00000000;
 	shl.b32 	%r408, %r102, 8;
-	mov.u32 	%r409, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r409, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r410, %r409, %r408;
 	shl.b32 	%r411, %r103, 2;
 	add.s32 	%r105, %r410, %r411;
@@ -57959,7 +57959,7 @@ $L__BB3_63:
 	cvt.s64.s32 	%rd11, %r412;
 	cvt.s64.s32 	%rd12, %r130;
 	cvta.to.global.u64 	%rd13, %rd111;
-	mov.u32 	%r389, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r389, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_64:
 	add.s32 	%r452, %r452, 128;
@@ -57989,12 +57989,12 @@ $L__BB3_64:
 	ex2.approx.f32 	%f866, %f701;
 
 $L__BB3_66:
-	mov.u32 	%r393, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r393, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r97, %r393, %r388;
 	ld.shared.f32 	%f703, [%r97];
 	fma.rn.f32 	%f328, %f866, %f703, 0f00000000;
 	shl.b32 	%r394, %r95, 8;
-	mov.u32 	%r395, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r395, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r396, %r395, %r394;
 	shl.b32 	%r397, %r96, 2;
 	add.s32 	%r98, %r396, %r397;
@@ -58072,11 +58072,11 @@ $L__BB3_87:
 	.reg .b32 	%r<614>;
 	.reg .b64 	%rd<116>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r152, %r153}, [vat_attention_bf16_d64_g4_strided_param_0+96];
 	ld.param.v2.u32 	{%r154, %r155}, [vat_attention_bf16_d64_g4_strided_param_0+104];
@@ -60088,7 +60088,7 @@ $L__BB4_100:
 	setp.ne.s32 	%p180, %r569, 0;
 	shr.u32 	%r523, %r570, 5;
 	shl.b32 	%r524, %r523, 10;
-	mov.u32 	%r525, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r525, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r526, %r525, %r524;
 	shl.b32 	%r527, %r570, 5;
 	and.b32  	%r528, %r527, 224;
@@ -60102,9 +60102,9 @@ $L__BB4_100:
 	st.shared.f32 	[%r99+24], %f594;
 	st.shared.f32 	[%r99+28], %f595;
 	shl.b32 	%r529, %r523, 4;
-	mov.u32 	%r530, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r530, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r100, %r530, %r529;
-	mov.u32 	%r531, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r531, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r101, %r531, %r529;
 	@%p180 bra 	$L__BB4_103;
 
@@ -60166,7 +60166,7 @@ $L__BB4_123:
 	ld.param.u64 	%rd111, [vat_attention_bf16_d64_g4_strided_param_0+24];
 	add.s32 	%r613, %r156, -128;
 	cvta.to.global.u64 	%rd25, %rd111;
-	mov.u32 	%r559, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r559, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_124:
 	add.s32 	%r613, %r613, 128;
@@ -60196,12 +60196,12 @@ $L__BB4_124:
 	ex2.approx.f32 	%f1582, %f1308;
 
 $L__BB4_126:
-	mov.u32 	%r563, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r563, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r116, %r563, %r558;
 	ld.shared.f32 	%f1310, [%r116];
 	fma.rn.f32 	%f668, %f1582, %f1310, 0f00000000;
 	shl.b32 	%r564, %r114, 8;
-	mov.u32 	%r565, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r565, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r566, %r565, %r564;
 	shl.b32 	%r567, %r115, 2;
 	add.s32 	%r117, %r566, %r567;
@@ -60274,7 +60274,7 @@ $L__BB4_111:
 	cvt.s64.s32 	%rd21, %r568;
 	cvt.s64.s32 	%rd22, %r154;
 	cvta.to.global.u64 	%rd23, %rd110;
-	mov.u32 	%r545, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r545, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_112:
 	add.s32 	%r612, %r612, 128;
@@ -60304,12 +60304,12 @@ $L__BB4_112:
 	ex2.approx.f32 	%f1578, %f1287;
 
 $L__BB4_114:
-	mov.u32 	%r549, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r549, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r109, %r549, %r544;
 	ld.shared.f32 	%f1289, [%r109];
 	fma.rn.f32 	%f648, %f1578, %f1289, 0f00000000;
 	shl.b32 	%r550, %r107, 8;
-	mov.u32 	%r551, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r551, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r552, %r551, %r550;
 	shl.b32 	%r553, %r108, 2;
 	add.s32 	%r110, %r552, %r553;
@@ -60387,11 +60387,11 @@ $L__BB4_135:
 	.reg .b32 	%r<619>;
 	.reg .b64 	%rd<115>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r151, %r152}, [vat_attention_bf16_d64_g4_paged_param_0+88];
 	ld.param.v2.u32 	{%r153, %r154}, [vat_attention_bf16_d64_g4_paged_param_0+96];
@@ -62407,7 +62407,7 @@ $L__BB5_92:
 	setp.ne.s32 	%p176, %r574, 0;
 	shr.u32 	%r528, %r575, 5;
 	shl.b32 	%r529, %r528, 10;
-	mov.u32 	%r530, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r530, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r531, %r530, %r529;
 	shl.b32 	%r532, %r575, 5;
 	and.b32  	%r533, %r532, 224;
@@ -62421,9 +62421,9 @@ $L__BB5_92:
 	st.shared.f32 	[%r100+24], %f594;
 	st.shared.f32 	[%r100+28], %f595;
 	shl.b32 	%r534, %r528, 4;
-	mov.u32 	%r535, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r535, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r101, %r535, %r534;
-	mov.u32 	%r536, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r536, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r102, %r536, %r534;
 	@%p176 bra 	$L__BB5_95;
 
@@ -62485,7 +62485,7 @@ $L__BB5_115:
 	ld.param.u64 	%rd114, [vat_attention_bf16_d64_g4_paged_param_0+24];
 	add.s32 	%r618, %r157, -128;
 	cvta.to.global.u64 	%rd15, %rd114;
-	mov.u32 	%r564, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r564, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_116:
 	add.s32 	%r618, %r618, 128;
@@ -62515,12 +62515,12 @@ $L__BB5_116:
 	ex2.approx.f32 	%f1582, %f1308;
 
 $L__BB5_118:
-	mov.u32 	%r568, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r568, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r117, %r568, %r563;
 	ld.shared.f32 	%f1310, [%r117];
 	fma.rn.f32 	%f668, %f1582, %f1310, 0f00000000;
 	shl.b32 	%r569, %r115, 8;
-	mov.u32 	%r570, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r570, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r571, %r570, %r569;
 	shl.b32 	%r572, %r116, 2;
 	add.s32 	%r118, %r571, %r572;
@@ -62593,7 +62593,7 @@ $L__BB5_103:
 	cvt.s64.s32 	%rd11, %r573;
 	cvt.s64.s32 	%rd12, %r155;
 	cvta.to.global.u64 	%rd13, %rd113;
-	mov.u32 	%r550, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r550, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_104:
 	add.s32 	%r617, %r617, 128;
@@ -62623,12 +62623,12 @@ $L__BB5_104:
 	ex2.approx.f32 	%f1578, %f1287;
 
 $L__BB5_106:
-	mov.u32 	%r554, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r554, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r110, %r554, %r549;
 	ld.shared.f32 	%f1289, [%r110];
 	fma.rn.f32 	%f648, %f1578, %f1289, 0f00000000;
 	shl.b32 	%r555, %r108, 8;
-	mov.u32 	%r556, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r556, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r557, %r556, %r555;
 	shl.b32 	%r558, %r109, 2;
 	add.s32 	%r111, %r557, %r558;
@@ -62706,11 +62706,11 @@ $L__BB5_127:
 	.reg .b32 	%r<942>;
 	.reg .b64 	%rd<120>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r200, %r201}, [vat_attention_bf16_d64_g8_strided_param_0+96];
 	ld.param.v2.u32 	{%r202, %r203}, [vat_attention_bf16_d64_g8_strided_param_0+104];
@@ -66198,7 +66198,7 @@ $L__BB6_172:
 	setp.ne.s32 	%p344, %r889, 0;
 	shr.u32 	%r835, %r890, 5;
 	shl.b32 	%r836, %r835, 11;
-	mov.u32 	%r837, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r837, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r838, %r837, %r836;
 	shl.b32 	%r839, %r890, 5;
 	and.b32  	%r840, %r839, 224;
@@ -66212,9 +66212,9 @@ $L__BB6_172:
 	st.shared.f32 	[%r123+24], %f1174;
 	st.shared.f32 	[%r123+28], %f1175;
 	shl.b32 	%r841, %r835, 5;
-	mov.u32 	%r842, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r842, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r124, %r842, %r841;
-	mov.u32 	%r843, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r843, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r125, %r843, %r841;
 	@%p344 bra 	$L__BB6_175;
 
@@ -66332,7 +66332,7 @@ $L__BB6_203:
 	ld.param.u64 	%rd115, [vat_attention_bf16_d64_g8_strided_param_0+24];
 	add.s32 	%r941, %r204, -128;
 	cvta.to.global.u64 	%rd25, %rd115;
-	mov.u32 	%r879, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r879, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_204:
 	add.s32 	%r941, %r941, 128;
@@ -66362,12 +66362,12 @@ $L__BB6_204:
 	ex2.approx.f32 	%f3006, %f2480;
 
 $L__BB6_206:
-	mov.u32 	%r883, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r883, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r140, %r883, %r878;
 	ld.shared.f32 	%f2482, [%r140];
 	fma.rn.f32 	%f1308, %f3006, %f2482, 0f00000000;
 	shl.b32 	%r884, %r138, 8;
-	mov.u32 	%r885, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r885, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r886, %r885, %r884;
 	shl.b32 	%r887, %r139, 2;
 	add.s32 	%r141, %r886, %r887;
@@ -66440,7 +66440,7 @@ $L__BB6_191:
 	cvt.s64.s32 	%rd21, %r888;
 	cvt.s64.s32 	%rd22, %r202;
 	cvta.to.global.u64 	%rd23, %rd114;
-	mov.u32 	%r865, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r865, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_192:
 	add.s32 	%r940, %r940, 128;
@@ -66470,12 +66470,12 @@ $L__BB6_192:
 	ex2.approx.f32 	%f3002, %f2459;
 
 $L__BB6_194:
-	mov.u32 	%r869, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r869, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r133, %r869, %r864;
 	ld.shared.f32 	%f2461, [%r133];
 	fma.rn.f32 	%f1288, %f3002, %f2461, 0f00000000;
 	shl.b32 	%r870, %r131, 8;
-	mov.u32 	%r871, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r871, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r872, %r871, %r870;
 	shl.b32 	%r873, %r132, 2;
 	add.s32 	%r134, %r872, %r873;
@@ -66553,11 +66553,11 @@ $L__BB6_215:
 	.reg .b32 	%r<947>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r199, %r200}, [vat_attention_bf16_d64_g8_paged_param_0+88];
 	ld.param.v2.u32 	{%r201, %r202}, [vat_attention_bf16_d64_g8_paged_param_0+96];
@@ -70049,7 +70049,7 @@ $L__BB7_164:
 	setp.ne.s32 	%p340, %r894, 0;
 	shr.u32 	%r840, %r895, 5;
 	shl.b32 	%r841, %r840, 11;
-	mov.u32 	%r842, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r842, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r843, %r842, %r841;
 	shl.b32 	%r844, %r895, 5;
 	and.b32  	%r845, %r844, 224;
@@ -70063,9 +70063,9 @@ $L__BB7_164:
 	st.shared.f32 	[%r124+24], %f1174;
 	st.shared.f32 	[%r124+28], %f1175;
 	shl.b32 	%r846, %r840, 5;
-	mov.u32 	%r847, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r847, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r125, %r847, %r846;
-	mov.u32 	%r848, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r848, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r126, %r848, %r846;
 	@%p340 bra 	$L__BB7_167;
 
@@ -70183,7 +70183,7 @@ $L__BB7_195:
 	ld.param.u64 	%rd118, [vat_attention_bf16_d64_g8_paged_param_0+24];
 	add.s32 	%r946, %r205, -128;
 	cvta.to.global.u64 	%rd15, %rd118;
-	mov.u32 	%r884, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r884, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_196:
 	add.s32 	%r946, %r946, 128;
@@ -70213,12 +70213,12 @@ $L__BB7_196:
 	ex2.approx.f32 	%f3006, %f2480;
 
 $L__BB7_198:
-	mov.u32 	%r888, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r888, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r141, %r888, %r883;
 	ld.shared.f32 	%f2482, [%r141];
 	fma.rn.f32 	%f1308, %f3006, %f2482, 0f00000000;
 	shl.b32 	%r889, %r139, 8;
-	mov.u32 	%r890, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r890, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r891, %r890, %r889;
 	shl.b32 	%r892, %r140, 2;
 	add.s32 	%r142, %r891, %r892;
@@ -70291,7 +70291,7 @@ $L__BB7_183:
 	cvt.s64.s32 	%rd11, %r893;
 	cvt.s64.s32 	%rd12, %r203;
 	cvta.to.global.u64 	%rd13, %rd117;
-	mov.u32 	%r870, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r870, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_184:
 	add.s32 	%r945, %r945, 128;
@@ -70321,12 +70321,12 @@ $L__BB7_184:
 	ex2.approx.f32 	%f3002, %f2459;
 
 $L__BB7_186:
-	mov.u32 	%r874, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r874, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r134, %r874, %r869;
 	ld.shared.f32 	%f2461, [%r134];
 	fma.rn.f32 	%f1288, %f3002, %f2461, 0f00000000;
 	shl.b32 	%r875, %r132, 8;
-	mov.u32 	%r876, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_7c3e016052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_7c3e016016partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r876, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li64ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r877, %r876, %r875;
 	shl.b32 	%r878, %r133, 2;
 	add.s32 	%r135, %r877, %r878;
@@ -70639,30 +70639,30 @@ const char kAttentionPtx_bf16_d128[] = R"PTX(
 .address_size 64
 
 	// .globl	vat_attention_bf16_d128_g1_strided
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
 
 .visible .entry vat_attention_bf16_d128_g1_strided(
 	.param .align 8 .b8 vat_attention_bf16_d128_g1_strided_param_0[120]
@@ -70675,11 +70675,11 @@ const char kAttentionPtx_bf16_d128[] = R"PTX(
 	.reg .b32 	%r<348>;
 	.reg .b64 	%rd<112>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r104, %r105}, [vat_attention_bf16_d128_g1_strided_param_0+96];
 	ld.param.v2.u32 	{%r106, %r107}, [vat_attention_bf16_d128_g1_strided_param_0+104];
@@ -71518,7 +71518,7 @@ $L__BB0_41:
 	shl.b32 	%r311, %r312, 4;
 	and.b32  	%r310, %r312, 15;
 	and.b32  	%r266, %r311, -512;
-	mov.u32 	%r267, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r267, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r268, %r267, %r266;
 	shl.b32 	%r269, %r312, 5;
 	and.b32  	%r270, %r269, 480;
@@ -71536,10 +71536,10 @@ $L__BB0_41:
 
 	shr.u32 	%r273, %r108, 3;
 	and.b32  	%r274, %r273, 536870908;
-	mov.u32 	%r275, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r275, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r276, %r275, %r274;
 	st.shared.f32 	[%r276], %f133;
-	mov.u32 	%r277, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r277, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r278, %r277, %r274;
 	st.shared.f32 	[%r278], %f146;
 
@@ -71556,7 +71556,7 @@ $L__BB0_58:
 	ld.param.u64 	%rd107, [vat_attention_bf16_d128_g1_strided_param_0+24];
 	add.s32 	%r347, %r108, -128;
 	cvta.to.global.u64 	%rd26, %rd107;
-	mov.u32 	%r300, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r300, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_59:
 	add.s32 	%r347, %r347, 128;
@@ -71586,12 +71586,12 @@ $L__BB0_59:
 	ex2.approx.f32 	%f487, %f402;
 
 $L__BB0_61:
-	mov.u32 	%r304, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r304, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r88, %r304, %r299;
 	ld.shared.f32 	%f404, [%r88];
 	fma.rn.f32 	%f174, %f487, %f404, 0f00000000;
 	shl.b32 	%r305, %r86, 9;
-	mov.u32 	%r306, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r306, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r307, %r306, %r305;
 	shl.b32 	%r308, %r87, 2;
 	add.s32 	%r89, %r307, %r308;
@@ -71664,7 +71664,7 @@ $L__BB0_46:
 	cvt.s64.s32 	%rd22, %r309;
 	cvt.s64.s32 	%rd23, %r106;
 	cvta.to.global.u64 	%rd24, %rd106;
-	mov.u32 	%r286, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r286, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_47:
 	add.s32 	%r346, %r346, 128;
@@ -71694,12 +71694,12 @@ $L__BB0_47:
 	ex2.approx.f32 	%f483, %f381;
 
 $L__BB0_49:
-	mov.u32 	%r290, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r290, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r81, %r290, %r285;
 	ld.shared.f32 	%f383, [%r81];
 	fma.rn.f32 	%f154, %f483, %f383, 0f00000000;
 	shl.b32 	%r291, %r79, 9;
-	mov.u32 	%r292, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r292, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r293, %r292, %r291;
 	shl.b32 	%r294, %r80, 2;
 	add.s32 	%r82, %r293, %r294;
@@ -71777,11 +71777,11 @@ $L__BB0_70:
 	.reg .b32 	%r<353>;
 	.reg .b64 	%rd<111>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[2048];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r103, %r104}, [vat_attention_bf16_d128_g1_paged_param_0+88];
 	ld.param.v2.u32 	{%r105, %r106}, [vat_attention_bf16_d128_g1_paged_param_0+96];
@@ -72624,7 +72624,7 @@ $L__BB1_33:
 	shl.b32 	%r316, %r317, 4;
 	and.b32  	%r315, %r317, 15;
 	and.b32  	%r271, %r316, -512;
-	mov.u32 	%r272, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r272, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r273, %r272, %r271;
 	shl.b32 	%r274, %r317, 5;
 	and.b32  	%r275, %r274, 480;
@@ -72642,10 +72642,10 @@ $L__BB1_33:
 
 	shr.u32 	%r278, %r109, 3;
 	and.b32  	%r279, %r278, 536870908;
-	mov.u32 	%r280, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r280, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r281, %r280, %r279;
 	st.shared.f32 	[%r281], %f133;
-	mov.u32 	%r282, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r282, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r283, %r282, %r279;
 	st.shared.f32 	[%r283], %f146;
 
@@ -72662,7 +72662,7 @@ $L__BB1_50:
 	ld.param.u64 	%rd110, [vat_attention_bf16_d128_g1_paged_param_0+24];
 	add.s32 	%r352, %r109, -128;
 	cvta.to.global.u64 	%rd16, %rd110;
-	mov.u32 	%r305, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r305, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_51:
 	add.s32 	%r352, %r352, 128;
@@ -72692,12 +72692,12 @@ $L__BB1_51:
 	ex2.approx.f32 	%f487, %f402;
 
 $L__BB1_53:
-	mov.u32 	%r309, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r309, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r89, %r309, %r304;
 	ld.shared.f32 	%f404, [%r89];
 	fma.rn.f32 	%f174, %f487, %f404, 0f00000000;
 	shl.b32 	%r310, %r87, 9;
-	mov.u32 	%r311, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r311, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r312, %r311, %r310;
 	shl.b32 	%r313, %r88, 2;
 	add.s32 	%r90, %r312, %r313;
@@ -72770,7 +72770,7 @@ $L__BB1_38:
 	cvt.s64.s32 	%rd12, %r314;
 	cvt.s64.s32 	%rd13, %r107;
 	cvta.to.global.u64 	%rd14, %rd109;
-	mov.u32 	%r291, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r291, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_39:
 	add.s32 	%r351, %r351, 128;
@@ -72800,12 +72800,12 @@ $L__BB1_39:
 	ex2.approx.f32 	%f483, %f381;
 
 $L__BB1_41:
-	mov.u32 	%r295, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r295, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r82, %r295, %r290;
 	ld.shared.f32 	%f383, [%r82];
 	fma.rn.f32 	%f154, %f483, %f383, 0f00000000;
 	shl.b32 	%r296, %r80, 9;
-	mov.u32 	%r297, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r297, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r298, %r297, %r296;
 	shl.b32 	%r299, %r81, 2;
 	add.s32 	%r83, %r298, %r299;
@@ -72883,11 +72883,11 @@ $L__BB1_62:
 	.reg .b32 	%r<419>;
 	.reg .b64 	%rd<114>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r125, %r126}, [vat_attention_bf16_d128_g2_strided_param_0+96];
 	ld.param.v2.u32 	{%r127, %r128}, [vat_attention_bf16_d128_g2_strided_param_0+104];
@@ -74042,7 +74042,7 @@ $L__BB2_56:
 	setp.ne.s32 	%p82, %r378, 0;
 	shr.u32 	%r336, %r379, 5;
 	shl.b32 	%r337, %r336, 10;
-	mov.u32 	%r338, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r338, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r339, %r338, %r337;
 	shl.b32 	%r340, %r379, 5;
 	and.b32  	%r341, %r340, 480;
@@ -74056,9 +74056,9 @@ $L__BB2_56:
 	st.shared.f32 	[%r85+24], %f273;
 	st.shared.f32 	[%r85+28], %f274;
 	shl.b32 	%r342, %r336, 3;
-	mov.u32 	%r343, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r343, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r86, %r343, %r342;
-	mov.u32 	%r344, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r344, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r87, %r344, %r342;
 	@%p82 bra 	$L__BB2_59;
 
@@ -74092,7 +74092,7 @@ $L__BB2_75:
 	ld.param.u64 	%rd109, [vat_attention_bf16_d128_g2_strided_param_0+24];
 	add.s32 	%r418, %r129, -128;
 	cvta.to.global.u64 	%rd25, %rd109;
-	mov.u32 	%r368, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r368, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_76:
 	add.s32 	%r418, %r418, 128;
@@ -74122,12 +74122,12 @@ $L__BB2_76:
 	ex2.approx.f32 	%f808, %f664;
 
 $L__BB2_78:
-	mov.u32 	%r372, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r372, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r101, %r372, %r367;
 	ld.shared.f32 	%f666, [%r101];
 	fma.rn.f32 	%f318, %f808, %f666, 0f00000000;
 	shl.b32 	%r373, %r99, 9;
-	mov.u32 	%r374, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r374, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r375, %r374, %r373;
 	shl.b32 	%r376, %r100, 2;
 	add.s32 	%r102, %r375, %r376;
@@ -74200,7 +74200,7 @@ $L__BB2_63:
 	cvt.s64.s32 	%rd21, %r377;
 	cvt.s64.s32 	%rd22, %r127;
 	cvta.to.global.u64 	%rd23, %rd108;
-	mov.u32 	%r354, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r354, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB2_64:
 	add.s32 	%r417, %r417, 128;
@@ -74230,12 +74230,12 @@ $L__BB2_64:
 	ex2.approx.f32 	%f804, %f643;
 
 $L__BB2_66:
-	mov.u32 	%r358, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r358, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r94, %r358, %r353;
 	ld.shared.f32 	%f645, [%r94];
 	fma.rn.f32 	%f298, %f804, %f645, 0f00000000;
 	shl.b32 	%r359, %r92, 9;
-	mov.u32 	%r360, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r360, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r361, %r360, %r359;
 	shl.b32 	%r362, %r93, 2;
 	add.s32 	%r95, %r361, %r362;
@@ -74313,11 +74313,11 @@ $L__BB2_87:
 	.reg .b32 	%r<424>;
 	.reg .b64 	%rd<113>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r124, %r125}, [vat_attention_bf16_d128_g2_paged_param_0+88];
 	ld.param.v2.u32 	{%r126, %r127}, [vat_attention_bf16_d128_g2_paged_param_0+96];
@@ -75476,7 +75476,7 @@ $L__BB3_48:
 	setp.ne.s32 	%p78, %r383, 0;
 	shr.u32 	%r341, %r384, 5;
 	shl.b32 	%r342, %r341, 10;
-	mov.u32 	%r343, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r343, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r344, %r343, %r342;
 	shl.b32 	%r345, %r384, 5;
 	and.b32  	%r346, %r345, 480;
@@ -75490,9 +75490,9 @@ $L__BB3_48:
 	st.shared.f32 	[%r86+24], %f273;
 	st.shared.f32 	[%r86+28], %f274;
 	shl.b32 	%r347, %r341, 3;
-	mov.u32 	%r348, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r348, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r87, %r348, %r347;
-	mov.u32 	%r349, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r349, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r88, %r349, %r347;
 	@%p78 bra 	$L__BB3_51;
 
@@ -75526,7 +75526,7 @@ $L__BB3_67:
 	ld.param.u64 	%rd112, [vat_attention_bf16_d128_g2_paged_param_0+24];
 	add.s32 	%r423, %r130, -128;
 	cvta.to.global.u64 	%rd15, %rd112;
-	mov.u32 	%r373, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r373, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_68:
 	add.s32 	%r423, %r423, 128;
@@ -75556,12 +75556,12 @@ $L__BB3_68:
 	ex2.approx.f32 	%f808, %f664;
 
 $L__BB3_70:
-	mov.u32 	%r377, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r377, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r102, %r377, %r372;
 	ld.shared.f32 	%f666, [%r102];
 	fma.rn.f32 	%f318, %f808, %f666, 0f00000000;
 	shl.b32 	%r378, %r100, 9;
-	mov.u32 	%r379, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r379, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r380, %r379, %r378;
 	shl.b32 	%r381, %r101, 2;
 	add.s32 	%r103, %r380, %r381;
@@ -75634,7 +75634,7 @@ $L__BB3_55:
 	cvt.s64.s32 	%rd11, %r382;
 	cvt.s64.s32 	%rd12, %r128;
 	cvta.to.global.u64 	%rd13, %rd111;
-	mov.u32 	%r359, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r359, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB3_56:
 	add.s32 	%r422, %r422, 128;
@@ -75664,12 +75664,12 @@ $L__BB3_56:
 	ex2.approx.f32 	%f804, %f643;
 
 $L__BB3_58:
-	mov.u32 	%r363, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r363, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r95, %r363, %r358;
 	ld.shared.f32 	%f645, [%r95];
 	fma.rn.f32 	%f298, %f804, %f645, 0f00000000;
 	shl.b32 	%r364, %r93, 9;
-	mov.u32 	%r365, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r365, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r366, %r365, %r364;
 	shl.b32 	%r367, %r94, 2;
 	add.s32 	%r96, %r366, %r367;
@@ -75747,11 +75747,11 @@ $L__BB3_79:
 	.reg .b32 	%r<554>;
 	.reg .b64 	%rd<116>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r148, %r149}, [vat_attention_bf16_d128_g4_strided_param_0+96];
 	ld.param.v2.u32 	{%r150, %r151}, [vat_attention_bf16_d128_g4_strided_param_0+104];
@@ -77555,7 +77555,7 @@ $L__BB4_84:
 	setp.ne.s32 	%p148, %r509, 0;
 	shr.u32 	%r463, %r510, 5;
 	shl.b32 	%r464, %r463, 11;
-	mov.u32 	%r465, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r465, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r466, %r465, %r464;
 	shl.b32 	%r467, %r510, 5;
 	and.b32  	%r468, %r467, 480;
@@ -77569,9 +77569,9 @@ $L__BB4_84:
 	st.shared.f32 	[%r95+24], %f531;
 	st.shared.f32 	[%r95+28], %f532;
 	shl.b32 	%r469, %r463, 4;
-	mov.u32 	%r470, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r470, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r96, %r470, %r469;
-	mov.u32 	%r471, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r471, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r97, %r471, %r469;
 	@%p148 bra 	$L__BB4_87;
 
@@ -77633,7 +77633,7 @@ $L__BB4_107:
 	ld.param.u64 	%rd111, [vat_attention_bf16_d128_g4_strided_param_0+24];
 	add.s32 	%r553, %r152, -128;
 	cvta.to.global.u64 	%rd25, %rd111;
-	mov.u32 	%r499, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r499, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_108:
 	add.s32 	%r553, %r553, 128;
@@ -77663,12 +77663,12 @@ $L__BB4_108:
 	ex2.approx.f32 	%f1458, %f1192;
 
 $L__BB4_110:
-	mov.u32 	%r503, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r503, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r112, %r503, %r498;
 	ld.shared.f32 	%f1194, [%r112];
 	fma.rn.f32 	%f608, %f1458, %f1194, 0f00000000;
 	shl.b32 	%r504, %r110, 9;
-	mov.u32 	%r505, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r505, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r506, %r505, %r504;
 	shl.b32 	%r507, %r111, 2;
 	add.s32 	%r113, %r506, %r507;
@@ -77741,7 +77741,7 @@ $L__BB4_95:
 	cvt.s64.s32 	%rd21, %r508;
 	cvt.s64.s32 	%rd22, %r150;
 	cvta.to.global.u64 	%rd23, %rd110;
-	mov.u32 	%r485, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r485, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB4_96:
 	add.s32 	%r552, %r552, 128;
@@ -77771,12 +77771,12 @@ $L__BB4_96:
 	ex2.approx.f32 	%f1454, %f1171;
 
 $L__BB4_98:
-	mov.u32 	%r489, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r489, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r105, %r489, %r484;
 	ld.shared.f32 	%f1173, [%r105];
 	fma.rn.f32 	%f588, %f1454, %f1173, 0f00000000;
 	shl.b32 	%r490, %r103, 9;
-	mov.u32 	%r491, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r491, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r492, %r491, %r490;
 	shl.b32 	%r493, %r104, 2;
 	add.s32 	%r106, %r492, %r493;
@@ -77854,11 +77854,11 @@ $L__BB4_119:
 	.reg .b32 	%r<559>;
 	.reg .b64 	%rd<115>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r147, %r148}, [vat_attention_bf16_d128_g4_paged_param_0+88];
 	ld.param.v2.u32 	{%r149, %r150}, [vat_attention_bf16_d128_g4_paged_param_0+96];
@@ -79666,7 +79666,7 @@ $L__BB5_76:
 	setp.ne.s32 	%p144, %r514, 0;
 	shr.u32 	%r468, %r515, 5;
 	shl.b32 	%r469, %r468, 11;
-	mov.u32 	%r470, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r470, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r471, %r470, %r469;
 	shl.b32 	%r472, %r515, 5;
 	and.b32  	%r473, %r472, 480;
@@ -79680,9 +79680,9 @@ $L__BB5_76:
 	st.shared.f32 	[%r96+24], %f531;
 	st.shared.f32 	[%r96+28], %f532;
 	shl.b32 	%r474, %r468, 4;
-	mov.u32 	%r475, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r475, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r97, %r475, %r474;
-	mov.u32 	%r476, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r476, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r98, %r476, %r474;
 	@%p144 bra 	$L__BB5_79;
 
@@ -79744,7 +79744,7 @@ $L__BB5_99:
 	ld.param.u64 	%rd114, [vat_attention_bf16_d128_g4_paged_param_0+24];
 	add.s32 	%r558, %r153, -128;
 	cvta.to.global.u64 	%rd15, %rd114;
-	mov.u32 	%r504, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r504, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_100:
 	add.s32 	%r558, %r558, 128;
@@ -79774,12 +79774,12 @@ $L__BB5_100:
 	ex2.approx.f32 	%f1458, %f1192;
 
 $L__BB5_102:
-	mov.u32 	%r508, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r508, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r113, %r508, %r503;
 	ld.shared.f32 	%f1194, [%r113];
 	fma.rn.f32 	%f608, %f1458, %f1194, 0f00000000;
 	shl.b32 	%r509, %r111, 9;
-	mov.u32 	%r510, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r510, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r511, %r510, %r509;
 	shl.b32 	%r512, %r112, 2;
 	add.s32 	%r114, %r511, %r512;
@@ -79852,7 +79852,7 @@ $L__BB5_87:
 	cvt.s64.s32 	%rd11, %r513;
 	cvt.s64.s32 	%rd12, %r151;
 	cvta.to.global.u64 	%rd13, %rd113;
-	mov.u32 	%r490, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r490, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB5_88:
 	add.s32 	%r557, %r557, 128;
@@ -79882,12 +79882,12 @@ $L__BB5_88:
 	ex2.approx.f32 	%f1454, %f1171;
 
 $L__BB5_90:
-	mov.u32 	%r494, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r494, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r106, %r494, %r489;
 	ld.shared.f32 	%f1173, [%r106];
 	fma.rn.f32 	%f588, %f1454, %f1173, 0f00000000;
 	shl.b32 	%r495, %r104, 9;
-	mov.u32 	%r496, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r496, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r497, %r496, %r495;
 	shl.b32 	%r498, %r105, 2;
 	add.s32 	%r107, %r497, %r498;
@@ -79965,11 +79965,11 @@ $L__BB5_111:
 	.reg .b32 	%r<822>;
 	.reg .b64 	%rd<120>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r192, %r193}, [vat_attention_bf16_d128_g8_strided_param_0+96];
 	ld.param.v2.u32 	{%r194, %r195}, [vat_attention_bf16_d128_g8_strided_param_0+104];
@@ -83041,7 +83041,7 @@ $L__BB6_140:
 	setp.ne.s32 	%p280, %r769, 0;
 	shr.u32 	%r715, %r770, 5;
 	shl.b32 	%r716, %r715, 12;
-	mov.u32 	%r717, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r717, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r718, %r717, %r716;
 	shl.b32 	%r719, %r770, 5;
 	and.b32  	%r720, %r719, 480;
@@ -83055,9 +83055,9 @@ $L__BB6_140:
 	st.shared.f32 	[%r115+24], %f1047;
 	st.shared.f32 	[%r115+28], %f1048;
 	shl.b32 	%r721, %r715, 5;
-	mov.u32 	%r722, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r722, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r116, %r722, %r721;
-	mov.u32 	%r723, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r723, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r117, %r723, %r721;
 	@%p280 bra 	$L__BB6_143;
 
@@ -83175,7 +83175,7 @@ $L__BB6_171:
 	ld.param.u64 	%rd115, [vat_attention_bf16_d128_g8_strided_param_0+24];
 	add.s32 	%r821, %r196, -128;
 	cvta.to.global.u64 	%rd25, %rd115;
-	mov.u32 	%r759, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r759, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_172:
 	add.s32 	%r821, %r821, 128;
@@ -83205,12 +83205,12 @@ $L__BB6_172:
 	ex2.approx.f32 	%f2758, %f2248;
 
 $L__BB6_174:
-	mov.u32 	%r763, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r763, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r132, %r763, %r758;
 	ld.shared.f32 	%f2250, [%r132];
 	fma.rn.f32 	%f1188, %f2758, %f2250, 0f00000000;
 	shl.b32 	%r764, %r130, 9;
-	mov.u32 	%r765, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r765, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r766, %r765, %r764;
 	shl.b32 	%r767, %r131, 2;
 	add.s32 	%r133, %r766, %r767;
@@ -83283,7 +83283,7 @@ $L__BB6_159:
 	cvt.s64.s32 	%rd21, %r768;
 	cvt.s64.s32 	%rd22, %r194;
 	cvta.to.global.u64 	%rd23, %rd114;
-	mov.u32 	%r745, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r745, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB6_160:
 	add.s32 	%r820, %r820, 128;
@@ -83313,12 +83313,12 @@ $L__BB6_160:
 	ex2.approx.f32 	%f2754, %f2227;
 
 $L__BB6_162:
-	mov.u32 	%r749, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r749, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r125, %r749, %r744;
 	ld.shared.f32 	%f2229, [%r125];
 	fma.rn.f32 	%f1168, %f2754, %f2229, 0f00000000;
 	shl.b32 	%r750, %r123, 9;
-	mov.u32 	%r751, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r751, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r752, %r751, %r750;
 	shl.b32 	%r753, %r124, 2;
 	add.s32 	%r126, %r752, %r753;
@@ -83396,11 +83396,11 @@ $L__BB6_183:
 	.reg .b32 	%r<827>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r191, %r192}, [vat_attention_bf16_d128_g8_paged_param_0+88];
 	ld.param.v2.u32 	{%r193, %r194}, [vat_attention_bf16_d128_g8_paged_param_0+96];
@@ -86476,7 +86476,7 @@ $L__BB7_132:
 	setp.ne.s32 	%p276, %r774, 0;
 	shr.u32 	%r720, %r775, 5;
 	shl.b32 	%r721, %r720, 12;
-	mov.u32 	%r722, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r722, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r723, %r722, %r721;
 	shl.b32 	%r724, %r775, 5;
 	and.b32  	%r725, %r724, 480;
@@ -86490,9 +86490,9 @@ $L__BB7_132:
 	st.shared.f32 	[%r116+24], %f1047;
 	st.shared.f32 	[%r116+28], %f1048;
 	shl.b32 	%r726, %r720, 5;
-	mov.u32 	%r727, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r727, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r117, %r727, %r726;
-	mov.u32 	%r728, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r728, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r118, %r728, %r726;
 	@%p276 bra 	$L__BB7_135;
 
@@ -86610,7 +86610,7 @@ $L__BB7_163:
 	ld.param.u64 	%rd118, [vat_attention_bf16_d128_g8_paged_param_0+24];
 	add.s32 	%r826, %r197, -128;
 	cvta.to.global.u64 	%rd15, %rd118;
-	mov.u32 	%r764, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r764, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_164:
 	add.s32 	%r826, %r826, 128;
@@ -86640,12 +86640,12 @@ $L__BB7_164:
 	ex2.approx.f32 	%f2758, %f2248;
 
 $L__BB7_166:
-	mov.u32 	%r768, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r768, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r133, %r768, %r763;
 	ld.shared.f32 	%f2250, [%r133];
 	fma.rn.f32 	%f1188, %f2758, %f2250, 0f00000000;
 	shl.b32 	%r769, %r131, 9;
-	mov.u32 	%r770, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r770, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r771, %r770, %r769;
 	shl.b32 	%r772, %r132, 2;
 	add.s32 	%r134, %r771, %r772;
@@ -86718,7 +86718,7 @@ $L__BB7_151:
 	cvt.s64.s32 	%rd11, %r773;
 	cvt.s64.s32 	%rd12, %r195;
 	cvta.to.global.u64 	%rd13, %rd117;
-	mov.u32 	%r750, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r750, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB7_152:
 	add.s32 	%r825, %r825, 128;
@@ -86748,12 +86748,12 @@ $L__BB7_152:
 	ex2.approx.f32 	%f2754, %f2227;
 
 $L__BB7_154:
-	mov.u32 	%r754, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r754, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r126, %r754, %r749;
 	ld.shared.f32 	%f2229, [%r126];
 	fma.rn.f32 	%f1168, %f2754, %f2229, 0f00000000;
 	shl.b32 	%r755, %r124, 9;
-	mov.u32 	%r756, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_be576cdd52_GLOBAL__N__2f2d1c30_19_decode_attention_cu_be576cdd16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r756, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li128ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r757, %r756, %r755;
 	shl.b32 	%r758, %r125, 2;
 	add.s32 	%r127, %r757, %r758;
@@ -87066,30 +87066,30 @@ const char kAttentionPtx_bf16_d256[] = R"PTX(
 .address_size 64
 
 	// .globl	vat_attention_bf16_d256_g1_strided
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
-// _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax has been demoted
+// _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum has been demoted
 
 .visible .entry vat_attention_bf16_d256_g1_strided(
 	.param .align 8 .b8 vat_attention_bf16_d256_g1_strided_param_0[120]
@@ -87102,11 +87102,11 @@ const char kAttentionPtx_bf16_d256[] = R"PTX(
 	.reg .b32 	%r<333>;
 	.reg .b64 	%rd<117>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r100, %r101}, [vat_attention_bf16_d256_g1_strided_param_0+96];
 	ld.param.v2.u32 	{%r102, %r103}, [vat_attention_bf16_d256_g1_strided_param_0+104];
@@ -87901,7 +87901,7 @@ $L__BB0_38:
 	and.b32  	%r289, %r290, 31;
 	shl.b32 	%r246, %r290, 5;
 	and.b32  	%r247, %r246, -1024;
-	mov.u32 	%r248, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r248, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r249, %r248, %r247;
 	and.b32  	%r250, %r246, 992;
 	add.s32 	%r251, %r249, %r250;
@@ -87919,10 +87919,10 @@ $L__BB0_38:
 	mov.u32 	%r298, %tid.x;
 	shr.u32 	%r297, %r298, 3;
 	and.b32  	%r296, %r297, 536870908;
-	mov.u32 	%r255, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r255, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r256, %r255, %r296;
 	st.shared.f32 	[%r256], %f401;
-	mov.u32 	%r257, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r257, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r258, %r257, %r296;
 	st.shared.f32 	[%r258], %f422;
 
@@ -87941,7 +87941,7 @@ $L__BB0_54:
 	mov.u32 	%r295, %tid.x;
 	add.s32 	%r332, %r295, -128;
 	cvta.to.global.u64 	%rd29, %rd111;
-	mov.u32 	%r280, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r280, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_55:
 	add.s32 	%r332, %r332, 128;
@@ -87971,7 +87971,7 @@ $L__BB0_55:
 	ex2.approx.f32 	%f455, %f373;
 
 $L__BB0_57:
-	mov.u32 	%r284, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r284, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r84, %r284, %r279;
 	ld.shared.f32 	%f375, [%r84];
 	fma.rn.f32 	%f159, %f455, %f375, 0f00000000;
@@ -88049,7 +88049,7 @@ $L__BB0_42:
 	cvt.s64.s32 	%rd25, %r294;
 	cvt.s64.s32 	%rd26, %r102;
 	cvta.to.global.u64 	%rd27, %rd110;
-	mov.u32 	%r266, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r266, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB0_43:
 	add.s32 	%r331, %r331, 128;
@@ -88079,7 +88079,7 @@ $L__BB0_43:
 	ex2.approx.f32 	%f451, %f352;
 
 $L__BB0_45:
-	mov.u32 	%r270, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r270, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r77, %r270, %r265;
 	ld.shared.f32 	%f354, [%r77];
 	fma.rn.f32 	%f139, %f451, %f354, 0f00000000;
@@ -88161,11 +88161,11 @@ $L__BB0_66:
 	.reg .b32 	%r<349>;
 	.reg .b64 	%rd<111>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[4096];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[16];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[16];
 
 	ld.param.v2.u32 	{%r101, %r102}, [vat_attention_bf16_d256_g1_paged_param_0+88];
 	ld.param.v2.u32 	{%r103, %r104}, [vat_attention_bf16_d256_g1_paged_param_0+96];
@@ -88977,7 +88977,7 @@ $L__BB1_30:
 	and.b32  	%r298, %r299, 31;
 	shl.b32 	%r255, %r299, 5;
 	and.b32  	%r256, %r255, -1024;
-	mov.u32 	%r257, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r257, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r258, %r257, %r256;
 	and.b32  	%r259, %r255, 992;
 	add.s32 	%r260, %r258, %r259;
@@ -88995,10 +88995,10 @@ $L__BB1_30:
 	mov.u32 	%r307, %tid.x;
 	shr.u32 	%r306, %r307, 3;
 	and.b32  	%r305, %r306, 536870908;
-	mov.u32 	%r264, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r264, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r265, %r264, %r305;
 	st.shared.f32 	[%r265], %f401;
-	mov.u32 	%r266, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r266, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r267, %r266, %r305;
 	st.shared.f32 	[%r267], %f422;
 
@@ -89017,7 +89017,7 @@ $L__BB1_46:
 	mov.u32 	%r304, %tid.x;
 	add.s32 	%r348, %r304, -128;
 	cvta.to.global.u64 	%rd16, %rd110;
-	mov.u32 	%r289, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r289, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_47:
 	add.s32 	%r348, %r348, 128;
@@ -89047,7 +89047,7 @@ $L__BB1_47:
 	ex2.approx.f32 	%f455, %f373;
 
 $L__BB1_49:
-	mov.u32 	%r293, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r293, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r87, %r293, %r288;
 	ld.shared.f32 	%f375, [%r87];
 	fma.rn.f32 	%f159, %f455, %f375, 0f00000000;
@@ -89125,7 +89125,7 @@ $L__BB1_34:
 	cvt.s64.s32 	%rd12, %r303;
 	cvt.s64.s32 	%rd13, %r105;
 	cvta.to.global.u64 	%rd14, %rd109;
-	mov.u32 	%r275, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r275, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 
 $L__BB1_35:
 	add.s32 	%r347, %r347, 128;
@@ -89155,7 +89155,7 @@ $L__BB1_35:
 	ex2.approx.f32 	%f451, %f352;
 
 $L__BB1_37:
-	mov.u32 	%r279, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r279, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi1ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r80, %r279, %r274;
 	ld.shared.f32 	%f354, [%r80];
 	fma.rn.f32 	%f139, %f451, %f354, 0f00000000;
@@ -89237,11 +89237,11 @@ $L__BB1_58:
 	.reg .b32 	%r<381>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r106, %r107}, [vat_attention_bf16_d256_g2_strided_param_0+96];
 	ld.param.v2.u32 	{%r108, %r109}, [vat_attention_bf16_d256_g2_strided_param_0+104];
@@ -90302,7 +90302,7 @@ $L__BB2_48:
 	setp.ne.s32 	%p65, %r340, 0;
 	shr.u32 	%r299, %r341, 5;
 	shl.b32 	%r300, %r299, 11;
-	mov.u32 	%r301, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r301, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r302, %r301, %r300;
 	shl.b32 	%r303, %r341, 5;
 	and.b32  	%r304, %r303, 992;
@@ -90316,9 +90316,9 @@ $L__BB2_48:
 	st.shared.f32 	[%r70+24], %f680;
 	st.shared.f32 	[%r70+28], %f679;
 	shl.b32 	%r305, %r299, 3;
-	mov.u32 	%r306, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r306, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r71, %r306, %r305;
-	mov.u32 	%r307, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r307, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r72, %r307, %r305;
 	@%p65 bra 	$L__BB2_50;
 
@@ -90570,11 +90570,11 @@ $L__BB2_78:
 	.reg .b32 	%r<391>;
 	.reg .b64 	%rd<113>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[8192];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[32];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[32];
 
 	ld.param.v2.u32 	{%r107, %r108}, [vat_attention_bf16_d256_g2_paged_param_0+88];
 	ld.param.v2.u32 	{%r109, %r110}, [vat_attention_bf16_d256_g2_paged_param_0+96];
@@ -91638,7 +91638,7 @@ $L__BB3_40:
 	setp.ne.s32 	%p61, %r349, 0;
 	shr.u32 	%r308, %r350, 5;
 	shl.b32 	%r309, %r308, 11;
-	mov.u32 	%r310, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r310, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r311, %r310, %r309;
 	shl.b32 	%r312, %r350, 5;
 	and.b32  	%r313, %r312, 992;
@@ -91652,9 +91652,9 @@ $L__BB3_40:
 	st.shared.f32 	[%r73+24], %f680;
 	st.shared.f32 	[%r73+28], %f679;
 	shl.b32 	%r314, %r308, 3;
-	mov.u32 	%r315, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r315, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r74, %r315, %r314;
-	mov.u32 	%r316, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r316, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi2ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r75, %r316, %r314;
 	@%p61 bra 	$L__BB3_42;
 
@@ -91906,11 +91906,11 @@ $L__BB3_70:
 	.reg .b32 	%r<483>;
 	.reg .b64 	%rd<116>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r116, %r117}, [vat_attention_bf16_d256_g4_strided_param_0+96];
 	ld.param.v2.u32 	{%r118, %r119}, [vat_attention_bf16_d256_g4_strided_param_0+104];
@@ -93493,7 +93493,7 @@ $L__BB4_68:
 	setp.ne.s32 	%p115, %r441, 0;
 	shr.u32 	%r396, %r442, 5;
 	shl.b32 	%r397, %r396, 12;
-	mov.u32 	%r398, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r398, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r399, %r398, %r397;
 	shl.b32 	%r400, %r442, 5;
 	and.b32  	%r401, %r400, 992;
@@ -93507,9 +93507,9 @@ $L__BB4_68:
 	st.shared.f32 	[%r71+24], %f1226;
 	st.shared.f32 	[%r71+28], %f1225;
 	shl.b32 	%r402, %r396, 4;
-	mov.u32 	%r403, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r403, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r72, %r403, %r402;
-	mov.u32 	%r404, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r404, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r73, %r404, %r402;
 	@%p115 bra 	$L__BB4_70;
 
@@ -93789,11 +93789,11 @@ $L__BB4_102:
 	.reg .b32 	%r<488>;
 	.reg .b64 	%rd<115>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[16384];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[64];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[64];
 
 	ld.param.v2.u32 	{%r115, %r116}, [vat_attention_bf16_d256_g4_paged_param_0+88];
 	ld.param.v2.u32 	{%r117, %r118}, [vat_attention_bf16_d256_g4_paged_param_0+96];
@@ -95380,7 +95380,7 @@ $L__BB5_60:
 	setp.ne.s32 	%p111, %r446, 0;
 	shr.u32 	%r401, %r447, 5;
 	shl.b32 	%r402, %r401, 12;
-	mov.u32 	%r403, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r403, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r404, %r403, %r402;
 	shl.b32 	%r405, %r447, 5;
 	and.b32  	%r406, %r405, 992;
@@ -95394,9 +95394,9 @@ $L__BB5_60:
 	st.shared.f32 	[%r72+24], %f1226;
 	st.shared.f32 	[%r72+28], %f1225;
 	shl.b32 	%r407, %r401, 4;
-	mov.u32 	%r408, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r408, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r73, %r408, %r407;
-	mov.u32 	%r409, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r409, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi4ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r74, %r409, %r407;
 	@%p111 bra 	$L__BB5_62;
 
@@ -95676,11 +95676,11 @@ $L__BB5_94:
 	.reg .b32 	%r<649>;
 	.reg .b64 	%rd<120>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r135, %r136}, [vat_attention_bf16_d256_g8_strided_param_0+96];
 	ld.param.v2.u32 	{%r137, %r138}, [vat_attention_bf16_d256_g8_strided_param_0+104];
@@ -98315,7 +98315,7 @@ $L__BB6_108:
 	setp.ne.s32 	%p215, %r607, 0;
 	shr.u32 	%r554, %r608, 5;
 	shl.b32 	%r555, %r554, 13;
-	mov.u32 	%r556, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r556, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r557, %r556, %r555;
 	shl.b32 	%r558, %r608, 5;
 	and.b32  	%r559, %r558, 992;
@@ -98329,9 +98329,9 @@ $L__BB6_108:
 	st.shared.f32 	[%r74+24], %f2306;
 	st.shared.f32 	[%r74+28], %f2305;
 	shl.b32 	%r560, %r554, 5;
-	mov.u32 	%r561, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r561, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r75, %r561, %r560;
-	mov.u32 	%r562, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r562, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb0EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r76, %r562, %r560;
 	@%p215 bra 	$L__BB6_110;
 
@@ -98667,11 +98667,11 @@ $L__BB6_150:
 	.reg .b32 	%r<654>;
 	.reg .b64 	%rd<119>;
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc[32768];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax[128];
 	// demoted variable
-	.shared .align 4 .b8 _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
+	.shared .align 4 .b8 _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum[128];
 
 	ld.param.v2.u32 	{%r134, %r135}, [vat_attention_bf16_d256_g8_paged_param_0+88];
 	ld.param.v2.u32 	{%r136, %r137}, [vat_attention_bf16_d256_g8_paged_param_0+96];
@@ -101310,7 +101310,7 @@ $L__BB7_100:
 	setp.ne.s32 	%p211, %r612, 0;
 	shr.u32 	%r559, %r613, 5;
 	shl.b32 	%r560, %r559, 13;
-	mov.u32 	%r561, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
+	mov.u32 	%r561, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sAcc;
 	add.s32 	%r562, %r561, %r560;
 	shl.b32 	%r563, %r613, 5;
 	and.b32  	%r564, %r563, 992;
@@ -101324,9 +101324,9 @@ $L__BB7_100:
 	st.shared.f32 	[%r75+24], %f2306;
 	st.shared.f32 	[%r75+28], %f2305;
 	shl.b32 	%r565, %r559, 5;
-	mov.u32 	%r566, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
+	mov.u32 	%r566, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sMax;
 	add.s32 	%r76, %r566, %r565;
-	mov.u32 	%r567, _ZZN50_INTERNAL_2f2d1c30_19_decode_attention_cu_56749c4052_GLOBAL__N__2f2d1c30_19_decode_attention_cu_56749c4016partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
+	mov.u32 	%r567, _ZZN13vat_attention16partialAttentionI13__nv_bfloat16Li256ELi8ELb1EEEvRKN3vat7kernels15AttentionParamsEE4sSum;
 	add.s32 	%r77, %r567, %r565;
 	@%p211 bra 	$L__BB7_102;
 
