@@ -65,7 +65,7 @@ for (const model of models) {
       } finally {
         cache.close();
       }
-      const demo = runDemo({ backend: 'host', model: shape, layout, requests, seed: 42, maxSequences: 8, memoryBudget: 6 * 2 ** 30, prefetchTokens: 0 });
+      const demo = await runDemo({ backend: 'host', model: shape, layout, requests, seed: 42, maxSequences: 8, memoryBudget: 6 * 2 ** 30, prefetchTokens: 0, weightBytes: 0 });
       rows.push({
         model: model.name,
         tp,

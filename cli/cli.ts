@@ -191,9 +191,12 @@ function printDemo(r: DemoReport): void {
   const what = r.backend === 'cuda' ? 'CUDA driver calls' : 'OS calls (mmap, fallocate, mprotect)';
   console.log(`  time in ${what} creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
   console.log(`  serving-loop thread time spent mapping, reclaiming or waiting for the worker inside grow/step: ${(r.criticalPathMappingSeconds * 1e3).toFixed(1)} ms`);
+  console.log(`  serving thread in library calls: ${(r.servingThreadLibrarySeconds * 1e3).toFixed(1)} ms = ${(100 * r.servingThreadLibraryShare).toFixed(2)}% of ${r.wallSeconds.toFixed(2)} s wall (simulated compute ${r.simulatedComputeMs.toFixed(2)} ms per iteration, ${r.computeOnGpu ? 'a GPU kernel' : 'a sleep, 1/10 of an H100 roofline'})`);
+  console.log(`  step(): p50 ${r.stepMicros.p50.toFixed(1)} µs, p99 ${r.stepMicros.p99.toFixed(1)} µs, max ${r.stepMicros.max.toFixed(1)} µs; backend calls on the serving thread: ${r.driverCallsOnJsThread} (${r.driverCallsOnJsThreadWhileFull} in steps with the budget full)`);
+  console.log(`  pages mapped ahead ${r.pagesMappedAhead} / on demand ${r.pagesMappedOnDemand}; reclaimed ahead ${r.pagesReclaimedAhead} / on demand ${r.pagesReclaimedOnDemand}; ${r.prefillsAsync} prompts mapped by growAsync`);
 }
 
-function demo(values: Values): number {
+async function demo(values: Values): Promise<number> {
   const requests = positiveInteger(values, 'requests', 300);
   const seed = positiveInteger(values, 'seed', 42);
   const backend = (values.backend as string | undefined) ?? 'auto';
@@ -202,18 +205,18 @@ function demo(values: Values): number {
   const layout = layoutOption(values.layout as string | undefined);
   if (values['compare-layouts']) {
     if (layout !== undefined) throw new UsageError('--compare-layouts runs every layout: leave out --layout');
-    const reports = LAYOUTS_COMPARED.map((l) => {
+    const reports: DemoReport[] = [];
+    for (const l of LAYOUTS_COMPARED) {
       const bar = progressBar(requests);
-      const r = runDemo({ backend, requests, seed, layout: l, onProgress: (done) => bar.update(done) });
+      reports.push(await runDemo({ backend, requests, seed, layout: l, onProgress: (done) => bar.update(done) }));
       bar.end();
-      return r;
-    });
+    }
     if (values.json) console.log(JSON.stringify(reports.map(({ trace: _trace, ...r }) => r), null, 2));
     else printComparison(reports);
     return 0;
   }
   const bar = progressBar(requests);
-  const report = runDemo({ backend, requests, seed, layout, onProgress: (done) => bar.update(done) });
+  const report = await runDemo({ backend, requests, seed, layout, onProgress: (done) => bar.update(done) });
   bar.end();
   if (values.json) console.log(JSON.stringify(report, null, 2));
   else printDemo(report);
@@ -251,12 +254,12 @@ async function bench(values: Values): Promise<number> {
   // The tables, as printed, for people; the JSON beside them for machines.
   writeFileSync(join(out, 'report.txt'), `vattention benchmarks, ${new Date().toISOString()}\n${r.stdout}`);
   console.error('running the demo trace under each layout...');
-  const traces = LAYOUTS_COMPARED.map((layout) => {
+  const traces: DemoReport[] = [];
+  for (const layout of LAYOUTS_COMPARED) {
     const bar = progressBar(300);
-    const t = runDemo({ layout, onProgress: (d) => bar.update(d) });
+    traces.push(await runDemo({ layout, onProgress: (d) => bar.update(d) }));
     bar.end();
-    return t;
-  });
+  }
   const trace = traces[0]!;
   writeFileSync(join(out, 'demo.json'), JSON.stringify(traces, null, 2));
   writeFileSync(
@@ -284,7 +287,19 @@ async function bench(values: Values): Promise<number> {
       ],
     }),
   );
-  const plots = ['memory.svg', 'memory-by-layout.svg'];
+  // The timeline of the default layout's run: the serving thread's time in the library per step.
+  const main = traces.find((t) => t.layout.name === 'all-layers') ?? trace;
+  writeFileSync(
+    join(out, 'demo-timeline.svg'),
+    lineChart({
+      title: `Demo serving loop (${main.backend}, ${main.layout.name}): serving-thread time in the library per step`,
+      xLabel: 'step',
+      yLabel: 'µs (log)',
+      logY: true,
+      series: [{ name: 'library time per step (reserve, growAsync call, step, release)', points: main.trace.map((p) => [p.step, Math.max(0.1, p.libraryMicros)] as [number, number]) }],
+    }),
+  );
+  const plots = ['memory.svg', 'memory-by-layout.svg', 'demo-timeline.svg'];
   const decodePath = join(out, 'decode.json');
   if (existsSync(decodePath)) {
     const decode = JSON.parse(readFileSync(decodePath, 'utf8')) as {

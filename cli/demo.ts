@@ -5,7 +5,16 @@
  * every step grows each running sequence by one token; finished sequences
  * are released (their slots keep their pages for the next request).
  * When memory runs out the newest sequence is preempted and requeued.
+ *
+ * It behaves like a server: a prompt's pages are mapped by `growAsync` off
+ * the serving thread (the request joins the batch once they are), and every
+ * iteration takes the GPU time a real model would — a roofline: the weights
+ * and the KV bytes of the batch read once, over the memory bandwidth — during
+ * which the serving thread waits for its stream (a GPU spin kernel on cuda;
+ * a sleep, scaled down 10x, on the host backend) and the prefetch worker maps
+ * and reclaims ahead.
  */
+import * as testing from 'vattention/testing';
 import { KVCache, OutOfMemoryError, autoBackend, type BackendChoice, type DType, type KVLayoutChoice, type Sequence } from 'vattention';
 
 export interface DemoOptions {
@@ -22,12 +31,20 @@ export interface DemoOptions {
   prefetchTokens?: number;
   /** The cache's layout (default: the library's default). */
   layout?: KVLayoutChoice;
+  /**
+   * Bytes of weights read per iteration, for the simulated GPU time (default:
+   * Llama-3-8B's 16 GB in fp16, scaled with layers / 32). 0: no simulated
+   * compute (the loop runs back to back).
+   */
+  weightBytes?: number;
   /** Called every step with the fraction of requests finished. */
   onProgress?: (done: number, total: number) => void;
 }
 
 export interface DemoTracePoint {
   step: number;
+  /** Serving-thread time in library calls during this step (µs). */
+  libraryMicros: number;
   bytesBacked: number;
   bytesUsed: number;
   bytesInReleasedSlots: number;
@@ -75,6 +92,22 @@ export interface DemoReport {
   /** Time the backend spent creating, mapping, granting access to and unmapping pages, all threads. */
   totalMappingSeconds: number;
   driverCallsOnJsThread: number;
+  /** Backend calls on the serving thread during steps that began with the budget fully created (memory full). */
+  driverCallsOnJsThreadWhileFull: number;
+  /** Serving-thread time inside library calls (reserve, growAsync's call, step, release), and its share of wall time. */
+  servingThreadLibrarySeconds: number;
+  servingThreadLibraryShare: number;
+  /** step() on the serving thread, µs. */
+  stepMicros: { p50: number; p99: number; max: number };
+  /** Simulated GPU time per iteration (mean, ms) and whether it ran as a GPU kernel. */
+  simulatedComputeMs: number;
+  computeOnGpu: boolean;
+  pagesMappedAhead: number;
+  pagesMappedOnDemand: number;
+  pagesReclaimedAhead: number;
+  pagesReclaimedOnDemand: number;
+  /** Prompts mapped by growAsync (off the serving thread). */
+  prefillsAsync: number;
   wallSeconds: number;
   trace: DemoTracePoint[];
 }
@@ -116,7 +149,14 @@ interface Request {
   generated: number;
 }
 
-export function runDemo(options: DemoOptions = {}): DemoReport {
+function percentileOf(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return 0;
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1))]!;
+}
+
+const H100_BANDWIDTH = 3.35e12; // bytes/s, the roofline's default
+
+export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
   const backend = !options.backend || options.backend === 'auto' ? autoBackend() : options.backend;
   // On a GPU: Llama-3-8B's KV shape in an 8 GiB budget. On host memory a
   // quarter of the layers in 1 GiB, so the demo fits any machine.
@@ -135,7 +175,36 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     prefetchTokens: options.prefetchTokens ?? 64,
     ...(options.layout === undefined ? {} : { layout: options.layout }),
   });
+  const weightBytes = options.weightBytes ?? 16.06e9 * (model.layers / 32);
+  // The GPU time of one iteration: weights + the batch's KV, over the bandwidth (10x less on host).
+  const computeNs = (kvTokens: number) => ((weightBytes + kvTokens * cache.bytesPerToken) / H100_BANDWIDTH) * 1e9 * (onGpu ? 1 : 0.1);
+  const gpu = onGpu ? testing : null;
+  const stream = gpu ? gpu.createStream() : 0n;
+  const spinAt = cache.tensor(0, 'k').address;
+  const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  const waitForCompute = (ns: number) => {
+    if (ns <= 0) return;
+    if (gpu) {
+      gpu.spinThenFillU32(spinAt, 0, 0, Math.round(ns), { stream });
+      gpu.synchronizeStream(stream);
+    } else {
+      Atomics.wait(sleeper, 0, 0, ns / 1e6);
+    }
+  };
+  const nextTick = () => new Promise<void>((r) => setImmediate(r));
   const started = process.hrtime.bigint();
+  let libraryNs = 0;
+  const byCall = new Map<string, number>();
+  const timed = <T>(fn: () => T, what = 'other'): T => {
+    const t0 = process.hrtime.bigint();
+    try {
+      return fn();
+    } finally {
+      const ns = Number(process.hrtime.bigint() - t0);
+      libraryNs += ns;
+      if (process.env.VATTENTION_DEMO_PROFILE) byCall.set(what, (byCall.get(what) ?? 0) + ns);
+    }
+  };
   try {
     const queue: Request[] = Array.from({ length: requests }, () => ({
       prompt: Math.max(1, Math.min(Math.round(random.logNormal(500, 1.0)), maxTokens / 2)),
@@ -144,11 +213,15 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     }));
     const waiting: Request[] = [];
     const running: { req: Request; seq: Sequence }[] = [];
+    // Prompts being mapped off the serving thread: they join the batch when done.
+    const prefilling: { req: Request; seq: Sequence; state: 'mapping' | 'done' | 'failed' }[] = [];
     const trace: DemoTracePoint[] = [];
+    const stepNs: number[] = [];
     let served = 0;
     let steps = 0;
     let tokensGenerated = 0;
     let preemptions = 0;
+    let prefillsAsync = 0;
     let sumBacked = 0;
     let sumUsed = 0;
     let sumBeyond = 0;
@@ -159,57 +232,92 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
     let sumRounding = 0;
     let sumSpare = 0;
     let stepsWithActive = 0;
+    let sumComputeNs = 0;
+    let callsWhileFull = 0;
     let peak = 0;
+    const budgetPages = cache.stats().budgetBytes / cache.pageSize;
     const preemptNewest = () => {
       const victim = running.pop()!;
-      cache.release(victim.seq);
+      timed(() => cache.release(victim.seq));
       // recompute later: the prompt now includes what was generated
       waiting.unshift({ prompt: victim.req.prompt + victim.req.generated, output: victim.req.output - victim.req.generated, generated: 0 });
       preemptions++;
     };
     while (served < requests) {
+      const libraryAtStart = libraryNs;
+      const before = cache.stats();
+      const full = before.pagesCreated >= budgetPages;
       // arrivals
       for (let k = random.poisson(options.arrivalRate ?? 1.5); k > 0 && queue.length; k--) waiting.push(queue.shift()!);
-      if (running.length === 0 && waiting.length === 0 && queue.length) waiting.push(queue.shift()!);
-      // admission: prefill while slots and memory allow
-      while (waiting.length && running.length < maxSequences) {
-        const req = waiting[0]!;
-        const seq = cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) });
-        try {
-          cache.grow(seq, req.prompt);
-        } catch (e) {
-          cache.release(seq);
-          if (e instanceof OutOfMemoryError) break; // wait for memory
-          throw e;
+      if (running.length === 0 && prefilling.length === 0 && waiting.length === 0 && queue.length) waiting.push(queue.shift()!);
+      // prompts whose pages are mapped join the batch; failed ones (memory) wait again
+      for (let i = 0; i < prefilling.length; ) {
+        const p = prefilling[i]!;
+        if (p.state === 'mapping') {
+          i++;
+          continue;
         }
+        prefilling.splice(i, 1);
+        if (p.state === 'done') running.push({ req: p.req, seq: p.seq });
+        else {
+          timed(() => cache.release(p.seq));
+          waiting.unshift(p.req);
+        }
+      }
+      // admission: a prompt's pages are mapped off the serving thread (growAsync)
+      while (waiting.length && running.length + prefilling.length < maxSequences && prefilling.length < 4) {
+        const req = waiting[0]!;
+        if (timed(() => cache.obtainableBytes(), 'obtainableBytes') < req.prompt * cache.bytesPerToken) break; // wait for memory
         waiting.shift();
-        running.push({ req, seq });
+        const seq = timed(() => cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }), 'reserve');
+        const entry = { req, seq, state: 'mapping' as 'mapping' | 'done' | 'failed' };
+        prefilling.push(entry);
+        prefillsAsync++;
+        // the prompt and the first generated token's place: it joins the batch with no mapping left to do
+        timed(() => cache.growAsync(seq, Math.min(maxTokens, req.prompt + 1)), 'growAsync').then(
+          () => (entry.state = 'done'),
+          (e: unknown) => {
+            if (!(e instanceof OutOfMemoryError)) throw e;
+            entry.state = 'failed';
+          },
+        );
       }
       // one decode step for every running sequence
+      const t0 = process.hrtime.bigint();
       for (;;) {
         try {
-          cache.step(
-            running.map((r) => r.seq),
-            running.map((r) => Math.min(maxTokens, r.req.prompt + r.req.generated + 1)),
-          );
+          timed(() =>
+            cache.step(
+              running.map((r) => r.seq),
+              running.map((r) => Math.min(maxTokens, r.req.prompt + r.req.generated + 1)),
+            ),
+          'step');
           break;
         } catch (e) {
           if (!(e instanceof OutOfMemoryError) || running.length <= 1) throw e;
           preemptNewest();
         }
       }
+      stepNs.push(Number(process.hrtime.bigint() - t0));
+      // the GPU computes the iteration; the worker maps and reclaims meanwhile
+      const kvTokens = running.reduce((n, r) => n + r.req.prompt + r.req.generated, 0);
+      const ns = options.weightBytes === 0 ? 0 : computeNs(kvTokens);
+      sumComputeNs += ns;
+      waitForCompute(ns);
+      await nextTick(); // settled growAsync promises run here
       steps++;
       for (let i = running.length - 1; i >= 0; i--) {
         const r = running[i]!;
         r.req.generated++;
         tokensGenerated++;
         if (r.req.generated >= r.req.output || r.req.prompt + r.req.generated >= maxTokens) {
-          cache.release(r.seq);
+          timed(() => cache.release(r.seq), 'release');
           running.splice(i, 1);
           served++;
         }
       }
       const s = cache.stats();
+      if (full) callsWhileFull += s.driverCallsOnJsThread - before.driverCallsOnJsThread;
       sumBacked += s.bytesBacked;
       sumUsed += s.bytesUsed;
       sumBeyond += s.bytesBeyondTokens;
@@ -226,6 +334,7 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       if (steps % 4 === 0)
         trace.push({
           step: steps,
+          libraryMicros: (libraryNs - libraryAtStart) / 1e3,
           bytesBacked: s.bytesBacked,
           bytesUsed: s.bytesUsed,
           bytesInReleasedSlots: s.bytesInReleasedSlots,
@@ -233,8 +342,11 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
         });
       options.onProgress?.(served, requests);
     }
+    if (process.env.VATTENTION_DEMO_PROFILE) console.error(Object.fromEntries([...byCall].map(([k, v]) => [k, `${(v / 1e6).toFixed(1)} ms`])));
     const s = cache.stats();
     const mappingNs = ['createPage', 'map', 'setAccess', 'unmap'].reduce((t, op) => t + (s.driverCalls[op]?.nanoseconds ?? 0), 0);
+    const wallSeconds = Number(process.hrtime.bigint() - started) / 1e9;
+    const sortedSteps = Float64Array.from(stepNs).sort();
     const { name, bytesPerPageGroup, tokensPerPageGroup } = cache.layout;
     return {
       backend: cache.backend,
@@ -266,10 +378,22 @@ export function runDemo(options: DemoOptions = {}): DemoReport {
       criticalPathMappingSeconds: s.prefetch.stallNanoseconds / 1e9,
       totalMappingSeconds: mappingNs / 1e9,
       driverCallsOnJsThread: s.driverCallsOnJsThread,
-      wallSeconds: Number(process.hrtime.bigint() - started) / 1e9,
+      driverCallsOnJsThreadWhileFull: callsWhileFull,
+      servingThreadLibrarySeconds: libraryNs / 1e9,
+      servingThreadLibraryShare: libraryNs / 1e9 / wallSeconds,
+      stepMicros: { p50: percentileOf(sortedSteps, 50) / 1e3, p99: percentileOf(sortedSteps, 99) / 1e3, max: percentileOf(sortedSteps, 100) / 1e3 },
+      simulatedComputeMs: sumComputeNs / steps / 1e6,
+      computeOnGpu: gpu !== null,
+      pagesMappedAhead: s.prefetch.pagesAhead,
+      pagesMappedOnDemand: s.prefetch.pagesOnDemand,
+      pagesReclaimedAhead: s.prefetch.pagesReclaimedAhead,
+      pagesReclaimedOnDemand: s.pagesReclaimed - s.prefetch.pagesReclaimedAhead,
+      prefillsAsync,
+      wallSeconds,
       trace,
     };
   } finally {
     cache.close();
+    if (gpu) gpu.destroyStream(stream);
   }
 }

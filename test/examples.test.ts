@@ -37,6 +37,13 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
     expect(report.meanBytesUsed).toBeLessThanOrEqual(report.meanBytesBacked);
     expect(report.pagesMapped).toBeGreaterThan(0);
     expect(report.trace.length).toBeGreaterThan(0);
+    // it behaves like a server: prompts mapped off the serving thread, compute simulated, the library's share measured
+    expect(report.prefillsAsync).toBeGreaterThanOrEqual(40);
+    expect(report.simulatedComputeMs).toBeGreaterThan(0);
+    expect(report.servingThreadLibraryShare).toBeGreaterThan(0);
+    expect(report.servingThreadLibraryShare).toBeLessThan(1);
+    expect(report.stepMicros.p99).toBeGreaterThanOrEqual(report.stepMicros.p50);
+    expect(report.pagesMappedAhead + report.pagesMappedOnDemand).toBeGreaterThan(0);
   });
 
   it.skipIf(cudaSkip === null)(`vattention bench writes a report: tables, JSON and SVG plots${cudaSkip === null ? ' (skipped: on a GPU the full benchmark takes minutes and most of the device; run it by hand)' : ''}`, () => {
@@ -47,7 +54,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
       const summary = JSON.parse(r.stdout); // --json: one JSON object on stdout, the tables went to stderr
       expect(summary.out).toBe(out);
       expect(Object.keys(summary.results)).toEqual(expect.arrayContaining(['overhead', 'decode', 'demo', 'fragmentation']));
-      for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'fragmentation.json', 'memory.svg', 'memory-by-layout.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
+      for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'fragmentation.json', 'memory.svg', 'memory-by-layout.svg', 'demo-timeline.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Memory a request holds past its tokens');
       expect(readFileSync(join(out, 'memory-by-layout.svg'), 'utf8')).toContain('all-layers');
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Decode loop');

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 #include "backend/cuda_backend.h"
 #include "backend/host_backend.h"
@@ -235,6 +236,17 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
       throw outOfMemory(missing, obtainable, pool.pageSize(), pool.counts());
     }
     mapper_->retryStranded();
+    if (pool.idleCount() + pool.headroom() < missing) {
+      // Make room one page group at a time and let the lock go in between:
+      // a long prompt's reclaim must not hold the serving thread's step() up
+      // for all of it. Everything is decided again after the pause.
+      if (mapper_->reclaim(layout.pagesPerGroup(), {seq.slot}) > 0) {
+        lk.unlock();
+        std::this_thread::yield();
+        lk.lock();
+        continue;
+      }
+    }
     Extension ext;
     if (!mapper_->beginExtension(ext, seq.slot, need, true, Extending::OnDemand)) {
       // Reclaiming came up short (pages of slots being extended cannot be taken).
