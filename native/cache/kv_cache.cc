@@ -376,6 +376,7 @@ CacheStats KVCache::stats() {
       st.bytesInReleasedSlots += mapped;
     }
   }
+  st.bytesInReleasedSlots += mapper_->retiringPages() * st.pageSize;  // detached for unmapping, still mapped
   st.calls = core_->backend().counters();
   st.callsOnOwnerThread = core_->backend().callsOnOwnerThread();
   st.reclaimedPages = mapper_->reclaimedPages();

@@ -196,13 +196,51 @@ void PageMapper::unmapTailGroup(Slot& s) {
   reclaimedPages_ += perGroup;
 }
 
-bool PageMapper::reclaimAhead() {
-  int slot = reclaimAheadCandidate(core_.slots, core_.backend());
-  if (slot < 0) return false;
-  retryStranded();
-  unmapTailGroup(core_.slots[static_cast<uint32_t>(slot)]);
-  reclaimedAheadPages_ += core_.layout->pagesPerGroup();
+bool PageMapper::beginRetirement(Retirement& r) {
+  int candidate = reclaimAheadCandidate(core_.slots, core_.backend());
+  if (candidate < 0) return false;
+  r.slot = static_cast<uint32_t>(candidate);
+  Slot& s = core_.slots[r.slot];
+  PagePool& pool = core_.pool();
+  size_t first = s.pages.size() - core_.layout->pagesPerGroup();
+  r.pages.assign(s.pages.begin() + static_cast<std::ptrdiff_t>(first), s.pages.end());
+  r.addresses.clear();
+  for (PageId id : r.pages) r.addresses.push_back(pool.page(id).address);
+  s.pages.resize(first);
+  s.extending = Extending::Ahead;
+  retiringPages_ += r.pages.size();
   return true;
+}
+
+void PageMapper::runRetirement(Lock& lk, Retirement& r) {
+  Backend& backend = core_.backend();
+  std::vector<char> unmapped(r.pages.size(), 0);
+  lk.unlock();
+  for (size_t i = r.pages.size(); i-- > 0;) {
+    try {
+      backend.unmap(r.addresses[i]);
+      unmapped[i] = 1;
+    } catch (...) {
+      // left mapped: stranded below, unmapped again before the next mapping
+    }
+  }
+  lk.lock();
+  PagePool& pool = core_.pool();
+  uint64_t done = 0;
+  for (size_t i = 0; i < r.pages.size(); ++i) {
+    if (unmapped[i]) {
+      pool.noteUnmapped(*pool.record(r.pages[i]));
+      pool.putIdle(r.pages[i]);
+      ++done;
+    } else {
+      pool.strand(r.pages[i]);
+    }
+  }
+  retiringPages_ -= r.pages.size();
+  reclaimedPages_ += done;
+  reclaimedAheadPages_ += done;
+  core_.slots[r.slot].extending = Extending::No;
+  core_.changed.notify_all();
 }
 
 bool PageMapper::beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim, Extending kind) {

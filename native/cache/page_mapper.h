@@ -32,6 +32,14 @@ struct Extension {
   std::vector<Page*> records;       // room for the page records mapped off the lock
 };
 
+// A released slot's tail page group being unmapped with the lock released
+// (reclaim ahead of need, by the prefetch worker).
+struct Retirement {
+  uint32_t slot = 0;
+  std::vector<PageId> pages;
+  std::vector<Address> addresses;
+};
+
 class PageMapper {
  public:
   explicit PageMapper(CacheCore& core) : core_(core) {}
@@ -60,10 +68,18 @@ class PageMapper {
   // slot always stops extending and waiters are woken.
   void runExtension(Lock& lk, Extension& ext, const std::atomic<bool>* cancel);
 
-  // On the lock, for the prefetch worker: unmaps the tail page group of the
-  // released slot reclaim policy picks (reclaimAheadCandidate), into the
-  // pool. False when no released slot can give a group without a fence wait.
-  bool reclaimAhead();
+  // For the prefetch worker: the tail page group of the released slot the
+  // reclaim policy picks (reclaimAheadCandidate) is detached from the slot
+  // (which shrinks to its whole groups before it and is marked extending, so
+  // nothing maps there meanwhile) and unmapped off the lock; the pages go
+  // idle, or stranded where an unmap failed. begin is false, taking nothing,
+  // when no released slot can give a group without a fence wait. Called and
+  // returns with the lock held.
+  bool beginRetirement(Retirement& r);
+  void runRetirement(Lock& lk, Retirement& r);
+  // Pages detached by a retirement and not yet back: still mapped, counted
+  // with the released slots' bytes.
+  uint64_t retiringPages() const { return retiringPages_; }
 
   // Unmaps stranded pages again before anything is mapped (cheap when none).
   void retryStranded();
@@ -85,6 +101,7 @@ class PageMapper {
   CacheCore& core_;
   uint64_t reclaimedPages_ = 0;      // pages unmapped from other slots, ever
   uint64_t reclaimedAheadPages_ = 0; // of those, by the prefetch worker ahead of need
+  uint64_t retiringPages_ = 0;       // detached by retirements in progress
   uint64_t pagesMappedOffLock_ = 0;  // pages committed by extensions (worker, growAsync), ever
 };
 

@@ -93,19 +93,21 @@ bool Prefetcher::plan(Extension& ext) {
 }
 
 // Memory full (no room left in the budget) and the look-ahead or the idle
-// pages short: unmaps one page group of a released slot, on the lock (one
-// group: 2 unmaps with the default layout, 2 x layers per-layer). Demand
-// growth still reclaims for itself when it gets there first.
-bool Prefetcher::reclaimAhead() {
+// pages short: unmaps one page group of a released slot, off the lock, so the
+// serving loop's step() is not held up by the unmaps. Demand growth still
+// reclaims for itself when it gets there first (and waits for a retirement
+// in progress when it needs its pages: waitForIdle).
+bool Prefetcher::reclaimAhead(Lock& lk) {
   PagePool& pool = core_.pool();
   if (!active_ || lowWater_ == 0 || demandWaiting_ > 0 || pool.headroom() > 0) return false;
   if (!starved_ && pool.idleCount() >= lowWater_) return false;
-  try {
-    return mapper_.reclaimAhead();
-  } catch (...) {
-    errors_++;  // the slot is as it was, or shrunk with pages stranded (retried later)
-    return false;
-  }
+  Retirement r;
+  if (!mapper_.beginRetirement(r)) return false;
+  ++inFlight_;
+  mapper_.runRetirement(lk, r);
+  --inFlight_;
+  core_.changed.notify_all();
+  return true;
 }
 
 // Keeps a group's worth of idle pages ready while prefetch is in use, so that
@@ -166,7 +168,7 @@ void Prefetcher::run() {
         --inFlight_;
         core_.changed.notify_all();
       } else {
-        busy = topUpPool(lk) || reclaimAhead();
+        busy = topUpPool(lk) || reclaimAhead(lk);
       }
     } catch (...) {
       // Planning ran out of host memory (under the lock, nothing taken):

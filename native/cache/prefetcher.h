@@ -62,7 +62,7 @@ class Prefetcher {
   void run();
   bool plan(Extension& ext);
   bool topUpPool(Lock& lk);
-  bool reclaimAhead();
+  bool reclaimAhead(Lock& lk);
 
   CacheCore& core_;
   PageMapper& mapper_;

@@ -119,6 +119,10 @@ void PagePool::map(Page& p, Address at) {
 
 void PagePool::unmap(Page& p) {
   backend_.unmap(p.address);  // throws: page unchanged
+  noteUnmapped(p);
+}
+
+void PagePool::noteUnmapped(Page& p) {
   if (p.state != PageState::Stranded) --mapped_;
   p.state = PageState::Created;
   p.address = 0;

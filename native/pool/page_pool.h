@@ -80,6 +80,9 @@ class PagePool {
   Page* record(PageId id) { return pages_[id].get(); }
   void map(Page& page, Address at);
   void unmap(Page& page);
+  // Bookkeeping of an unmap already done by the backend (off the lock, by a
+  // retirement): the page is Created again.
+  void noteUnmapped(Page& page);
 
   // A page that a failed unmap left mapped: kept out of the pool until its
   // unmap succeeds (retryStranded, teardown).
