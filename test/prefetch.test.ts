@@ -144,6 +144,19 @@ for (const b of backends) {
       expect(c.metrics()).toMatch(/vattention_pages_reclaimed_total\{by="ahead"\} [1-9]/);
     });
 
+    it('a growAsync that needs room when memory is full reclaims on its own thread: the JS thread makes no backend call', async () => {
+      const c = make({ prefetchTokens: 0 });
+      fillAndRelease(c);
+      const seq = c.reserve({ expectedTokens: 0 });
+      const js0 = c.stats().driverCallsOnJsThread;
+      await c.growAsync(seq, 2 * tpp(c));
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(js0);
+      expect(s.pagesReclaimed).toBe(2 * groupPagesOf(b));
+      expect(s.slots[seq.slot]!.mappedPages).toBe(2 * groupPagesOf(b));
+      expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+    });
+
     it('idlePageGroups: 0 turns reclaim-ahead off: the growth reclaims on demand, on the JS thread', async () => {
       const c = make({ prefetchTokens: tpp({ pageSize: b.name === 'host' ? 4096 : 2 << 20, tokenBytes: b.options.kvHeads * b.options.headDim * 2 } as KVCache), idlePageGroups: 0 });
       fillAndRelease(c);

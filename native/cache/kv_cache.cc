@@ -185,7 +185,7 @@ void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
     }
     uint64_t obtainable = mapper_->obtainablePages(batchSlots_);
     if (missing > obtainable) {
-      if (prefetcher_->waitForIdle(lk)) {
+      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) {
         checkBatch();
         missing = collectTargets(batch);
         continue;
@@ -232,20 +232,21 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
     uint64_t obtainable = mapper_->obtainablePages({seq.slot});
     PagePool& pool = core_->pool();
     if (missing > obtainable) {
-      if (prefetcher_->waitForIdle(lk)) continue;
+      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) continue;
       throw outOfMemory(missing, obtainable, pool.pageSize(), pool.counts());
     }
     mapper_->retryStranded();
     if (pool.idleCount() + pool.headroom() < missing) {
-      // Make room one page group at a time and let the lock go in between:
-      // a long prompt's reclaim must not hold the serving thread's step() up
-      // for all of it. Everything is decided again after the pause.
-      if (mapper_->reclaim(layout.pagesPerGroup(), {seq.slot}) > 0) {
-        lk.unlock();
-        std::this_thread::yield();
-        lk.lock();
+      // Make room one page group at a time, unmapping with the lock released
+      // (a retirement): a long prompt's reclaim must not hold the serving
+      // thread's step() up. Fenced candidates, when only those are left, are
+      // waited for and unmapped on the lock. Everything is decided again after.
+      Retirement r;
+      if (mapper_->beginDemandRetirement(r, {seq.slot})) {
+        mapper_->runRetirement(lk, r);
         continue;
       }
+      if (mapper_->reclaim(layout.pagesPerGroup(), {seq.slot}) > 0) continue;
     }
     Extension ext;
     if (!mapper_->beginExtension(ext, seq.slot, need, true, Extending::OnDemand)) {

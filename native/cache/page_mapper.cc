@@ -199,7 +199,29 @@ void PageMapper::unmapTailGroup(Slot& s) {
 bool PageMapper::beginRetirement(Retirement& r) {
   int candidate = reclaimAheadCandidate(core_.slots, core_.backend());
   if (candidate < 0) return false;
-  r.slot = static_cast<uint32_t>(candidate);
+  r.ahead = true;
+  detachTailGroup(r, static_cast<uint32_t>(candidate));
+  return true;
+}
+
+bool PageMapper::beginDemandRetirement(Retirement& r, const std::vector<uint32_t>& exclude) {
+  for (const ReclaimCandidate& c : reclaimOrder(core_.slots, *core_.layout, core_.backend(), exclude)) {
+    if (c.fenced) return false;  // unfenced candidates come first: none left
+    r.ahead = false;
+    detachTailGroup(r, c.slot);
+    return true;
+  }
+  return false;
+}
+
+bool PageMapper::waitForRetirements(Lock& lk) {
+  if (retiringPages_ == 0) return false;
+  core_.changed.wait(lk, [&] { return core_.closing.load() || retiringPages_ == 0; });
+  return true;
+}
+
+void PageMapper::detachTailGroup(Retirement& r, uint32_t slot) {
+  r.slot = slot;
   Slot& s = core_.slots[r.slot];
   PagePool& pool = core_.pool();
   size_t first = s.pages.size() - core_.layout->pagesPerGroup();
@@ -209,7 +231,6 @@ bool PageMapper::beginRetirement(Retirement& r) {
   s.pages.resize(first);
   s.extending = Extending::Ahead;
   retiringPages_ += r.pages.size();
-  return true;
 }
 
 void PageMapper::runRetirement(Lock& lk, Retirement& r) {
@@ -238,7 +259,7 @@ void PageMapper::runRetirement(Lock& lk, Retirement& r) {
   }
   retiringPages_ -= r.pages.size();
   reclaimedPages_ += done;
-  reclaimedAheadPages_ += done;
+  if (r.ahead) reclaimedAheadPages_ += done;
   core_.slots[r.slot].extending = Extending::No;
   core_.changed.notify_all();
 }

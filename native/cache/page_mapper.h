@@ -36,6 +36,7 @@ struct Extension {
 // (reclaim ahead of need, by the prefetch worker).
 struct Retirement {
   uint32_t slot = 0;
+  bool ahead = false;  // by the prefetch worker (counted apart in the stats)
   std::vector<PageId> pages;
   std::vector<Address> addresses;
 };
@@ -76,6 +77,14 @@ class PageMapper {
   // when no released slot can give a group without a fence wait. Called and
   // returns with the lock held.
   bool beginRetirement(Retirement& r);
+  // The same for a growth that needs room (growAsync's thread): the first
+  // candidate of the reclaim order without a pending fence (a prefetched
+  // tail or a released slot), `exclude` left alone. False when only fenced
+  // candidates are left (reclaim() waits for those, on the lock).
+  bool beginDemandRetirement(Retirement& r, const std::vector<uint32_t>& exclude);
+  // On the lock: while pages are being retired, waits until they are idle and
+  // returns true (the caller decides again); false at once when none are.
+  bool waitForRetirements(Lock& lk);
   void runRetirement(Lock& lk, Retirement& r);
   // Pages detached by a retirement and not yet back: still mapped, counted
   // with the released slots' bytes.
@@ -89,6 +98,7 @@ class PageMapper {
   uint64_t pagesMappedOffLock() const { return pagesMappedOffLock_; }
 
  private:
+  void detachTailGroup(Retirement& r, uint32_t slot);
   std::vector<PageId> obtainPages(uint64_t count, std::vector<PageId>& createdNow,
                                   const std::vector<uint32_t>& exclude);
   void returnPages(const std::vector<PageId>& pages, const std::vector<PageId>& createdNow);
