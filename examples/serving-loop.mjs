@@ -1,10 +1,12 @@
 // A complete serving loop with vattention, runnable as it is:
 //   node examples/serving-loop.mjs
 // It uses the GPU when one is present (backend 'auto'), host memory otherwise.
-// Requests arrive, are prefilled, decode one token per step in a batch, and
-// leave; the KV cache backs each sequence's K and V on demand. When memory
-// runs out, the newest sequence is preempted, and nothing new is admitted
-// until a sequence finishes (so a preempted request cannot cycle back in).
+// Requests arrive; a prompt's pages are mapped off the event loop
+// (growAsync) and the request joins the batch once they are; the batch
+// decodes one token per step; finished requests leave, their slots keeping
+// their pages for the next ones. When memory runs out, the newest sequence
+// is preempted, and nothing new is admitted until a sequence finishes (so a
+// preempted request cannot cycle back in).
 import { KVCache, OutOfMemoryError } from 'vattention';
 
 const cache = new KVCache({
@@ -18,23 +20,49 @@ const cache = new KVCache({
 });
 cache.on('reclaim', (e) => console.log(`  reclaimed ${e.pages} pages for a ${e.operation}`));
 
-// Your attention kernel takes plain contiguous tensors: these are its inputs.
-const { k, v } = cache.tensors()[0];
-console.log(`backend ${cache.backend}; layer 0 K at 0x${k.address.toString(16)}, shape [${k.shape}], strides [${k.strides}]`);
+// Your attention kernel's inputs: every layer's K and V are [maxSequences,
+// maxTokens, kvHeads, headDim] views; pass the strides (by default all layers
+// share one tensor, so a token's stride spans every layer).
+const { k } = cache.tensors()[0];
+console.log(`backend ${cache.backend}, ${cache.layout.name} layout; layer 0 K at 0x${k.address.toString(16)}, shape [${k.shape}], strides [${k.strides}]`);
 
 const waiting = Array.from({ length: 24 }, (_, i) => ({ id: i, prompt: 200 + ((i * 97) % 900), output: 20 + ((i * 31) % 60) }));
 const running = []; // { req, seq, length, admittedAt }
+const admitting = []; // { req, seq, state: 'mapping' | 'mapped' | 'no memory' }
 let step = 0;
 let preemptions = 0;
+let requeued = 0; // prompts that found no memory and waited again
 let mayAdmit = true; // false after a preemption until a sequence finishes: a preempted request cannot cycle
-while (waiting.length || running.length) {
-  // admit: reserve a slot (best fit among released ones); the prefill happens in the next step()
-  while ((mayAdmit || running.length === 0) && waiting.length && running.length < 8) {
+while (waiting.length || running.length || admitting.length) {
+  // admit: a slot (best fit among released ones), the prompt and its first new token mapped off the event loop
+  while ((mayAdmit || running.length === 0) && waiting.length && running.length + admitting.length < 8) {
     const req = waiting.shift();
-    running.push({ req, seq: cache.reserve({ expectedTokens: req.prompt + req.output }), length: 0, admittedAt: step });
+    const a = { req, seq: cache.reserve({ expectedTokens: req.prompt + req.output }), state: 'mapping' };
+    admitting.push(a);
+    cache.growAsync(a.seq, req.prompt + 1).then(
+      () => (a.state = 'mapped'),
+      (e) => {
+        if (!(e instanceof OutOfMemoryError)) throw e;
+        a.state = 'no memory';
+      },
+    );
   }
-  // one iteration: prefill the new ones, one more token for the others; all or nothing
-  const next = running.map((r) => (r.length === 0 ? r.req.prompt : r.length + 1));
+  for (const a of admitting.splice(0)) {
+    if (a.state === 'mapped') running.push({ req: a.req, seq: a.seq, length: a.req.prompt, admittedAt: step });
+    else if (a.state === 'mapping') admitting.push(a);
+    else {
+      cache.release(a.seq); // no memory for the prompt now: back to the front of the queue
+      waiting.unshift(a.req);
+      requeued++;
+      mayAdmit = false;
+    }
+  }
+  if (running.length === 0) {
+    await new Promise((resolve) => setImmediate(resolve)); // prompts still mapping
+    continue;
+  }
+  // one iteration: one more token for every running sequence; all or nothing
+  const next = running.map((r) => r.length + 1);
   try {
     cache.step(running.map((r) => r.seq), next); // prefetch maps ahead meanwhile
   } catch (e) {
@@ -50,7 +78,9 @@ while (waiting.length || running.length) {
     continue;
   }
   running.forEach((r, i) => (r.length = next[i]));
-  // ... launch attention with r.seq.address(layer, 'k' | 'v') and r.length here ...
+  // ... launch attention with r.seq.address(layer, 'k' | 'v'), the strides and r.length here,
+  // then wait for the GPU without blocking the event loop:
+  await new Promise((resolve) => setImmediate(resolve));
   step++;
   for (let i = running.length - 1; i >= 0; i--) {
     const r = running[i];
@@ -62,7 +92,7 @@ while (waiting.length || running.length) {
   }
 }
 const s = cache.stats();
-console.log(`served 24 requests in ${step} steps (${preemptions} preemptions); pages reused ${s.pagesReused}, mapped ${s.driverCalls.map.calls}, JS-thread driver calls ${s.driverCallsOnJsThread}`);
+console.log(`served 24 requests in ${step} steps (${preemptions} preemptions, ${requeued} prompts requeued for memory); pages reused ${s.pagesReused}, mapped ${s.driverCalls.map.calls}, JS-thread driver calls ${s.driverCallsOnJsThread}`);
 console.log(cache.metrics().split('\n').filter((l) => l.startsWith('vattention_backed_bytes') || l.startsWith('vattention_prefetch_hits_total')).join('\n'));
 cache.close();
 console.log('done');
