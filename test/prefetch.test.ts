@@ -157,6 +157,76 @@ for (const b of backends) {
       expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
     });
 
+    it('memory full, the worker reclaiming ahead, prompts growing asynchronously, steps and releases interleaved: every byte stays where it was written', async () => {
+      const c = make({ prefetchTokens: tpp(c0ForStress(b)) });
+      fillAndRelease(c);
+      const per = tpp(c);
+      let x = 12345;
+      const rand = (n: number) => ((x = (Math.imul(x, 1103515245) + 12345) >>> 0) % n);
+      const tokenData = (id: number, t: number) => pattern(c.tokenBytes, id * 10_000 + t);
+      interface Live { id: number; seq: Sequence; tokens: number }
+      const live: Live[] = [];
+      const pending: Promise<void>[] = [];
+      let nextId = 1;
+      const admit = () => {
+        const seq = c.reserve({ expectedTokens: 0 });
+        const id = nextId++;
+        const prompt = 1 + rand(2 * per);
+        pending.push(
+          c.growAsync(seq, prompt).then(
+            () => {
+              for (let t = 0; t < prompt; t++) c.write(seq, { layer: 0, kind: 'k', token: t }, tokenData(id, t));
+              live.push({ id, seq, tokens: prompt });
+            },
+            (e: unknown) => {
+              expect((e as { code?: string }).code).toBe('ERR_OUT_OF_MEMORY');
+              c.release(seq);
+            },
+          ),
+        );
+      };
+      const verify = (l: Live) => {
+        const got = c.read(l.seq, { layer: 0, kind: 'k', token: 0, count: l.tokens });
+        for (let t = 0; t < l.tokens; t++)
+          expect(Buffer.from(got.subarray(t * c.tokenBytes, (t + 1) * c.tokenBytes)).equals(Buffer.from(tokenData(l.id, t)))).toBe(true);
+      };
+      for (let round = 0; round < 120; round++) {
+        if (live.length + pending.length < 3) admit();
+        if (live.length > 0) {
+          const batch = live.filter((l) => l.tokens < c.options.maxTokens);
+          try {
+            c.step(batch.map((l) => l.seq), batch.map((l) => l.tokens + 1));
+            for (const l of batch) {
+              c.write(l.seq, { layer: 0, kind: 'k', token: l.tokens }, tokenData(l.id, l.tokens));
+              l.tokens++;
+            }
+          } catch (e) {
+            expect((e as { code?: string }).code).toBe('ERR_OUT_OF_MEMORY');
+            const victim = live.splice(rand(live.length), 1)[0]!;
+            verify(victim);
+            c.release(victim.seq);
+          }
+        }
+        if (live.length > 0 && rand(8) === 0) {
+          const done = live.splice(rand(live.length), 1)[0]!;
+          verify(done);
+          c.release(done.seq);
+        }
+        if (round % 10 === 0) {
+          await Promise.all(pending.splice(0));
+          for (const l of live) verify(l);
+        }
+        await new Promise((r) => setTimeout(r, 1)); // the GPU's time: the worker maps and reclaims
+      }
+      await Promise.all(pending.splice(0));
+      for (const l of live) verify(l);
+      const s = c.stats();
+      expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+      expect(s.prefetch.pagesReclaimedAhead).toBeGreaterThan(0); // the worker's retirements ran among all this
+      expect(s.pagesReclaimed).toBeGreaterThan(s.prefetch.pagesReclaimedAhead); // and demand (growAsync's retirements, step) too
+    });
+
     it('idlePageGroups: 0 turns reclaim-ahead off: the growth reclaims on demand, on the JS thread', async () => {
       const c = make({ prefetchTokens: tpp({ pageSize: b.name === 'host' ? 4096 : 2 << 20, tokenBytes: b.options.kvHeads * b.options.headDim * 2 } as KVCache), idlePageGroups: 0 });
       fillAndRelease(c);
@@ -237,6 +307,8 @@ for (const b of backends) {
   });
 }
 
+/** A stand-in with the case's page and token size, for tpp() before a cache exists. */
+const c0ForStress = (b: (typeof backends)[number]) => ({ pageSize: b.name === 'host' ? 4096 : 2 << 20, tokenBytes: b.options.kvHeads * b.options.headDim * 2 }) as KVCache;
 const pageSizeOf = (b: (typeof backends)[number]) => (b.name === 'host' ? 4096 : 2 << 20);
 const tokenBytesOf = (b: (typeof backends)[number]) => b.options.kvHeads * b.options.headDim * 2;
 
