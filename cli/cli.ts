@@ -192,7 +192,7 @@ function printDemo(r: DemoReport): void {
   console.log(`  time in ${what} creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
   console.log(`  serving-loop thread time spent mapping, reclaiming or waiting for the worker inside grow/step: ${(r.criticalPathMappingSeconds * 1e3).toFixed(1)} ms`);
   console.log(`  serving thread in library calls: ${(r.servingThreadLibrarySeconds * 1e3).toFixed(1)} ms = ${(100 * r.servingThreadLibraryShare).toFixed(2)}% of ${r.wallSeconds.toFixed(2)} s wall (simulated compute ${r.simulatedComputeMs.toFixed(2)} ms per iteration, ${r.computeOnGpu ? 'a GPU kernel' : 'a sleep, 1/10 of an H100 roofline'})`);
-  console.log(`  step(): p50 ${r.stepMicros.p50.toFixed(1)} µs, p99 ${r.stepMicros.p99.toFixed(1)} µs, max ${r.stepMicros.max.toFixed(1)} µs; backend calls on the serving thread: ${r.driverCallsOnJsThread} (${r.driverCallsOnJsThreadWhileFull} in steps with the budget full)`);
+  console.log(`  step(): p50 ${r.stepMicros.p50.toFixed(1)} µs, p99 ${r.stepMicros.p99.toFixed(1)} µs, max ${r.stepMicros.max.toFixed(1)} µs; backend calls on the serving thread: ${r.driverCallsOnJsThread} (${r.driverCallsOnJsThreadWhileFull} in steps with the budget full, ${r.driverCallsOnJsThreadAfterPreemption} of them in steps retried after a preemption)`);
   console.log(`  pages mapped ahead ${r.pagesMappedAhead} / on demand ${r.pagesMappedOnDemand}; reclaimed ahead ${r.pagesReclaimedAhead} / on demand ${r.pagesReclaimedOnDemand}; ${r.prefillsAsync} prompts mapped by growAsync`);
 }
 

@@ -83,22 +83,40 @@ export interface ReadRange extends TokenRange {
   count: number;
 }
 
-const sequenceState = new WeakMap<Sequence, { generation: number; released: boolean }>();
-
 /** A sequence placed in a slot of a cache. Obtained from {@link KVCache.reserve}. */
 export class Sequence {
+  // Private fields, not a WeakMap: step() checks every entry of the batch,
+  // and a private field read costs a fraction of a WeakMap lookup.
+  #generation: number;
+  #released = false;
+
   /** @internal */
   constructor(
     readonly cache: KVCache,
     readonly slot: number,
     generation: number,
   ) {
-    sequenceState.set(this, { generation, released: false });
+    this.#generation = generation;
   }
 
   /** True once released (or its cache closed). */
   get released(): boolean {
-    return (sequenceState.get(this)?.released ?? true) || this.cache.closed;
+    return this.#released || this.cache.closed;
+  }
+
+  /**
+   * @internal The generation of a sequence made by reserve(); -1 once
+   * released; undefined for anything else (Object.create(Sequence.prototype)
+   * included: it has no private fields).
+   */
+  static generationOf(seq: unknown): number | undefined {
+    if (typeof seq !== 'object' || seq === null || !(#generation in seq)) return undefined;
+    return seq.#released ? -1 : seq.#generation;
+  }
+
+  /** @internal */
+  static markReleased(seq: Sequence): void {
+    seq.#released = true;
   }
 
   /** Tokens grown so far (backed in every layer's K and V). */
@@ -302,7 +320,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     if (typeof o.stream === 'bigint' && (o.stream < 0n || o.stream >= 1n << 64n))
       throw new InvalidArgumentRangeError('options.stream', `must be a 64-bit address, got ${o.stream}`);
     this.#call(() => native.release(seq.slot, generation, o.stream as bigint | undefined));
-    sequenceState.get(seq)!.released = true;
+    Sequence.markReleased(seq);
   }
 
   /**
@@ -472,14 +490,12 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   /** Checks a sequence argument; returns its generation. */
   #check(seq: unknown): number {
-    const state = seq instanceof Sequence ? sequenceState.get(seq) : undefined;
-    // instanceof alone passes Object.create(Sequence.prototype): only
-    // sequences made by reserve() have a state.
-    if (state === undefined) throw new InvalidArgumentTypeError('seq', `must be a Sequence from reserve(), got ${describe(seq)}`);
+    const generation = Sequence.generationOf(seq);
+    if (generation === undefined) throw new InvalidArgumentTypeError('seq', `must be a Sequence from reserve(), got ${describe(seq)}`);
     if ((seq as Sequence).cache !== this)
       throw new ForeignSequenceError(`the sequence in slot ${(seq as Sequence).slot} belongs to another cache`);
-    if (state.released) throw new SequenceReleasedError(`the sequence in slot ${(seq as Sequence).slot} was released`);
-    return state.generation;
+    if (generation < 0) throw new SequenceReleasedError(`the sequence in slot ${(seq as Sequence).slot} was released`);
+    return generation;
   }
 
   #range(range: unknown): { layer: number; kind: 0 | 1; token: number } {

@@ -144,6 +144,43 @@ for (const b of backends) {
       expect(c.metrics()).toMatch(/vattention_pages_reclaimed_total\{by="ahead"\} [1-9]/);
     });
 
+    it('a growth that needs room takes released slots before the look-ahead of running sequences (which the next steps would need back)', async () => {
+      const c = make({ prefetchTokens: tpp(c0ForStress(b)), idlePageGroups: 0 });
+      const per = tpp(c), group = groupPagesOf(b);
+      const total = c.stats().budgetBytes / c.pageSize / group; // page groups the budget holds
+      const a = c.reserve();
+      c.step([a], [1]);
+      await until(() => c.stats().slots[a.slot]!.backedTokens >= 1 + per); // its tokens' group and one ahead
+      const zGroups = Math.min(total - 4, Math.floor(c.options.maxTokens / per));
+      const r = c.reserve();
+      c.grow(r, (total - 2 - zGroups) * per);
+      const z = c.reserve();
+      c.grow(z, zGroups * per);
+      c.release(r);
+      expect(c.stats().pagesMapped).toBe(total * group); // the budget is full
+      const y = c.reserve({ expectedTokens: 0 });
+      const reclaimed0 = c.stats().pagesReclaimed;
+      c.grow(y, 1);
+      const s = c.stats();
+      expect(s.pagesReclaimed - reclaimed0).toBe(group); // one page group unmapped to make room...
+      expect(s.slots[r.slot]!.mappedPages).toBe((total - 3 - zGroups) * group); // ...from the released slot
+      expect(s.slots[a.slot]!.backedTokens).toBeGreaterThanOrEqual(1 + per); // the look-ahead stayed
+      expect(s.slots[y.slot]!.mappedPages).toBe(group);
+    });
+
+    it('growAsync also has the worker map the look-ahead: a prompt joining the batch at a page-group boundary finds its next group ready', async () => {
+      const c = make({ prefetchTokens: tpp(c0ForStress(b)) });
+      const per = tpp(c);
+      const seq = c.reserve();
+      await c.growAsync(seq, per); // the prompt ends exactly at a group boundary
+      await until(() => c.stats().slots[seq.slot]!.backedTokens >= 2 * per); // no step() yet
+      const s0 = c.stats();
+      c.step([seq], [per + 1]);
+      const s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(s0.driverCallsOnJsThread);
+      expect(s.prefetch.misses).toBe(s0.prefetch.misses);
+    });
+
     it('a growAsync that needs room when memory is full reclaims on its own thread: the JS thread makes no backend call', async () => {
       const c = make({ prefetchTokens: 0 });
       fillAndRelease(c);

@@ -105,8 +105,11 @@ uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
   Lock lk(core_->lock);
   uint64_t before = mapper_->reclaimedPages();
   growBatch(lk, batch, true);
-  prefetcher_->afterStep(batch);
-  return mapper_->reclaimedPages() - before;
+  bool notify = prefetcher_->afterStep(batch);
+  uint64_t reclaimed = mapper_->reclaimedPages() - before;
+  lk.unlock();
+  if (notify) prefetcher_->notifyWorker();
+  return reclaimed;
 }
 
 // Fills the scratch arrays with the batch's slots and their targets (a slot
@@ -221,13 +224,34 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
   if (tokens > layout.shape().maxTokens)
     fail(ErrorCode::OutOfRange, "cannot grow to " + std::to_string(tokens) + " tokens: maxTokens is " +
                                     std::to_string(layout.shape().maxTokens));
+  // One asynchronous growth maps at a time: the driver serialises mapping
+  // calls on a device, so several prompts mapping at once only make each
+  // call wait longer - the prefetch worker's look-ahead, which the next
+  // step needs, included. The turn is taken once the growth has work to do.
+  bool myTurn = false;
+  struct TurnGuard {
+    KVCache& cache;
+    Lock& lk;
+    bool& mine;
+    // Under the lock, whatever way the growth ends: a waiter checks the turn
+    // under the lock, so giving it back without the lock could lose the wake-up.
+    ~TurnGuard() {
+      if (!mine) return;
+      if (!lk.owns_lock()) lk.lock();
+      cache.asyncGrowthMapping_ = false;
+      cache.core_->changed.notify_all();
+    }
+  } turn{*this, lk, myTurn};
   for (;;) {
     // closing first: once closed, the slots are gone.
-    core_->changed.wait(lk, [&] { return core_->closing.load() || !core_->slots[seq.slot].extendingNow(); });
+    core_->changed.wait(lk, [&] {
+      return core_->closing.load() || (!core_->slots[seq.slot].extendingNow() && (myTurn || !asyncGrowthMapping_));
+    });
     Slot& s = activeSlot(seq);
     if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the growth was aborted");
     size_t need = layout.groupsForTokens(tokens);
     if (need <= core_->groupsOf(s)) break;
+    if (!myTurn) myTurn = asyncGrowthMapping_ = true;
     uint64_t missing = uint64_t(need - core_->groupsOf(s)) * layout.pagesPerGroup();
     uint64_t obtainable = mapper_->obtainablePages({seq.slot});
     PagePool& pool = core_->pool();
@@ -258,6 +282,14 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
   }
   Slot& after = activeSlot(seq);  // released while mapping: ERR_SEQUENCE_RELEASED (pages stay with the slot)
   after.tokens = std::max(after.tokens, tokens);
+  bool notify = prefetcher_->afterGrowth(seq.slot, after.tokens);
+  if (myTurn) {
+    asyncGrowthMapping_ = false;
+    myTurn = false;
+    core_->changed.notify_all();
+  }
+  lk.unlock();
+  if (notify) prefetcher_->notifyWorker();
 }
 
 // ---- release, reclaim, trim --------------------------------------------------

@@ -167,6 +167,7 @@ class KVCache {
   std::vector<uint32_t> batchSlots_;
   std::vector<std::pair<uint32_t, size_t>> batchGroups_;
   uint32_t batchEpoch_ = 0;
+  bool asyncGrowthMapping_ = false;  // a growDetached holds the mapping turn (see there)
 };
 
 }  // namespace vat

@@ -39,22 +39,33 @@ void Prefetcher::stop() {
 
 void Prefetcher::wake() {
   ++epoch_;
-  workCv_.notify_one();
+  if (sleeping_) workCv_.notify_one();
 }
 
-void Prefetcher::afterStep(const std::vector<GrowRequest>& batch) {
-  if (lookAhead_ == 0) return;
+// True when the slot's look-ahead is not backed yet.
+bool Prefetcher::raiseTarget(Slot& s, uint64_t tokens) {
   uint64_t maxTokens = core_.layout->shape().maxTokens;
+  s.prefetchTarget = std::max(s.prefetchTarget, std::min<uint64_t>(maxTokens, tokens + lookAhead_));
+  return core_.layout->tokensInGroups(core_.groupsOf(s)) < s.prefetchTarget;
+}
+
+bool Prefetcher::afterStep(const std::vector<GrowRequest>& batch) {
+  if (lookAhead_ == 0) return false;
   bool work = !active_;
-  for (const GrowRequest& r : batch) {
-    Slot& s = core_.slots[r.seq.slot];
-    s.prefetchTarget = std::max(s.prefetchTarget, std::min<uint64_t>(maxTokens, r.tokens + lookAhead_));
-    if (core_.layout->tokensInGroups(core_.groupsOf(s)) < s.prefetchTarget) work = true;
-  }
+  for (const GrowRequest& r : batch) work = raiseTarget(core_.slots[r.seq.slot], r.tokens) || work;
   active_ = true;
-  // Wake the worker only when there is something to map: most decode steps
-  // stay inside pages already backed, and then cost no wake-up at all.
-  if (work) wake();
+  // A new epoch only when there is something to map: most decode steps stay
+  // inside pages already backed, and then cost no wake-up at all. A worker
+  // that is busy sees the new epoch without a notification (no system call).
+  if (!work) return false;
+  ++epoch_;
+  return sleeping_;
+}
+
+bool Prefetcher::afterGrowth(uint32_t slot, uint64_t tokens) {
+  if (lookAhead_ == 0 || !raiseTarget(core_.slots[slot], tokens)) return false;
+  ++epoch_;
+  return sleeping_;
 }
 
 bool Prefetcher::waitForIdle(Lock& lk) {
@@ -177,7 +188,9 @@ void Prefetcher::run() {
       busy = false;
     }
     if (busy) continue;
+    sleeping_ = true;
     workCv_.wait(lk, [&] { return core_.closing.load() || epoch_ != seen; });
+    sleeping_ = false;
   }
 }
 

@@ -42,9 +42,18 @@ class Prefetcher {
   // exiting the worker may be inside a driver call: it is detached.
   void stop();
 
-  // Under the lock. After a step: raises the batch's targets and wakes the
-  // worker when there is something to map (most steps: nothing).
-  void afterStep(const std::vector<GrowRequest>& batch);
+  // Under the lock. After a step: raises the batch's targets and, when there
+  // is something to map (most steps: nothing), gives the worker a new epoch.
+  // True when the worker sleeps and must be notified: the caller does it
+  // with notifyWorker() after unlocking, so the woken thread does not run
+  // into the lock the serving thread still holds.
+  [[nodiscard]] bool afterStep(const std::vector<GrowRequest>& batch);
+  // A growth on another thread (growAsync) backed `tokens`: the sequence is
+  // about to decode, so the worker maps its look-ahead from now on rather
+  // than from its first step. Same return as afterStep.
+  [[nodiscard]] bool afterGrowth(uint32_t slot, uint64_t tokens);
+  // Without the lock, after afterStep/afterGrowth returned true.
+  void notifyWorker() { workCv_.notify_one(); }
   // Under the lock: something changed that may give the worker work.
   void wake();
   // Under the lock: the pool was trimmed; no top-up until the next step.
@@ -61,6 +70,7 @@ class Prefetcher {
  private:
   void run();
   bool plan(Extension& ext);
+  bool raiseTarget(Slot& s, uint64_t tokens);
   bool topUpPool(Lock& lk);
   bool reclaimAhead(Lock& lk);
 
@@ -73,6 +83,7 @@ class Prefetcher {
   std::condition_variable started_;
   std::thread worker_;
   bool startedUp_ = false;
+  bool sleeping_ = false;         // the worker waits on workCv_ (a wake-up must notify it)
   bool active_ = false;           // step() has run since the last pause()
   uint64_t epoch_ = 0;            // bumped with every wake-up (the worker's wait predicate)
   uint32_t demandWaiting_ = 0;    // callers in waitForIdle: the worker starts nothing new

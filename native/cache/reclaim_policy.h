@@ -15,14 +15,22 @@ namespace vat {
 
 struct ReclaimCandidate {
   uint32_t slot;
-  size_t keepGroups;  // groups that stay mapped (the tokens of an active sequence)
+  size_t keepGroups;  // groups that stay mapped
+  size_t topGroups;   // the candidate covers groups [keepGroups, topGroups)
   bool fenced;        // GPU work may still use its pages: wait before unmapping
 };
 
-// The order: the prefetched tails (groups beyond the tokens) of active
-// sequences, then released slots, least recently released first - first
-// those whose fences have all passed, then, in the same order, those that
-// must be waited for. Slots being extended and those in `exclude` are left alone.
+// The order, least useful pages first:
+//   1. groups of active sequences past their look-ahead (a tail inherited
+//      from a longer sequence that held the slot before): no step needs them;
+//   2. released slots, least recently released first (those released last
+//      are the likeliest to be reused by the next sequences);
+//   3. the look-ahead of active sequences (groups past the tokens, up to the
+//      prefetch target): taking it only moves the mapping to the next steps,
+//      and the worker would map it again at once, so it goes last.
+// First every candidate whose fences have all passed, then, in the same
+// order, those that must be waited for. Slots being extended and those in
+// `exclude` are left alone.
 std::vector<ReclaimCandidate> reclaimOrder(SlotTable& slots, const KVLayout& layout, Backend& backend,
                                            const std::vector<uint32_t>& exclude);
 
