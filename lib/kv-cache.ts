@@ -56,6 +56,20 @@ export type { CacheStats, CallStats, LayoutStats, PrefetchStats, SlotStats } fro
 export interface ReserveOptions {
   /** Tokens the sequence is expected to reach; picks the released slot whose pages fit best. */
   expectedTokens?: number;
+  /**
+   * Prefix sharing: the new sequence starts with the first `tokens` tokens of
+   * `from` (active, or released while its slot still holds its pages). Whole
+   * page groups before token `tokens` are mapped from `from`'s physical pages
+   * (no copy); the page group that token falls in is copied. See {@link KVCache.fork}.
+   */
+  prefix?: { from: Sequence; tokens: number };
+  /** With `prefix`: the stream the copy is queued on (after the work there); without, it is done on return. */
+  stream?: bigint;
+}
+
+export interface ForkOptions {
+  /** CUDA stream (bigint) the copy of the partial page group is queued on, after the work there; without, it is done on return. */
+  stream?: bigint;
 }
 
 export interface ReleaseOptions {
@@ -112,6 +126,12 @@ export class Sequence {
   static generationOf(seq: unknown): number | undefined {
     if (typeof seq !== 'object' || seq === null || !(#generation in seq)) return undefined;
     return seq.#released ? -1 : seq.#generation;
+  }
+
+  /** @internal The generation it was reserved with, released or not (prefix sharing from a released sequence). */
+  static reservedGeneration(seq: unknown): number | undefined {
+    if (typeof seq !== 'object' || seq === null || !(#generation in seq)) return undefined;
+    return seq.#generation;
   }
 
   /** @internal */
@@ -216,8 +236,48 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       o.expectedTokens === undefined
         ? undefined
         : checkInteger('options.expectedTokens', o.expectedTokens, 0, this.options.maxTokens);
+    if (o.prefix !== undefined) {
+      const p = checkObject('options.prefix', o.prefix, false);
+      const generation = Sequence.reservedGeneration(p.from);
+      if (generation === undefined)
+        throw new InvalidArgumentTypeError('options.prefix.from', `must be a Sequence from reserve(), got ${describe(p.from)}`);
+      const from = p.from as Sequence;
+      if (from.cache !== this) throw new ForeignSequenceError(`the sequence in slot ${from.slot} belongs to another cache`);
+      const tokens = checkInteger('options.prefix.tokens', p.tokens, 0, this.options.maxTokens);
+      const stream = this.#stream('options.stream', o.stream);
+      const [slot, gen] = this.#call(() => native.share(from.slot, generation, tokens, true, stream));
+      return new Sequence(this, slot, gen);
+    }
+    if (o.stream !== undefined) throw new InvalidArgumentRangeError('options.stream', 'only applies with options.prefix');
     const [slot, generation] = this.#call(() => native.reserve(expected));
     return new Sequence(this, slot, generation);
+  }
+
+  /**
+   * A new sequence holding the same tokens as `seq`, in a free slot, without
+   * copying them: every whole page group of `seq` is mapped into the new
+   * slot from the same physical pages, and only the last, partial group is
+   * copied into new pages (on `options.stream` when given). KV is
+   * append-only, so the two then grow independently; tokens before the fork
+   * must not be written again through either (both would see it). Releasing
+   * either leaves the other intact; a page goes back to the pool when its
+   * last mapping does. All or nothing (ERR_OUT_OF_MEMORY, ERR_NO_SLOT).
+   */
+  fork(seq: Sequence, options?: ForkOptions): Sequence {
+    const native = this.#open();
+    const generation = this.#check(seq);
+    const o = checkObject('options', options, true);
+    const stream = this.#stream('options.stream', o.stream);
+    const tokens = this.#call(() => native.tokens(seq.slot, generation));
+    const [slot, gen] = this.#call(() => native.share(seq.slot, generation, tokens, false, stream));
+    return new Sequence(this, slot, gen);
+  }
+
+  #stream(name: string, stream: unknown): bigint | undefined {
+    if (stream === undefined) return undefined;
+    if (typeof stream !== 'bigint') throw new InvalidArgumentTypeError(name, `must be a bigint (CUstream), got ${describe(stream)}`);
+    if (stream < 0n || stream >= 1n << 64n) throw new InvalidArgumentRangeError(name, `must be a 64-bit address, got ${stream}`);
+    return stream;
   }
 
   /**

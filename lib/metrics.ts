@@ -68,6 +68,8 @@ export function metricFamilies(stats: CacheStats): MetricFamily[] {
   ]);
   metric('active_sequences', 'gauge', 'Sequences holding a slot.', [[{}, stats.activeSequences]]);
   metric('pages_reused_total', 'counter', 'Mapped pages a new sequence found in its slot (deferred reclamation).', [[{}, stats.pagesReused]]);
+  metric('pages_shared', 'gauge', 'Physical pages mapped in more than one slot (fork, prefix sharing).', [[{}, stats.pagesShared]]);
+  metric('sharing_saved_bytes', 'gauge', 'Memory that sharing pages between sequences saved (mappings beyond a page\'s first).', [[{}, stats.bytesSavedBySharing]]);
   metric('pages_reclaimed_total', 'counter', 'Pages unmapped from released slots or prefetched tails, by who did it: the prefetch worker ahead of need, or a growth / reclaim() on demand.', [
     [{ by: 'ahead' }, stats.prefetch.pagesReclaimedAhead],
     [{ by: 'demand' }, stats.pagesReclaimed - stats.prefetch.pagesReclaimedAhead],

@@ -47,6 +47,7 @@ export interface NativeCache {
   step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): number;
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
+  share(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): [slot: number, generation: number];
   reclaim(bytes?: number): number;
   trim(): number;
   write(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, data: Uint8Array): void;

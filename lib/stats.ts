@@ -114,6 +114,13 @@ export interface CacheStats {
   pagesReclaimed: number;
   /** Mapped pages ever found in a slot by reserve (deferred reclamation hits). */
   pagesReused: number;
+  /** Physical pages mapped in more than one slot (fork, prefix sharing): counted once in bytesBacked. */
+  pagesShared: number;
+  /**
+   * Mappings beyond a page's first, in bytes: what sharing saved. The slots' mapped bytes
+   * (bytesUsed + bytesBeyondTokens + bytesInReleasedSlots) add up to bytesBacked + this.
+   */
+  bytesSavedBySharing: number;
   /** Backend (driver or OS) calls made on the thread that created the cache: the serving loop's critical path. */
   driverCallsOnJsThread: number;
   /** The prefetch worker and the callers' side of it. */

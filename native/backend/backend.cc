@@ -86,6 +86,7 @@ const char* backendOpName(BackendOp op) {
     case BackendOp::Unmap: return "unmap";
     case BackendOp::CopyIn: return "copyIn";
     case BackendOp::CopyOut: return "copyOut";
+    case BackendOp::CopyDevice: return "copyDevice";
     case BackendOp::Fence: return "fence";
     case BackendOp::FenceQuery: return "fenceQuery";
     case BackendOp::FenceWait: return "fenceWait";

@@ -34,6 +34,7 @@ enum class BackendOp : int {
   Unmap,
   CopyIn,
   CopyOut,
+  CopyDevice,  // device-to-device copy (fork: the partial page group)
   Fence,       // record a fence (cuEventCreate + cuEventRecord)
   FenceQuery,  // has it passed? (cuEventQuery)
   FenceWait,   // block until it has (cuEventSynchronize)
@@ -135,6 +136,9 @@ class Backend {
   // range (a layer's tokens in a grouped layout are not adjacent).
   virtual void copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) = 0;
   virtual void copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) = 0;
+  // Copies `bytes` between two backed addresses, queued on `stream` (after
+  // the work already there); with stream 0 it has finished on return.
+  virtual void copyDevice(Address dst, Address src, size_t bytes, uint64_t stream) = 0;
 
   // Fences: work queued on `stream` so far; done() never blocks, wait() does.
   virtual FenceHandle recordFence(uint64_t stream) = 0;

@@ -233,6 +233,15 @@ void CudaBackend::copyOut(void* dst, Address src, uint64_t pitch, size_t rowByte
   check(driver().cuMemcpy2D(&c), "cuMemcpy2D");
 }
 
+void CudaBackend::copyDevice(Address dst, Address src, size_t bytes, uint64_t stream) {
+  ContextScope context(*this);
+  CallScope scope(*this, BackendOp::CopyDevice);
+  scope.injectFault("cuMemcpyDtoDAsync");
+  auto s = reinterpret_cast<CUstream>(stream);
+  check(driver().cuMemcpyDtoDAsync(dst, src, bytes, s), "cuMemcpyDtoDAsync");
+  if (stream == 0) check(driver().cuStreamSynchronize(s), "cuStreamSynchronize");
+}
+
 FenceHandle CudaBackend::recordFence(uint64_t stream) {
   ContextScope context(*this);
   CallScope scope(*this, BackendOp::Fence);

@@ -42,6 +42,7 @@ class CudaBackend final : public Backend {
   void unmap(Address at) override;
   void copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) override;
   void copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) override;
+  void copyDevice(Address dst, Address src, size_t bytes, uint64_t stream) override;
   FenceHandle recordFence(uint64_t stream) override;
   bool fenceDone(FenceHandle fence) override;
   void waitFence(FenceHandle fence) override;

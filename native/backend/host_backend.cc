@@ -182,6 +182,13 @@ void HostBackend::copyIn(Address dst, uint64_t pitch, const void* src, size_t ro
   for (size_t r = 0; r < rows; r++) std::memcpy(at(dst + r * pitch), from + r * rowBytes, rowBytes);
 }
 
+void HostBackend::copyDevice(Address dst, Address src, size_t bytes, uint64_t) {
+  // Host "streams" (test hooks) only gate fences; the copy is done at once.
+  CallScope scope(*this, BackendOp::CopyDevice);
+  scope.injectFault("memcpy");
+  std::memcpy(at(dst), at(src), bytes);
+}
+
 void HostBackend::copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) {
   CallScope scope(*this, BackendOp::CopyOut);
   scope.injectFault("memcpy");

@@ -38,6 +38,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::Step>("step"),
                            InstanceMethod<&NativeCache::GrowAsync>("growAsync"),
                            InstanceMethod<&NativeCache::Release>("release"),
+                           InstanceMethod<&NativeCache::Share>("share"),
                            InstanceMethod<&NativeCache::Reclaim>("reclaim"),
                            InstanceMethod<&NativeCache::Trim>("trim"),
                            InstanceMethod<&NativeCache::Write>("write"),
@@ -94,6 +95,18 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     std::optional<uint64_t> expected;
     if (info.Length() > 0 && info[0].IsNumber()) expected = u64(info[0]);
     SequenceRef r = guarded(env, [&] { return cache_->reserve(expected); });
+    Napi::Array out = Napi::Array::New(env, 2);
+    out.Set(0u, r.slot);
+    out.Set(1u, r.generation);
+    return out;
+  }
+
+  // share(slot, gen, tokens, allowReleased, stream) -> [slot, generation]
+  Napi::Value Share(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    bool allowReleased = info[3].ToBoolean().Value();
+    uint64_t stream = info[4].IsBigInt() ? u64(info[4]) : 0;
+    SequenceRef r = guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, stream); });
     Napi::Array out = Napi::Array::New(env, 2);
     out.Set(0u, r.slot);
     out.Set(1u, r.generation);
@@ -191,6 +204,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("reservedVirtualBytes", num(env, st.reservedVirtualBytes));
     o.Set("pagesReclaimed", num(env, st.reclaimedPages));
     o.Set("pagesReused", num(env, st.reusedPages));
+    o.Set("pagesShared", num(env, st.sharedPages));
+    o.Set("bytesSavedBySharing", num(env, st.bytesSavedBySharing));
     o.Set("driverCallsOnJsThread", num(env, st.callsOnOwnerThread));
     Napi::Object pf = Napi::Object::New(env);
     pf.Set("tokens", cache_->prefetchTokens());

@@ -80,7 +80,16 @@ SequenceRef KVCache::reserve(std::optional<uint64_t> expectedTokens) {
   const KVLayout& layout = *core_->layout;
   std::optional<size_t> groups;
   if (expectedTokens) groups = layout.groupsForTokens(std::min<uint64_t>(*expectedTokens, layout.shape().maxTokens));
-  uint32_t index = placeSequence(core_->slots, groups);
+  sweepDropPending(false);
+  uint32_t index;
+  try {
+    index = placeSequence(core_->slots, groups);
+  } catch (const Error& e) {
+    // Slots still waiting for a fence before dropping shared pages: wait.
+    if (e.code() != ErrorCode::NoSlot) throw;
+    sweepDropPending(true);
+    index = placeSequence(core_->slots, groups);
+  }
   Slot& s = core_->slots[index];
   s.fences.pending(core_->backend());  // drops the fences that have passed
   s.state = SlotState::Active;
@@ -302,11 +311,166 @@ void KVCache::release(SequenceRef seq, std::optional<uint64_t> fenceStream) {
   if (fenceStream && !s.pages.empty()) s.fences.record(core_->backend(), *fenceStream);
   s.state = SlotState::Vacant;
   s.generation++;
-  s.tokens = 0;
   s.prefetchTarget = 0;
   s.releasedAt = ++core_->slots.releaseClock;
+  s.releasedTokens = s.tokens;
+  s.tokens = 0;
   s.fences.pending(core_->backend());
+  dropIfShared(seq.slot);
   prefetcher_->wake();  // pages may have become reclaimable for a waiting plan
+}
+
+// ---- sharing: fork and prefix --------------------------------------------------
+
+bool KVCache::holdsSharedPages(const Slot& s) {
+  PagePool& pool = core_->pool();
+  for (PageId id : s.pages)
+    if (pool.mappingsOf(id) > 1) return true;
+  return false;
+}
+
+// Unmaps every mapping of the slot, last page first: a shared page loses one
+// mapping, the others go idle. Its fences must have passed. A backend failure
+// stops it with the slot holding the pages not yet unmapped (still mapped).
+void KVCache::dropMappings(uint32_t slot) {
+  Slot& s = core_->slots[slot];
+  PagePool& pool = core_->pool();
+  const KVLayout& layout = *core_->layout;
+  size_t per = layout.pagesPerGroup();
+  while (!s.pages.empty()) {
+    size_t k = s.pages.size() - 1;
+    PageId id = s.pages[k];
+    if (pool.unmapAt(id, core_->device.base() + layout.pageOffset(slot, k / per, k % per))) pool.putIdle(id);
+    s.pages.pop_back();
+  }
+  s.dropPending = false;
+}
+
+// A released slot that maps pages another slot maps too must not be reused
+// (its next sequence would write into them): its mappings go now, or, while
+// GPU work may still read them, once its fences have passed.
+void KVCache::dropIfShared(uint32_t slot) {
+  Slot& s = core_->slots[slot];
+  if (!holdsSharedPages(s)) return;
+  s.dropPending = true;
+  if (s.fences.pending(core_->backend())) return;
+  try {
+    dropMappings(slot);
+  } catch (...) {
+    // left pending: retried at the next reserve()
+  }
+}
+
+void KVCache::sweepDropPending(bool wait) {
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    Slot& s = core_->slots[i];
+    if (!s.dropPending) continue;
+    if (s.fences.pending(core_->backend())) {
+      if (!wait) continue;
+      s.fences.waitAll(core_->backend());
+    }
+    try {
+      if (holdsSharedPages(s)) dropMappings(i);
+      else s.dropPending = false;  // its sharers went first: an ordinary released slot again
+    } catch (...) {
+      if (wait) throw;
+    }
+  }
+}
+
+Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased) {
+  SlotTable& slots = core_->slots;
+  if (from.slot < slots.size() && allowReleased) {
+    Slot& p = slots[from.slot];
+    // released, and nothing placed there since: generation + 1 (release bumps it)
+    if (!p.active() && p.generation == from.generation + 1 && !p.dropPending) {
+      if (tokens > p.releasedTokens)
+        fail(ErrorCode::OutOfRange, "cannot share " + std::to_string(tokens) + " tokens: the sequence had " +
+                                        std::to_string(p.releasedTokens));
+      if (p.extendingNow() || core_->layout->tokensInGroups(core_->groupsOf(p)) < tokens)
+        fail(ErrorCode::SequenceReleased, "the released sequence's pages were reclaimed: its tokens are gone");
+      return p;
+    }
+  }
+  Slot& p = slots.active(from);
+  if (tokens > p.tokens)
+    fail(ErrorCode::OutOfRange, "cannot share " + std::to_string(tokens) + " tokens: the sequence has " +
+                                    std::to_string(p.tokens));
+  return p;
+}
+
+// The free slot with the fewest mapped pages (they are unmapped first).
+uint32_t KVCache::freeSlotForShare(uint32_t source) {
+  sweepDropPending(false);
+  int best = -1;
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    const Slot& s = core_->slots[i];
+    if (i == source || s.active() || s.dropPending || s.extendingNow()) continue;
+    if (best < 0 || s.pages.size() < core_->slots[best].pages.size()) best = static_cast<int>(i);
+  }
+  if (best < 0)
+    fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
+  return static_cast<uint32_t>(best);
+}
+
+SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
+  Lock lk(core_->lock);
+  checkOpen();
+  const KVLayout& layout = *core_->layout;
+  PagePool& pool = core_->pool();
+  Slot& source = shareSource(from, tokens, allowReleased);
+  uint32_t src = core_->slots.indexOf(source);
+  uint32_t dst = freeSlotForShare(src);
+  Slot& child = core_->slots[dst];
+  size_t per = layout.pagesPerGroup();
+  size_t sharedGroups = layout.groupsBefore(tokens), groups = layout.groupsForTokens(tokens);
+  uint64_t copies = uint64_t(groups - sharedGroups) * per;
+  // Decided before touching anything: the child's own pages come back when
+  // it is cleared, the rest from the pool or others (not the source).
+  uint64_t obtainable = mapper_->obtainablePages({src, dst}) + child.pages.size();
+  if (copies > obtainable) throw outOfMemory(copies, obtainable, pool.pageSize(), pool.counts());
+  child.fences.waitAll(core_->backend());
+  dropMappings(dst);  // the slot's deferred pages go idle: a shared prefix is mapped there
+  mapper_->retryStranded();
+  std::vector<PageId> createdNow;
+  std::vector<PageId> fresh = mapper_->obtainPagesFor(copies, createdNow, {src, dst});
+  Address base = core_->device.base();
+  auto at = [&](uint32_t slot, size_t k) { return base + layout.pageOffset(slot, k / per, k % per); };
+  size_t sharedDone = 0, freshMapped = 0;
+  try {
+    child.pages.reserve(groups * per);
+    for (; sharedDone < sharedGroups * per; ++sharedDone) pool.mapAlso(source.pages[sharedDone], at(dst, sharedDone));
+    for (; freshMapped < fresh.size(); ++freshMapped) pool.map(fresh[freshMapped], at(dst, sharedDone + freshMapped));
+    for (size_t i = 0; i < fresh.size(); ++i) {
+      size_t k = sharedDone + i;
+      core_->backend().copyDevice(at(dst, k), at(src, k), pool.pageSize(), stream);
+    }
+  } catch (...) {
+    for (size_t i = freshMapped; i-- > 0;) {
+      try {
+        pool.unmap(fresh[i]);
+      } catch (...) {
+      }
+    }
+    for (size_t k = sharedDone; k-- > 0;) {
+      try {
+        pool.unmapAt(source.pages[k], at(dst, k));
+      } catch (...) {
+      }
+    }
+    mapper_->giveBack(fresh, createdNow);
+    throw;
+  }
+  child.pages.assign(source.pages.begin(), source.pages.begin() + static_cast<std::ptrdiff_t>(sharedDone));
+  child.pages.insert(child.pages.end(), fresh.begin(), fresh.end());
+  child.state = SlotState::Active;
+  child.generation++;
+  child.tokens = tokens;
+  child.prefetchTarget = 0;
+  demand_.pagesOnDemand += fresh.size();
+  // A released source now shares pages: it must not be reused (see dropIfShared).
+  if (!source.active()) dropIfShared(src);
+  return {dst, child.generation};
 }
 
 uint64_t KVCache::reclaim(uint64_t bytes) {
@@ -414,6 +578,8 @@ CacheStats KVCache::stats() {
   st.callsOnOwnerThread = core_->backend().callsOnOwnerThread();
   st.reclaimedPages = mapper_->reclaimedPages();
   st.reusedPages = reusedPages_;
+  st.sharedPages = pool.sharedPages();
+  st.bytesSavedBySharing = pool.extraMappings() * st.pageSize;
   st.prefetch = demand_;
   st.prefetch.pagesAhead = mapper_->pagesMappedOffLock();
   st.prefetch.pagesReclaimedAhead = mapper_->reclaimedAheadPages();

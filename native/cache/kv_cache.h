@@ -91,6 +91,9 @@ struct CacheStats {
   uint64_t callsOnOwnerThread = 0;
   uint64_t reclaimedPages = 0;  // pages unmapped from released slots or prefetched tails, ever
   uint64_t reusedPages = 0;     // mapped pages a new sequence found in its slot, ever
+  uint64_t sharedPages = 0;     // physical pages mapped in more than one slot (fork, prefix)
+  uint64_t bytesSavedBySharing = 0;  // mappings beyond a page's first, in bytes: the slots' mapped
+                                     // bytes add up to bytesBacked + this
   PrefetchStats prefetch;
 };
 
@@ -120,6 +123,14 @@ class KVCache {
   // thread); all or nothing; `cancel` aborts it between pages.
   void growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel);
   void release(SequenceRef seq, std::optional<uint64_t> fenceStream);
+  // A new sequence, in a free slot, whose first `tokens` tokens are those of
+  // `from`: the whole page groups before token `tokens` are mapped from the
+  // same physical pages (no copy), the group the token falls in is copied
+  // into new pages on `stream` (after the work queued there; 0: finished on
+  // return). KV is append-only, so that copy is the whole copy-on-write.
+  // `from` may be released when allowReleased and its slot still holds its
+  // pages. All or nothing.
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream);
   uint64_t reclaim(uint64_t bytes);
   uint64_t trim();
   void write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data, uint64_t bytes);
@@ -153,6 +164,12 @@ class KVCache {
   uint64_t collectTargets(const std::vector<GrowRequest>& batch);
   void checkRange(Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
   void teardown();
+  Slot& shareSource(SequenceRef from, uint64_t tokens, bool allowReleased);
+  uint32_t freeSlotForShare(uint32_t source);
+  bool holdsSharedPages(const Slot& s);
+  void dropMappings(uint32_t slot);
+  void dropIfShared(uint32_t slot);
+  void sweepDropPending(bool wait);
 
   std::unique_ptr<CacheCore> core_;
   std::unique_ptr<PageMapper> mapper_;

@@ -90,6 +90,16 @@ class PageMapper {
   // with the released slots' bytes.
   uint64_t retiringPages() const { return retiringPages_; }
 
+  // Pages for a new mapping (fork's copies): idle, created, reclaimed (not
+  // from `exclude`), all or nothing; giveBack returns them on failure.
+  std::vector<PageId> obtainPagesFor(uint64_t count, std::vector<PageId>& createdNow,
+                                     const std::vector<uint32_t>& exclude) {
+    return obtainPages(count, createdNow, exclude);
+  }
+  void giveBack(const std::vector<PageId>& pages, const std::vector<PageId>& createdNow) {
+    returnPages(pages, createdNow);
+  }
+
   // Unmaps stranded pages again before anything is mapped (cheap when none).
   void retryStranded();
 

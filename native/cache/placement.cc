@@ -11,7 +11,7 @@ uint32_t placeSequence(const SlotTable& slots, std::optional<size_t> expectedGro
   int best = -1;
   for (uint32_t i = 0; i < slots.size(); ++i) {
     const Slot& s = slots[i];
-    if (s.active()) continue;
+    if (s.active() || s.dropPending) continue;
     if (best < 0) {
       best = static_cast<int>(i);
       continue;

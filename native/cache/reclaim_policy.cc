@@ -39,7 +39,7 @@ std::vector<ReclaimCandidate> reclaimOrder(SlotTable& slots, const KVLayout& lay
     for (Tier tier : {Tier::PastLookAhead, Tier::Released, Tier::LookAhead}) {
       for (uint32_t i : tier == Tier::Released ? byRelease : byIndex) {
         Slot& s = slots[i];
-        if (s.extendingNow() || excluded(i)) continue;
+        if (s.extendingNow() || s.dropPending || excluded(i)) continue;
         auto [keep, top] = tierGroups(s, slots.groupsOf(s), layout, tier);
         if (top <= keep) continue;
         if (bool(pending[i]) != fenced) continue;
@@ -54,7 +54,7 @@ int reclaimAheadCandidate(SlotTable& slots, Backend& backend) {
   int best = -1;
   for (uint32_t i = 0; i < slots.size(); ++i) {
     Slot& s = slots[i];
-    if (s.active() || s.extendingNow() || s.pages.empty()) continue;
+    if (s.active() || s.extendingNow() || s.dropPending || s.pages.empty()) continue;
     if (best >= 0 && s.releasedAt >= slots[best].releasedAt) continue;
     if (s.fences.pending(backend)) continue;
     best = static_cast<int>(i);

@@ -37,6 +37,11 @@ struct Slot {
   uint64_t tokens = 0;           // grown length of the active sequence
   uint64_t prefetchTarget = 0;   // tokens the worker should have backed
   uint64_t releasedAt = 0;       // SlotTable::releaseClock when last released (reclaim-ahead order)
+  uint64_t releasedTokens = 0;   // tokens when last released (prefix sharing from a released sequence)
+  // Released while holding pages another slot maps too: it must not be
+  // reused (a new sequence would write into the other's pages) and its
+  // mappings go as soon as its fences have passed (KVCache::dropShared).
+  bool dropPending = false;
   std::vector<PageId> pages;     // mapped, group-major
   FenceList fences;
 

@@ -45,6 +45,9 @@ class KVLayout {
   virtual size_t maxGroups() const = 0;              // groups that back a whole slot
   virtual size_t groupsForTokens(uint64_t tokens) const = 0;
   virtual uint64_t tokensInGroups(size_t groups) const = 0;
+  // Whole groups that hold no byte of token `token` or later (a sequence
+  // sharing its first `token` tokens can share these pages; the rest is copied).
+  virtual size_t groupsBefore(uint64_t token) const = 0;
   virtual uint64_t pageOffset(uint32_t slot, size_t group, size_t indexInGroup) const = 0;
   virtual TensorView tensor(uint32_t layer, KVKind kind) const = 0;
   virtual uint64_t tokenOffset(uint32_t slot, uint32_t layer, KVKind kind, uint64_t token) const = 0;
@@ -80,6 +83,7 @@ class GroupedLayout final : public KVLayout {
   size_t maxGroups() const override { return slotBytes_ / pageSize_; }
   size_t groupsForTokens(uint64_t tokens) const override;
   uint64_t tokensInGroups(size_t groups) const override;
+  size_t groupsBefore(uint64_t token) const override { return static_cast<size_t>(token * rowBytes_ / pageSize_); }
   uint64_t pageOffset(uint32_t slot, size_t group, size_t indexInGroup) const override;
   TensorView tensor(uint32_t layer, KVKind kind) const override;
   uint64_t tokenOffset(uint32_t slot, uint32_t layer, KVKind kind, uint64_t token) const override;

@@ -1,5 +1,7 @@
 #include "pool/page_pool.h"
 
+#include <algorithm>
+
 #include "common/errors.h"
 
 namespace vat {
@@ -128,6 +130,49 @@ void PagePool::noteUnmapped(Page& p) {
   p.address = 0;
 }
 
+void PagePool::mapAlso(PageId id, Address at) {
+  Page& p = *pages_[id];
+  if (p.state != PageState::Accessible) fail(ErrorCode::InvalidArgument, "only a mapped page can be shared");
+  p.sharedAt.reserve(p.sharedAt.size() + 1);  // nothing may fail once the mapping exists
+  backend_.map(at, p.handle);
+  try {
+    backend_.setAccess(at);
+  } catch (...) {
+    try {
+      backend_.unmap(at);
+    } catch (...) {
+    }
+    throw;
+  }
+  if (p.sharedAt.empty()) ++sharedPages_;
+  p.sharedAt.push_back(at);
+  ++extraMappings_;
+}
+
+bool PagePool::unmapAt(PageId id, Address at) {
+  Page& p = *pages_[id];
+  if (p.sharedAt.empty()) {
+    unmap(p);
+    return true;
+  }
+  backend_.unmap(at);  // throws: the mapping stays
+  if (at == p.address) {
+    p.address = p.sharedAt.back();
+    p.sharedAt.pop_back();
+  } else {
+    p.sharedAt.erase(std::find(p.sharedAt.begin(), p.sharedAt.end(), at));
+  }
+  --extraMappings_;
+  if (p.sharedAt.empty()) --sharedPages_;
+  return false;
+}
+
+uint32_t PagePool::mappingsOf(PageId id) const {
+  const Page& p = *pages_[id];
+  if (p.state != PageState::Mapped && p.state != PageState::Accessible) return 0;
+  return 1 + static_cast<uint32_t>(p.sharedAt.size());
+}
+
 void PagePool::prefill(uint64_t pages) {
   while (idle_.size() < pages && headroom() > 0) putIdle(create());
 }
@@ -145,6 +190,13 @@ uint64_t PagePool::trim(uint64_t maxPages) {
 void PagePool::teardown() {
   for (PageId id = 0; id < pages_.size(); ++id) {
     Page& p = *pages_[id];
+    for (Address at : p.sharedAt) {
+      try {
+        backend_.unmap(at);
+      } catch (...) {
+      }
+    }
+    p.sharedAt.clear();
     if (p.state == PageState::Mapped || p.state == PageState::Accessible || p.state == PageState::Stranded) {
       try {
         unmap(p);
@@ -160,6 +212,7 @@ void PagePool::teardown() {
   }
   idle_.clear();
   stranded_.clear();
+  sharedPages_ = extraMappings_ = 0;
 }
 
 }  // namespace vat

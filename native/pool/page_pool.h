@@ -33,6 +33,9 @@ struct Page {
   PageHandle handle = 0;
   PageState state = PageState::Vacant;
   Address address = 0;  // where it is mapped, when Mapped/Accessible
+  // Further places the same physical page is mapped (sharing: fork, prefix).
+  // The page is unmapped back to the pool only when the last mapping goes.
+  std::vector<Address> sharedAt;
 };
 
 struct PoolCounts {
@@ -59,6 +62,10 @@ class PagePool {
   uint64_t headroom() const { return budgetPages_ - created_ - pendingCreations_; }
   uint64_t idleCount() const { return idle_.size(); }
   PoolCounts counts() const;
+  // Sharing: pages mapped at more than one address, and the mappings beyond
+  // the first (each one a page's worth of memory that sharing saved).
+  uint64_t sharedPages() const { return sharedPages_; }
+  uint64_t extraMappings() const { return extraMappings_; }
 
   // An idle page, or nullopt-like kNone when the pool has none.
   static constexpr PageId kNone = UINT32_MAX;
@@ -83,6 +90,15 @@ class PagePool {
   // Bookkeeping of an unmap already done by the backend (off the lock, by a
   // retirement): the page is Created again.
   void noteUnmapped(Page& page);
+
+  // Sharing (under the lock). mapAlso: one more mapping of an Accessible page
+  // at `at` (map + setAccess; on failure nothing changes and the error is
+  // thrown). unmapAt: drops the mapping at `at`; true when it was the last
+  // one (the page is Created again, for the caller to put idle). Throws,
+  // leaving the mapping, when the backend fails.
+  void mapAlso(PageId id, Address at);
+  bool unmapAt(PageId id, Address at);
+  uint32_t mappingsOf(PageId id) const;
 
   // A page that a failed unmap left mapped: kept out of the pool until its
   // unmap succeeds (retryStranded, teardown).
@@ -116,6 +132,8 @@ class PagePool {
   std::atomic<uint64_t> created_{0};
   std::atomic<uint64_t> mapped_{0};
   uint64_t pendingCreations_ = 0;
+  uint64_t sharedPages_ = 0;
+  uint64_t extraMappings_ = 0;
   std::vector<std::unique_ptr<Page>> pages_;  // records never move
   std::vector<PageId> vacant_;  // records in pages_ free for reuse
   std::vector<PageId> idle_;    // created, unmapped; LIFO

@@ -1,0 +1,206 @@
+// Sharing KV memory between sequences: fork() and prefix sharing map the same
+// physical pages at a second place in the range, copying only the page group
+// the last token falls in. Run against every backend and layout present.
+import { afterEach, describe, expect, it } from 'vitest';
+import { KVCache, type Sequence } from '../lib/index.js';
+import { finishHostStream, holdHostStream } from '../lib/testing.js';
+import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+
+const kinds = ['k', 'v'] as const;
+
+for (const b of backends) {
+  describe.skipIf(b.skip !== null)(`fork and prefix sharing, ${label(b)}`, () => {
+    const open: KVCache[] = [];
+    const make = () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: 0 });
+      open.push(c);
+      return c;
+    };
+    afterEach(() => {
+      for (const c of open.splice(0)) c.close();
+    });
+    const per = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
+    const group = groupPagesOf(b);
+    // A distinct pattern per (sequence id, layer, kind), token by token.
+    const data = (c: KVCache, id: number, layer: number, kind: number, from: number, count: number) =>
+      pattern(count * c.tokenBytes, id * 1_000_003 + layer * 7919 + kind * 104_729 + from);
+    const fill = (c: KVCache, seq: Sequence, id: number, from: number, count: number) => {
+      for (let layer = 0; layer < c.options.layers; layer++)
+        for (const [kind, name] of kinds.entries())
+          for (let t = from; t < from + count; t++) c.write(seq, { layer, kind: name, token: t }, data(c, id, layer, kind, t, 1));
+    };
+    /** The ids whose data each token of [from, from + count) of `seq` holds must be `id`'s. */
+    const expectData = (c: KVCache, seq: Sequence, id: number, from: number, count: number) => {
+      for (let layer = 0; layer < c.options.layers; layer++)
+        for (const [kind, name] of kinds.entries()) {
+          const got = c.read(seq, { layer, kind: name, token: from, count });
+          for (let t = 0; t < count; t++) {
+            const want = data(c, id, layer, kind, from + t, 1);
+            expect(Buffer.from(got.subarray(t * c.tokenBytes, (t + 1) * c.tokenBytes)).equals(Buffer.from(want)), `layer ${layer} ${name} token ${from + t}`).toBe(true);
+          }
+        }
+    };
+    const identity = (c: KVCache) => {
+      const s = c.stats();
+      expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked + s.bytesSavedBySharing);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+    };
+
+    it('fork() maps the whole page groups from the same pages and copies only the partial one: same tokens, less memory', () => {
+      const c = make();
+      const n = 2 * per(c) + 3; // two whole groups and three tokens of a third
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      const before = c.stats();
+      const child = c.fork(p);
+      const s = c.stats();
+      expect(child.tokens).toBe(n);
+      expect(child.slot).not.toBe(p.slot);
+      expect(s.pagesShared).toBe(2 * group);
+      expect(s.bytesSavedBySharing).toBe(2 * group * c.pageSize);
+      expect(s.bytesBacked - before.bytesBacked).toBe(group * c.pageSize); // only the partial group is new memory
+      expect(s.driverCalls.copyDevice?.calls).toBe(group);
+      expectData(c, child, 1, 0, n);
+      expectData(c, p, 1, 0, n);
+      identity(c);
+    });
+
+    it('after fork() the two grow and write independently; the copied partial group is the copy-on-write', () => {
+      const c = make();
+      const n = per(c) + 2;
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      const child = c.fork(p);
+      c.grow(p, n + 5);
+      c.grow(child, n + 7);
+      fill(c, p, 2, n, 5);
+      fill(c, child, 3, n, 7);
+      // the child rewrites its last token before the fork: it lives in the copied group
+      fill(c, child, 4, n - 1, 1);
+      expectData(c, p, 1, 0, n);
+      expectData(c, p, 2, n, 5);
+      expectData(c, child, 1, 0, n - 1);
+      expectData(c, child, 4, n - 1, 1);
+      expectData(c, child, 3, n, 7);
+      identity(c);
+    });
+
+    it('releasing the parent first leaves the child intact; a fork of a fork works; the last mapping gives the page back', () => {
+      const c = make();
+      const n = 2 * per(c);
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      const child = c.fork(p);
+      expect(c.stats().pagesShared).toBe(2 * group); // a boundary: nothing copied
+      c.release(p);
+      expect(c.stats().pagesShared).toBe(0);
+      expectData(c, child, 1, 0, n);
+      const grandchild = c.fork(child);
+      c.release(child);
+      expectData(c, grandchild, 1, 0, n);
+      identity(c);
+      c.release(grandchild);
+      const s = c.stats();
+      expect(s.pagesShared).toBe(0);
+      expect(s.bytesSavedBySharing).toBe(0);
+      expect(s.bytesBacked).toBe(s.bytesInReleasedSlots); // every page counted once, held by one released slot
+      identity(c);
+      // and the slots are reusable: a new sequence placed anywhere writes only its own pages
+      const q = c.reserve();
+      c.grow(q, n);
+      fill(c, q, 9, 0, n);
+      expectData(c, q, 9, 0, n);
+    });
+
+    it('reserve({ prefix }) shares the first tokens of an active sequence, or of a released one whose slot still holds them', () => {
+      const c = make();
+      const n = 2 * per(c) + 1;
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      const a = c.reserve({ prefix: { from: p, tokens: per(c) + 1 } });
+      expect(a.tokens).toBe(per(c) + 1);
+      expect(c.stats().pagesShared).toBe(group);
+      expectData(c, a, 1, 0, per(c) + 1);
+      // p shares pages with a: released, it gives its mappings up (its slot must not be reused while they are a's)
+      c.release(p);
+      expect(() => c.reserve({ prefix: { from: p, tokens: 1 } })).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      expectData(c, a, 1, 0, per(c) + 1);
+      // a released sequence that shared nothing keeps its pages (deferred reclamation): its tokens can be shared
+      const q = c.reserve({ expectedTokens: 0 });
+      c.grow(q, n);
+      fill(c, q, 2, 0, n);
+      c.release(q);
+      const r = c.reserve({ prefix: { from: q, tokens: n } });
+      expect(r.tokens).toBe(n);
+      expectData(c, r, 2, 0, n);
+      // the released source gave its pages up: it cannot be shared from again
+      expect(() => c.reserve({ prefix: { from: q, tokens: 1 } })).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+      identity(c);
+    });
+
+    it('bad input is a typed error and changes nothing', () => {
+      const c = make();
+      const p = c.reserve();
+      c.grow(p, 3);
+      const before = stateOf(c);
+      expect(() => c.reserve({ prefix: { from: p, tokens: 4 } })).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+      expect(() => c.reserve({ prefix: { from: {} as Sequence, tokens: 1 } })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect(() => c.reserve({ prefix: { from: p, tokens: -1 } })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect(() => c.reserve({ stream: 0n })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect(() => c.fork(p, { stream: 1 as unknown as bigint })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      const other = make();
+      expect(() => other.fork(p)).toThrow(expect.objectContaining({ code: 'ERR_FOREIGN_SEQUENCE' }));
+      expect(() => other.reserve({ prefix: { from: p, tokens: 1 } })).toThrow(expect.objectContaining({ code: 'ERR_FOREIGN_SEQUENCE' }));
+      expect(stateOf(c)).toEqual(before);
+      const q = c.reserve();
+      c.release(q);
+      expect(() => c.fork(q)).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
+    });
+
+    it('out of memory or out of slots: fork() is refused and every piece of state is as it was', () => {
+      const c = make();
+      const budgetGroups = c.stats().budgetBytes / c.pageSize / group;
+      const perSeq = Math.min(Math.floor(c.options.maxTokens / per(c)), Math.floor(budgetGroups / 3));
+      // three sequences fill the budget but for less than a group; the first ends mid-group
+      const seqs = [c.reserve(), c.reserve(), c.reserve()];
+      c.grow(seqs[0]!, (perSeq - 1) * per(c) + 1);
+      c.grow(seqs[1]!, perSeq * per(c));
+      c.grow(seqs[2]!, (budgetGroups - 2 * perSeq) * per(c) > c.options.maxTokens ? c.options.maxTokens : (budgetGroups - 2 * perSeq) * per(c));
+      const full = c.stats();
+      if (full.pagesMapped < full.budgetBytes / c.pageSize) return; // the shape leaves room: nothing to test here
+      const before = stateOf(c);
+      expect(() => c.fork(seqs[0]!)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
+      expect(stateOf(c)).toEqual(before);
+      // a boundary needs no new page: that fork succeeds in the same state
+      const child = c.fork(seqs[1]!);
+      expect(child.tokens).toBe(perSeq * per(c));
+      // every slot taken now
+      expect(() => c.fork(seqs[1]!)).toThrow(expect.objectContaining({ code: 'ERR_NO_SLOT' }));
+      identity(c);
+    });
+
+    it.skipIf(b.name !== 'host')('a released sharer keeps its mappings while its fence is pending, and drops them once it has passed', () => {
+      const c = make();
+      const n = per(c);
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      const child = c.fork(p);
+      const stream = 0x5eedn;
+      holdHostStream(stream);
+      c.release(child, { stream }); // GPU work may still read the child's addresses
+      expect(c.stats().pagesShared).toBe(group);
+      const q = c.reserve(); // never placed in the child's slot: its pages are the parent's too
+      expect(q.slot).not.toBe(child.slot);
+      finishHostStream(stream);
+      c.reserve(); // a reserve drops what waited for its fence
+      expect(c.stats().pagesShared).toBe(0);
+      expectData(c, p, 1, 0, n);
+      identity(c);
+    });
+  });
+}
