@@ -17,6 +17,7 @@ export type ErrorCode =
   | 'ERR_CLOSED'
   | 'ERR_ABORTED'
   | 'ERR_REENTRANT'
+  | 'ERR_SUSPENDED'
   | 'ERR_INTERNAL';
 
 /** A wrong type for an option or argument. */
@@ -158,6 +159,19 @@ export class ReentrantCallError extends VattentionError {
   }
 }
 
+/**
+ * The cache is suspended (`cache.suspend()`): its pages were given back to
+ * the driver, so nothing that needs memory (growth, copies, sharing, swap)
+ * can run until `cache.resume()`.
+ */
+export class SuspendedError extends VattentionError {
+  declare readonly code: 'ERR_SUSPENDED';
+  constructor(message = 'the KV cache is suspended') {
+    super('ERR_SUSPENDED', message);
+    this.name = 'SuspendedError';
+  }
+}
+
 interface NativeErrorShape {
   code?: string;
   message: string;
@@ -190,6 +204,8 @@ export function fromNative(error: unknown): unknown {
       return new ClosedError(e.message);
     case 'ERR_ABORTED':
       return new AbortedError(e.message);
+    case 'ERR_SUSPENDED':
+      return new SuspendedError(e.message);
     case 'ERR_INVALID_ARGUMENT': {
       // The core names the option or argument first ("options.memoryBudget: ...") where it can.
       const named = /^([A-Za-z][\w.]*): (.*)$/s.exec(e.message);

@@ -1,7 +1,8 @@
-export { KVCache, Sequence } from './kv-cache.js';
+export { KVCache, Sequence, SwappedSequence } from './kv-cache.js';
 export type {
   CacheStats,
   CallStats,
+  HostMemoryStats,
   GrowAsyncOptions,
   KVCacheEvents,
   LayoutStats,
@@ -9,6 +10,8 @@ export type {
   ReadRange,
   ReleaseOptions,
   ReserveOptions,
+  SuspendOptions,
+  SwapOutOptions,
   SlotStats,
   TensorInfo,
   TokenRange,
@@ -21,6 +24,7 @@ export { driverInfo, autoBackend } from './info.js';
 export type { DeviceInfo, DriverInfo } from './info.js';
 export {
   AbortedError,
+  SuspendedError,
   ClosedError,
   CudaError,
   CudaUnavailableError,

@@ -51,7 +51,7 @@ export interface TensorInfo {
   dtype: DType;
 }
 
-export type { CacheStats, CallStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
+export type { CacheStats, CallStats, HostMemoryStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
 
 export interface ReserveOptions {
   /** Tokens the sequence is expected to reach; picks the released slot whose pages fit best. */
@@ -70,6 +70,24 @@ export interface ReserveOptions {
 export interface ForkOptions {
   /** CUDA stream (bigint) the copy of the partial page group is queued on, after the work there; without, it is done on return. */
   stream?: bigint;
+}
+
+export interface SwapOutOptions {
+  /**
+   * CUDA stream (bigint) whose queued work may still write the sequence: the
+   * copy starts once that work is done. Omit when the GPU is done with it.
+   */
+  stream?: bigint;
+}
+
+export interface SuspendOptions {
+  /**
+   * `'none'` (default): the KV bytes are dropped; after `resume()` the same
+   * addresses are backed again with undefined contents (recompute, or
+   * release the sequences). `'host'`: the bytes are copied to host memory
+   * first (within `hostMemoryBudget`) and restored exactly by `resume()`.
+   */
+  keep?: 'none' | 'host';
 }
 
 export interface ReleaseOptions {
@@ -150,6 +168,63 @@ export class Sequence {
   }
 }
 
+/**
+ * A sequence swapped out to host memory by {@link KVCache.swapOut}: its
+ * tokens wait there until {@link KVCache.swapIn} makes them a sequence again
+ * (in any free slot: its addresses may differ) or {@link discard} frees them.
+ */
+export class SwappedSequence {
+  #handle: number;
+  #state: 'swapped' | 'swappingIn' | 'gone' = 'swapped';
+
+  /** @internal */
+  constructor(
+    readonly cache: KVCache,
+    handle: number,
+    /** Tokens it holds. */
+    readonly tokens: number,
+    /** Host bytes it holds (tokens × bytes per token, every layer's K and V). */
+    readonly bytes: number,
+  ) {
+    this.#handle = handle;
+  }
+
+  /** True once swapped in or discarded (or its cache closed). */
+  get gone(): boolean {
+    return this.#state === 'gone' || this.cache.closed;
+  }
+
+  /** Frees its host memory without swapping it in. Idempotent; refused while a swapIn of it runs. */
+  discard(): void {
+    if (this.#state === 'gone' || this.cache.closed) {
+      this.#state = 'gone';
+      return;
+    }
+    if (this.#state === 'swappingIn') throw new InvalidArgumentRangeError('swapped', 'a swapIn of it is running');
+    SwappedSequence.native(this.cache).discardSwapped(this.#handle);
+    this.#state = 'gone';
+  }
+
+  /** @internal Begins a swapIn: the handle, or a typed error. */
+  static beginSwapIn(s: unknown, cache: KVCache): number {
+    if (!(s instanceof SwappedSequence) || !(#handle in s))
+      throw new InvalidArgumentTypeError('swapped', `must be a SwappedSequence from swapOut(), got ${describe(s)}`);
+    if (s.cache !== cache) throw new ForeignSequenceError('the swapped sequence belongs to another cache');
+    if (s.#state === 'gone') throw new InvalidArgumentRangeError('swapped', 'was swapped in or discarded already');
+    if (s.#state === 'swappingIn') throw new InvalidArgumentRangeError('swapped', 'a swapIn of it is already running');
+    s.#state = 'swappingIn';
+    return s.#handle;
+  }
+
+  /** @internal */
+  static endSwapIn(s: SwappedSequence, succeeded: boolean): void {
+    s.#state = succeeded ? 'gone' : 'swapped';
+  }
+
+  /** @internal set by KVCache */
+  static native: (cache: KVCache) => NativeCache;
+}
+
 /** Events a cache emits, for logging. */
 export interface KVCacheEvents {
   /** A growth unmapped pages of other slots (prefetched tails, released slots) to make room. */
@@ -198,6 +273,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         prefetchTokens: o.prefetchTokens,
         layerGroups: o.layerGroups,
         idlePageGroups: o.idlePageGroups,
+        hostMemoryBudget: o.hostMemoryBudget,
       });
     } catch (e) {
       throw fromNative(e);
@@ -394,6 +470,95 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     return this.#call(() => native.reclaim(b === undefined || b > BigInt(Number.MAX_SAFE_INTEGER) ? undefined : Number(b)));
   }
 
+  /**
+   * Preemption by swapping: copies the sequence's tokens (every layer's K
+   * and V) to host memory, on a stream of the library's own and a worker
+   * thread, then releases the sequence (its slot and pages go to others as
+   * with {@link release}). The sequence is unusable from the call on
+   * (ERR_SEQUENCE_RELEASED). Host memory counts against `hostMemoryBudget`
+   * (ERR_OUT_OF_MEMORY past it). On failure the sequence is as it was.
+   */
+  async swapOut(seq: Sequence, options?: SwapOutOptions): Promise<SwappedSequence> {
+    const native = this.#open();
+    const generation = this.#check(seq);
+    const o = checkObject('options', options, true);
+    const stream = this.#stream('options.stream', o.stream);
+    const tokens = this.#call(() => native.tokens(seq.slot, generation));
+    let handle: number;
+    try {
+      handle = await this.#call(() => native.swapOut(seq.slot, generation, stream));
+    } catch (e) {
+      throw fromNative(e);
+    }
+    Sequence.markReleased(seq);
+    return new SwappedSequence(this, handle, tokens, tokens * this.#layout.bytesPerToken);
+  }
+
+  /**
+   * A swapped-out sequence back in device memory: a new {@link Sequence}
+   * (any free slot) holding the same tokens, byte for byte. Mapping and
+   * copying run on a worker thread. All or nothing: on ERR_OUT_OF_MEMORY or
+   * ERR_NO_SLOT nothing changed and `swapped` can be swapped in later.
+   */
+  async swapIn(swapped: SwappedSequence): Promise<Sequence> {
+    const native = this.#open();
+    const handle = SwappedSequence.beginSwapIn(swapped, this);
+    let ok = false;
+    try {
+      const [slot, generation] = await this.#call(() => native.swapIn(handle));
+      ok = true;
+      return new Sequence(this, slot, generation);
+    } catch (e) {
+      throw fromNative(e);
+    } finally {
+      SwappedSequence.endSwapIn(swapped, ok);
+    }
+  }
+
+  /**
+   * Gives every physical page back to the driver (`cuMemGetInfo` shows the
+   * memory free) while the virtual ranges, `tensor()` and `seq.address()`
+   * values stay valid — for lending the GPU to other work between serving
+   * phases. Released slots' pages and the look-ahead are not kept. Until
+   * {@link resume}, anything that needs memory (grow, step, growAsync, fork,
+   * write, read, swap) fails with ERR_SUSPENDED; reserve, release, stats
+   * and close work. Kernels must not touch the cache meanwhile.
+   */
+  async suspend(options?: SuspendOptions): Promise<void> {
+    const native = this.#open();
+    const o = checkObject('options', options, true);
+    const keep = o.keep ?? 'none';
+    if (keep !== 'none' && keep !== 'host') {
+      if (typeof keep !== 'string') throw new InvalidArgumentTypeError('options.keep', `must be 'none' or 'host', got ${describe(keep)}`);
+      throw new InvalidArgumentRangeError('options.keep', `must be 'none' or 'host', got '${keep}'`);
+    }
+    try {
+      await this.#call(() => native.suspend(keep === 'host'));
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /**
+   * Backs the addresses of a suspended cache again (with the bytes when
+   * suspended with `keep: 'host'`). All or nothing: on ERR_OUT_OF_MEMORY (the
+   * GPU is still in use by others) it stays suspended and can be resumed
+   * later. Resolves at once when not suspended.
+   */
+  async resume(): Promise<void> {
+    const native = this.#open();
+    try {
+      await this.#call(() => native.resume());
+    } catch (e) {
+      throw fromNative(e);
+    }
+  }
+
+  /** True while suspended ({@link suspend}). */
+  get suspended(): boolean {
+    return this.#native !== null && this.#native.stats().suspended;
+  }
+
   /** Gives the pool's unmapped pages back to the driver. Returns the bytes freed. */
   trim(): number {
     const native = this.#open();
@@ -546,6 +711,10 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   #open(): NativeCache {
     if (this.#native === null) throw new ClosedError();
     return this.#native;
+  }
+
+  static {
+    SwappedSequence.native = (cache) => cache.#open();
   }
 
   /** Checks a sequence argument; returns its generation. */

@@ -22,6 +22,7 @@ export interface NativeCacheOptions {
   prefetchTokens: number;
   layerGroups: number;
   idlePageGroups: number;
+  hostMemoryBudget: bigint;
 }
 
 export type NativeStats = Omit<CacheStats, 'layout'>;
@@ -48,6 +49,11 @@ export interface NativeCache {
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
   share(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): [slot: number, generation: number];
+  swapOut(slot: number, generation: number, stream?: bigint): Promise<number>;
+  swapIn(handle: number): Promise<[slot: number, generation: number]>;
+  discardSwapped(handle: number): void;
+  suspend(keepHost: boolean): Promise<void>;
+  resume(): Promise<void>;
   reclaim(bytes?: number): number;
   trim(): number;
   write(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, data: Uint8Array): void;

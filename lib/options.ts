@@ -2,6 +2,7 @@
  * Option and argument validation. Runs before any native call, so a bad
  * option never reaches the driver and never changes state.
  */
+import { totalmem } from 'node:os';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 
 export type DType = 'float16' | 'bfloat16' | 'float32' | 'int8' | 'float8';
@@ -79,6 +80,13 @@ export interface KVCacheOptions {
    * See {@link KVLayoutChoice}.
    */
   layout?: KVLayoutChoice;
+  /**
+   * Bytes of host memory the cache may hold for {@link KVCache.swapOut}
+   * (swapped-out sequences) and {@link KVCache.suspend} with `keep: 'host'`
+   * (page-locked on cuda). Going past it is `ERR_OUT_OF_MEMORY`. Default: a
+   * quarter of the machine's RAM.
+   */
+  hostMemoryBudget?: number | bigint;
 }
 
 export interface NormalizedOptions {
@@ -98,6 +106,7 @@ export interface NormalizedOptions {
   /** Tensors per kind: layers for per-layer, 1 for all-layers. */
   layerGroups: number;
   idlePageGroups: number;
+  hostMemoryBudget: bigint;
 }
 
 export const DEFAULT_PREFETCH_TOKENS = 64;
@@ -163,6 +172,7 @@ const KNOWN = new Set([
   'prefetchTokens',
   'layout',
   'idlePageGroups',
+  'hostMemoryBudget',
 ]);
 
 /** The number of K (and V) tensors a layout choice asks for. */
@@ -254,5 +264,9 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     prefetchTokens,
     layerGroups,
     idlePageGroups: o.idlePageGroups === undefined ? 1 : checkInteger('options.idlePageGroups', o.idlePageGroups, 0, 1024),
+    hostMemoryBudget:
+      o.hostMemoryBudget === undefined
+        ? BigInt(Math.floor(totalmem() / 4))
+        : checkBytes('options.hostMemoryBudget', o.hostMemoryBudget, 0n),
   };
 }

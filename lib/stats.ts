@@ -45,6 +45,23 @@ export interface PrefetchStats {
   workerError: string | null;
 }
 
+export interface HostMemoryStats {
+  /** The `hostMemoryBudget` option. */
+  budgetBytes: number;
+  /** Host bytes held now: swapped-out sequences, a suspended cache's copy, copies under way. */
+  bytesUsed: number;
+  /** Of them, swapped-out sequences' tokens. */
+  bytesSwapped: number;
+  /** Sequences swapped out and not yet swapped in or discarded. */
+  swappedSequences: number;
+  /** Of them, the pages of a cache suspended with `keep: 'host'`. */
+  bytesSuspendCopy: number;
+  /** swapOut() calls that completed, ever. */
+  swapOuts: number;
+  /** swapIn() calls that completed, ever. */
+  swapIns: number;
+}
+
 export interface LayoutStats {
   /** 'per-layer', 'all-layers' or 'layer-groups:N'. */
   name: string;
@@ -121,6 +138,18 @@ export interface CacheStats {
    * (bytesUsed + bytesBeyondTokens + bytesInReleasedSlots) add up to bytesBacked + this.
    */
   bytesSavedBySharing: number;
+  /** suspend() gave the pages back and resume() has not backed them again. */
+  suspended: boolean;
+  /**
+   * Physical pages given back by suspend() that resume() backs again, in
+   * bytes. While suspended the slots' mapped bytes add up to
+   * bytesBacked + bytesSuspended + bytesSavedBySharing.
+   */
+  bytesSuspended: number;
+  /** The same in pages. */
+  pagesSuspended: number;
+  /** Host memory of swap and suspend. */
+  host: HostMemoryStats;
   /** Backend (driver or OS) calls made on the thread that created the cache: the serving loop's critical path. */
   driverCallsOnJsThread: number;
   /** The prefetch worker and the callers' side of it. */

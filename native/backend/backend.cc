@@ -87,6 +87,9 @@ const char* backendOpName(BackendOp op) {
     case BackendOp::CopyIn: return "copyIn";
     case BackendOp::CopyOut: return "copyOut";
     case BackendOp::CopyDevice: return "copyDevice";
+    case BackendOp::CopyToHost: return "copyToHost";
+    case BackendOp::CopyFromHost: return "copyFromHost";
+    case BackendOp::AllocHost: return "allocHost";
     case BackendOp::Fence: return "fence";
     case BackendOp::FenceQuery: return "fenceQuery";
     case BackendOp::FenceWait: return "fenceWait";

@@ -35,6 +35,9 @@ enum class BackendOp : int {
   CopyIn,
   CopyOut,
   CopyDevice,  // device-to-device copy (fork: the partial page group)
+  CopyToHost,    // a transfer queued to host memory (swap out, suspend)
+  CopyFromHost,  // a transfer queued from host memory (swap in, resume)
+  AllocHost,     // page-locked host memory for transfers
   Fence,       // record a fence (cuEventCreate + cuEventRecord)
   FenceQuery,  // has it passed? (cuEventQuery)
   FenceWait,   // block until it has (cuEventSynchronize)
@@ -139,6 +142,20 @@ class Backend {
   // Copies `bytes` between two backed addresses, queued on `stream` (after
   // the work already there); with stream 0 it has finished on return.
   virtual void copyDevice(Address dst, Address src, size_t bytes, uint64_t stream) = 0;
+
+  // Transfers between backed memory and host memory from allocHost, queued
+  // on a stream of the backend's own (createStream: one per operation, so
+  // that two transfers on two threads do not wait for each other), finished
+  // by syncStream. The cuda backend queues DMA copies on a non-blocking
+  // stream (they never wait for, or hold up, work on the caller's streams);
+  // the host backend copies at once.
+  virtual void* allocHost(size_t bytes) = 0;  // page-locked; throws ERR_OUT_OF_MEMORY
+  virtual void freeHost(void* p) = 0;
+  virtual uint64_t createStream() = 0;
+  virtual void destroyStream(uint64_t stream) = 0;
+  virtual void syncStream(uint64_t stream) = 0;
+  virtual void copyToHost(void* dst, Address src, size_t bytes, uint64_t stream) = 0;
+  virtual void copyFromHost(Address dst, const void* src, size_t bytes, uint64_t stream) = 0;
 
   // Fences: work queued on `stream` so far; done() never blocks, wait() does.
   virtual FenceHandle recordFence(uint64_t stream) = 0;

@@ -242,6 +242,52 @@ void CudaBackend::copyDevice(Address dst, Address src, size_t bytes, uint64_t st
   if (stream == 0) check(driver().cuStreamSynchronize(s), "cuStreamSynchronize");
 }
 
+void* CudaBackend::allocHost(size_t bytes) {
+  ContextScope ctx(*this);
+  CallScope scope(*this, BackendOp::AllocHost);
+  scope.injectFault("cuMemAllocHost");
+  void* p = nullptr;
+  check(driver().cuMemAllocHost(&p, bytes), "cuMemAllocHost");
+  return p;
+}
+
+void CudaBackend::freeHost(void* p) {
+  if (!p) return;
+  ContextScope ctx(*this);
+  driver().cuMemFreeHost(p);
+}
+
+uint64_t CudaBackend::createStream() {
+  ContextScope ctx(*this);
+  CUstream s = nullptr;
+  check(driver().cuStreamCreate(&s, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+  return reinterpret_cast<uint64_t>(s);
+}
+
+void CudaBackend::destroyStream(uint64_t stream) {
+  ContextScope ctx(*this);
+  driver().cuStreamDestroy(reinterpret_cast<CUstream>(stream));
+}
+
+void CudaBackend::syncStream(uint64_t stream) {
+  ContextScope ctx(*this);
+  check(driver().cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize");
+}
+
+void CudaBackend::copyToHost(void* dst, Address src, size_t bytes, uint64_t stream) {
+  ContextScope ctx(*this);
+  CallScope scope(*this, BackendOp::CopyToHost);
+  scope.injectFault("cuMemcpyDtoHAsync");
+  check(driver().cuMemcpyDtoHAsync(dst, src, bytes, reinterpret_cast<CUstream>(stream)), "cuMemcpyDtoHAsync");
+}
+
+void CudaBackend::copyFromHost(Address dst, const void* src, size_t bytes, uint64_t stream) {
+  ContextScope ctx(*this);
+  CallScope scope(*this, BackendOp::CopyFromHost);
+  scope.injectFault("cuMemcpyHtoDAsync");
+  check(driver().cuMemcpyHtoDAsync(dst, src, bytes, reinterpret_cast<CUstream>(stream)), "cuMemcpyHtoDAsync");
+}
+
 FenceHandle CudaBackend::recordFence(uint64_t stream) {
   ContextScope context(*this);
   CallScope scope(*this, BackendOp::Fence);

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <unordered_set>
@@ -194,6 +195,40 @@ void HostBackend::copyOut(void* dst, Address src, uint64_t pitch, size_t rowByte
   scope.injectFault("memcpy");
   auto* to = static_cast<uint8_t*>(dst);
   for (size_t r = 0; r < rows; r++) std::memcpy(to + r * rowBytes, at(src + r * pitch), rowBytes);
+}
+
+// Host transfers are memcpy at once; "streams" are numbers with nothing
+// queued on them.
+void* HostBackend::allocHost(size_t bytes) {
+  CallScope scope(*this, BackendOp::AllocHost);
+  scope.injectFault("malloc");
+  void* p = std::malloc(bytes ? bytes : 1);
+  if (!p) {
+    Error e(ErrorCode::OutOfMemory, "malloc(" + std::to_string(bytes) + ") failed: host memory exhausted");
+    e.requestedBytes = bytes;
+    throw e;
+  }
+  return p;
+}
+
+void HostBackend::freeHost(void* p) { std::free(p); }
+
+uint64_t HostBackend::createStream() { return nextStream_.fetch_add(1) + 1; }
+
+void HostBackend::destroyStream(uint64_t) {}
+
+void HostBackend::syncStream(uint64_t) {}
+
+void HostBackend::copyToHost(void* dst, Address src, size_t bytes, uint64_t) {
+  CallScope scope(*this, BackendOp::CopyToHost);
+  scope.injectFault("memcpy");
+  std::memcpy(dst, at(src), bytes);
+}
+
+void HostBackend::copyFromHost(Address dst, const void* src, size_t bytes, uint64_t) {
+  CallScope scope(*this, BackendOp::CopyFromHost);
+  scope.injectFault("memcpy");
+  std::memcpy(at(dst), src, bytes);
 }
 
 // Host memory has no asynchronous writers: a fence has passed as soon as it

@@ -42,6 +42,13 @@ class HostBackend final : public Backend {
   void copyIn(Address dst, uint64_t pitch, const void* src, size_t rowBytes, size_t rows) override;
   void copyOut(void* dst, Address src, uint64_t pitch, size_t rowBytes, size_t rows) override;
   void copyDevice(Address dst, Address src, size_t bytes, uint64_t stream) override;
+  void* allocHost(size_t bytes) override;
+  void freeHost(void* p) override;
+  uint64_t createStream() override;
+  void destroyStream(uint64_t stream) override;
+  void syncStream(uint64_t stream) override;
+  void copyToHost(void* dst, Address src, size_t bytes, uint64_t stream) override;
+  void copyFromHost(Address dst, const void* src, size_t bytes, uint64_t stream) override;
   FenceHandle recordFence(uint64_t stream) override;
   bool fenceDone(FenceHandle fence) override;
   void waitFence(FenceHandle fence) override;
@@ -69,6 +76,7 @@ class HostBackend final : public Backend {
   std::mutex fencesLock_;
   std::unordered_map<FenceHandle, PendingFence> fences_;
   FenceHandle nextFence_ = 1;
+  std::atomic<uint64_t> nextStream_{1u << 30};  // apart from the test hooks' stream numbers
 };
 
 }  // namespace vat

@@ -9,6 +9,7 @@
 #include <set>
 #include <vector>
 
+#include "binding/cache_task.h"
 #include "binding/grow_task.h"
 #include "binding/js_values.h"
 #include "binding/test_hooks.h"
@@ -39,6 +40,11 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::GrowAsync>("growAsync"),
                            InstanceMethod<&NativeCache::Release>("release"),
                            InstanceMethod<&NativeCache::Share>("share"),
+                           InstanceMethod<&NativeCache::SwapOut>("swapOut"),
+                           InstanceMethod<&NativeCache::SwapIn>("swapIn"),
+                           InstanceMethod<&NativeCache::DiscardSwapped>("discardSwapped"),
+                           InstanceMethod<&NativeCache::Suspend>("suspend"),
+                           InstanceMethod<&NativeCache::Resume>("resume"),
                            InstanceMethod<&NativeCache::Reclaim>("reclaim"),
                            InstanceMethod<&NativeCache::Trim>("trim"),
                            InstanceMethod<&NativeCache::Write>("write"),
@@ -71,6 +77,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.prefetchTokens = u32(o.Get("prefetchTokens"));
     opts.layerGroups = u32(o.Get("layerGroups"));
     opts.idleGroups = u32(o.Get("idlePageGroups"));
+    opts.hostMemoryBudget = u64(o.Get("hostMemoryBudget"));
     cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
@@ -111,6 +118,56 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     out.Set(0u, r.slot);
     out.Set(1u, r.generation);
     return out;
+  }
+
+  Napi::Value queue(Napi::Env env, const char* name, std::function<CacheTask::Result()> work) {
+    auto* task = new CacheTask(env, name, std::move(work));
+    napi_value promise = task->promise();
+    task->Queue();
+    return Napi::Value(env, promise);
+  }
+
+  // swapOut(slot, gen, stream?) -> Promise<handle>
+  Napi::Value SwapOut(const Napi::CallbackInfo& info) {
+    std::optional<uint64_t> stream;
+    if (info.Length() > 2 && info[2].IsBigInt()) stream = u64(info[2]);
+    SequenceRef s = seq(info);
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.swapOut", [cache, s, stream] {
+      return CacheTask::Result{cache->swapOut(s, stream), 0, 1};
+    });
+  }
+
+  // swapIn(handle) -> Promise<[slot, generation]>
+  Napi::Value SwapIn(const Napi::CallbackInfo& info) {
+    uint64_t handle = u64(info[0]);
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.swapIn", [cache, handle] {
+      SequenceRef r = cache->swapIn(handle);
+      return CacheTask::Result{r.slot, r.generation, 2};
+    });
+  }
+
+  void DiscardSwapped(const Napi::CallbackInfo& info) {
+    guarded(info.Env(), [&] { cache_->discardSwapped(u64(info[0])); });
+  }
+
+  // suspend(keepHost) -> Promise<void>
+  Napi::Value Suspend(const Napi::CallbackInfo& info) {
+    bool keepHost = info[0].ToBoolean().Value();
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.suspend", [cache, keepHost] {
+      cache->suspend(keepHost);
+      return CacheTask::Result{};
+    });
+  }
+
+  Napi::Value Resume(const Napi::CallbackInfo& info) {
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.resume", [cache] {
+      cache->resume();
+      return CacheTask::Result{};
+    });
   }
 
   Napi::Value Grow(const Napi::CallbackInfo& info) {
@@ -207,6 +264,18 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("pagesShared", num(env, st.sharedPages));
     o.Set("bytesSavedBySharing", num(env, st.bytesSavedBySharing));
     o.Set("driverCallsOnJsThread", num(env, st.callsOnOwnerThread));
+    o.Set("suspended", st.suspended);
+    o.Set("bytesSuspended", num(env, st.bytesSuspended));
+    o.Set("pagesSuspended", num(env, st.pages.suspended));
+    Napi::Object host = Napi::Object::New(env);
+    host.Set("budgetBytes", num(env, st.host.budgetBytes));
+    host.Set("bytesUsed", num(env, st.host.bytesUsed));
+    host.Set("bytesSwapped", num(env, st.host.bytesSwapped));
+    host.Set("swappedSequences", num(env, st.host.swappedSequences));
+    host.Set("bytesSuspendCopy", num(env, st.host.bytesSuspendCopy));
+    host.Set("swapOuts", num(env, st.host.swapOuts));
+    host.Set("swapIns", num(env, st.host.swapIns));
+    o.Set("host", host);
     Napi::Object pf = Napi::Object::New(env);
     pf.Set("tokens", cache_->prefetchTokens());
     pf.Set("hits", num(env, st.prefetch.hits));

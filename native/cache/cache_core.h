@@ -27,6 +27,9 @@ struct CacheCore {
   std::condition_variable changed;
   std::atomic<bool> closing{false};
   bool closed = false;
+  // suspend() gave the pages back: nothing that needs memory runs (growth
+  // fails with ERR_SUSPENDED, the prefetch worker idles) until resume().
+  bool suspended = false;
   std::unique_ptr<KVLayout> layout;  // fixed for the cache's life
   DeviceMemory device;
   SlotTable slots;

@@ -41,6 +41,7 @@ KVCache::KVCache(const CacheOptions& o) {
                                          " bytes is less than one page group (" + std::to_string(layout->pagesPerGroup()) +
                                          " pages of " + std::to_string(backend->pageSize()) +
                                          " bytes): no sequence could ever grow");
+  hostBudget_ = o.hostMemoryBudget;
   description_.pageSize = backend->pageSize();
   description_.granularity = backend->granularity();
   description_.backend = backend->name();
@@ -159,6 +160,7 @@ void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
   uint64_t maxTokens = layout.shape().maxTokens;
   auto checkBatch = [&] {
     for (const GrowRequest& r : batch) activeSlot(r.seq);  // closed or released (meanwhile)?
+    checkNotSuspended();
   };
   checkBatch();
   for (const GrowRequest& r : batch)
@@ -257,6 +259,7 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
       return core_->closing.load() || (!core_->slots[seq.slot].extendingNow() && (myTurn || !asyncGrowthMapping_));
     });
     Slot& s = activeSlot(seq);
+    checkNotSuspended();
     if (cancel && cancel->load()) fail(ErrorCode::Aborted, "the growth was aborted");
     size_t need = layout.groupsForTokens(tokens);
     if (need <= core_->groupsOf(s)) break;
@@ -309,6 +312,13 @@ void KVCache::release(SequenceRef seq, std::optional<uint64_t> fenceStream) {
   // Record the fence first: if that fails the sequence stays active. Nothing
   // after it can fail.
   if (fenceStream && !s.pages.empty()) s.fences.record(core_->backend(), *fenceStream);
+  vacate(seq.slot);
+}
+
+// The slot's sequence ends; its pages stay (deferred reclamation) unless
+// they are shared or the cache is suspended. Never throws.
+void KVCache::vacate(uint32_t slot) {
+  Slot& s = core_->slots[slot];
   s.state = SlotState::Vacant;
   s.generation++;
   s.prefetchTarget = 0;
@@ -316,7 +326,15 @@ void KVCache::release(SequenceRef seq, std::optional<uint64_t> fenceStream) {
   s.releasedTokens = s.tokens;
   s.tokens = 0;
   s.fences.pending(core_->backend());
-  dropIfShared(seq.slot);
+  if (core_->suspended && !s.fences.pending(core_->backend())) {
+    // Nothing to keep for the next sequence: resume() need not back them.
+    try {
+      dropMappings(slot);
+    } catch (...) {
+    }
+  } else {
+    dropIfShared(slot);
+  }
   prefetcher_->wake();  // pages may have become reclaimable for a waiting plan
 }
 
@@ -416,6 +434,7 @@ uint32_t KVCache::freeSlotForShare(uint32_t source) {
 SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
   Lock lk(core_->lock);
   checkOpen();
+  checkNotSuspended();
   const KVLayout& layout = *core_->layout;
   PagePool& pool = core_->pool();
   Slot& source = shareSource(from, tokens, allowReleased);
@@ -476,6 +495,7 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
 uint64_t KVCache::reclaim(uint64_t bytes) {
   Lock lk(core_->lock);
   checkOpen();
+  if (core_->suspended) return 0;  // nothing is backed
   uint64_t ps = core_->pool().pageSize();
   uint64_t pages = bytes == UINT64_MAX ? UINT64_MAX : bytes / ps + (bytes % ps != 0);
   // reclaim() takes only from released slots (not prefetched tails): every
@@ -515,6 +535,7 @@ void KVCache::checkRange(Slot& s, uint32_t layer, uint64_t token, uint64_t bytes
 void KVCache::write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data, uint64_t bytes) {
   Lock lk(core_->lock);
   Slot& s = activeSlot(seq);
+  checkNotSuspended();
   checkRange(s, layer, token, bytes);
   if (bytes == 0) return;
   const KVLayout& layout = *core_->layout;
@@ -525,6 +546,7 @@ void KVCache::write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token
 void KVCache::read(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, void* out, uint64_t bytes) {
   Lock lk(core_->lock);
   Slot& s = activeSlot(seq);
+  checkNotSuspended();
   checkRange(s, layer, token, bytes);
   if (bytes == 0) return;
   const KVLayout& layout = *core_->layout;
@@ -540,6 +562,7 @@ uint64_t KVCache::tokens(SequenceRef seq) {
 uint64_t KVCache::obtainableBytes() {
   Lock lk(core_->lock);
   checkOpen();
+  if (core_->suspended) return 0;
   return mapper_->obtainablePages({}) * core_->pool().pageSize();
 }
 
@@ -585,6 +608,14 @@ CacheStats KVCache::stats() {
   st.prefetch.pagesReclaimedAhead = mapper_->reclaimedAheadPages();
   st.prefetch.errors = prefetcher_->errors();
   st.prefetch.workerError = prefetcher_->workerError();
+  st.suspended = core_->suspended;
+  st.bytesSuspended = st.pages.suspended * st.pageSize;
+  st.host = hostStats_;
+  st.host.budgetBytes = hostBudget_;
+  st.host.bytesUsed = hostBytes_;
+  st.host.swappedSequences = swapped_.size();
+  for (const auto& entry : swapped_) st.host.bytesSwapped += entry.second.bytes;
+  st.host.bytesSuspendCopy = suspendedCopyBytes_;
   return st;
 }
 
@@ -632,6 +663,7 @@ void KVCache::teardown() {
     return;
   }
   core_->backend().disarmFault();
+  freeHostMemory();
   for (uint32_t i = 0; i < core_->slots.size(); ++i) core_->slots[i].fences.drain(core_->backend());
   core_->slots.clear();
   core_->device.teardown();

@@ -28,6 +28,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -50,6 +51,19 @@ struct CacheOptions {
   uint64_t prefillBytes = 0;    // pages created into the pool at start
   uint32_t prefetchTokens = 0;  // look-ahead of step(); 0 = no prefetch worker
   uint32_t idleGroups = 1;      // page groups the worker keeps idle (creating or reclaiming ahead); 0 = none
+  uint64_t hostMemoryBudget = 0;  // bytes of host memory for swap and suspend; 0 = none may be used
+};
+
+// Host memory the cache holds: swapped-out sequences and a suspended
+// cache's bytes, within CacheOptions::hostMemoryBudget.
+struct HostStats {
+  uint64_t budgetBytes = 0;
+  uint64_t bytesUsed = 0;        // held now (swapped sequences, a suspended cache's copy, copies under way)
+  uint64_t bytesSwapped = 0;     // swapped-out sequences' tokens
+  uint64_t swappedSequences = 0;
+  uint64_t bytesSuspendCopy = 0; // a suspended cache's pages kept on the host (keep: 'host')
+  uint64_t swapOuts = 0;         // completed, ever
+  uint64_t swapIns = 0;
 };
 
 struct SlotStats {
@@ -95,6 +109,9 @@ struct CacheStats {
   uint64_t bytesSavedBySharing = 0;  // mappings beyond a page's first, in bytes: the slots' mapped
                                      // bytes add up to bytesBacked + this
   PrefetchStats prefetch;
+  HostStats host;
+  bool suspended = false;
+  uint64_t bytesSuspended = 0;  // physical pages suspend() gave back, that resume() backs again
 };
 
 // What the binding reads once at construction: fixed for the cache's life.
@@ -131,6 +148,29 @@ class KVCache {
   // `from` may be released when allowReleased and its slot still holds its
   // pages. All or nothing.
   SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream);
+  // Moving KV out of device memory and back (kv_cache_moves.cc). Each runs
+  // on the caller's thread with the lock released during the copies, so it
+  // belongs on a pool thread (the binding's async tasks).
+  //
+  // swapOut: the sequence's tokens (every layer's K and V, tokens ×
+  // bytesPerToken bytes) copied to host memory after the work queued on
+  // `fenceStream` (if any), then the sequence is released; returns a handle
+  // for swapIn. On failure the sequence is as it was.
+  uint64_t swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream);
+  // swapIn: a new sequence (any free slot) holding the swapped tokens; the
+  // handle is used up. On failure nothing changed and the handle still works.
+  SequenceRef swapIn(uint64_t handle);
+  // Frees a swapped sequence's host memory without swapping it in.
+  void discardSwapped(uint64_t handle);
+  uint64_t swappedTokens(uint64_t handle);
+  // suspend: every physical page back to the backend, every address kept;
+  // keepHost copies the mapped bytes to host memory first. Released slots and
+  // pages past active sequences' tokens are unmapped, not kept. resume:
+  // backs the same addresses again (restoring the bytes when kept); all or
+  // nothing, so a failed resume can be retried.
+  void suspend(bool keepHost);
+  void resume();
+
   uint64_t reclaim(uint64_t bytes);
   uint64_t trim();
   void write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data, uint64_t bytes);
@@ -159,6 +199,20 @@ class KVCache {
 
  private:
   void checkOpen() const;
+  void checkNotSuspended() const;
+  struct SwappedSequence {
+    void* host = nullptr;
+    uint64_t bytes = 0;
+    uint64_t tokens = 0;
+    bool swappingIn = false;
+  };
+  void reserveHostBytes(uint64_t bytes, const char* what);
+  void copySlotTokens(uint32_t slot, uint64_t tokens, void* host, bool toHost);
+  void waitForQuiet(Lock& lk);
+  void dropUnkeptPages();
+  void resumePages(std::vector<PageId>& resumed);
+  std::vector<PageId> distinctMappedPages(PageState state);
+  void freeHostMemory();
   Slot& activeSlot(SequenceRef seq);
   void growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep);
   uint64_t collectTargets(const std::vector<GrowRequest>& batch);
@@ -169,6 +223,7 @@ class KVCache {
   bool holdsSharedPages(const Slot& s);
   void dropMappings(uint32_t slot);
   void dropIfShared(uint32_t slot);
+  void vacate(uint32_t slot);
   void sweepDropPending(bool wait);
 
   std::unique_ptr<CacheCore> core_;
@@ -185,6 +240,15 @@ class KVCache {
   std::vector<std::pair<uint32_t, size_t>> batchGroups_;
   uint32_t batchEpoch_ = 0;
   bool asyncGrowthMapping_ = false;  // a growDetached holds the mapping turn (see there)
+  // Host memory (kv_cache_moves.cc), under the lock.
+  uint64_t hostBudget_ = 0;
+  uint64_t hostBytes_ = 0;  // held or being filled: swapped sequences + suspended copy
+  std::unordered_map<uint64_t, SwappedSequence> swapped_;
+  uint64_t nextSwapHandle_ = 1;
+  HostStats hostStats_;
+  void* suspendedCopy_ = nullptr;  // keep: 'host': page k of suspendedPages_ at k × page size
+  uint64_t suspendedCopyBytes_ = 0;
+  std::vector<PageId> suspendedPages_;
 };
 
 }  // namespace vat

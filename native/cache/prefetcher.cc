@@ -167,7 +167,9 @@ void Prefetcher::run() {
     bool busy = false;
     try {
       Extension ext;
-      if (plan(ext)) {
+      if (core_.suspended) {
+        // no pages to map or create until resume() (it wakes the worker)
+      } else if (plan(ext)) {
         busy = true;
         ++inFlight_;
         try {

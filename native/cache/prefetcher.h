@@ -67,6 +67,9 @@ class Prefetcher {
   uint64_t errors() const { return errors_; }
   const std::string& workerError() const { return workerError_; }
 
+  // No extension, top-up or reclaim of the worker runs off the lock now.
+  bool idle() const { return inFlight_ == 0; }
+
  private:
   void run();
   bool plan(Extension& ext);

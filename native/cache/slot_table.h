@@ -28,6 +28,7 @@ enum class Extending : uint8_t {
   No,
   OnDemand,  // growAsync: a caller waits for exactly these pages
   Ahead,     // the prefetch worker's look-ahead: demand may wait for it to end
+  Copying,   // swapOut/swapIn copying its tokens to or from the host: nothing unmaps it
 };
 
 struct Slot {

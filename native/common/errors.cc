@@ -14,6 +14,7 @@ const char* errorCodeName(ErrorCode code) {
     case ErrorCode::InvalidArgument: return "ERR_INVALID_ARGUMENT";
     case ErrorCode::Os: return "ERR_OS";
     case ErrorCode::Aborted: return "ERR_ABORTED";
+    case ErrorCode::Suspended: return "ERR_SUSPENDED";
     case ErrorCode::Internal: return "ERR_INTERNAL";
   }
   return "ERR_UNKNOWN";

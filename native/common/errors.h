@@ -20,6 +20,7 @@ enum class ErrorCode {
   InvalidArgument,   // bad argument that got past the TypeScript checks
   Os,                // an operating-system call failed (host backend)
   Aborted,           // an async operation was cancelled
+  Suspended,         // the cache's pages were given back (suspend): nothing needing memory runs
   Internal,          // a broken invariant or an unexpected failure inside the library
 };
 

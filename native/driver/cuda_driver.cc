@@ -65,7 +65,8 @@ bool resolveAll(void* lib, DriverApi& a, std::string* p) {
          VAT_RESOLVE(cuMemAddressReserve) && VAT_RESOLVE(cuMemAddressFree) && VAT_RESOLVE(cuMemCreate) &&
          VAT_RESOLVE(cuMemRelease) && VAT_RESOLVE(cuMemMap) && VAT_RESOLVE(cuMemUnmap) &&
          VAT_RESOLVE(cuMemSetAccess) && VAT_RESOLVE(cuMemcpyHtoD) && VAT_RESOLVE(cuMemcpyDtoH) &&
-         VAT_RESOLVE(cuMemcpy2D) && VAT_RESOLVE(cuMemcpyHtoDAsync) && VAT_RESOLVE(cuMemcpyDtoDAsync) && VAT_RESOLVE(cuMemsetD8Async) &&
+         VAT_RESOLVE(cuMemcpy2D) && VAT_RESOLVE(cuMemcpyHtoDAsync) && VAT_RESOLVE(cuMemcpyDtoDAsync) && VAT_RESOLVE(cuMemcpyDtoHAsync) &&
+         VAT_RESOLVE(cuMemAllocHost) && VAT_RESOLVE(cuMemFreeHost) && VAT_RESOLVE(cuMemsetD8Async) &&
          VAT_RESOLVE(cuMemsetD32Async) && VAT_RESOLVE(cuEventCreate) && VAT_RESOLVE(cuEventRecord) &&
          VAT_RESOLVE(cuEventQuery) && VAT_RESOLVE(cuEventSynchronize) && VAT_RESOLVE(cuEventDestroy) && VAT_RESOLVE(cuEventElapsedTime) &&
          VAT_RESOLVE(cuStreamCreate) && VAT_RESOLVE(cuStreamDestroy) && VAT_RESOLVE(cuStreamSynchronize) &&

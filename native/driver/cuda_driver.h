@@ -47,6 +47,9 @@ struct DriverApi {
   CUresult (*cuMemcpy2D)(const CUDA_MEMCPY2D*);  // _v2 at API 12.0
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr, const void*, size_t, CUstream);
   CUresult (*cuMemcpyDtoDAsync)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
+  CUresult (*cuMemcpyDtoHAsync)(void*, CUdeviceptr, size_t, CUstream);
+  CUresult (*cuMemAllocHost)(void**, size_t);  // _v2 at API 12.0
+  CUresult (*cuMemFreeHost)(void*);
   CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
   CUresult (*cuMemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream);
   CUresult (*cuEventCreate)(CUevent*, unsigned);

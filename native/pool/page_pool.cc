@@ -10,7 +10,7 @@ PagePool::PagePool(Backend& backend, uint64_t budgetBytes)
     : backend_(backend), pageSize_(backend.pageSize()), budgetPages_(budgetBytes / backend.pageSize()) {}
 
 PoolCounts PagePool::counts() const {
-  return {budgetPages_, created_.load(), idle_.size(), mapped_.load(), stranded_.size()};
+  return {budgetPages_, created_.load(), idle_.size(), mapped_.load(), stranded_.size(), suspended_};
 }
 
 PageId PagePool::takeIdle() {
@@ -59,7 +59,7 @@ bool PagePool::reserveCreation() {
 PageId PagePool::adopt(PageHandle handle) {
   PageId id = vacant_.back();
   vacant_.pop_back();
-  *pages_[id] = Page{handle, PageState::Created, 0};
+  *pages_[id] = Page{handle, PageState::Created, 0, {}};
   --pendingCreations_;
   ++created_;
   return id;
@@ -151,6 +151,10 @@ void PagePool::mapAlso(PageId id, Address at) {
 
 bool PagePool::unmapAt(PageId id, Address at) {
   Page& p = *pages_[id];
+  if (p.state == PageState::Suspended) {
+    forgetSuspendedAt(p, id, at);
+    return false;
+  }
   if (p.sharedAt.empty()) {
     unmap(p);
     return true;
@@ -167,8 +171,100 @@ bool PagePool::unmapAt(PageId id, Address at) {
   return false;
 }
 
+void PagePool::forgetSuspendedAt(Page& p, PageId id, Address at) {
+  if (p.sharedAt.empty()) {
+    p = Page{};
+    vacant_.push_back(id);
+    --suspended_;
+    return;
+  }
+  if (at == p.address) {
+    p.address = p.sharedAt.back();
+    p.sharedAt.pop_back();
+  } else {
+    p.sharedAt.erase(std::find(p.sharedAt.begin(), p.sharedAt.end(), at));
+  }
+  --extraMappings_;
+  if (p.sharedAt.empty()) --sharedPages_;
+}
+
+// Every mapping goes, then the memory; a failure maps back what was unmapped.
+void PagePool::suspendPage(PageId id) {
+  Page& p = *pages_[id];
+  if (p.state != PageState::Accessible) fail(ErrorCode::Internal, "only a mapped page can be suspended");
+  std::vector<Address> all{p.address};
+  all.insert(all.end(), p.sharedAt.begin(), p.sharedAt.end());
+  size_t unmapped = 0;
+  auto remapDone = [&] {
+    for (size_t i = 0; i < unmapped; ++i) {
+      try {
+        backend_.map(all[i], p.handle);
+        backend_.setAccess(all[i]);
+      } catch (...) {
+      }
+    }
+  };
+  try {
+    for (; unmapped < all.size(); ++unmapped) backend_.unmap(all[unmapped]);
+    backend_.releasePage(p.handle);
+  } catch (...) {
+    remapDone();
+    throw;
+  }
+  p.handle = 0;
+  p.state = PageState::Suspended;
+  --mapped_;
+  --created_;
+  ++suspended_;
+}
+
+// New memory at every address the page had; a failure unmaps and releases it.
+void PagePool::resumePage(PageId id) {
+  Page& p = *pages_[id];
+  if (p.state != PageState::Suspended) fail(ErrorCode::Internal, "only a suspended page can be resumed");
+  if (headroom() == 0) {
+    Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages_) + " pages of " +
+                                        std::to_string(pageSize_) + " bytes)");
+    e.requestedBytes = pageSize_;
+    throw e;
+  }
+  std::vector<Address> all{p.address};
+  all.insert(all.end(), p.sharedAt.begin(), p.sharedAt.end());
+  PageHandle handle = backend_.createPage();
+  size_t mapped = 0;
+  try {
+    for (; mapped < all.size(); ++mapped) {
+      backend_.map(all[mapped], handle);
+      try {
+        backend_.setAccess(all[mapped]);
+      } catch (...) {
+        backend_.unmap(all[mapped]);
+        throw;
+      }
+    }
+  } catch (...) {
+    for (size_t i = 0; i < mapped; ++i) {
+      try {
+        backend_.unmap(all[i]);
+      } catch (...) {
+      }
+    }
+    try {
+      backend_.releasePage(handle);
+    } catch (...) {
+    }
+    throw;
+  }
+  p.handle = handle;
+  p.state = PageState::Accessible;
+  ++mapped_;
+  ++created_;
+  --suspended_;
+}
+
 uint32_t PagePool::mappingsOf(PageId id) const {
   const Page& p = *pages_[id];
+  if (p.state == PageState::Suspended) return 1 + static_cast<uint32_t>(p.sharedAt.size());
   if (p.state != PageState::Mapped && p.state != PageState::Accessible) return 0;
   return 1 + static_cast<uint32_t>(p.sharedAt.size());
 }
@@ -190,6 +286,10 @@ uint64_t PagePool::trim(uint64_t maxPages) {
 void PagePool::teardown() {
   for (PageId id = 0; id < pages_.size(); ++id) {
     Page& p = *pages_[id];
+    if (p.state == PageState::Suspended) {  // no memory, no mapping: only the record
+      p = Page{};
+      continue;
+    }
     for (Address at : p.sharedAt) {
       try {
         backend_.unmap(at);
@@ -212,7 +312,7 @@ void PagePool::teardown() {
   }
   idle_.clear();
   stranded_.clear();
-  sharedPages_ = extraMappings_ = 0;
+  sharedPages_ = extraMappings_ = suspended_ = 0;
 }
 
 }  // namespace vat

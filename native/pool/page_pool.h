@@ -8,6 +8,16 @@
 //                            +--unmap (retried)-- Stranded <-------+
 //                                                   (an unmap failed)
 //
+// Suspending the cache takes an Accessible page out of memory and brings it
+// back at the same addresses:
+//
+//   Accessible --unmap every mapping, release--> Suspended
+//   Suspended  --create, map + setAccess at every address--> Accessible
+//
+// Both are all or nothing for the page: a failure undoes the steps taken.
+// A Suspended page has no handle; its record keeps the addresses (address,
+// sharedAt), so the slots' page lists and sharing survive a suspension.
+//
 // and every failure goes back along the arrows it came by, so a failed map
 // leaves the page Created and a failed create leaves nothing. When going
 // back fails too (an unmap during a rollback or a reclaim), the page is
@@ -25,7 +35,7 @@
 
 namespace vat {
 
-enum class PageState : uint8_t { Vacant, Created, Mapped, Accessible, Stranded };
+enum class PageState : uint8_t { Vacant, Created, Mapped, Accessible, Stranded, Suspended };
 
 using PageId = uint32_t;
 
@@ -44,6 +54,7 @@ struct PoolCounts {
   uint64_t idle = 0;     // created, unmapped, waiting in the pool
   uint64_t mapped = 0;   // Accessible (or Mapped) somewhere
   uint64_t stranded = 0; // still mapped after a failed unmap, owned by no slot
+  uint64_t suspended = 0; // given back to the backend by suspend(), to be backed again by resume()
 };
 
 // Thread safety: the pool's bookkeeping (take, put, create, destroy, adopt,
@@ -97,8 +108,18 @@ class PagePool {
   // one (the page is Created again, for the caller to put idle). Throws,
   // leaving the mapping, when the backend fails.
   void mapAlso(PageId id, Address at);
+  // A Suspended page loses the address from its record (no backend call);
+  // with its last address the record goes too, and unmapAt returns false
+  // (there is no page to put idle).
   bool unmapAt(PageId id, Address at);
   uint32_t mappingsOf(PageId id) const;
+
+  // Suspend and resume one page (see the state machine above). suspendPage
+  // needs an Accessible page; resumePage a Suspended one and room in the
+  // budget. Either throws with the page as it was.
+  void suspendPage(PageId id);
+  void resumePage(PageId id);
+  bool isSuspended(PageId id) const { return pages_[id]->state == PageState::Suspended; }
 
   // A page that a failed unmap left mapped: kept out of the pool until its
   // unmap succeeds (retryStranded, teardown).
@@ -126,6 +147,8 @@ class PagePool {
   const Page& page(PageId id) const { return *pages_[id]; }
 
  private:
+  void forgetSuspendedAt(Page& p, PageId id, Address at);
+
   Backend& backend_;
   size_t pageSize_;
   uint64_t budgetPages_;
@@ -134,6 +157,7 @@ class PagePool {
   uint64_t pendingCreations_ = 0;
   uint64_t sharedPages_ = 0;
   uint64_t extraMappings_ = 0;
+  uint64_t suspended_ = 0;
   std::vector<std::unique_ptr<Page>> pages_;  // records never move
   std::vector<PageId> vacant_;  // records in pages_ free for reuse
   std::vector<PageId> idle_;    // created, unmapped; LIFO
