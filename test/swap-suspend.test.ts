@@ -1,0 +1,349 @@
+// Moving KV out of device memory and back: swapOut/swapIn of one sequence
+// through host memory, suspend/resume of the whole cache with its addresses
+// kept. Run against every backend and layout present.
+import { afterEach, describe, expect, it } from 'vitest';
+import { KVCache, type Sequence, SwappedSequence } from '../lib/index.js';
+import { deviceMemory, liveResources } from '../lib/testing.js';
+import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+
+const kinds = ['k', 'v'] as const;
+const code = (c: string) => expect.objectContaining({ code: c });
+
+for (const b of backends) {
+  describe.skipIf(b.skip !== null)(`swap and suspend, ${label(b)}`, () => {
+    const open: KVCache[] = [];
+    const make = (extra: Record<string, unknown> = {}) => {
+      const c = new KVCache({ ...b.options, prefetchTokens: 0, ...extra });
+      open.push(c);
+      return c;
+    };
+    afterEach(() => {
+      for (const c of open.splice(0)) c.close();
+    });
+    const per = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
+    const group = groupPagesOf(b);
+    const data = (c: KVCache, id: number, layer: number, kind: number, count: number) =>
+      pattern(count * c.tokenBytes, id * 1_000_003 + layer * 7919 + kind * 104_729);
+    const fill = (c: KVCache, seq: Sequence, id: number, count: number) => {
+      for (let layer = 0; layer < c.options.layers; layer++)
+        for (const [kind, name] of kinds.entries()) c.write(seq, { layer, kind: name, token: 0 }, data(c, id, layer, kind, count));
+    };
+    const expectData = (c: KVCache, seq: Sequence, id: number, count: number) => {
+      for (let layer = 0; layer < c.options.layers; layer++)
+        for (const [kind, name] of kinds.entries()) {
+          const got = c.read(seq, { layer, kind: name, token: 0, count });
+          expect(Buffer.from(got).equals(Buffer.from(data(c, id, layer, kind, count))), `layer ${layer} ${name}`).toBe(true);
+        }
+    };
+    const identity = (c: KVCache) => {
+      const s = c.stats();
+      expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked + s.bytesSuspended + s.bytesSavedBySharing);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+    };
+    /** Tokens of a sequence that fills about half the budget. */
+    const half = (c: KVCache) => {
+      const groups = Math.floor(c.stats().budgetBytes / c.pageSize / group / 2);
+      return Math.min(c.options.maxTokens, groups * per(c) - 1);
+    };
+
+    describe('swapOut / swapIn', () => {
+      it('swapOut copies every layer\'s K and V to host memory and releases the sequence; swapIn brings the same bytes back', async () => {
+        const c = make();
+        const n = half(c);
+        const p = c.reserve();
+        c.grow(p, n);
+        fill(c, p, 1, n);
+        const swapped = await c.swapOut(p);
+        expect(swapped).toBeInstanceOf(SwappedSequence);
+        expect(swapped.tokens).toBe(n);
+        expect(swapped.bytes).toBe(n * c.bytesPerToken);
+        expect(p.released).toBe(true);
+        expect(() => c.grow(p, n + 1)).toThrow(code('ERR_SEQUENCE_RELEASED'));
+        let s = c.stats();
+        expect(s.activeSequences).toBe(0);
+        expect(s.host).toMatchObject({ bytesSwapped: n * c.bytesPerToken, bytesUsed: n * c.bytesPerToken, swappedSequences: 1, swapOuts: 1 });
+        expect(s.driverCalls.copyToHost?.calls).toBe(groupPagesOf(b)); // one copy per tensor
+        identity(c);
+        const q = await c.swapIn(swapped);
+        expect(q.tokens).toBe(n);
+        expect(swapped.gone).toBe(true);
+        expectData(c, q, 1, n);
+        s = c.stats();
+        expect(s.host).toMatchObject({ bytesSwapped: 0, bytesUsed: 0, swappedSequences: 0, swapIns: 1 });
+        identity(c);
+        // a sequence of no tokens swaps too
+        const e = c.reserve();
+        const se = await c.swapOut(e);
+        expect(se.tokens).toBe(0);
+        expect((await c.swapIn(se)).tokens).toBe(0);
+      });
+
+      it('a swapped-out sequence gives its memory to others, and comes back in another slot when its own is taken', async () => {
+        const c = make();
+        const n = half(c);
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        const b2 = c.reserve();
+        c.grow(b2, n);
+        fill(c, b2, 2, n);
+        // memory is full: a third sequence of that length cannot grow
+        const x = c.reserve();
+        expect(() => c.grow(x, n)).toThrow(code('ERR_OUT_OF_MEMORY'));
+        const swapped = await c.swapOut(a);
+        c.grow(x, n); // takes a's pages
+        fill(c, x, 3, n);
+        c.release(b2);
+        const back = await c.swapIn(swapped);
+        expect(back.slot).not.toBe(x.slot);
+        expectData(c, back, 1, n);
+        expectData(c, x, 3, n);
+        identity(c);
+      });
+
+      it('past hostMemoryBudget swapOut is ERR_OUT_OF_MEMORY and the sequence is as it was', async () => {
+        const c = make({ hostMemoryBudget: 1024 });
+        const n = 8;
+        const p = c.reserve();
+        c.grow(p, n);
+        fill(c, p, 1, n);
+        const before = stateOf(c);
+        await expect(c.swapOut(p)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY', requestedBytes: n * c.bytesPerToken, availableBytes: 1024 });
+        expect(stateOf(c)).toEqual(before);
+        expect(p.released).toBe(false);
+        expectData(c, p, 1, n);
+      });
+
+      it('a failed copy or host allocation leaves the sequence (swapOut) or the swapped tokens (swapIn) as they were', async () => {
+        const c = make();
+        const n = per(c) + 1;
+        const p = c.reserve();
+        c.grow(p, n);
+        fill(c, p, 1, n);
+        const before = stateOf(c);
+        c._injectFault('copyToHost', 0, false);
+        await expect(c.swapOut(p)).rejects.toMatchObject({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' });
+        expect(stateOf(c)).toEqual(before);
+        c._injectFault('allocHost', 0, true);
+        await expect(c.swapOut(p)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
+        expect(stateOf(c)).toEqual(before);
+        expectData(c, p, 1, n);
+        const swapped = await c.swapOut(p);
+        const out = stateOf(c);
+        c._injectFault('copyFromHost', group - 1, false); // the last tensor's copy fails
+        await expect(c.swapIn(swapped)).rejects.toMatchObject({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' });
+        const after = stateOf(c);
+        // the slot tried (the released one holding the old pages) is released again
+        for (const key of ['bytesBacked', 'pagesMapped', 'activeSequences', 'slots', 'host'] as const) expect(after[key]).toEqual(out[key]);
+        expect(swapped.gone).toBe(false);
+        const q = await c.swapIn(swapped);
+        expectData(c, q, 1, n);
+      });
+
+      it('swapIn without memory or a free slot is refused, changes nothing, and works later', async () => {
+        const c = make();
+        const n = half(c);
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        const swapped = await c.swapOut(a);
+        const blockers = [c.reserve(), c.reserve()];
+        c.grow(blockers[0]!, n);
+        c.grow(blockers[1]!, n);
+        const before = stateOf(c);
+        await expect(c.swapIn(swapped)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
+        expect({ ...stateOf(c), slots: undefined }).toEqual({ ...before, slots: undefined });
+        while (c.stats().activeSequences < c.options.maxSequences) c.reserve();
+        await expect(c.swapIn(swapped)).rejects.toMatchObject({ code: 'ERR_NO_SLOT' });
+        c.release(blockers[0]!);
+        const q = await c.swapIn(swapped);
+        expectData(c, q, 1, n);
+      });
+
+      it('bad input is a typed error; a swapped sequence is swapped in once; discard() frees its host memory', async () => {
+        const c = make();
+        const p = c.reserve();
+        c.grow(p, 3);
+        await expect(c.swapIn({} as SwappedSequence)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentTypeError' });
+        await expect(c.swapOut({} as Sequence)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+        await expect(c.swapOut(p, { stream: 3 as unknown as bigint })).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+        const other = make();
+        await expect(other.swapOut(p)).rejects.toMatchObject({ code: 'ERR_FOREIGN_SEQUENCE' });
+        const swapped = await c.swapOut(p);
+        await expect(other.swapIn(swapped)).rejects.toMatchObject({ code: 'ERR_FOREIGN_SEQUENCE' });
+        await expect(c.swapOut(p)).rejects.toMatchObject({ code: 'ERR_SEQUENCE_RELEASED' });
+        const [first, second] = await Promise.allSettled([c.swapIn(swapped), c.swapIn(swapped)]);
+        expect(first.status).toBe('fulfilled');
+        expect(second).toMatchObject({ status: 'rejected', reason: { code: 'ERR_INVALID_ARGUMENT' } });
+        await expect(c.swapIn(swapped)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+        const q = (first as PromiseFulfilledResult<Sequence>).value;
+        const again = await c.swapOut(q);
+        expect(c.stats().host.bytesUsed).toBe(3 * c.bytesPerToken);
+        again.discard();
+        again.discard();
+        expect(again.gone).toBe(true);
+        expect(c.stats().host).toMatchObject({ bytesUsed: 0, swappedSequences: 0 });
+        await expect(c.swapIn(again)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+      });
+
+      it('steps of other sequences go on while swaps run; close() while swaps run settles them and frees everything', async () => {
+        const c = make({ prefetchTokens: 8 });
+        const n = per(c);
+        const seqs = [c.reserve(), c.reserve(), c.reserve()];
+        for (const [i, s] of seqs.entries()) {
+          c.grow(s, n);
+          fill(c, s, i + 1, n);
+        }
+        const outs = Promise.all([c.swapOut(seqs[0]!), c.swapOut(seqs[1]!)]);
+        for (let t = n + 1; t < n + 20; t++) c.step([seqs[2]!], t);
+        const swapped = await outs;
+        const ins = await Promise.all(swapped.map((s) => c.swapIn(s)));
+        expectData(c, ins[0]!, 1, n);
+        expectData(c, ins[1]!, 2, n);
+        const d = make();
+        const live = liveResources();
+        const x = d.reserve();
+        d.grow(x, n);
+        const pending = d.swapOut(x).then(
+          (s) => s,
+          (e: unknown) => e,
+        );
+        d.close();
+        const settled = await pending;
+        if (settled instanceof SwappedSequence) expect(settled.gone).toBe(true);
+        else expect(settled).toMatchObject({ code: 'ERR_CLOSED' });
+        expect(liveResources().pages).toBeLessThanOrEqual(live.pages);
+      });
+    });
+
+    describe('suspend / resume', () => {
+      it("suspend({ keep: 'host' }) gives every page back and keeps the addresses; resume() restores the bytes, sharing included", async () => {
+        const c = make();
+        const n = per(c) + 3;
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        const child = c.fork(a);
+        const r = c.reserve();
+        c.grow(r, 2);
+        c.release(r); // a released slot's pages are not kept
+        const addresses = [a.address(0, 'k'), child.address(c.options.layers - 1, 'v')];
+        const tensor = c.tensor(0, 'k').address;
+        const shared = c.stats().pagesShared;
+        const gpuBefore = b.name === 'cuda' ? deviceMemory().freeBytes : 0;
+        await c.suspend({ keep: 'host' });
+        const s = c.stats();
+        expect(c.suspended).toBe(true);
+        expect(s).toMatchObject({ suspended: true, bytesBacked: 0, pagesCreated: 0, pagesMapped: 0, pagesPooled: 0 });
+        // a's two page groups and the child's copied one; the group they share counts once
+        expect(s.bytesSuspended).toBe(3 * group * c.pageSize);
+        expect(s.host.bytesSuspendCopy).toBe(s.bytesSuspended);
+        identity(c);
+        if (b.name === 'cuda') expect(deviceMemory().freeBytes).toBeGreaterThanOrEqual(gpuBefore + s.bytesSuspended);
+        expect([a.address(0, 'k'), child.address(c.options.layers - 1, 'v')]).toEqual(addresses);
+        expect(c.tensor(0, 'k').address).toBe(tensor);
+        await c.resume();
+        expect(c.suspended).toBe(false);
+        const after = c.stats();
+        expect(after).toMatchObject({ suspended: false, bytesSuspended: 0, pagesShared: shared });
+        expect(after.host.bytesUsed).toBe(0);
+        expectData(c, a, 1, n);
+        expectData(c, child, 1, n);
+        identity(c);
+        // both grow again
+        c.grow(a, n + per(c));
+        c.grow(child, n + 1);
+      });
+
+      it("while suspended, what needs memory is ERR_SUSPENDED and changes nothing; reserve, release, stats and close work", async () => {
+        const c = make();
+        const n = per(c);
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        const spare = c.reserve();
+        await c.suspend();
+        const before = stateOf(c);
+        expect(() => c.grow(a, n + 1)).toThrow(code('ERR_SUSPENDED'));
+        expect(() => c.step([a], n)).toThrow(code('ERR_SUSPENDED'));
+        expect(() => c.write(a, { layer: 0, kind: 'k', token: 0 }, new Uint8Array(c.tokenBytes))).toThrow(code('ERR_SUSPENDED'));
+        expect(() => c.read(a, { layer: 0, kind: 'k', token: 0, count: 1 })).toThrow(code('ERR_SUSPENDED'));
+        expect(() => c.fork(a)).toThrow(code('ERR_SUSPENDED'));
+        await expect(c.growAsync(a, n + 1)).rejects.toMatchObject({ code: 'ERR_SUSPENDED', name: 'SuspendedError' });
+        await expect(c.swapOut(a)).rejects.toMatchObject({ code: 'ERR_SUSPENDED' });
+        await expect(c.suspend()).rejects.toMatchObject({ code: 'ERR_SUSPENDED' });
+        expect(c.reclaim()).toBe(0);
+        expect(c.obtainableBytes()).toBe(0);
+        expect(stateOf(c)).toEqual(before);
+        // releasing a sequence while suspended drops its pages: resume() does not back them
+        expect(c.stats().bytesSuspended).toBe(group * c.pageSize);
+        c.release(spare);
+        const q = c.reserve();
+        expect(q.tokens).toBe(0);
+        c.release(a);
+        expect(c.stats().bytesSuspended).toBe(0);
+        await c.resume();
+        await c.resume(); // not suspended: nothing to do
+        expect(c.stats().pagesMapped).toBe(0);
+      });
+
+      it("suspend({ keep: 'none' }): after resume the same addresses are backed again, contents undefined", async () => {
+        const c = make();
+        const n = per(c) + 1;
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        const address = a.address(1, 'v');
+        await c.suspend({ keep: 'none' });
+        expect(c.stats().host.bytesUsed).toBe(0);
+        await c.resume();
+        expect(a.address(1, 'v')).toBe(address);
+        expect(a.tokens).toBe(n);
+        fill(c, a, 2, n);
+        expectData(c, a, 2, n);
+        identity(c);
+      });
+
+      it('a resume that runs out of memory stays suspended and can be retried; a suspend past hostMemoryBudget is refused', async () => {
+        const c = make();
+        const n = 2 * per(c) + 1;
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        await c.suspend({ keep: 'host' });
+        const suspended = stateOf(c);
+        c._injectFault('createPage', group + 1, true); // a few pages in
+        await expect(c.resume()).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
+        expect(stateOf(c)).toEqual(suspended);
+        await c.resume();
+        expectData(c, a, 1, n);
+        const small = make({ hostMemoryBudget: c.pageSize });
+        const x = small.reserve();
+        small.grow(x, n);
+        fill(small, x, 4, n);
+        await expect(small.suspend({ keep: 'host' })).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
+        expect(small.suspended).toBe(false);
+        expectData(small, x, 4, n);
+        small.grow(x, n + per(c));
+      });
+
+      it('close() while suspended or with sequences swapped out frees everything', async () => {
+        const live = liveResources();
+        const c = make();
+        const a = c.reserve();
+        c.grow(a, per(c));
+        const x = c.reserve();
+        c.grow(x, 2);
+        const swapped = await c.swapOut(x);
+        await c.suspend({ keep: 'host' });
+        c.close();
+        expect(swapped.gone).toBe(true);
+        expect(() => swapped.discard()).not.toThrow();
+        await expect(c.resume()).rejects.toMatchObject({ code: 'ERR_CLOSED' });
+        const now = liveResources();
+        expect(now.pages).toBe(live.pages);
+        expect(now.mappings).toBe(live.mappings);
+      });
+    });
+  });
+}
