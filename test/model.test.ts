@@ -1,25 +1,32 @@
 // Random operations against a model. fast-check drives random sequences of
-// reserve / grow / step / write / read / release / reclaim / trim (and
-// growAsync in the async property) with sizes at the edges (0, 1, page
+// reserve / grow / step / write / read / release / reclaim / trim / fork /
+// prefix sharing (and growAsync, swapOut / swapIn and suspend / resume in the
+// async property) with sizes at the edges (0, 1, page
 // boundaries, maxTokens, budget exhausted) against a plain TypeScript model
 // of what the cache must hold. Every byte written is read back where the
 // model says it is. Replay a failure with VAT_SEED=<seed> (printed on failure).
 import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
-import { KVCache, type Sequence } from '../lib/index.js';
+import { KVCache, type Sequence, type SwappedSequence } from '../lib/index.js';
 import { finishHostStream, holdHostStream, liveResources, spinThenReadU32, synchronizeStream } from '../lib/testing.js';
 import { backends, label, layouts, tokensPerGroupOf } from './backends.js';
 
 interface SeqModel {
   tokens: number;
   written: Map<string, number>; // `${layer}:${kind}:${token}` -> seed of the bytes there
+  // Tokens below this were shared with another sequence (fork, prefix): KV
+  // is append-only, so no write goes there any more.
+  frozen: number;
 }
 interface Model {
   live: { seq: Sequence; m: SeqModel }[];
+  swapped: { s: SwappedSequence; m: SeqModel }[];
   // Slots released with a fence still pending (host: a held stream), with the
-  // pages mapped there when last seen: none may go before a fence wait.
-  fenced: Map<number, number>;
-  fenceWaits: number;
+  // pages mapped there when last seen and the fence waits counted when the
+  // fence was recorded: none may go before a fence wait. (The wait may come
+  // well before the pages go: a reserve() that waits for a sharer's fence
+  // before dropping its mappings, and later a growth that takes the pages.)
+  fenced: Map<number, { pages: number; waitsBefore: number }>;
 }
 interface Real {
   cache: KVCache;
@@ -76,22 +83,29 @@ for (const b of backends) {
       }
     };
 
-    const invariants = (m: Model, c: KVCache) => {
+    // settled: no worker or async growth may be mapping off the lock (pages
+    // taken from the pool and not mapped yet are in neither count).
+    const invariants = (m: Model, c: KVCache, settled = true) => {
       const s = c.stats();
       if (b.name === 'host') {
         // A pending fence's slot only loses pages after a fence wait.
         const waits = s.driverCalls.fenceWait!.calls;
         for (const [slot, seen] of m.fenced) {
           const now = s.slots[slot]!.mappedPages;
-          if (now < seen) {
-            expect(waits).toBeGreaterThan(m.fenceWaits);
+          if (now < seen.pages) {
+            expect(waits).toBeGreaterThan(seen.waitsBefore);
             m.fenced.delete(slot);
-          } else m.fenced.set(slot, now);
+          } else seen.pages = now;
         }
-        m.fenceWaits = waits;
       }
-      expect(s.pagesMapped + s.pagesPooled).toBe(s.pagesCreated);
-      expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+      if (settled) expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+      else expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBeLessThanOrEqual(s.pagesCreated);
+      const inSlots = s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots;
+      if (settled) expect(inSlots).toBe(s.bytesBacked + s.bytesSavedBySharing);
+      else expect(inSlots).toBeLessThanOrEqual(s.bytesBacked + s.bytesSavedBySharing); // pages mapped, not yet the slot's
+      expect(s.suspended).toBe(false);
+      expect(s.host.swappedSequences).toBe(m.swapped.length);
+      expect(s.host.bytesSwapped).toBe(m.swapped.reduce((sum, w) => sum + w.m.tokens * c.bytesPerToken, 0));
       expect(s.bytesPageRounding + s.bytesSpareGroups).toBe(s.bytesBeyondTokens);
       expect(s.bytesPageRounding).toBeLessThan(Math.max(1, s.activeSequences) * s.layout.bytesPerPageGroup);
       expect(s.bytesPooled).toBe(s.pagesPooled * s.pageSize);
@@ -120,7 +134,7 @@ for (const b of backends) {
             return;
           }
           const seq = r.cache.reserve({ expectedTokens: expectedArg });
-          m.live.push({ seq, m: { tokens: 0, written: new Map() } });
+          m.live.push({ seq, m: { tokens: 0, written: new Map(), frozen: 0 } });
         },
       })),
       fc.tuple(pick, tokenCount).map(([i, n]) => ({
@@ -160,6 +174,7 @@ for (const b of backends) {
             const c = r.cache;
             const data = new Uint8Array(count * c.tokenBytes);
             for (let t = 0; t < count; t++) data.set(tokenBytesFor(s + t, c.tokenBytes), t * c.tokenBytes);
+            if (Math.min(token, maxTokens) < e.m.frozen) return; // shared: never written again (append-only KV)
             const code = codeOf(() => c.write(e.seq, { layer, kind, token: Math.min(token, maxTokens) }, data));
             if (Math.min(token, maxTokens) + count > e.m.tokens) {
               expect(code).toBe('ERR_OUT_OF_RANGE');
@@ -208,7 +223,8 @@ for (const b of backends) {
           }
           r.cache.release(e.seq, { stream });
           m.live.splice(idx, 1);
-          if (b.name === 'host' && mapped > 0) m.fenced.set(slot, mapped);
+          if (b.name === 'host' && mapped > 0)
+            m.fenced.set(slot, { pages: mapped, waitsBefore: r.cache.stats().driverCalls.fenceWait!.calls });
         },
       })),
       fc.constant({
@@ -225,6 +241,28 @@ for (const b of backends) {
         check: () => true,
         run: (_m: Model, r: Real) => {
           expect(r.cache.reclaim(bytes)).toBeGreaterThanOrEqual(0);
+        },
+      })),
+      fc.tuple(pick, fc.option(tokenCount, { nil: undefined })).map(([i, n]) => ({
+        // fork (n undefined) or a prefix of n tokens
+        toString: () => (n === undefined ? `fork(#${i})` : `prefix(#${i}, ${n})`),
+        check: (m: Model) => m.live.length > 0,
+        run: (m: Model, r: Real) => {
+          const e = pickSeq(m, i)!;
+          const tokens = n === undefined ? e.m.tokens : n;
+          let child: Sequence | undefined;
+          const code = codeOf(() => {
+            child = n === undefined ? r.cache.fork(e.seq) : r.cache.reserve({ prefix: { from: e.seq, tokens } });
+          });
+          if (tokens > maxTokens) expect(code).toBe('ERR_INVALID_ARGUMENT');
+          else if (tokens > e.m.tokens) expect(code).toBe('ERR_OUT_OF_RANGE');
+          else if (m.live.length === o.maxSequences) expect(code).toBe('ERR_NO_SLOT');
+          else if (code !== null) expect(code).toBe('ERR_OUT_OF_MEMORY');
+          if (code !== null) return;
+          const written = new Map([...e.m.written].filter(([key]) => Number(key.split(':')[2]) < tokens));
+          e.m.frozen = Math.max(e.m.frozen, tokens);
+          m.live.push({ seq: child!, m: { tokens, written, frozen: tokens } });
+          expect(child!.tokens).toBe(tokens);
         },
       })),
       fc.constant({
@@ -262,7 +300,7 @@ for (const b of backends) {
         fc.property(fc.commands(counted, { maxCommands: 600, size: 'max' }), (cmds) => {
           const cache = new KVCache(o);
           try {
-            fc.modelRun(() => ({ model: { live: [], fenced: new Map(), fenceWaits: 0 } as Model, real: { cache } }), cmds);
+            fc.modelRun(() => ({ model: { live: [], swapped: [], fenced: new Map() } as Model, real: { cache } }), cmds);
           } finally {
             cache.close();
             if (b.name === 'cuda') synchronizeStream(0n);
@@ -283,6 +321,63 @@ for (const b of backends) {
         commands[4]!, // read and verify
         commands[5]!, // release
         commands[2]!, // step (the worker maps ahead after it)
+        commands[9]!, // fork / prefix
+        pick.map((i) => ({
+          toString: () => `swapOut(#${i})`,
+          check: (m: Model) => m.live.length > 0,
+          run: async (m: Model, r: Real) => {
+            const idx = i % m.live.length;
+            const e = m.live[idx]!;
+            const s = await r.cache.swapOut(e.seq);
+            m.live.splice(idx, 1);
+            expect(s.tokens).toBe(e.m.tokens);
+            m.swapped.push({ s, m: e.m });
+          },
+        })),
+        pick.map((i) => ({
+          toString: () => `swapIn(#${i})`,
+          check: (m: Model) => m.swapped.length > 0,
+          run: async (m: Model, r: Real) => {
+            const idx = i % m.swapped.length;
+            const w = m.swapped[idx]!;
+            const result = await r.cache.swapIn(w.s).then(
+              (seq) => seq,
+              (err: { code: string }) => err.code,
+            );
+            if (typeof result === 'string') {
+              expect(result).toBe(m.live.length === o.maxSequences ? 'ERR_NO_SLOT' : 'ERR_OUT_OF_MEMORY');
+              expect(w.s.gone).toBe(false);
+              return;
+            }
+            m.swapped.splice(idx, 1);
+            m.live.push({ seq: result, m: w.m });
+            for (let l = 0; l < o.layers; l++) for (const k of KINDS) verify(r.cache, m.live.at(-1)!, l, k);
+          },
+        })),
+        fc.tuple(fc.constantFrom('none', 'host') as fc.Arbitrary<'none' | 'host'>, fc.option(pick, { nil: undefined })).map(([keep, releaseWhile]) => ({
+          toString: () => `suspendAndResume(${keep}${releaseWhile === undefined ? '' : `, release #${releaseWhile} while suspended`})`,
+          check: () => true,
+          run: async (m: Model, r: Real) => {
+            const c = r.cache;
+            const addresses = m.live.map((e) => e.seq.address(0, 'v'));
+            await c.suspend({ keep });
+            expect(c.stats().bytesBacked).toBe(0);
+            if (m.live.length > 0) expect(codeOf(() => c.grow(m.live[0]!.seq, m.live[0]!.m.tokens))).toBe('ERR_SUSPENDED');
+            if (releaseWhile !== undefined && m.live.length > 0) {
+              const idx = releaseWhile % m.live.length;
+              c.release(m.live[idx]!.seq);
+              m.live.splice(idx, 1);
+              addresses.splice(idx, 1);
+            }
+            await c.resume();
+            expect(m.live.map((e) => e.seq.address(0, 'v'))).toEqual(addresses);
+            for (const e of m.live) {
+              expect(e.seq.tokens).toBe(e.m.tokens);
+              if (keep === 'none') e.m.written.clear(); // contents undefined after resume
+              else for (let l = 0; l < o.layers; l++) for (const k of KINDS) verify(c, e, l, k);
+            }
+          },
+        })),
         fc.tuple(pick, tokenCount).map(([i, n]) => ({
           toString: () => `growAsync(#${i}, ${n})`,
           check: (m: Model) => m.live.length > 0,
@@ -305,6 +400,7 @@ for (const b of backends) {
           run: async (m: Model, r: Real) => {
             operations++;
             await cmd.run(m, r);
+            invariants(m, r.cache, false);
           },
         })),
       );
@@ -312,7 +408,7 @@ for (const b of backends) {
         fc.asyncProperty(fc.commands(asyncCommands, { maxCommands: 200, size: 'max' }), async (cmds) => {
           const cache = new KVCache(withPrefetch);
           try {
-            await fc.asyncModelRun(() => ({ model: { live: [], fenced: new Map(), fenceWaits: 0 } as Model, real: { cache } }), cmds);
+            await fc.asyncModelRun(() => ({ model: { live: [], swapped: [], fenced: new Map() } as Model, real: { cache } }), cmds);
           } finally {
             cache.close();
           }

@@ -418,13 +418,24 @@ Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased
 }
 
 // The free slot with the fewest mapped pages (they are unmapped first).
+// Slots waiting for a fence to drop shared pages are waited for when no
+// other is free, as reserve() does.
 uint32_t KVCache::freeSlotForShare(uint32_t source) {
   sweepDropPending(false);
   int best = -1;
-  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
-    const Slot& s = core_->slots[i];
-    if (i == source || s.active() || s.dropPending || s.extendingNow()) continue;
-    if (best < 0 || s.pages.size() < core_->slots[best].pages.size()) best = static_cast<int>(i);
+  bool pendingDrops = false;
+  auto pick = [&] {
+    for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+      const Slot& s = core_->slots[i];
+      pendingDrops = pendingDrops || s.dropPending;
+      if (i == source || s.active() || s.dropPending || s.extendingNow()) continue;
+      if (best < 0 || s.pages.size() < core_->slots[best].pages.size()) best = static_cast<int>(i);
+    }
+  };
+  pick();
+  if (best < 0 && pendingDrops) {
+    sweepDropPending(true);
+    pick();
   }
   if (best < 0)
     fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
