@@ -27,13 +27,15 @@ const COMMANDS = {
   },
   demo: {
     usage:
-      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto] [--layout per-layer|all-layers|groups:N] [--compare-layouts]\n' +
+      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto] [--layout per-layer|all-layers|groups:N] [--compare-layouts] [--shared-prefix N]\n' +
       '  a simulated serving loop on this machine, and what it cost (N: positive integers; defaults 300 requests, seed 42);\n' +
+      '  --shared-prefix N: every prompt starts with the same N-token system prompt, shared with reserve({ prefix });\n' +
       '  --compare-layouts runs the same trace under each layout and prints one table',
     options: {
       json: { type: 'boolean' },
       layout: { type: 'string' },
       'compare-layouts': { type: 'boolean' },
+      'shared-prefix': { type: 'string' },
       requests: { type: 'string' },
       seed: { type: 'string' },
       backend: { type: 'string' },
@@ -183,7 +185,9 @@ function printDemo(r: DemoReport): void {
   console.log(`  model KV: ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}; ${r.maxSequences} slots x ${r.maxTokens} tokens; budget ${bytes(r.memoryBudget)}`);
   console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions), ${r.wallSeconds.toFixed(2)} s`);
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
-  console.log(`  waste (backed, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of backed:`);
+  if (r.sharedPrefix > 0)
+    console.log(`  shared system prompt of ${r.sharedPrefix} tokens: memory saved by sharing its pages mean ${bytes(r.meanBytesSavedBySharing)}, peak ${bytes(r.peakBytesSavedBySharing)} (${(100 * r.meanBytesSavedBySharing / (r.meanBytesBacked + r.meanBytesSavedBySharing)).toFixed(1)}% of what the slots map)`);
+  console.log(`  waste (mapped in slots, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of it:`);
   console.log(`    past the tokens of active sequences: mean ${bytes(r.meanBytesBeyondTokens)} = page-group rounding ${bytes(r.meanBytesPageRounding)} (${bytes(r.meanBytesPageRoundingPerRequest)} per running request) + spare whole groups (look-ahead, inherited from the slot) ${bytes(r.meanBytesSpareGroups)}`);
   console.log(`    kept by released slots for the next sequence (deferred reclamation, reclaimable): mean ${bytes(r.meanBytesInReleasedSlots)}`);
   console.log(`  idle in the pool: mean ${bytes(r.meanBytesPooled)}`);
@@ -203,12 +207,14 @@ async function demo(values: Values): Promise<number> {
   if (backend !== 'cuda' && backend !== 'host' && backend !== 'auto')
     throw new UsageError(`--backend must be cuda, host or auto, got '${backend}'`);
   const layout = layoutOption(values.layout as string | undefined);
+  const sharedPrefix = values['shared-prefix'] === undefined ? 0 : positiveInteger(values, 'shared-prefix', 0);
+  if (sharedPrefix >= 4096) throw new UsageError(`--shared-prefix must be less than 4096 tokens (half of maxTokens), got ${sharedPrefix}`);
   if (values['compare-layouts']) {
     if (layout !== undefined) throw new UsageError('--compare-layouts runs every layout: leave out --layout');
     const reports: DemoReport[] = [];
     for (const l of LAYOUTS_COMPARED) {
       const bar = progressBar(requests);
-      reports.push(await runDemo({ backend, requests, seed, layout: l, onProgress: (done) => bar.update(done) }));
+      reports.push(await runDemo({ backend, requests, seed, layout: l, sharedPrefix, onProgress: (done) => bar.update(done) }));
       bar.end();
     }
     if (values.json) console.log(JSON.stringify(reports.map(({ trace: _trace, ...r }) => r), null, 2));
@@ -216,7 +222,7 @@ async function demo(values: Values): Promise<number> {
     return 0;
   }
   const bar = progressBar(requests);
-  const report = await runDemo({ backend, requests, seed, layout, onProgress: (done) => bar.update(done) });
+  const report = await runDemo({ backend, requests, seed, layout, sharedPrefix, onProgress: (done) => bar.update(done) });
   bar.end();
   if (values.json) console.log(JSON.stringify(report, null, 2));
   else printDemo(report);

@@ -13,6 +13,11 @@
  * which the serving thread waits for its stream (a GPU spin kernel on cuda;
  * a sleep, scaled down 10x, on the host backend) and the prefetch worker maps
  * and reclaims ahead.
+ *
+ * With `sharedPrefix` every request's prompt begins with the same system
+ * prompt of that many tokens: one sequence holds it for the whole run, and
+ * each request is placed with `reserve({ prefix })`, sharing its whole page
+ * groups (the partial one copied) instead of backing it again.
  */
 import * as testing from 'vattention/testing';
 import { KVCache, OutOfMemoryError, autoBackend, type BackendChoice, type DType, type KVLayoutChoice, type Sequence } from 'vattention';
@@ -37,6 +42,11 @@ export interface DemoOptions {
    * compute (the loop runs back to back).
    */
   weightBytes?: number;
+  /**
+   * Tokens of a system prompt every request's prompt starts with, shared by
+   * mapping the same pages (reserve({ prefix })). 0: none (default).
+   */
+  sharedPrefix?: number;
   /** Called every step with the fraction of requests finished. */
   onProgress?: (done: number, total: number) => void;
 }
@@ -67,7 +77,12 @@ export interface DemoReport {
   peakBytesBacked: number;
   meanBytesBacked: number;
   meanBytesUsed: number;
-  /** Mean of (backed - used): bytes mapped but not holding tokens. */
+  /** The sharedPrefix option (0: none). */
+  sharedPrefix: number;
+  /** Mean and peak of stats().bytesSavedBySharing: memory the shared prefix did not need again. */
+  meanBytesSavedBySharing: number;
+  peakBytesSavedBySharing: number;
+  /** Mean of (backed + saved by sharing - used): bytes mapped in slots but not holding tokens. */
   meanWasteBytes: number;
   wasteFraction: number;
   /** Means of where the backed bytes were: past the tokens of active sequences, kept by released slots. */
@@ -167,6 +182,9 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
   const maxSequences = options.maxSequences ?? (onGpu ? 64 : 32);
   const maxTokens = options.maxTokens ?? 8192;
   const requests = options.requests ?? 300;
+  const sharedPrefix = options.sharedPrefix ?? 0;
+  if (!Number.isInteger(sharedPrefix) || sharedPrefix < 0 || sharedPrefix >= maxTokens / 2)
+    throw new RangeError(`sharedPrefix must be an integer in [0, ${maxTokens / 2}), got ${sharedPrefix}`);
   const random = rng(options.seed ?? 42);
   const cache = new KVCache({
     ...model,
@@ -208,8 +226,11 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     }
   };
   try {
+    // The system prompt: held by one sequence for the whole run (as a prefix cache would).
+    const system = sharedPrefix > 0 ? timed(() => cache.reserve()) : null;
+    if (system) timed(() => cache.grow(system, sharedPrefix));
     const queue: Request[] = Array.from({ length: requests }, () => ({
-      prompt: Math.max(1, Math.min(Math.round(random.logNormal(500, 1.0)), maxTokens / 2)),
+      prompt: sharedPrefix + Math.max(1, Math.min(Math.round(random.logNormal(500, 1.0)), maxTokens / 2 - sharedPrefix)),
       output: Math.max(1, Math.min(Math.round(random.logNormal(180, 1.0)), maxTokens / 2)),
       generated: 0,
     }));
@@ -229,6 +250,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     let sumBeyond = 0;
     let sumReleased = 0;
     let sumPooled = 0;
+    let sumSaved = 0;
+    let peakSaved = 0;
     let sumBeyondPerRequest = 0;
     let sumRoundingPerRequest = 0;
     let sumRounding = 0;
@@ -268,16 +291,29 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
         }
       }
       // admission: a prompt's pages are mapped off the serving thread (growAsync)
-      while (waiting.length && running.length + prefilling.length < maxSequences && prefilling.length < 4) {
+      while (waiting.length && running.length + prefilling.length < maxSequences - (system ? 1 : 0) && prefilling.length < 4) {
         const req = waiting[0]!;
         // Admitted only with room left for the batch to grow over the next 32
         // steps (a watermark, as vLLM keeps for decode), so admission does not
         // take the pages the next steps need.
         const { tokensPerPageGroup, bytesPerPageGroup } = cache.layout;
         const watermark = Math.ceil(((running.length + prefilling.length + 1) * 32) / tokensPerPageGroup) * bytesPerPageGroup;
-        if (timed(() => cache.obtainableBytes(), 'obtainableBytes') < req.prompt * cache.bytesPerToken + watermark) break; // wait for memory
+        const ownTokens = req.prompt - (system ? sharedPrefix : 0);
+        if (timed(() => cache.obtainableBytes(), 'obtainableBytes') < ownTokens * cache.bytesPerToken + watermark) break; // wait for memory
+        let seq: Sequence;
+        try {
+          seq = timed(
+            () =>
+              system
+                ? cache.reserve({ prefix: { from: system, tokens: sharedPrefix } }) // the system prompt's pages, shared
+                : cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }),
+            'reserve',
+          );
+        } catch (e) {
+          if (e instanceof OutOfMemoryError) break; // the prefix's partial group did not fit: wait for memory
+          throw e;
+        }
         waiting.shift();
-        const seq = timed(() => cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }), 'reserve');
         const entry = { req, seq, state: 'mapping' as 'mapping' | 'done' | 'failed' };
         prefilling.push(entry);
         prefillsAsync++;
@@ -334,6 +370,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       sumBeyond += s.bytesBeyondTokens;
       sumReleased += s.bytesInReleasedSlots;
       sumPooled += s.bytesPooled;
+      sumSaved += s.bytesSavedBySharing;
+      peakSaved = Math.max(peakSaved, s.bytesSavedBySharing);
       sumRounding += s.bytesPageRounding;
       sumSpare += s.bytesSpareGroups;
       if (s.activeSequences > 0) {
@@ -374,8 +412,11 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       peakBytesBacked: peak,
       meanBytesBacked: sumBacked / steps,
       meanBytesUsed: sumUsed / steps,
-      meanWasteBytes: (sumBacked - sumUsed) / steps,
-      wasteFraction: sumBacked ? (sumBacked - sumUsed) / sumBacked : 0,
+      sharedPrefix,
+      meanBytesSavedBySharing: sumSaved / steps,
+      peakBytesSavedBySharing: peakSaved,
+      meanWasteBytes: (sumBacked + sumSaved - sumUsed) / steps,
+      wasteFraction: sumBacked + sumSaved ? (sumBacked + sumSaved - sumUsed) / (sumBacked + sumSaved) : 0,
       meanBytesBeyondTokens: sumBeyond / steps,
       meanBytesInReleasedSlots: sumReleased / steps,
       meanBytesPooled: sumPooled / steps,

@@ -43,6 +43,7 @@ interface NativeTesting {
   writeRowsU32(device: number, address: bigint, stride: number, rows: number, rowBytes: number, seed: number, stream: bigint): void;
   free(device: number, address: bigint): void;
   copyToDevice(device: number, dst: bigint, data: ArrayBufferView, stream: bigint | undefined): void;
+  copyOnDevice(device: number, dst: bigint, src: bigint, bytes: number): void;
   copyFromDevice(device: number, out: ArrayBufferView, src: bigint): void;
   createEvent(device: number): bigint;
   recordEvent(device: number, event: bigint, stream: bigint): void;
@@ -59,6 +60,8 @@ export interface DeviceProperties {
   memoryClockKHz: number;
   busWidthBits: number;
   l2Bytes: number;
+  /** PCI address, e.g. '0000:1b:00.0' (the sysfs name of the device's link). */
+  pciBusId: string;
 }
 
 /** How a decodeAttention call split the KV length. */
@@ -333,6 +336,11 @@ export function free(address: bigint, device = 0): void {
  * Copies `data` to device memory at `dst`: synchronous, or queued on
  * `options.stream` (the bytes are staged before it returns).
  */
+/** Copies `bytes` between two device addresses (finished on return). */
+export function copyOnDevice(dst: bigint, src: bigint, bytes: number, device = 0): void {
+  call(() => native.copyOnDevice(device, dst, src, bytes));
+}
+
 export function copyToDevice(dst: bigint, data: ArrayBufferView, options: { device?: number; stream?: bigint } = {}): void {
   checkAddress('dst', dst);
   checkView('data', data);

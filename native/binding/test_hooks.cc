@@ -1,5 +1,7 @@
 #include "binding/test_hooks.h"
 
+#include <cstdio>
+
 #include "backend/host_backend.h"
 #include "binding/js_values.h"
 #include "testing/device_tools.h"
@@ -121,6 +123,11 @@ void TestingCopyToDevice(const Napi::CallbackInfo& info) {
   });
 }
 
+// copyOnDevice(device, dst, src, bytes)
+void TestingCopyOnDevice(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::copyOnDevice(dev(info), u64(info[1]), u64(info[2]), u64(info[3])); });
+}
+
 void TestingCopyFromDevice(const Napi::CallbackInfo& info) {
   auto [data, size] = bytesOf(info[1]);
   guarded(info.Env(), [&] { testing::copyFromDevice(dev(info), data, u64(info[2]), size); });
@@ -152,6 +159,9 @@ Napi::Value TestingDeviceProperties(const Napi::CallbackInfo& info) {
   o.Set("memoryClockKHz", p.memoryClockKHz);
   o.Set("busWidthBits", p.busWidthBits);
   o.Set("l2Bytes", p.l2Bytes);
+  char bus[32];
+  std::snprintf(bus, sizeof bus, "%04x:%02x:%02x.0", p.pciDomain, p.pciBus, p.pciDevice);
+  o.Set("pciBusId", std::string(bus));
   return o;
 }
 
@@ -243,6 +253,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("writeRowsU32", Napi::Function::New<TestingWriteRowsU32>(env));
   t.Set("free", Napi::Function::New<TestingFree>(env));
   t.Set("copyToDevice", Napi::Function::New<TestingCopyToDevice>(env));
+  t.Set("copyOnDevice", Napi::Function::New<TestingCopyOnDevice>(env));
   t.Set("copyFromDevice", Napi::Function::New<TestingCopyFromDevice>(env));
   t.Set("createEvent", Napi::Function::New<TestingCreateEvent>(env));
   t.Set("recordEvent", Napi::Function::New<TestingRecordEvent>(env));

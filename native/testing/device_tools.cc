@@ -218,6 +218,12 @@ void copyToDeviceAsync(int device, uint64_t dst, const void* src, uint64_t bytes
   check(driver().cuMemcpyHtoDAsync(dst, src, bytes, asStream(stream)), "cuMemcpyHtoDAsync");
 }
 
+void copyOnDevice(int device, uint64_t dst, uint64_t src, uint64_t bytes) {
+  kernels(device);
+  check(driver().cuMemcpyDtoDAsync(dst, src, bytes, nullptr), "cuMemcpyDtoDAsync");
+  check(driver().cuStreamSynchronize(nullptr), "cuStreamSynchronize");
+}
+
 uint64_t createEvent(int device) {
   kernels(device);
   CUevent e = nullptr;
@@ -254,6 +260,9 @@ DeviceProperties deviceProperties(int device) {
   check(d.cuDeviceGetAttribute(&p.memoryClockKHz, CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE, dev), "cuDeviceGetAttribute");
   check(d.cuDeviceGetAttribute(&p.busWidthBits, CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH, dev), "cuDeviceGetAttribute");
   check(d.cuDeviceGetAttribute(&p.l2Bytes, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&p.pciDomain, CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&p.pciBus, CU_DEVICE_ATTRIBUTE_PCI_BUS_ID, dev), "cuDeviceGetAttribute");
+  check(d.cuDeviceGetAttribute(&p.pciDevice, CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID, dev), "cuDeviceGetAttribute");
   return p;
 }
 

@@ -55,6 +55,8 @@ void copyToDevice(int device, uint64_t dst, const void* src, uint64_t bytes);
 void copyFromDevice(int device, void* dst, uint64_t src, uint64_t bytes);
 // Queued on `stream`; `src` is copied to a staging buffer before it returns.
 void copyToDeviceAsync(int device, uint64_t dst, const void* src, uint64_t bytes, uint64_t stream);
+// Device to device on the legacy stream, finished on return.
+void copyOnDevice(int device, uint64_t dst, uint64_t src, uint64_t bytes);
 
 // Timing events (cuEventElapsedTime waits for `end`).
 uint64_t createEvent(int device);
@@ -67,6 +69,9 @@ struct DeviceProperties {
   int memoryClockKHz = 0;
   int busWidthBits = 0;
   int l2Bytes = 0;
+  int pciDomain = 0;
+  int pciBus = 0;
+  int pciDevice = 0;
 };
 DeviceProperties deviceProperties(int device);
 
