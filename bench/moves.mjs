@@ -1,12 +1,13 @@
 // Moving KV out of device memory and back, with Llama-3-8B's KV shape
 // (32 layers x 8 KV heads x 128 dims fp16, 128 KiB a token):
-//  - swapOut / swapIn of one sequence of --tokens tokens: time and GB/s
-//    (whole call, and the copy alone: less the page-locked host allocation),
-//    next to the PCIe link's limit per direction as the kernel reports it in
-//    sysfs for the GPU's PCI address (from the driver);
+//  - swapOut / swapIn of one sequence of --tokens tokens: time and GB/s, the
+//    first swap (cold: the host blocks are page-locked then) apart from the
+//    median of the next --iters (warm: blocks reused), next to the PCIe
+//    link's limit per direction as the kernel reports it in sysfs for the
+//    GPU's PCI address (from the driver);
 //  - suspend / resume of a cache holding --gib GiB, with keep 'none' and
-//    'host': time, and the device's free memory before and after.
-// Median of --iters.    node bench/moves.mjs [--tokens 4096] [--gib 8] [--iters 5]
+//    'host' (cold and warm again): time, and the device's free memory freed.
+//    node bench/moves.mjs [--tokens 4096] [--gib 8] [--iters 5]
 import { readFileSync } from 'node:fs';
 import { KVCache } from '../dist/esm/index.mjs';
 import { deviceMemory, deviceProperties } from '../dist/esm/testing.mjs';
@@ -48,8 +49,8 @@ async function swapFigures() {
     let seq = cache.reserve();
     cache.grow(seq, tokens);
     const bytes = tokens * cache.bytesPerToken;
-    for (let i = 0; i < iters; i++) {
-      let calls = cache.stats().driverCalls.allocHost?.nanoseconds ?? 0;
+    for (let i = 0; i <= iters; i++) {
+      const calls = cache.stats().driverCalls.allocHost?.nanoseconds ?? 0;
       let t0 = nowNs();
       const swapped = await cache.swapOut(seq);
       out.push(Number(nowNs() - t0));
@@ -58,10 +59,12 @@ async function swapFigures() {
       seq = await cache.swapIn(swapped);
       inn.push(Number(nowNs() - t0));
     }
-    const o = summarize(out);
-    const a = summarize(allocOut);
-    const n = summarize(inn);
-    return { tokens, bytes, swapOut: o, allocHost: a, swapIn: n };
+    return {
+      tokens,
+      bytes,
+      cold: { swapOut: out[0], allocHost: allocOut[0], swapIn: inn[0] },
+      warm: { swapOut: summarize(out.slice(1)), allocHost: summarize(allocOut.slice(1)), swapIn: summarize(inn.slice(1)) },
+    };
   } finally {
     cache.close();
   }
@@ -84,7 +87,7 @@ async function suspendFigures() {
       const suspendNs = [];
       const resumeNs = [];
       let freed = 0;
-      for (let i = 0; i < iters; i++) {
+      for (let i = 0; i <= iters; i++) {
         const free0 = onGpu ? deviceMemory().freeBytes : 0;
         let t0 = nowNs();
         await cache.suspend({ keep });
@@ -94,7 +97,7 @@ async function suspendFigures() {
         await cache.resume();
         resumeNs.push(Number(nowNs() - t0));
       }
-      rows.push({ keep, held, freed, suspend: summarize(suspendNs), resume: summarize(resumeNs) });
+      rows.push({ keep, held, freed, cold: { suspend: suspendNs[0], resume: resumeNs[0] }, suspend: summarize(suspendNs.slice(1)), resume: summarize(resumeNs.slice(1)) });
     }
     return { sequences: seqs.length, tokensEach, rows };
   } finally {
@@ -105,29 +108,31 @@ async function suspendFigures() {
 const link = pcieLimit();
 const swap = await swapFigures();
 const suspend = await suspendFigures();
-console.log(`swapOut / swapIn of a ${swap.tokens}-token sequence (${(swap.bytes / 2 ** 20).toFixed(0)} MiB, ${backend}, ${model.layers} layers), median of ${iters}:`);
+console.log(`swapOut / swapIn of a ${swap.tokens}-token sequence (${(swap.bytes / 2 ** 20).toFixed(0)} MiB, ${backend}, ${model.layers} layers): the first (cold), then the median of ${iters} (warm):`);
 const gbps = (bytes, ns) => (bytes / (ns / 1e9) / GB).toFixed(1);
 console.log(
   table(
     [
-      { op: 'swapOut', s: swap.swapOut, alloc: swap.allocHost.p50 },
-      { op: 'swapIn', s: swap.swapIn, alloc: 0 },
+      { op: 'swapOut', cold: swap.cold.swapOut, coldAlloc: swap.cold.allocHost, warm: swap.warm.swapOut.p50 },
+      { op: 'swapIn', cold: swap.cold.swapIn, coldAlloc: 0, warm: swap.warm.swapIn.p50 },
     ],
     [
       { title: 'operation', value: (r) => r.op },
-      { title: 'ms', value: (r) => fmt.ms(r.s.p50) },
-      { title: 'GB/s', value: (r) => gbps(swap.bytes, r.s.p50) },
-      { title: 'host allocation ms', value: (r) => fmt.ms(r.alloc) },
-      { title: 'GB/s without it', value: (r) => gbps(swap.bytes, r.s.p50 - r.alloc) },
+      { title: 'cold ms', value: (r) => fmt.ms(r.cold) },
+      { title: 'of it page-locking ms', value: (r) => fmt.ms(r.coldAlloc) },
+      { title: 'warm ms', value: (r) => fmt.ms(r.warm) },
+      { title: 'warm GB/s', value: (r) => gbps(swap.bytes, r.warm) },
     ],
   ),
 );
 if (link?.bytesPerSecond) console.log(`PCIe link of ${link.bus}: ${link.speed} x${link.width} = ${(link.bytesPerSecond / GB).toFixed(1)} GB/s per direction`);
 else if (onGpu) console.log(`PCIe link: unknown (${link?.error})`);
-console.log(`\nsuspend / resume of a cache holding ${(suspend.rows[0].held / 2 ** 30).toFixed(2)} GiB (${suspend.sequences} sequences of ${suspend.tokensEach} tokens), median of ${iters}:`);
+console.log(`\nsuspend / resume of a cache holding ${(suspend.rows[0].held / 2 ** 30).toFixed(2)} GiB (${suspend.sequences} sequences of ${suspend.tokensEach} tokens): the first, then the median of ${iters}:`);
 console.log(
   table(suspend.rows, [
     { title: 'keep', value: (r) => r.keep },
+    { title: 'first suspend ms', value: (r) => fmt.ms(r.cold.suspend) },
+    { title: 'first resume ms', value: (r) => fmt.ms(r.cold.resume) },
     { title: 'suspend ms', value: (r) => fmt.ms(r.suspend.p50) },
     { title: 'resume ms', value: (r) => fmt.ms(r.resume.p50) },
     { title: 'device memory freed GiB', value: (r) => (onGpu ? (r.freed / 2 ** 30).toFixed(2) : 'n/a') },

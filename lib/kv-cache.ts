@@ -274,6 +274,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         layerGroups: o.layerGroups,
         idlePageGroups: o.idlePageGroups,
         hostMemoryBudget: o.hostMemoryBudget,
+        hostMemoryPrefill: o.hostMemoryPrefill,
       });
     } catch (e) {
       throw fromNative(e);
@@ -559,7 +560,10 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     return this.#native !== null && this.#native.stats().suspended;
   }
 
-  /** Gives the pool's unmapped pages back to the driver. Returns the bytes freed. */
+  /**
+   * Gives the pool's unmapped pages back to the driver, and the idle host
+   * blocks of swap and suspend to the OS. Returns the bytes freed (both).
+   */
   trim(): number {
     const native = this.#open();
     return this.#call(() => native.trim());

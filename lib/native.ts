@@ -23,6 +23,7 @@ export interface NativeCacheOptions {
   layerGroups: number;
   idlePageGroups: number;
   hostMemoryBudget: bigint;
+  hostMemoryPrefill: bigint;
 }
 
 export type NativeStats = Omit<CacheStats, 'layout'>;

@@ -48,8 +48,15 @@ export interface PrefetchStats {
 export interface HostMemoryStats {
   /** The `hostMemoryBudget` option. */
   budgetBytes: number;
-  /** Host bytes held now: swapped-out sequences, a suspended cache's copy, copies under way. */
-  bytesUsed: number;
+  /**
+   * Host bytes held now, page-locked on cuda: in use (swapped-out sequences,
+   * a suspended cache's copy, copies under way) and idle, kept in 16 MiB
+   * blocks for the next swap (page-locking is the slow part of a first swap).
+   * `trim()` gives the idle ones back.
+   */
+  bytesHeld: number;
+  /** Of them, idle. */
+  bytesIdle: number;
   /** Of them, swapped-out sequences' tokens. */
   bytesSwapped: number;
   /** Sequences swapped out and not yet swapped in or discarded. */

@@ -78,6 +78,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.layerGroups = u32(o.Get("layerGroups"));
     opts.idleGroups = u32(o.Get("idlePageGroups"));
     opts.hostMemoryBudget = u64(o.Get("hostMemoryBudget"));
+    opts.hostMemoryPrefill = u64(o.Get("hostMemoryPrefill"));
     cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
@@ -269,7 +270,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     o.Set("pagesSuspended", num(env, st.pages.suspended));
     Napi::Object host = Napi::Object::New(env);
     host.Set("budgetBytes", num(env, st.host.budgetBytes));
-    host.Set("bytesUsed", num(env, st.host.bytesUsed));
+    host.Set("bytesHeld", num(env, st.host.bytesHeld));
+    host.Set("bytesIdle", num(env, st.host.bytesIdle));
     host.Set("bytesSwapped", num(env, st.host.bytesSwapped));
     host.Set("swappedSequences", num(env, st.host.swappedSequences));
     host.Set("bytesSuspendCopy", num(env, st.host.bytesSuspendCopy));

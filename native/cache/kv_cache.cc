@@ -41,7 +41,6 @@ KVCache::KVCache(const CacheOptions& o) {
                                          " bytes is less than one page group (" + std::to_string(layout->pagesPerGroup()) +
                                          " pages of " + std::to_string(backend->pageSize()) +
                                          " bytes): no sequence could ever grow");
-  hostBudget_ = o.hostMemoryBudget;
   description_.pageSize = backend->pageSize();
   description_.granularity = backend->granularity();
   description_.backend = backend->name();
@@ -54,9 +53,20 @@ KVCache::KVCache(const CacheOptions& o) {
   batchGroups_.reserve(o.shape.maxSequences);
   core_->device.open(core_->layout->rangeBytes(), budget, o.prefillBytes);
   description_.base = core_->device.base();
+  // 16 MiB blocks: few page-lockings for a long sequence, little waste for a short one.
+  uint64_t block = std::min<uint64_t>(uint64_t{16} << 20, std::max<uint64_t>(4096, o.hostMemoryBudget / 4096 * 4096));
+  hostPool_ = std::make_unique<HostBlockPool>(core_->backend(), o.hostMemoryBudget, block);
+  try {
+    hostPool_->prefill(o.hostMemoryPrefill);
+  } catch (...) {
+    hostPool_->teardown();
+    core_->device.teardown();
+    throw;
+  }
   try {
     prefetcher_->start();
   } catch (...) {
+    hostPool_->teardown();
     core_->device.teardown();
     throw;
   }
@@ -523,7 +533,7 @@ uint64_t KVCache::trim() {
   prefetcher_->pause();  // no pool top-up until the next step()
   mapper_->retryStranded();
   PagePool& pool = core_->pool();
-  return pool.trim(UINT64_MAX) * pool.pageSize();
+  return pool.trim(UINT64_MAX) * pool.pageSize() + hostPool_->trim();
 }
 
 // ---- copies and statistics ----------------------------------------------------
@@ -622,11 +632,12 @@ CacheStats KVCache::stats() {
   st.suspended = core_->suspended;
   st.bytesSuspended = st.pages.suspended * st.pageSize;
   st.host = hostStats_;
-  st.host.budgetBytes = hostBudget_;
-  st.host.bytesUsed = hostBytes_;
+  st.host.budgetBytes = hostPool_->budgetBytes();
+  st.host.bytesHeld = hostPool_->heldBytes();
+  st.host.bytesIdle = hostPool_->idleBytes();
   st.host.swappedSequences = swapped_.size();
-  for (const auto& entry : swapped_) st.host.bytesSwapped += entry.second.bytes;
-  st.host.bytesSuspendCopy = suspendedCopyBytes_;
+  for (const auto& entry : swapped_) st.host.bytesSwapped += entry.second.host.bytes;
+  st.host.bytesSuspendCopy = suspendedCopy_.bytes;
   return st;
 }
 

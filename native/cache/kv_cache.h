@@ -36,6 +36,7 @@
 #include "cache/page_mapper.h"
 #include "cache/prefetcher.h"
 #include "layout/kv_layout.h"
+#include "pool/host_block_pool.h"
 
 namespace vat {
 
@@ -52,13 +53,15 @@ struct CacheOptions {
   uint32_t prefetchTokens = 0;  // look-ahead of step(); 0 = no prefetch worker
   uint32_t idleGroups = 1;      // page groups the worker keeps idle (creating or reclaiming ahead); 0 = none
   uint64_t hostMemoryBudget = 0;  // bytes of host memory for swap and suspend; 0 = none may be used
+  uint64_t hostMemoryPrefill = 0; // of it, page-locked at start (blocks kept for reuse)
 };
 
 // Host memory the cache holds: swapped-out sequences and a suspended
 // cache's bytes, within CacheOptions::hostMemoryBudget.
 struct HostStats {
   uint64_t budgetBytes = 0;
-  uint64_t bytesUsed = 0;        // held now (swapped sequences, a suspended cache's copy, copies under way)
+  uint64_t bytesHeld = 0;        // page-locked now: in use, idle (kept for reuse), being made
+  uint64_t bytesIdle = 0;        // of them, kept for the next swap or suspend
   uint64_t bytesSwapped = 0;     // swapped-out sequences' tokens
   uint64_t swappedSequences = 0;
   uint64_t bytesSuspendCopy = 0; // a suspended cache's pages kept on the host (keep: 'host')
@@ -201,13 +204,11 @@ class KVCache {
   void checkOpen() const;
   void checkNotSuspended() const;
   struct SwappedSequence {
-    void* host = nullptr;
-    uint64_t bytes = 0;
+    HostBlocks host;
     uint64_t tokens = 0;
     bool swappingIn = false;
   };
-  void reserveHostBytes(uint64_t bytes, const char* what);
-  void copySlotTokens(uint32_t slot, uint64_t tokens, void* host, bool toHost);
+  void copySlotTokens(uint32_t slot, uint64_t tokens, const HostBlocks& host, bool toHost);
   void waitForQuiet(Lock& lk);
   void dropUnkeptPages();
   void resumePages(std::vector<PageId>& resumed);
@@ -240,14 +241,12 @@ class KVCache {
   std::vector<std::pair<uint32_t, size_t>> batchGroups_;
   uint32_t batchEpoch_ = 0;
   bool asyncGrowthMapping_ = false;  // a growDetached holds the mapping turn (see there)
-  // Host memory (kv_cache_moves.cc), under the lock.
-  uint64_t hostBudget_ = 0;
-  uint64_t hostBytes_ = 0;  // held or being filled: swapped sequences + suspended copy
+  // Host memory (kv_cache_moves.cc); the rest under the lock.
+  std::unique_ptr<HostBlockPool> hostPool_;
   std::unordered_map<uint64_t, SwappedSequence> swapped_;
   uint64_t nextSwapHandle_ = 1;
   HostStats hostStats_;
-  void* suspendedCopy_ = nullptr;  // keep: 'host': page k of suspendedPages_ at k × page size
-  uint64_t suspendedCopyBytes_ = 0;
+  HostBlocks suspendedCopy_;  // keep: 'host': page k of suspendedPages_ at byte k × page size
   std::vector<PageId> suspendedPages_;
 };
 

@@ -1,6 +1,7 @@
 // Moving KV out of device memory and back: swapOut/swapIn of one sequence,
 // suspend/resume of the whole cache. The host memory both use is counted
-// against CacheOptions::hostMemoryBudget and freed by close().
+// against CacheOptions::hostMemoryBudget (pool/host_block_pool.h: blocks kept
+// for reuse) and freed by trim() and close().
 //
 // Copies run with the cache's lock released (a swap of a long sequence takes
 // milliseconds; the serving loop's step() must not wait for it): the slot
@@ -36,36 +37,22 @@ void KVCache::checkNotSuspended() const {
   if (core_->suspended) fail(ErrorCode::Suspended, "the KV cache is suspended: resume() it first");
 }
 
-void KVCache::reserveHostBytes(uint64_t bytes, const char* what) {
-  uint64_t left = hostBudget_ - hostBytes_;
-  if (bytes > left) {
-    Error e(ErrorCode::OutOfMemory, std::string(what) + " needs " + std::to_string(bytes) +
-                                        " bytes of host memory; " + std::to_string(left) + " of the " +
-                                        std::to_string(hostBudget_) + " in options.hostMemoryBudget are left");
-    e.requestedBytes = bytes;
-    e.availableBytes = left;
-    throw e;
-  }
-  hostBytes_ += bytes;
-}
-
 // The slot's first `tokens` tokens of every tensor, packed on the host tensor
 // after tensor: each tensor's rows of a slot are contiguous, so a layout with
 // G layer groups needs 2 × G copies whatever the model.
-void KVCache::copySlotTokens(uint32_t slot, uint64_t tokens, void* host, bool toHost) {
+void KVCache::copySlotTokens(uint32_t slot, uint64_t tokens, const HostBlocks& host, bool toHost) {
   if (tokens == 0) return;
   const KVLayout& layout = *core_->layout;
   Backend& backend = core_->backend();
   uint32_t layersPerGroup = layout.shape().layers / layout.layerGroups();
   uint64_t bytes = tokens * layout.tokenPitch();
-  auto* cursor = static_cast<uint8_t*>(host);
+  uint64_t offset = 0;
   TransferStream stream(backend);
   for (uint32_t g = 0; g < layout.layerGroups(); ++g) {
     for (KVKind kind : {KVKind::K, KVKind::V}) {
       Address at = core_->device.base() + layout.tokenOffset(slot, g * layersPerGroup, kind, 0);
-      if (toHost) backend.copyToHost(cursor, at, bytes, stream.get());
-      else backend.copyFromHost(at, cursor, bytes, stream.get());
-      cursor += bytes;
+      transferBlocks(backend, toHost, at, host, offset, bytes, hostPool_->blockBytes(), stream.get());
+      offset += bytes;
     }
   }
   stream.finish();
@@ -81,29 +68,22 @@ uint64_t KVCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) 
   checkNotSuspended();
   Backend& backend = core_->backend();
   uint64_t tokens = s.tokens, bytes = tokens * core_->layout->bytesPerToken();
-  reserveHostBytes(bytes, "swapOut");
   FenceHandle fence = 0;
-  try {
-    if (fenceStream) fence = backend.recordFence(*fenceStream);
-  } catch (...) {
-    hostBytes_ -= bytes;
-    throw;
-  }
+  if (fenceStream) fence = backend.recordFence(*fenceStream);
   // From here the caller's reference is stale (its generation), and nothing
   // unmaps the slot (Copying) until the copy has ended either way.
   uint32_t generation = s.generation++;
   s.extending = Extending::Copying;
   lk.unlock();
-  void* host = nullptr;
+  HostBlocks host;
   try {
+    host = hostPool_->take(bytes, "swapOut");
     if (fence) backend.waitFence(fence);
-    host = backend.allocHost(bytes);
     copySlotTokens(seq.slot, tokens, host, true);
   } catch (...) {
+    hostPool_->give(host);
     lk.lock();
     if (fence) backend.destroyFence(fence);
-    backend.freeHost(host);
-    hostBytes_ -= bytes;
     s.generation = generation;
     s.extending = Extending::No;
     core_->changed.notify_all();
@@ -114,7 +94,7 @@ uint64_t KVCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) 
   s.extending = Extending::No;
   vacate(seq.slot);
   uint64_t handle = nextSwapHandle_++;
-  swapped_[handle] = {host, bytes, tokens, false};
+  swapped_[handle] = {std::move(host), tokens, false};
   hostStats_.swapOuts++;
   core_->changed.notify_all();
   return handle;
@@ -129,19 +109,20 @@ SequenceRef KVCache::swapIn(uint64_t handle) {
     fail(ErrorCode::InvalidArgument, "swapped: this swapped-out sequence was swapped in or discarded already");
   if (it->second.swappingIn) fail(ErrorCode::InvalidArgument, "swapped: a swapIn of it is already running");
   it->second.swappingIn = true;
-  SwappedSequence moved = it->second;
+  const HostBlocks& host = it->second.host;  // stays put: the entry is not erased while swappingIn
+  uint64_t tokens = it->second.tokens;
   lk.unlock();
   std::optional<SequenceRef> seq;
   try {
-    seq = reserve(moved.tokens);
-    growDetached(*seq, moved.tokens, nullptr);
+    seq = reserve(tokens);
+    growDetached(*seq, tokens, nullptr);
     lk.lock();
     Slot& s = activeSlot(*seq);
     checkNotSuspended();
     s.extending = Extending::Copying;
     lk.unlock();
     try {
-      copySlotTokens(seq->slot, moved.tokens, moved.host, false);
+      copySlotTokens(seq->slot, tokens, host, false);
     } catch (...) {
       lk.lock();
       s.extending = Extending::No;
@@ -161,10 +142,9 @@ SequenceRef KVCache::swapIn(uint64_t handle) {
     core_->changed.notify_all();
     throw;
   }
-  // Freed under the lock: once it is released, close() may tear the backend down.
-  core_->backend().freeHost(moved.host);
-  hostBytes_ -= moved.bytes;
-  swapped_.erase(handle);
+  auto done = swapped_.find(handle);
+  hostPool_->give(done->second.host);
+  swapped_.erase(done);
   hostStats_.swapIns++;
   core_->changed.notify_all();
   return *seq;
@@ -176,8 +156,7 @@ void KVCache::discardSwapped(uint64_t handle) {
   auto it = swapped_.find(handle);
   if (it == swapped_.end()) return;  // swapped in or discarded already: nothing to free
   if (it->second.swappingIn) fail(ErrorCode::InvalidArgument, "swapped: a swapIn of it is running");
-  core_->backend().freeHost(it->second.host);
-  hostBytes_ -= it->second.bytes;
+  hostPool_->give(it->second.host);
   swapped_.erase(it);
 }
 
@@ -250,16 +229,11 @@ void KVCache::suspend(bool keepHost) {
     dropUnkeptPages();
     suspendedPages_ = distinctMappedPages(PageState::Accessible);
     if (keepHost && !suspendedPages_.empty()) {
-      uint64_t bytes = suspendedPages_.size() * pool.pageSize();
-      reserveHostBytes(bytes, "suspend({ keep: 'host' })");
-      suspendedCopyBytes_ = bytes;
-      suspendedCopy_ = backend.allocHost(bytes);
+      suspendedCopy_ = hostPool_->take(suspendedPages_.size() * pool.pageSize(), "suspend({ keep: 'host' })");
       TransferStream stream(backend);
-      auto* at = static_cast<uint8_t*>(suspendedCopy_);
-      for (PageId id : suspendedPages_) {
-        backend.copyToHost(at, pool.page(id).address, pool.pageSize(), stream.get());
-        at += pool.pageSize();
-      }
+      for (size_t k = 0; k < suspendedPages_.size(); ++k)
+        transferBlocks(backend, true, pool.page(suspendedPages_[k]).address, suspendedCopy_, k * pool.pageSize(),
+                       pool.pageSize(), hostPool_->blockBytes(), stream.get());
       stream.finish();
     }
     // Failing from here leaves the cache suspended in part: resume() backs
@@ -268,10 +242,7 @@ void KVCache::suspend(bool keepHost) {
     for (PageId id : suspendedPages_) pool.suspendPage(id);
   } catch (...) {
     if (!pagesGoing) {
-      backend.freeHost(suspendedCopy_);
-      suspendedCopy_ = nullptr;
-      hostBytes_ -= suspendedCopyBytes_;
-      suspendedCopyBytes_ = 0;
+      hostPool_->give(suspendedCopy_);
       suspendedPages_.clear();
       core_->suspended = false;
       prefetcher_->wake();
@@ -296,12 +267,11 @@ void KVCache::resume() {
       pool.resumePage(id);
       resumed.push_back(k);
     }
-    if (suspendedCopy_ && !resumed.empty()) {
+    if (!suspendedCopy_.blocks.empty() && !resumed.empty()) {
       TransferStream stream(backend);
-      const auto* copy = static_cast<const uint8_t*>(suspendedCopy_);
       for (size_t k : resumed)
-        backend.copyFromHost(pool.page(suspendedPages_[k]).address, copy + k * pool.pageSize(), pool.pageSize(),
-                             stream.get());
+        transferBlocks(backend, false, pool.page(suspendedPages_[k]).address, suspendedCopy_, k * pool.pageSize(),
+                       pool.pageSize(), hostPool_->blockBytes(), stream.get());
       stream.finish();
     }
   } catch (...) {
@@ -313,10 +283,7 @@ void KVCache::resume() {
     }
     throw;
   }
-  backend.freeHost(suspendedCopy_);
-  suspendedCopy_ = nullptr;
-  hostBytes_ -= suspendedCopyBytes_;
-  suspendedCopyBytes_ = 0;
+  hostPool_->give(suspendedCopy_);
   suspendedPages_.clear();
   core_->suspended = false;
   prefetcher_->wake();
@@ -325,13 +292,10 @@ void KVCache::resume() {
 
 // Teardown (under the lock): every host buffer goes back.
 void KVCache::freeHostMemory() {
-  Backend& backend = core_->backend();
-  for (auto& entry : swapped_) backend.freeHost(entry.second.host);
   swapped_.clear();
-  backend.freeHost(suspendedCopy_);
-  suspendedCopy_ = nullptr;
+  suspendedCopy_ = {};
   suspendedPages_.clear();
-  hostBytes_ = suspendedCopyBytes_ = 0;
+  hostPool_->teardown();
 }
 
 }  // namespace vat
