@@ -236,7 +236,7 @@ for (const b of backends) {
       const native = (o: Record<string, unknown>) => {
         const n = new (addon.NativeCache as unknown as new (o: unknown) => { stats(): { pagesPooled: number }; close(): void })({
           layers: 2, kvHeads: 2, headDim: 64, dtypeBytes: 2, maxSequences: 2, maxTokens: 64, backend: b.name, device: 0,
-          pageSize: b.name === 'host' ? 4096 : 0, memoryBudget: 16n * BigInt(b.name === 'host' ? 4096 : 2 << 20), prefillBytes: 0n, prefetchTokens: 0, layerGroups: 2, idlePageGroups: 1, ...o,
+          pageSize: b.name === 'host' ? 4096 : 0, memoryBudget: 16n * BigInt(b.name === 'host' ? 4096 : 2 << 20), prefillBytes: 0n, prefetchTokens: 0, layerGroups: 2, idlePageGroups: 1, hostMemoryBudget: 0n, hostMemoryPrefill: 0n, ...o,
         });
         return n;
       };
