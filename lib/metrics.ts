@@ -65,6 +65,19 @@ export function metricFamilies(stats: CacheStats): MetricFamily[] {
     [{ state: 'mapped' }, stats.pagesMapped],
     [{ state: 'pooled' }, stats.pagesPooled],
     [{ state: 'stranded' }, stats.pagesStranded],
+    [{ state: 'suspended' }, stats.pagesSuspended],
+  ]);
+  metric('suspended', 'gauge', '1 while the cache is suspended (its pages given back to the driver).', [[{}, stats.suspended ? 1 : 0]]);
+  metric('host_bytes', 'gauge', 'Host memory of swap and suspend: held (page-locked on cuda), of it idle, swapped-out sequences, a suspended cache\'s copy.', [
+    [{ kind: 'held' }, stats.host.bytesHeld],
+    [{ kind: 'idle' }, stats.host.bytesIdle],
+    [{ kind: 'swapped' }, stats.host.bytesSwapped],
+    [{ kind: 'suspend_copy' }, stats.host.bytesSuspendCopy],
+  ]);
+  metric('swapped_sequences', 'gauge', 'Sequences swapped out to host memory.', [[{}, stats.host.swappedSequences]]);
+  metric('swaps_total', 'counter', 'Completed swaps, by direction.', [
+    [{ direction: 'out' }, stats.host.swapOuts],
+    [{ direction: 'in' }, stats.host.swapIns],
   ]);
   metric('active_sequences', 'gauge', 'Sequences holding a slot.', [[{}, stats.activeSequences]]);
   metric('pages_reused_total', 'counter', 'Mapped pages a new sequence found in its slot (deferred reclamation).', [[{}, stats.pagesReused]]);

@@ -69,6 +69,8 @@ for (const b of backends) {
         expect(s.activeSequences).toBe(0);
         expect(s.host).toMatchObject({ bytesSwapped: n * c.bytesPerToken, swappedSequences: 1, swapOuts: 1 });
         expect(s.driverCalls.copyToHost?.calls).toBe(groupPagesOf(b)); // one copy per tensor
+        expect(c.metrics()).toContain('vattention_swaps_total{direction="out"} 1');
+        expect(c.metrics()).toContain(`vattention_host_bytes{kind="swapped"} ${n * c.bytesPerToken}`);
         identity(c);
         const q = await c.swapIn(swapped);
         expect(q.tokens).toBe(n);
@@ -167,6 +169,18 @@ for (const b of backends) {
         c.release(blockers[0]!);
         const q = await c.swapIn(swapped);
         expectData(c, q, 1, n);
+      });
+
+      it('options and arguments of swap and suspend are checked before anything runs', async () => {
+        expect(() => make({ hostMemoryBudget: 'lots' })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentTypeError' }));
+        expect(() => make({ hostMemoryBudget: -1 })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentRangeError' }));
+        expect(() => make({ hostMemoryBudget: 1 << 20, hostMemoryPrefill: 2 << 20 })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringContaining('hostMemoryPrefill') }));
+        const c = make({ hostMemoryBudget: 64 << 20, hostMemoryPrefill: 32 << 20 });
+        expect(c.stats().host).toMatchObject({ budgetBytes: 64 << 20, bytesHeld: 32 << 20, bytesIdle: 32 << 20 });
+        await expect(c.suspend({ keep: 'disk' as 'host' })).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentRangeError' });
+        await expect(c.suspend({ keep: 1 as unknown as 'host' })).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT', name: 'InvalidArgumentTypeError' });
+        await expect(c.suspend(7 as unknown as { keep: 'host' })).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+        expect(c.suspended).toBe(false);
       });
 
       it('bad input is a typed error; a swapped sequence is swapped in once; discard() frees its host memory', async () => {
