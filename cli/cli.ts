@@ -183,7 +183,7 @@ function printDemo(r: DemoReport): void {
   const m = r.model;
   console.log(`Simulated serving loop on the ${r.backend} backend, ${r.layout.name} layout (page group ${bytes(r.layout.bytesPerPageGroup)} = ${r.layout.tokensPerPageGroup.toFixed(1)} tokens)`);
   console.log(`  model KV: ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}; ${r.maxSequences} slots x ${r.maxTokens} tokens; budget ${bytes(r.memoryBudget)}`);
-  console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions), ${r.wallSeconds.toFixed(2)} s`);
+  console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions, ${r.preemptionsAhead} of them ahead of need), ${r.wallSeconds.toFixed(2)} s`);
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
   if (r.sharedPrefix > 0)
     console.log(`  shared system prompt of ${r.sharedPrefix} tokens: memory saved by sharing its pages mean ${bytes(r.meanBytesSavedBySharing)}, peak ${bytes(r.peakBytesSavedBySharing)} (${(100 * r.meanBytesSavedBySharing / (r.meanBytesBacked + r.meanBytesSavedBySharing)).toFixed(1)}% of what the slots map)`);
@@ -196,7 +196,8 @@ function printDemo(r: DemoReport): void {
   console.log(`  time in ${what} creating, mapping and unmapping pages: ${(r.totalMappingSeconds * 1e3).toFixed(1)} ms (all threads)`);
   console.log(`  serving-loop thread time spent mapping, reclaiming or waiting for the worker inside grow/step: ${(r.criticalPathMappingSeconds * 1e3).toFixed(1)} ms`);
   console.log(`  serving thread in library calls: ${(r.servingThreadLibrarySeconds * 1e3).toFixed(1)} ms = ${(100 * r.servingThreadLibraryShare).toFixed(2)}% of ${r.wallSeconds.toFixed(2)} s wall (simulated compute ${r.simulatedComputeMs.toFixed(2)} ms per iteration, ${r.computeOnGpu ? 'a GPU kernel' : 'a sleep, 1/10 of an H100 roofline'})`);
-  console.log(`  step(): p50 ${r.stepMicros.p50.toFixed(1)} µs, p99 ${r.stepMicros.p99.toFixed(1)} µs, max ${r.stepMicros.max.toFixed(1)} µs; backend calls on the serving thread: ${r.driverCallsOnJsThread} (${r.driverCallsOnJsThreadWhileFull} in steps with the budget full, ${r.driverCallsOnJsThreadAfterPreemption} of them in steps retried after a preemption)`);
+  console.log(`  step(): p50 ${r.stepMicros.p50.toFixed(1)} µs, p99 ${r.stepMicros.p99.toFixed(1)} µs, max ${r.stepMicros.max.toFixed(1)} µs; in the ${r.steadySteps} iterations without a preemption p50 ${r.steadyStepMicros.p50.toFixed(1)} µs, p99 ${r.steadyStepMicros.p99.toFixed(1)} µs, max ${r.steadyStepMicros.max.toFixed(1)} µs`);
+  console.log(`  backend calls on the serving thread: ${r.driverCallsOnJsThread} (${r.driverCallsOnJsThreadWhileFull} in steps with the budget full, ${r.driverCallsOnJsThreadAfterPreemption} of them in steps retried after a preemption)`);
   console.log(`  pages mapped ahead ${r.pagesMappedAhead} / on demand ${r.pagesMappedOnDemand}; reclaimed ahead ${r.pagesReclaimedAhead} / on demand ${r.pagesReclaimedOnDemand}; ${r.prefillsAsync} prompts mapped by growAsync`);
 }
 

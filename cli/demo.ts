@@ -47,6 +47,12 @@ export interface DemoOptions {
    * mapping the same pages (reserve({ prefix })). 0: none (default).
    */
   sharedPrefix?: number;
+  /**
+   * Preempt the newest sequence before a step when the memory the worker can
+   * still map ahead runs low (default true); false: only when step() runs out
+   * of memory.
+   */
+  preemptAhead?: boolean;
   /** Called every step with the fraction of requests finished. */
   onProgress?: (done: number, total: number) => void;
 }
@@ -74,6 +80,8 @@ export interface DemoReport {
   steps: number;
   tokensGenerated: number;
   preemptions: number;
+  /** Of them, decided before the step (preemptAhead) rather than after step() ran out of memory. */
+  preemptionsAhead: number;
   peakBytesBacked: number;
   meanBytesBacked: number;
   meanBytesUsed: number;
@@ -114,8 +122,11 @@ export interface DemoReport {
   /** Serving-thread time inside library calls (reserve, growAsync's call, step, release), and its share of wall time. */
   servingThreadLibrarySeconds: number;
   servingThreadLibraryShare: number;
-  /** step() on the serving thread, µs. */
+  /** step() on the serving thread, µs (an iteration's calls, with the retries after a preemption). */
   stepMicros: { p50: number; p99: number; max: number };
+  /** The same over the iterations with no preemption (the steady state), and how many of those there were. */
+  steadyStepMicros: { p50: number; p99: number; max: number };
+  steadySteps: number;
   /** Simulated GPU time per iteration (mean, ms) and whether it ran as a GPU kernel. */
   simulatedComputeMs: number;
   computeOnGpu: boolean;
@@ -240,10 +251,13 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     const prefilling: { req: Request; seq: Sequence; state: 'mapping' | 'done' | 'failed' }[] = [];
     const trace: DemoTracePoint[] = [];
     const stepNs: number[] = [];
+    const steadyStepNs: number[] = [];
     let served = 0;
     let steps = 0;
     let tokensGenerated = 0;
     let preemptions = 0;
+    let preemptionsAhead = 0;
+    const preemptAhead = options.preemptAhead ?? true;
     let prefillsAsync = 0;
     let sumBacked = 0;
     let sumUsed = 0;
@@ -299,7 +313,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
         const { tokensPerPageGroup, bytesPerPageGroup } = cache.layout;
         const watermark = Math.ceil(((running.length + prefilling.length + 1) * 32) / tokensPerPageGroup) * bytesPerPageGroup;
         const ownTokens = req.prompt - (system ? sharedPrefix : 0);
-        if (timed(() => cache.obtainableBytes(), 'obtainableBytes') < ownTokens * cache.bytesPerToken + watermark) break; // wait for memory
+        // (the look-ahead of running sequences left out: admission must not eat it, nor make the next preemption)
+        if (timed(() => cache.obtainableBytes({ lookAhead: !preemptAhead }), 'obtainableBytes') < ownTokens * cache.bytesPerToken + watermark) break; // wait for memory
         let seq: Sequence;
         try {
           seq = timed(
@@ -326,6 +341,19 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
           },
         );
       }
+      // Preemption ahead of need: when what the worker can still map ahead
+      // (without taking a running sequence's look-ahead) would not give a
+      // quarter of the batch its next page group, the newest sequence goes
+      // now, and the worker moves its pages to the others while the GPU
+      // computes. Left to step(), the same preemption would come as an
+      // out-of-memory error, and the pages would be moved on this thread.
+      if (preemptAhead && running.length > 1) {
+        const reserveBytes = Math.ceil(running.length / 4) * cache.layout.bytesPerPageGroup;
+        if (timed(() => cache.obtainableBytes({ lookAhead: false }), 'obtainableBytes') < reserveBytes) {
+          preemptNewest();
+          preemptionsAhead++;
+        }
+      }
       // one decode step for every running sequence
       let stepTook = 0;
       const preemptionsBefore = preemptions;
@@ -345,6 +373,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
         }
       }
       stepNs.push(stepTook);
+      if (preemptions === preemptionsBefore) steadyStepNs.push(stepTook);
       // the GPU computes the iteration; the worker maps and reclaims meanwhile
       const kvTokens = running.reduce((n, r) => n + r.req.prompt + r.req.generated, 0);
       const ns = options.weightBytes === 0 ? 0 : computeNs(kvTokens);
@@ -396,6 +425,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     const mappingNs = ['createPage', 'map', 'setAccess', 'unmap'].reduce((t, op) => t + (s.driverCalls[op]?.nanoseconds ?? 0), 0);
     const wallSeconds = Number(process.hrtime.bigint() - started) / 1e9;
     const sortedSteps = Float64Array.from(stepNs).sort();
+    const sortedSteady = Float64Array.from(steadyStepNs).sort();
     const { name, bytesPerPageGroup, tokensPerPageGroup } = cache.layout;
     return {
       backend: cache.backend,
@@ -409,6 +439,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       steps,
       tokensGenerated,
       preemptions,
+      preemptionsAhead,
       peakBytesBacked: peak,
       meanBytesBacked: sumBacked / steps,
       meanBytesUsed: sumUsed / steps,
@@ -435,6 +466,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       servingThreadLibrarySeconds: libraryNs / 1e9,
       servingThreadLibraryShare: libraryNs / 1e9 / wallSeconds,
       stepMicros: { p50: percentileOf(sortedSteps, 50) / 1e3, p99: percentileOf(sortedSteps, 99) / 1e3, max: percentileOf(sortedSteps, 100) / 1e3 },
+      steadyStepMicros: { p50: percentileOf(sortedSteady, 50) / 1e3, p99: percentileOf(sortedSteady, 99) / 1e3, max: percentileOf(sortedSteady, 100) / 1e3 },
+      steadySteps: steadyStepNs.length,
       simulatedComputeMs: sumComputeNs / steps / 1e6,
       computeOnGpu: gpu !== null,
       pagesMappedAhead: s.prefetch.pagesAhead,

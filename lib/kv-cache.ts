@@ -671,10 +671,20 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    * (including those waiting for a fence). A scheduler compares it with
    * `tokens × bytesPerToken` (rounded up to page groups) before admitting a
    * sequence. O(slots), no driver call.
+   *
+   * With `{ lookAhead: false }`, less the look-ahead the prefetch worker
+   * mapped for running sequences: what the worker can still map ahead
+   * without taking it from another. When it nears zero, the next growth of a
+   * running sequence past its look-ahead maps on the calling thread; a
+   * scheduler that preempts a sequence then (release it, swap it out) lets
+   * the worker move its pages to the others ahead of need.
    */
-  obtainableBytes(): number {
+  obtainableBytes(options?: { lookAhead?: boolean }): number {
     const native = this.#open();
-    return this.#call(() => native.obtainableBytes());
+    const o = checkObject('options', options, true);
+    if (o.lookAhead !== undefined && typeof o.lookAhead !== 'boolean')
+      throw new InvalidArgumentTypeError('options.lookAhead', `must be a boolean, got ${describe(o.lookAhead)}`);
+    return this.#call(() => native.obtainableBytes(o.lookAhead !== false));
   }
 
   /**

@@ -61,7 +61,7 @@ export interface NativeCache {
   read(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, out: Uint8Array): void;
   tokens(slot: number, generation: number): number;
   stats(): NativeStats;
-  obtainableBytes(): number;
+  obtainableBytes(withLookAhead?: boolean): number;
   layout(): NativeLayout;
   close(): void;
   workerError(): string | null;

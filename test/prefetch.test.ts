@@ -168,6 +168,19 @@ for (const b of backends) {
       expect(s.slots[y.slot]!.mappedPages).toBe(group);
     });
 
+    it('obtainableBytes({ lookAhead: false }) leaves out the look-ahead the worker mapped for running sequences', async () => {
+      const c = make({ prefetchTokens: tpp(c0ForStress(b)), idlePageGroups: 0 });
+      const per = tpp(c), group = groupPagesOf(b);
+      const a = c.reserve();
+      c.step([a], [1]);
+      await until(() => c.stats().slots[a.slot]!.backedTokens >= 1 + per); // its tokens' group and one ahead
+      const s = c.stats();
+      const lookAhead = s.slots[a.slot]!.mappedPages * c.pageSize - group * c.pageSize; // past the group its token needs
+      expect(lookAhead).toBeGreaterThan(0);
+      expect(c.obtainableBytes() - c.obtainableBytes({ lookAhead: false })).toBe(lookAhead);
+      expect(() => c.obtainableBytes({ lookAhead: 1 as unknown as boolean })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+    });
+
     it('growAsync also has the worker map the look-ahead: a prompt joining the batch at a page-group boundary finds its next group ready', async () => {
       const c = make({ prefetchTokens: tpp(c0ForStress(b)) });
       const per = tpp(c);

@@ -237,7 +237,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
   }
 
   Napi::Value ObtainableBytes(const Napi::CallbackInfo& info) {
-    return num(info.Env(), guarded(info.Env(), [&] { return cache_->obtainableBytes(); }));
+    bool withLookAhead = info.Length() == 0 || info[0].ToBoolean().Value();
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->obtainableBytes(withLookAhead); }));
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {

@@ -580,11 +580,11 @@ uint64_t KVCache::tokens(SequenceRef seq) {
   return activeSlot(seq).tokens;
 }
 
-uint64_t KVCache::obtainableBytes() {
+uint64_t KVCache::obtainableBytes(bool withLookAhead) {
   Lock lk(core_->lock);
   checkOpen();
   if (core_->suspended) return 0;
-  return mapper_->obtainablePages({}) * core_->pool().pageSize();
+  return mapper_->obtainablePages({}, withLookAhead) * core_->pool().pageSize();
 }
 
 CacheStats KVCache::stats() {

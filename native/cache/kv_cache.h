@@ -182,7 +182,9 @@ class KVCache {
   // Bytes a growth could get now (idle, within the budget, reclaimable from
   // prefetched tails and released slots): what a scheduler checks before
   // admitting or re-admitting a sequence.
-  uint64_t obtainableBytes();
+  // Without `withLookAhead`, less the running sequences' look-ahead: what
+  // the prefetch worker can still map ahead without taking from another.
+  uint64_t obtainableBytes(bool withLookAhead = true);
   CacheStats stats();
   // Stops the worker, waits for extensions in flight (they stop early and
   // roll back), then tears everything down and gives every driver/OS

@@ -24,10 +24,10 @@ Error outOfMemory(uint64_t neededPages, uint64_t obtainablePages, uint64_t pageS
   return e;
 }
 
-uint64_t PageMapper::obtainablePages(const std::vector<uint32_t>& exclude) {
+uint64_t PageMapper::obtainablePages(const std::vector<uint32_t>& exclude, bool withLookAhead) {
   PagePool& pool = core_.pool();
   auto order = reclaimOrder(core_.slots, *core_.layout, core_.backend(), exclude);
-  return pool.idleCount() + pool.headroom() + reclaimablePages(order, core_.slots, *core_.layout);
+  return pool.idleCount() + pool.headroom() + reclaimablePages(order, core_.slots, *core_.layout, withLookAhead);
 }
 
 void PageMapper::retryStranded() {

@@ -48,7 +48,7 @@ class PageMapper {
   // Pages a growth could have now: idle, within the budget, reclaimable
   // (fenced ones included: the growth waits for them). `exclude`: slots not
   // to take from (the growing ones).
-  uint64_t obtainablePages(const std::vector<uint32_t>& exclude);
+  uint64_t obtainablePages(const std::vector<uint32_t>& exclude, bool withLookAhead = true);
 
   // On the lock: maps every slot's groups up to its target, all or nothing.
   // `missing` pages in all. On failure every slot is as it was and the error

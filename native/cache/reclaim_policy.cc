@@ -43,7 +43,7 @@ std::vector<ReclaimCandidate> reclaimOrder(SlotTable& slots, const KVLayout& lay
         auto [keep, top] = tierGroups(s, slots.groupsOf(s), layout, tier);
         if (top <= keep) continue;
         if (bool(pending[i]) != fenced) continue;
-        order.push_back({i, keep, top, fenced});
+        order.push_back({i, keep, top, fenced, tier == Tier::LookAhead});
       }
     }
   }
@@ -63,9 +63,10 @@ int reclaimAheadCandidate(SlotTable& slots, Backend& backend) {
 }
 
 uint64_t reclaimablePages(const std::vector<ReclaimCandidate>& order, const SlotTable& slots,
-                          const KVLayout& layout) {
+                          const KVLayout& layout, bool withLookAhead) {
   uint64_t n = 0;
-  for (const ReclaimCandidate& c : order) n += (c.topGroups - c.keepGroups) * layout.pagesPerGroup();
+  for (const ReclaimCandidate& c : order)
+    if (withLookAhead || !c.lookAhead) n += (c.topGroups - c.keepGroups) * layout.pagesPerGroup();
   return n;
 }
 

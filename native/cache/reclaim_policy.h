@@ -18,6 +18,7 @@ struct ReclaimCandidate {
   size_t keepGroups;  // groups that stay mapped
   size_t topGroups;   // the candidate covers groups [keepGroups, topGroups)
   bool fenced;        // GPU work may still use its pages: wait before unmapping
+  bool lookAhead = false;  // the look-ahead of a running sequence (the last tier)
 };
 
 // The order, least useful pages first:
@@ -40,8 +41,9 @@ std::vector<ReclaimCandidate> reclaimOrder(SlotTable& slots, const KVLayout& lay
 // likeliest to be reused by the next sequences (deferred reclamation).
 int reclaimAheadCandidate(SlotTable& slots, Backend& backend);
 
-// Pages the order could give back.
+// Pages the order could give back; without the running sequences'
+// look-ahead unless `withLookAhead`.
 uint64_t reclaimablePages(const std::vector<ReclaimCandidate>& order, const SlotTable& slots,
-                          const KVLayout& layout);
+                          const KVLayout& layout, bool withLookAhead = true);
 
 }  // namespace vat
