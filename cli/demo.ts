@@ -248,7 +248,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     const waiting: Request[] = [];
     const running: { req: Request; seq: Sequence }[] = [];
     // Prompts being mapped off the serving thread: they join the batch when done.
-    const prefilling: { req: Request; seq: Sequence; state: 'mapping' | 'done' | 'failed' }[] = [];
+    const prefilling: { req: Request; seq: Sequence | null; state: 'mapping' | 'done' | 'failed' }[] = [];
     const trace: DemoTracePoint[] = [];
     const stepNs: number[] = [];
     const steadyStepNs: number[] = [];
@@ -298,9 +298,10 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
           continue;
         }
         prefilling.splice(i, 1);
-        if (p.state === 'done') running.push({ req: p.req, seq: p.seq });
+        if (p.state === 'done') running.push({ req: p.req, seq: p.seq! });
         else {
-          timed(() => cache.release(p.seq));
+          const seq = p.seq;
+          if (seq) timed(() => cache.release(seq));
           waiting.unshift(p.req);
         }
       }
@@ -315,31 +316,28 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
         const ownTokens = req.prompt - (system ? sharedPrefix : 0);
         // (the look-ahead of running sequences left out: admission must not eat it, nor make the next preemption)
         if (timed(() => cache.obtainableBytes({ lookAhead: !preemptAhead }), 'obtainableBytes') < ownTokens * cache.bytesPerToken + watermark) break; // wait for memory
-        let seq: Sequence;
-        try {
-          seq = timed(
-            () =>
-              system
-                ? cache.reserve({ prefix: { from: system, tokens: sharedPrefix } }) // the system prompt's pages, shared
-                : cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }),
-            'reserve',
-          );
-        } catch (e) {
-          if (e instanceof OutOfMemoryError) break; // the prefix's partial group did not fit: wait for memory
-          throw e;
-        }
         waiting.shift();
-        const entry = { req, seq, state: 'mapping' as 'mapping' | 'done' | 'failed' };
+        const entry: (typeof prefilling)[number] = { req, seq: null, state: 'mapping' };
         prefilling.push(entry);
         prefillsAsync++;
-        // the prompt and the first generated token's place: it joins the batch with no mapping left to do
-        timed(() => cache.growAsync(seq, Math.min(maxTokens, req.prompt + 1)), 'growAsync').then(
-          () => (entry.state = 'done'),
-          (e: unknown) => {
-            if (!(e instanceof OutOfMemoryError)) throw e;
-            entry.state = 'failed';
-          },
-        );
+        // The slot (with the system prompt's pages shared, mapped on a worker
+        // thread), then the rest of the prompt and the first generated
+        // token's place: it joins the batch with no mapping left to do.
+        const placed = system
+          ? timed(() => cache.reserveAsync({ prefix: { from: system, tokens: sharedPrefix } }), 'reserve')
+          : Promise.resolve(timed(() => cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }), 'reserve'));
+        placed
+          .then((seq) => {
+            entry.seq = seq;
+            return timed(() => cache.growAsync(seq, Math.min(maxTokens, req.prompt + 1)), 'growAsync');
+          })
+          .then(
+            () => (entry.state = 'done'),
+            (e: unknown) => {
+              if (!(e instanceof OutOfMemoryError)) throw e;
+              entry.state = 'failed';
+            },
+          );
       }
       // Preemption ahead of need: when what the worker can still map ahead
       // (without taking a running sequence's look-ahead) would not give a

@@ -308,6 +308,32 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   /** Places a new sequence in a free slot. Throws ERR_NO_SLOT when all are taken. */
   reserve(options?: ReserveOptions): Sequence {
     const native = this.#open();
+    const plan = this.#reservePlan(options);
+    if (plan.share) {
+      const { slot: s, generation: g, tokens, stream } = plan.share;
+      const [slot, gen] = this.#call(() => native.share(s, g, tokens, true, stream));
+      return new Sequence(this, slot, gen);
+    }
+    const [slot, generation] = this.#call(() => native.reserve(plan.expected));
+    return new Sequence(this, slot, generation);
+  }
+
+  /**
+   * {@link reserve} with the mapping of a `prefix` done on a worker thread:
+   * sharing a long prefix maps every shared page again (~35 µs each on an
+   * H100), which a serving loop should not wait for on its thread. Without
+   * `prefix` it is `reserve()`.
+   */
+  async reserveAsync(options?: ReserveOptions): Promise<Sequence> {
+    const native = this.#open();
+    const plan = this.#reservePlan(options);
+    if (!plan.share) return this.reserve(options);
+    const { slot: s, generation: g, tokens, stream } = plan.share;
+    const [slot, gen] = await this.#callAsync(() => native.shareAsync(s, g, tokens, true, stream));
+    return new Sequence(this, slot, gen);
+  }
+
+  #reservePlan(options: unknown): { expected?: number; share?: { slot: number; generation: number; tokens: number; stream?: bigint } } {
     const o = checkObject('options', options, true);
     const expected =
       o.expectedTokens === undefined
@@ -322,12 +348,19 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       if (from.cache !== this) throw new ForeignSequenceError(`the sequence in slot ${from.slot} belongs to another cache`);
       const tokens = checkInteger('options.prefix.tokens', p.tokens, 0, this.options.maxTokens);
       const stream = this.#stream('options.stream', o.stream);
-      const [slot, gen] = this.#call(() => native.share(from.slot, generation, tokens, true, stream));
-      return new Sequence(this, slot, gen);
+      return { expected, share: { slot: from.slot, generation, tokens, stream } };
     }
     if (o.stream !== undefined) throw new InvalidArgumentRangeError('options.stream', 'only applies with options.prefix');
-    const [slot, generation] = this.#call(() => native.reserve(expected));
-    return new Sequence(this, slot, generation);
+    return { expected };
+  }
+
+  /** Runs a native call that returns a promise; errors (thrown or rejected) become the library's classes. */
+  async #callAsync<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      throw fromNative(e);
+    }
   }
 
   /**
@@ -347,6 +380,17 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const stream = this.#stream('options.stream', o.stream);
     const tokens = this.#call(() => native.tokens(seq.slot, generation));
     const [slot, gen] = this.#call(() => native.share(seq.slot, generation, tokens, false, stream));
+    return new Sequence(this, slot, gen);
+  }
+
+  /** {@link fork} with the mapping done on a worker thread (see {@link reserveAsync}). */
+  async forkAsync(seq: Sequence, options?: ForkOptions): Promise<Sequence> {
+    const native = this.#open();
+    const generation = this.#check(seq);
+    const o = checkObject('options', options, true);
+    const stream = this.#stream('options.stream', o.stream);
+    const tokens = this.#call(() => native.tokens(seq.slot, generation));
+    const [slot, gen] = await this.#callAsync(() => native.shareAsync(seq.slot, generation, tokens, false, stream));
     return new Sequence(this, slot, gen);
   }
 

@@ -50,6 +50,7 @@ export interface NativeCache {
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
   share(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): [slot: number, generation: number];
+  shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): Promise<[slot: number, generation: number]>;
   swapOut(slot: number, generation: number, stream?: bigint): Promise<number>;
   swapIn(handle: number): Promise<[slot: number, generation: number]>;
   discardSwapped(handle: number): void;

@@ -323,6 +323,24 @@ for (const b of backends) {
         commands[2]!, // step (the worker maps ahead after it)
         commands[9]!, // fork / prefix
         pick.map((i) => ({
+          toString: () => `forkAsync(#${i})`,
+          check: (m: Model) => m.live.length > 0,
+          run: async (m: Model, r: Real) => {
+            const e = pickSeq(m, i)!;
+            const result = await r.cache.forkAsync(e.seq).then(
+              (seq) => seq,
+              (err: { code: string }) => err.code,
+            );
+            if (typeof result === 'string') {
+              expect(result).toBe(m.live.length === o.maxSequences ? 'ERR_NO_SLOT' : 'ERR_OUT_OF_MEMORY');
+              return;
+            }
+            e.m.frozen = Math.max(e.m.frozen, e.m.tokens);
+            m.live.push({ seq: result, m: { tokens: e.m.tokens, written: new Map(e.m.written), frozen: e.m.tokens } });
+            expect(result.tokens).toBe(e.m.tokens);
+          },
+        })),
+        pick.map((i) => ({
           toString: () => `swapOut(#${i})`,
           check: (m: Model) => m.live.length > 0,
           run: async (m: Model, r: Real) => {

@@ -183,6 +183,107 @@ for (const b of backends) {
       identity(c);
     });
 
+    it('forkAsync() and reserveAsync({ prefix }) map on a worker thread: same tokens, no backend call on the JS thread', async () => {
+      const c = make();
+      const n = 2 * per(c) + 3;
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      const calls = c.stats().driverCallsOnJsThread;
+      const [child, prefixed] = await Promise.all([c.forkAsync(p), c.reserveAsync({ prefix: { from: p, tokens: per(c) + 1 } })]);
+      expect(c.stats().driverCallsOnJsThread).toBe(calls);
+      expect(child.tokens).toBe(n);
+      expect(prefixed.tokens).toBe(per(c) + 1);
+      expectData(c, child, 1, 0, n);
+      expectData(c, prefixed, 1, 0, per(c) + 1);
+      expect(c.stats().pagesShared).toBe(2 * group); // p's first two groups: both in the child, the first in prefixed too
+      identity(c);
+      const plain = await c.reserveAsync({ expectedTokens: 3 }); // no prefix: reserve()
+      expect(plain.tokens).toBe(0);
+      await expect(c.forkAsync({} as Sequence)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+      await expect(c.reserveAsync({ prefix: { from: p, tokens: n + 1 } })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    });
+
+    it('the source released, stepped or the cache closed while forkAsync() maps: the child is whole or the call fails cleanly', async () => {
+      const c = make();
+      const n = 2 * per(c) + 1;
+      for (let round = 0; round < 6; round++) {
+        const p = c.reserve();
+        c.grow(p, n);
+        fill(c, p, round + 1, 0, n);
+        const pending = c.forkAsync(p).then(
+          (seq) => seq,
+          (e: { code: string }) => e.code,
+        );
+        if (round % 2 === 0) c.release(p);
+        else c.grow(p, n + 1);
+        const got = await pending;
+        if (typeof got === 'string') expect(got).toBe('ERR_SEQUENCE_RELEASED');
+        else {
+          expectData(c, got, round + 1, 0, n);
+          c.release(got);
+        }
+        if (!p.released) c.release(p);
+        identity(c);
+      }
+      const d = make();
+      const q = d.reserve();
+      d.grow(q, n);
+      const pending = d.forkAsync(q).then(
+        () => null,
+        (e: { code: string }) => e.code,
+      );
+      d.close();
+      expect([null, 'ERR_CLOSED']).toContain(await pending);
+    });
+
+    it('with the prefetch worker, releasing a sharer unmaps nothing on the JS thread: the worker drops its mappings', async () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: per(make()) });
+      open.push(c);
+      const n = 2 * per(c) + 3;
+      const system = c.reserve();
+      c.grow(system, n);
+      fill(c, system, 1, 0, n);
+      const a = await c.reserveAsync({ prefix: { from: system, tokens: n } });
+      c.grow(a, n + 1);
+      const js = c.stats().driverCallsOnJsThread;
+      c.release(a);
+      expect(c.stats().driverCallsOnJsThread).toBe(js);
+      const until = Date.now() + 5000;
+      while (c.stats().pagesShared > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 2));
+      expect(c.stats().pagesShared).toBe(0);
+      expect(c.stats().driverCallsOnJsThread).toBe(js);
+      expectData(c, system, 1, 0, n);
+      identity(c);
+    });
+
+    it.skipIf(b.name !== 'host')(`a prefix share takes a released sharer of the same prefix as it is: no page mapped${b.name !== 'host' ? ' (skipped: holds a pretend host stream, which only the host backend has)' : ''}`, () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: per(make()) });
+      open.push(c);
+      const n = 2 * per(c) + 3;
+      const system = c.reserve();
+      c.grow(system, n);
+      fill(c, system, 1, 0, n);
+      const a = c.reserve({ prefix: { from: system, tokens: n } });
+      c.grow(a, n + per(c)); // a page group of its own past the copied one
+      const stream = 0x5eedn + 7n;
+      holdHostStream(stream);
+      c.release(a, { stream }); // its fence keeps the worker from dropping its mappings
+      const maps = c.stats().driverCalls.map!.calls;
+      const reused = c.stats().pagesReused;
+      const b2 = c.reserve({ prefix: { from: system, tokens: n } });
+      finishHostStream(stream);
+      const s = c.stats();
+      expect(b2.slot).toBe(a.slot);
+      expect(s.driverCalls.map!.calls).toBe(maps); // the shared groups, the copied one and the next were all there
+      expect(s.pagesReused - reused).toBe(4 * group);
+      expect(s.driverCalls.copyDevice!.calls).toBe(2 * group); // the partial group copied again, once per share
+      expectData(c, b2, 1, 0, n);
+      c.grow(b2, n + per(c)); // its own group past the copy: no mapping either
+      expect(c.stats().driverCalls.map!.calls).toBe(maps);
+      identity(c);
+    });
+
     const hostOnly = b.name !== 'host' ? ' (skipped: holds a pretend host stream, which only the host backend has)' : '';
     it.skipIf(b.name !== 'host')(`a released sharer keeps its mappings while its fence is pending, and drops them once it has passed${hostOnly}`, () => {
       const c = make();

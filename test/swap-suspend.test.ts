@@ -68,7 +68,10 @@ for (const b of backends) {
         let s = c.stats();
         expect(s.activeSequences).toBe(0);
         expect(s.host).toMatchObject({ bytesSwapped: n * c.bytesPerToken, swappedSequences: 1, swapOuts: 1 });
-        expect(s.driverCalls.copyToHost?.calls).toBe(groupPagesOf(b)); // one copy per tensor
+        // one copy per tensor, split where a tensor's rows cross a 16 MiB host block
+        const copies = s.driverCalls.copyToHost!.calls;
+        expect(copies).toBeGreaterThanOrEqual(group);
+        expect(copies).toBeLessThanOrEqual(group + Math.ceil(swapped.bytes / (16 << 20)));
         expect(c.metrics()).toContain('vattention_swaps_total{direction="out"} 1');
         expect(c.metrics()).toContain(`vattention_host_bytes{kind="swapped"} ${n * c.bytesPerToken}`);
         identity(c);

@@ -40,6 +40,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::GrowAsync>("growAsync"),
                            InstanceMethod<&NativeCache::Release>("release"),
                            InstanceMethod<&NativeCache::Share>("share"),
+                           InstanceMethod<&NativeCache::ShareAsync>("shareAsync"),
                            InstanceMethod<&NativeCache::SwapOut>("swapOut"),
                            InstanceMethod<&NativeCache::SwapIn>("swapIn"),
                            InstanceMethod<&NativeCache::DiscardSwapped>("discardSwapped"),
@@ -126,6 +127,19 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     napi_value promise = task->promise();
     task->Queue();
     return Napi::Value(env, promise);
+  }
+
+  // shareAsync(slot, gen, tokens, allowReleased, stream) -> Promise<[slot, generation]>
+  Napi::Value ShareAsync(const Napi::CallbackInfo& info) {
+    bool allowReleased = info[3].ToBoolean().Value();
+    uint64_t stream = info[4].IsBigInt() ? u64(info[4]) : 0;
+    SequenceRef from = seq(info);
+    uint64_t tokens = u64(info[2]);
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.share", [cache, from, tokens, allowReleased, stream] {
+      SequenceRef r = cache->share(from, tokens, allowReleased, stream);
+      return CacheTask::Result{r.slot, r.generation, 2};
+    });
   }
 
   // swapOut(slot, gen, stream?) -> Promise<handle>

@@ -96,9 +96,9 @@ SequenceRef KVCache::reserve(std::optional<uint64_t> expectedTokens) {
   try {
     index = placeSequence(core_->slots, groups);
   } catch (const Error& e) {
-    // Slots still waiting for a fence before dropping shared pages: wait.
+    // Slots still waiting to drop shared pages (a fence, the worker): drop them here.
     if (e.code() != ErrorCode::NoSlot) throw;
-    sweepDropPending(true);
+    sweepDropPending(true, true);
     index = placeSequence(core_->slots, groups);
   }
   Slot& s = core_->slots[index];
@@ -209,7 +209,8 @@ void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
     }
     uint64_t obtainable = mapper_->obtainablePages(batchSlots_);
     if (missing > obtainable) {
-      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) {
+      // (released sharers' own pages count once their mappings are dropped)
+      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) || sweepDropPending(false, true)) {
         checkBatch();
         missing = collectTargets(batch);
         continue;
@@ -278,7 +279,7 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
     uint64_t obtainable = mapper_->obtainablePages({seq.slot});
     PagePool& pool = core_->pool();
     if (missing > obtainable) {
-      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) continue;
+      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) || sweepDropPending(false, true)) continue;
       throw outOfMemory(missing, obtainable, pool.pageSize(), pool.counts());
     }
     mapper_->retryStranded();
@@ -381,7 +382,11 @@ void KVCache::dropIfShared(uint32_t slot) {
   Slot& s = core_->slots[slot];
   if (!holdsSharedPages(s)) return;
   s.dropPending = true;
-  if (s.fences.pending(core_->backend())) return;
+  // Being shared from off the lock (Copying): dropped when that ends.
+  if (s.extendingNow() || s.fences.pending(core_->backend())) return;
+  // The worker unmaps them off this thread (and a share of the same prefix
+  // may take the slot as it is before that).
+  if (prefetcher_->running()) return;
   try {
     dropMappings(slot);
   } catch (...) {
@@ -389,21 +394,38 @@ void KVCache::dropIfShared(uint32_t slot) {
   }
 }
 
-void KVCache::sweepDropPending(bool wait) {
+// Drops the mappings of released slots waiting to (dropPending) whose fences
+// have passed, or with `wait` all of them after waiting. Without `force` a
+// running worker is only woken: it drops them off this thread. Returns true
+// when a slot changed here (dropped, or placeable again).
+bool KVCache::sweepDropPending(bool wait, bool force) {
+  bool any = false, dropped = false;
+  for (uint32_t i = 0; i < core_->slots.size() && !any; ++i) any = core_->slots[i].dropPending;
+  if (!any) return false;
+  if (!force && prefetcher_->running()) {
+    prefetcher_->wake();
+    return false;
+  }
   for (uint32_t i = 0; i < core_->slots.size(); ++i) {
     Slot& s = core_->slots[i];
-    if (!s.dropPending) continue;
+    if (!s.dropPending || s.extendingNow()) continue;
     if (s.fences.pending(core_->backend())) {
       if (!wait) continue;
       s.fences.waitAll(core_->backend());
     }
     try {
-      if (holdsSharedPages(s)) dropMappings(i);
-      else s.dropPending = false;  // its sharers went first: an ordinary released slot again
+      if (holdsSharedPages(s)) {
+        dropMappings(i);
+        dropped = true;
+      } else {
+        s.dropPending = false;  // its sharers went first: an ordinary released slot again
+        dropped = true;         // (a slot placeable again all the same)
+      }
     } catch (...) {
       if (wait) throw;
     }
   }
+  return dropped;
 }
 
 Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased) {
@@ -427,90 +449,150 @@ Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased
   return p;
 }
 
-// The free slot with the fewest mapped pages (they are unmapped first).
-// Slots waiting for a fence to drop shared pages are waited for when no
-// other is free, as reserve() does.
-uint32_t KVCache::freeSlotForShare(uint32_t source) {
+// The free slot with the fewest mapped pages (they are unmapped first), or -1.
+int KVCache::freeSlotForShare(uint32_t source) {
   sweepDropPending(false);
   int best = -1;
-  bool pendingDrops = false;
-  auto pick = [&] {
-    for (uint32_t i = 0; i < core_->slots.size(); ++i) {
-      const Slot& s = core_->slots[i];
-      pendingDrops = pendingDrops || s.dropPending;
-      if (i == source || s.active() || s.dropPending || s.extendingNow()) continue;
-      if (best < 0 || s.pages.size() < core_->slots[best].pages.size()) best = static_cast<int>(i);
-    }
-  };
-  pick();
-  if (best < 0 && pendingDrops) {
-    sweepDropPending(true);
-    pick();
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    const Slot& s = core_->slots[i];
+    if (i == source || s.active() || s.dropPending || s.extendingNow()) continue;
+    if (best < 0 || s.pages.size() < core_->slots[best].pages.size()) best = static_cast<int>(i);
   }
-  if (best < 0)
-    fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
-  return static_cast<uint32_t>(best);
+  return best;
 }
 
+// The mapping runs with the lock released: both slots are marked Copying
+// meanwhile (nothing unmaps, places, reclaims or closes them), and the shared
+// mappings are noted in the pool before they are made, so the source's pages
+// stay while they are mapped again, whatever happens to the source.
 SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
   Lock lk(core_->lock);
-  checkOpen();
-  checkNotSuspended();
   const KVLayout& layout = *core_->layout;
   PagePool& pool = core_->pool();
-  Slot& source = shareSource(from, tokens, allowReleased);
-  uint32_t src = core_->slots.indexOf(source);
-  uint32_t dst = freeSlotForShare(src);
-  Slot& child = core_->slots[dst];
   size_t per = layout.pagesPerGroup();
-  size_t sharedGroups = layout.groupsBefore(tokens), groups = layout.groupsForTokens(tokens);
-  uint64_t copies = uint64_t(groups - sharedGroups) * per;
+  size_t sharedPages = layout.groupsBefore(tokens) * per, needPages = layout.groupsForTokens(tokens) * per;
+  uint32_t src = 0, dst = 0;
+  int reuse = -1;
+  for (;;) {
+    checkOpen();
+    checkNotSuspended();
+    // The source's pages must not be changing (the worker mapping its look-ahead).
+    core_->changed.wait(lk, [&] {
+      if (core_->closing.load()) return true;
+      return !shareSource(from, tokens, allowReleased).extendingNow();
+    });
+    checkOpen();
+    src = core_->slots.indexOf(shareSource(from, tokens, allowReleased));
+    // A free slot that already maps the same pages first (a released sharer
+    // of the same prefix) needs no mapping for them: deferred reclamation for
+    // shared prefixes. Otherwise the free slot with the fewest pages, cleared.
+    reuse = slotMappingPrefix(src, sharedPages);
+    if (reuse >= 0) {
+      dst = static_cast<uint32_t>(reuse);
+      break;
+    }
+    int free = freeSlotForShare(src);
+    if (free >= 0) {
+      dst = static_cast<uint32_t>(free);
+      break;
+    }
+    // Slots still dropping shared mappings (a fence, the worker): decide again after them.
+    if (sweepDropPending(true, true) || prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) continue;
+    fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
+  }
+  Slot& source = core_->slots[src];
+  Slot& child = core_->slots[dst];
+  size_t kept = reuse >= 0 ? child.pages.size() : 0;  // pages the child keeps where they are
+  size_t toShare = reuse >= 0 ? 0 : sharedPages;       // pages to map from the source
+  size_t firstFresh = std::max(kept, toShare);
+  uint64_t freshCount = needPages > firstFresh ? needPages - firstFresh : 0;
   // Decided before touching anything: the child's own pages come back when
   // it is cleared, the rest from the pool or others (not the source).
-  uint64_t obtainable = mapper_->obtainablePages({src, dst}) + child.pages.size();
-  if (copies > obtainable) throw outOfMemory(copies, obtainable, pool.pageSize(), pool.counts());
-  child.fences.waitAll(core_->backend());
-  dropMappings(dst);  // the slot's deferred pages go idle: a shared prefix is mapped there
+  uint64_t obtainable = mapper_->obtainablePages({src, dst}) + (reuse >= 0 ? 0 : child.pages.size());
+  if (freshCount > obtainable) throw outOfMemory(freshCount, obtainable, pool.pageSize(), pool.counts());
+  if (reuse < 0) {
+    child.fences.waitAll(core_->backend());
+    dropMappings(dst);  // the slot's deferred pages go idle: a shared prefix is mapped there
+  }
+  child.dropPending = false;
   mapper_->retryStranded();
   std::vector<PageId> createdNow;
-  std::vector<PageId> fresh = mapper_->obtainPagesFor(copies, createdNow, {src, dst});
+  std::vector<PageId> fresh = mapper_->obtainPagesFor(freshCount, createdNow, {src, dst});
   Address base = core_->device.base();
   auto at = [&](uint32_t slot, size_t k) { return base + layout.pageOffset(slot, k / per, k % per); };
-  size_t sharedDone = 0, freshMapped = 0;
-  try {
-    child.pages.reserve(groups * per);
-    for (; sharedDone < sharedGroups * per; ++sharedDone) pool.mapAlso(source.pages[sharedDone], at(dst, sharedDone));
-    for (; freshMapped < fresh.size(); ++freshMapped) pool.map(fresh[freshMapped], at(dst, sharedDone + freshMapped));
-    for (size_t i = 0; i < fresh.size(); ++i) {
-      size_t k = sharedDone + i;
-      core_->backend().copyDevice(at(dst, k), at(src, k), pool.pageSize(), stream);
-    }
-  } catch (...) {
+  size_t noted = 0, sharedMapped = 0, freshMapped = 0;
+  std::vector<PageId> shared(source.pages.begin(), source.pages.begin() + static_cast<std::ptrdiff_t>(toShare));
+  auto undo = [&] {  // under the lock
     for (size_t i = freshMapped; i-- > 0;) {
       try {
         pool.unmap(fresh[i]);
       } catch (...) {
       }
     }
-    for (size_t k = sharedDone; k-- > 0;) {
+    for (size_t k = sharedMapped; k-- > 0;) {
       try {
-        pool.unmapAt(source.pages[k], at(dst, k));
+        core_->backend().unmap(at(dst, k));
       } catch (...) {
       }
     }
+    for (size_t k = noted; k-- > 0;) pool.forgetMappingAt(shared[k], at(dst, k));
     mapper_->giveBack(fresh, createdNow);
+    if (reuse >= 0 && holdsSharedPages(child)) child.dropPending = true;  // as it was
+    source.extending = child.extending = Extending::No;
+    core_->changed.notify_all();
+  };
+  source.extending = child.extending = Extending::Copying;
+  try {
+    child.pages.reserve(needPages);
+    for (; noted < toShare; ++noted) pool.noteMappingAt(shared[noted], at(dst, noted));
+  } catch (...) {
+    undo();
     throw;
   }
-  child.pages.assign(source.pages.begin(), source.pages.begin() + static_cast<std::ptrdiff_t>(sharedDone));
+  lk.unlock();
+  try {
+    for (; sharedMapped < toShare; ++sharedMapped) pool.mapNoted(shared[sharedMapped], at(dst, sharedMapped));
+    for (; freshMapped < fresh.size(); ++freshMapped)
+      pool.map(*pool.record(fresh[freshMapped]), at(dst, firstFresh + freshMapped));
+    for (size_t k = sharedPages; k < needPages; ++k)
+      core_->backend().copyDevice(at(dst, k), at(src, k), pool.pageSize(), stream);
+  } catch (...) {
+    lk.lock();
+    undo();
+    throw;
+  }
+  lk.lock();
+  if (reuse < 0) child.pages.assign(shared.begin(), shared.end());
+  else reusedPages_ += kept;
   child.pages.insert(child.pages.end(), fresh.begin(), fresh.end());
   child.state = SlotState::Active;
   child.generation++;
   child.tokens = tokens;
   child.prefetchTarget = 0;
+  source.extending = child.extending = Extending::No;
   demand_.pagesOnDemand += fresh.size();
+  core_->changed.notify_all();
   // A released source now shares pages: it must not be reused (see dropIfShared).
   if (!source.active()) dropIfShared(src);
   return {dst, child.generation};
+}
+
+// A free slot whose first `sharedPages` pages are the source's, mapped at
+// the same places, and whose other pages are its own (mapped nowhere else),
+// or -1.
+int KVCache::slotMappingPrefix(uint32_t source, size_t sharedPages) {
+  if (sharedPages == 0) return -1;
+  PagePool& pool = core_->pool();
+  const std::vector<PageId>& want = core_->slots[source].pages;
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    const Slot& s = core_->slots[i];
+    if (i == source || s.active() || s.extendingNow() || s.pages.size() < sharedPages) continue;
+    if (!std::equal(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(sharedPages), s.pages.begin())) continue;
+    bool own = true;
+    for (size_t k = sharedPages; k < s.pages.size() && own; ++k) own = pool.mappingsOf(s.pages[k]) == 1;
+    if (own) return static_cast<int>(i);
+  }
+  return -1;
 }
 
 uint64_t KVCache::reclaim(uint64_t bytes) {

@@ -222,12 +222,13 @@ class KVCache {
   void checkRange(Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
   void teardown();
   Slot& shareSource(SequenceRef from, uint64_t tokens, bool allowReleased);
-  uint32_t freeSlotForShare(uint32_t source);
+  int freeSlotForShare(uint32_t source);
   bool holdsSharedPages(const Slot& s);
   void dropMappings(uint32_t slot);
   void dropIfShared(uint32_t slot);
   void vacate(uint32_t slot);
-  void sweepDropPending(bool wait);
+  bool sweepDropPending(bool wait, bool force = false);
+  int slotMappingPrefix(uint32_t source, size_t sharedPages);
 
   std::unique_ptr<CacheCore> core_;
   std::unique_ptr<PageMapper> mapper_;

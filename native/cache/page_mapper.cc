@@ -221,16 +221,35 @@ bool PageMapper::waitForRetirements(Lock& lk) {
 }
 
 void PageMapper::detachTailGroup(Retirement& r, uint32_t slot) {
+  detachFrom(r, slot, core_.slots[slot].pages.size() - core_.layout->pagesPerGroup());
+}
+
+// Pages [first, end) of the slot leave it, to be unmapped off the lock at the
+// slot's addresses (a shared page is mapped at others too).
+void PageMapper::detachFrom(Retirement& r, uint32_t slot, size_t first) {
   r.slot = slot;
   Slot& s = core_.slots[r.slot];
-  PagePool& pool = core_.pool();
-  size_t first = s.pages.size() - core_.layout->pagesPerGroup();
+  const KVLayout& layout = *core_.layout;
+  size_t per = layout.pagesPerGroup();
   r.pages.assign(s.pages.begin() + static_cast<std::ptrdiff_t>(first), s.pages.end());
   r.addresses.clear();
-  for (PageId id : r.pages) r.addresses.push_back(pool.page(id).address);
+  for (size_t k = first; k < s.pages.size(); ++k)
+    r.addresses.push_back(core_.device.base() + layout.pageOffset(slot, k / per, k % per));
   s.pages.resize(first);
   s.extending = Extending::Ahead;
   retiringPages_ += r.pages.size();
+}
+
+bool PageMapper::beginDrop(Retirement& r) {
+  for (uint32_t i = 0; i < core_.slots.size(); ++i) {
+    Slot& s = core_.slots[i];
+    if (!s.dropPending || s.active() || s.extendingNow() || s.fences.pending(core_.backend())) continue;
+    s.dropPending = false;  // no page left to share once detached: placeable again
+    r.ahead = true;
+    detachFrom(r, i, 0);
+    return true;
+  }
+  return false;
 }
 
 void PageMapper::runRetirement(Lock& lk, Retirement& r) {
@@ -250,12 +269,15 @@ void PageMapper::runRetirement(Lock& lk, Retirement& r) {
   uint64_t done = 0;
   for (size_t i = 0; i < r.pages.size(); ++i) {
     if (unmapped[i]) {
-      pool.noteUnmapped(*pool.record(r.pages[i]));
-      pool.putIdle(r.pages[i]);
-      ++done;
-    } else {
+      if (pool.noteUnmappedAt(r.pages[i], r.addresses[i])) {
+        pool.putIdle(r.pages[i]);
+        ++done;
+      }
+    } else if (pool.mappingsOf(r.pages[i]) == 1) {
       pool.strand(r.pages[i]);
     }
+    // (a shared page whose unmap here failed keeps that mapping and its other ones: a leak of one
+    // mapping until close, which unmaps every address a page was noted at)
   }
   retiringPages_ -= r.pages.size();
   reclaimedPages_ += done;

@@ -85,6 +85,11 @@ class PageMapper {
   // On the lock: while pages are being retired, waits until they are idle and
   // returns true (the caller decides again); false at once when none are.
   bool waitForRetirements(Lock& lk);
+  // For the prefetch worker: every mapping of a released slot that holds
+  // pages other slots map too (dropPending, fences passed) is detached and
+  // unmapped off the lock, so a release never unmaps on the caller's thread;
+  // a page goes idle with its last mapping. False when there is none.
+  bool beginDrop(Retirement& r);
   void runRetirement(Lock& lk, Retirement& r);
   // Pages detached by a retirement and not yet back: still mapped, counted
   // with the released slots' bytes.
@@ -109,6 +114,7 @@ class PageMapper {
 
  private:
   void detachTailGroup(Retirement& r, uint32_t slot);
+  void detachFrom(Retirement& r, uint32_t slot, size_t first);
   std::vector<PageId> obtainPages(uint64_t count, std::vector<PageId>& createdNow,
                                   const std::vector<uint32_t>& exclude);
   void returnPages(const std::vector<PageId>& pages, const std::vector<PageId>& createdNow);

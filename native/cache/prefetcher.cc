@@ -121,6 +121,19 @@ bool Prefetcher::reclaimAhead(Lock& lk) {
   return true;
 }
 
+// A released slot's mappings of shared pages (fork, prefix), dropped here
+// rather than on the thread that released it.
+bool Prefetcher::dropShared(Lock& lk) {
+  if (demandWaiting_ > 0) return false;
+  Retirement r;
+  if (!mapper_.beginDrop(r)) return false;
+  ++inFlight_;
+  mapper_.runRetirement(lk, r);
+  --inFlight_;
+  core_.changed.notify_all();
+  return true;
+}
+
 // Keeps a group's worth of idle pages ready while prefetch is in use, so that
 // demand growth rarely pays for page creation.
 bool Prefetcher::topUpPool(Lock& lk) {
@@ -169,6 +182,8 @@ void Prefetcher::run() {
       Extension ext;
       if (core_.suspended) {
         // no pages to map or create until resume() (it wakes the worker)
+      } else if (dropShared(lk)) {
+        busy = true;
       } else if (plan(ext)) {
         busy = true;
         ++inFlight_;

@@ -69,6 +69,9 @@ class Prefetcher {
 
   // No extension, top-up or reclaim of the worker runs off the lock now.
   bool idle() const { return inFlight_ == 0; }
+  // The worker runs (prefetch on, its thread bound): released slots' shared
+  // mappings can be left to it.
+  bool running() const { return lookAhead_ > 0 && startedUp_ && workerError_.empty(); }
 
  private:
   void run();
@@ -76,6 +79,7 @@ class Prefetcher {
   bool raiseTarget(Slot& s, uint64_t tokens);
   bool topUpPool(Lock& lk);
   bool reclaimAhead(Lock& lk);
+  bool dropShared(Lock& lk);
 
   CacheCore& core_;
   PageMapper& mapper_;

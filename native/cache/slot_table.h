@@ -28,7 +28,8 @@ enum class Extending : uint8_t {
   No,
   OnDemand,  // growAsync: a caller waits for exactly these pages
   Ahead,     // the prefetch worker's look-ahead: demand may wait for it to end
-  Copying,   // swapOut/swapIn copying its tokens to or from the host: nothing unmaps it
+  Copying,   // swapOut/swapIn copying its tokens, or a share mapping its pages (source and new slot),
+             // with the lock released: nothing unmaps, places or reclaims it
 };
 
 struct Slot {

@@ -130,11 +130,27 @@ void PagePool::noteUnmapped(Page& p) {
   p.address = 0;
 }
 
-void PagePool::mapAlso(PageId id, Address at) {
+void PagePool::noteMappingAt(PageId id, Address at) {
   Page& p = *pages_[id];
   if (p.state != PageState::Accessible) fail(ErrorCode::InvalidArgument, "only a mapped page can be shared");
-  p.sharedAt.reserve(p.sharedAt.size() + 1);  // nothing may fail once the mapping exists
-  backend_.map(at, p.handle);
+  p.sharedAt.push_back(at);  // throws bad_alloc with nothing changed
+  if (p.sharedAt.size() == 1) ++sharedPages_;
+  ++extraMappings_;
+}
+
+bool PagePool::noteUnmappedAt(PageId id, Address at) {
+  Page& p = *pages_[id];
+  if (p.sharedAt.empty()) {
+    noteUnmapped(p);
+    return true;
+  }
+  forgetMappingAt(id, at);
+  return false;
+}
+
+void PagePool::mapNoted(PageId id, Address at) {
+  PageHandle handle = pages_[id]->handle;  // fixed while the page is mapped (the note keeps it so)
+  backend_.map(at, handle);
   try {
     backend_.setAccess(at);
   } catch (...) {
@@ -144,9 +160,21 @@ void PagePool::mapAlso(PageId id, Address at) {
     }
     throw;
   }
-  if (p.sharedAt.empty()) ++sharedPages_;
-  p.sharedAt.push_back(at);
-  ++extraMappings_;
+}
+
+void PagePool::forgetMappingAt(PageId id, Address at) {
+  Page& p = *pages_[id];
+  if (p.sharedAt.empty()) return;  // the page's only mapping is never a note
+  if (at == p.address) {
+    p.address = p.sharedAt.back();
+    p.sharedAt.pop_back();
+  } else {
+    auto it = std::find(p.sharedAt.begin(), p.sharedAt.end(), at);
+    if (it == p.sharedAt.end()) return;
+    p.sharedAt.erase(it);
+  }
+  --extraMappings_;
+  if (p.sharedAt.empty()) --sharedPages_;
 }
 
 bool PagePool::unmapAt(PageId id, Address at) {

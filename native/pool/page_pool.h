@@ -102,12 +102,21 @@ class PagePool {
   // retirement): the page is Created again.
   void noteUnmapped(Page& page);
 
-  // Sharing (under the lock). mapAlso: one more mapping of an Accessible page
-  // at `at` (map + setAccess; on failure nothing changes and the error is
-  // thrown). unmapAt: drops the mapping at `at`; true when it was the last
-  // one (the page is Created again, for the caller to put idle). Throws,
-  // leaving the mapping, when the backend fails.
-  void mapAlso(PageId id, Address at);
+  // Sharing. noteMappingAt (under the lock): records one more mapping of an
+  // Accessible page at `at` before it is made, so the page cannot go while
+  // it is being mapped there; then mapNoted (off the lock: backend calls
+  // only, map + setAccess, undone on failure) makes it; forgetMappingAt
+  // (under the lock) takes back a note whose mapping is not there (never
+  // made, or unmapped by the caller). unmapAt: drops the mapping at `at`;
+  // true when it was the last one (the page is Created again, for the caller
+  // to put idle). Throws, leaving the mapping, when the backend fails.
+  void noteMappingAt(PageId id, Address at);
+  // Bookkeeping of an unmap at `at` already done by the backend (off the
+  // lock): true when it was the page's last mapping (the page is Created
+  // again, for the caller to put idle).
+  bool noteUnmappedAt(PageId id, Address at);
+  void mapNoted(PageId id, Address at);
+  void forgetMappingAt(PageId id, Address at);
   // A Suspended page loses the address from its record (no backend call);
   // with its last address the record goes too, and unmapAt returns false
   // (there is no page to put idle).
