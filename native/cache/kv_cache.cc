@@ -468,7 +468,6 @@ int KVCache::freeSlotForShare(uint32_t source) {
 SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
   Lock lk(core_->lock);
   const KVLayout& layout = *core_->layout;
-  PagePool& pool = core_->pool();
   size_t per = layout.pagesPerGroup();
   size_t sharedPages = layout.groupsBefore(tokens) * per, needPages = layout.groupsForTokens(tokens) * per;
   uint32_t src = 0, dst = 0;
@@ -493,13 +492,25 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
     }
     int free = freeSlotForShare(src);
     if (free >= 0) {
-      dst = static_cast<uint32_t>(free);
-      break;
+      Slot& s = core_->slots[free];
+      if (s.pages.empty()) {
+        dst = static_cast<uint32_t>(free);
+        break;
+      }
+      // Its deferred pages go idle first, unmapped with the lock released (a
+      // retirement): the serving loop's step() does not wait for them. Then
+      // everything is decided again.
+      if (s.fences.pending(core_->backend())) s.fences.waitAll(core_->backend());
+      Retirement r;
+      mapper_->detachAll(r, static_cast<uint32_t>(free));
+      mapper_->runRetirement(lk, r);
+      continue;
     }
     // Slots still dropping shared mappings (a fence, the worker): decide again after them.
     if (sweepDropPending(true, true) || prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) continue;
     fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
   }
+  PagePool& pool = core_->pool();  // (only once open: a closed cache has none)
   Slot& source = core_->slots[src];
   Slot& child = core_->slots[dst];
   size_t kept = reuse >= 0 ? child.pages.size() : 0;  // pages the child keeps where they are
@@ -508,12 +519,8 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   uint64_t freshCount = needPages > firstFresh ? needPages - firstFresh : 0;
   // Decided before touching anything: the child's own pages come back when
   // it is cleared, the rest from the pool or others (not the source).
-  uint64_t obtainable = mapper_->obtainablePages({src, dst}) + (reuse >= 0 ? 0 : child.pages.size());
+  uint64_t obtainable = mapper_->obtainablePages({src, dst});
   if (freshCount > obtainable) throw outOfMemory(freshCount, obtainable, pool.pageSize(), pool.counts());
-  if (reuse < 0) {
-    child.fences.waitAll(core_->backend());
-    dropMappings(dst);  // the slot's deferred pages go idle: a shared prefix is mapped there
-  }
   child.dropPending = false;
   mapper_->retryStranded();
   std::vector<PageId> createdNow;

@@ -90,6 +90,8 @@ class PageMapper {
   // unmapped off the lock, so a release never unmaps on the caller's thread;
   // a page goes idle with its last mapping. False when there is none.
   bool beginDrop(Retirement& r);
+  // Every page of a free slot, for runRetirement (the slot must not be extending).
+  void detachAll(Retirement& r, uint32_t slot) { detachFrom(r, slot, 0); }
   void runRetirement(Lock& lk, Retirement& r);
   // Pages detached by a retirement and not yet back: still mapped, counted
   // with the released slots' bytes.
