@@ -257,6 +257,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     let tokensGenerated = 0;
     let preemptions = 0;
     let preemptionsAhead = 0;
+    let bytesMapping = 0; // prompts admitted and still mapping
     const preemptAhead = options.preemptAhead ?? true;
     let prefillsAsync = 0;
     let sumBacked = 0;
@@ -314,8 +315,11 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
         const { tokensPerPageGroup, bytesPerPageGroup } = cache.layout;
         const watermark = Math.ceil(((running.length + prefilling.length + 1) * 32) / tokensPerPageGroup) * bytesPerPageGroup;
         const ownTokens = req.prompt - (system ? sharedPrefix : 0);
-        // (the look-ahead of running sequences left out: admission must not eat it, nor make the next preemption)
-        if (timed(() => cache.obtainableBytes({ lookAhead: !preemptAhead }), 'obtainableBytes') < ownTokens * cache.bytesPerToken + watermark) break; // wait for memory
+        // (the look-ahead of running sequences left out: admission must not eat it, nor make the next
+        // preemption; nor the prompts still mapping, which obtainableBytes() does not know of yet)
+        const promptBytes = ownTokens * cache.bytesPerToken;
+        if (timed(() => cache.obtainableBytes({ lookAhead: !preemptAhead }), 'obtainableBytes') - bytesMapping < promptBytes + watermark) break; // wait for memory
+        bytesMapping += promptBytes;
         waiting.shift();
         const entry: (typeof prefilling)[number] = { req, seq: null, state: 'mapping' };
         prefilling.push(entry);
@@ -337,7 +341,8 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
               if (!(e instanceof OutOfMemoryError)) throw e;
               entry.state = 'failed';
             },
-          );
+          )
+          .finally(() => (bytesMapping -= promptBytes));
       }
       // Preemption ahead of need: when what the worker can still map ahead
       // (without taking a running sequence's look-ahead) would not give a

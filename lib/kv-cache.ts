@@ -529,12 +529,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const o = checkObject('options', options, true);
     const stream = this.#stream('options.stream', o.stream);
     const tokens = this.#call(() => native.tokens(seq.slot, generation));
-    let handle: number;
-    try {
-      handle = await this.#call(() => native.swapOut(seq.slot, generation, stream));
-    } catch (e) {
-      throw fromNative(e);
-    }
+    const handle = await this.#callAsync(() => native.swapOut(seq.slot, generation, stream));
     Sequence.markReleased(seq);
     return new SwappedSequence(this, handle, tokens, tokens * this.#layout.bytesPerToken);
   }
@@ -550,11 +545,9 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const handle = SwappedSequence.beginSwapIn(swapped, this);
     let ok = false;
     try {
-      const [slot, generation] = await this.#call(() => native.swapIn(handle));
+      const [slot, generation] = await this.#callAsync(() => native.swapIn(handle));
       ok = true;
       return new Sequence(this, slot, generation);
-    } catch (e) {
-      throw fromNative(e);
     } finally {
       SwappedSequence.endSwapIn(swapped, ok);
     }
@@ -577,11 +570,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       if (typeof keep !== 'string') throw new InvalidArgumentTypeError('options.keep', `must be 'none' or 'host', got ${describe(keep)}`);
       throw new InvalidArgumentRangeError('options.keep', `must be 'none' or 'host', got '${keep}'`);
     }
-    try {
-      await this.#call(() => native.suspend(keep === 'host'));
-    } catch (e) {
-      throw fromNative(e);
-    }
+    await this.#callAsync(() => native.suspend(keep === 'host'));
   }
 
   /**
@@ -592,11 +581,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    */
   async resume(): Promise<void> {
     const native = this.#open();
-    try {
-      await this.#call(() => native.resume());
-    } catch (e) {
-      throw fromNative(e);
-    }
+    await this.#callAsync(() => native.resume());
   }
 
   /** True while suspended ({@link suspend}). */
