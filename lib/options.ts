@@ -90,7 +90,7 @@ export interface KVCacheOptions {
   /**
    * Bytes of host memory to page-lock at construction (default 0), so that
    * the first swaps do not pay for it (on an H100 host page-locking ran at
-   * about 2 GB/s, five times slower than the copy itself).
+   * 2-3 GB/s, about twenty times slower than the copy itself).
    */
   hostMemoryPrefill?: number | bigint;
 }

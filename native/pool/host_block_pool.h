@@ -1,7 +1,7 @@
 // Host memory for moving KV out of the device (swap, suspend): page-locked
 // blocks of a fixed size from the backend, made on demand within a budget
-// and kept for reuse, since page-locking is the slow part (about 2 GB/s on
-// an H100 host: 275 ms for 512 MiB, against 10 ms for the copy itself) and
+// and kept for reuse, since page-locking is the slow part (2-3 GB/s on an
+// H100 host: 175-275 ms for 512 MiB, against 10 ms for the copy itself) and
 // freeing page-locked memory is slow too. trim() and teardown give idle
 // blocks back.
 //
