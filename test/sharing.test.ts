@@ -284,6 +284,66 @@ for (const b of backends) {
       identity(c);
     });
 
+    it('concurrent forkAsync / reserveAsync with steps, releases and the worker dropping mappings: every byte stays where it was written', async () => {
+      const c = new KVCache({ ...b.options, prefetchTokens: per(make()) });
+      open.push(c);
+      const n = per(c) + 2;
+      let id = 1;
+      const system = c.reserve();
+      c.grow(system, n);
+      fill(c, system, id, 0, n);
+      // each live sequence: the ids of the data in [0, n) (the shared prefix, never written again) and past it
+      const live: { seq: Sequence; prefix: number; own: number; tokens: number }[] = [];
+      for (let round = 0; round < 12; round++) {
+        const pending: Promise<unknown>[] = [];
+        for (let k = 0; k < 2; k++) {
+          const from = live.length > 0 && k === 1 ? live[round % live.length]! : { seq: system, prefix: 1, own: 0, tokens: n };
+          const fork = (round + k) % 2 === 0;
+          const made = fork ? c.forkAsync(from.seq) : c.reserveAsync({ prefix: { from: from.seq, tokens: n } });
+          pending.push(
+            made.then(
+              (seq) => {
+                const tokens = fork ? from.tokens : n;
+                const entry = { seq, prefix: from.prefix, own: 0, tokens };
+                // its own tokens past what it shares: written once it exists
+                if (from.own !== 0 && fork) {
+                  entry.own = ++id;
+                  c.grow(seq, tokens + 1);
+                  fill(c, seq, entry.own, tokens, 1);
+                  entry.tokens = tokens + 1;
+                } else {
+                  entry.own = from.own;
+                }
+                live.push(entry);
+              },
+              (e: { code: string }) => expect(['ERR_NO_SLOT', 'ERR_OUT_OF_MEMORY', 'ERR_SEQUENCE_RELEASED']).toContain(e.code),
+            ),
+          );
+        }
+        // the serving loop goes on meanwhile
+        for (const e of live) if (e.seq !== system && !e.seq.released && e.tokens < c.options.maxTokens) {
+          try {
+            c.step([e.seq], [e.tokens]);
+          } catch (err) {
+            expect((err as { code: string }).code).toBe('ERR_OUT_OF_MEMORY');
+          }
+        }
+        if (live.length > 2) {
+          const gone = live.splice(round % live.length, 1)[0]!;
+          if (!gone.seq.released) c.release(gone.seq);
+        }
+        await Promise.all(pending);
+        for (const e of live) {
+          if (e.seq.released) continue;
+          expectData(c, e.seq, e.prefix, 0, n);
+        }
+        // the worker may be mapping ahead right now: pages mapped, not yet a slot's
+        const st = c.stats();
+        expect(st.bytesUsed + st.bytesBeyondTokens + st.bytesInReleasedSlots).toBeLessThanOrEqual(st.bytesBacked + st.bytesSavedBySharing);
+      }
+      expectData(c, system, 1, 0, n);
+    });
+
     const hostOnly = b.name !== 'host' ? ' (skipped: holds a pretend host stream, which only the host backend has)' : '';
     it.skipIf(b.name !== 'host')(`a released sharer keeps its mappings while its fence is pending, and drops them once it has passed${hostOnly}`, () => {
       const c = make();
