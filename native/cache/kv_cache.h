@@ -165,7 +165,6 @@ class KVCache {
   SequenceRef swapIn(uint64_t handle);
   // Frees a swapped sequence's host memory without swapping it in.
   void discardSwapped(uint64_t handle);
-  uint64_t swappedTokens(uint64_t handle);
   // suspend: every physical page back to the backend, every address kept;
   // keepHost copies the mapped bytes to host memory first. Released slots and
   // pages past active sequences' tokens are unmapped, not kept. resume:

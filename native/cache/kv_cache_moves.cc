@@ -160,12 +160,6 @@ void KVCache::discardSwapped(uint64_t handle) {
   swapped_.erase(it);
 }
 
-uint64_t KVCache::swappedTokens(uint64_t handle) {
-  Lock lk(core_->lock);
-  auto it = swapped_.find(handle);
-  return it == swapped_.end() ? 0 : it->second.tokens;
-}
-
 // ---- suspend and resume --------------------------------------------------------
 
 // Waits until no extension, retirement, copy or worker task runs off the lock.
