@@ -426,14 +426,46 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     // that called step() again would overwrite the entries being read.
     if (this.#inStep) throw new ReentrantCallError('step() was called from inside step() (a getter or proxy on its arguments)');
     this.#inStep = true;
+    let n: number;
     try {
-      this.#step(native, seqs, tokens);
+      n = this.#fillStep(seqs, tokens);
     } finally {
       this.#inStep = false;
     }
+    const reclaimed = this.#call(() => native.step(this.#stepSlots, this.#stepGenerations, this.#stepTokens, n), 'step');
+    this.#afterGrowth('step', reclaimed);
   }
 
-  #step(native: NativeCache, seqs: readonly Sequence[], tokens: readonly number[] | number): void {
+  /**
+   * {@link step} that never maps on the calling thread: when every entry is
+   * backed already (the steady state, with prefetch keeping up) it completes
+   * at once, as `step()` would; when a page is missing — a sequence past its
+   * look-ahead, the retry after a preemption — the mapping runs on a worker
+   * thread and the promise resolves once the batch is backed, so the event
+   * loop is never held up by driver calls. All or nothing, like `step()`.
+   */
+  async stepAsync(seqs: readonly Sequence[], tokens: readonly number[] | number): Promise<void> {
+    const native = this.#open();
+    if (this.#inStep) throw new ReentrantCallError('stepAsync() was called from inside step() (a getter or proxy on its arguments)');
+    this.#inStep = true;
+    let n: number;
+    try {
+      n = this.#fillStep(seqs, tokens);
+    } finally {
+      this.#inStep = false;
+    }
+    if (this.#call(() => native.stepIfBacked(this.#stepSlots, this.#stepGenerations, this.#stepTokens, n), 'step')) return;
+    let reclaimed: number;
+    try {
+      reclaimed = await this.#callAsync(() => native.stepAsync(this.#stepSlots, this.#stepGenerations, this.#stepTokens, n));
+    } catch (e) {
+      throw this.#noteOutOfMemory(e, 'step');
+    }
+    this.#afterGrowth('step', reclaimed);
+  }
+
+  /** Checks step()'s arguments into the reused scratch arrays; returns the entries. */
+  #fillStep(seqs: readonly Sequence[], tokens: readonly number[] | number): number {
     if (!Array.isArray(seqs)) throw new InvalidArgumentTypeError('seqs', `must be an array of Sequence, got ${describe(seqs)}`);
     const n = seqs.length;
     if (typeof tokens !== 'number' && !Array.isArray(tokens))
@@ -457,11 +489,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       this.#stepGenerations[i] = generation;
       this.#stepTokens[i] = t;
     }
-    const reclaimed = this.#call(
-      () => native.step(this.#stepSlots, this.#stepGenerations, this.#stepTokens, n),
-      'step',
-    );
-    this.#afterGrowth('step', reclaimed);
+    return n;
   }
 
   /**

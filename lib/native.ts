@@ -47,6 +47,8 @@ export interface NativeCache {
   reserve(expectedTokens?: number): [slot: number, generation: number];
   grow(slot: number, generation: number, tokens: number): number;
   step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): number;
+  stepIfBacked(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): boolean;
+  stepAsync(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): Promise<number>;
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   release(slot: number, generation: number, stream?: bigint): void;
   share(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): [slot: number, generation: number];

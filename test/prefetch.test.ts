@@ -181,6 +181,49 @@ for (const b of backends) {
       expect(() => c.obtainableBytes({ lookAhead: 1 as unknown as boolean })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
     });
 
+    it('stepAsync() completes at once when the batch is backed, and maps off the JS thread when it is not: no backend call on the JS thread either way', async () => {
+      const c = make({ prefetchTokens: 0 }); // no worker: every new page group is a miss
+      const per = tpp(c);
+      const a = c.reserve();
+      const b2 = c.reserve();
+      const js = c.stats().driverCallsOnJsThread;
+      await c.stepAsync([a, b2], [1, per + 1]);
+      let s = c.stats();
+      expect(s.driverCallsOnJsThread).toBe(js);
+      expect([a.tokens, b2.tokens]).toEqual([1, per + 1]);
+      expect(s.prefetch.misses).toBe(2);
+      await c.stepAsync([a, b2], [2, per + 2]); // backed already: the synchronous path
+      s = c.stats();
+      expect(s.prefetch.hits).toBe(2);
+      expect(s.driverCallsOnJsThread).toBe(js);
+      // bytes written through the batch's addresses are there
+      const data = pattern(c.tokenBytes, 7);
+      c.write(b2, { layer: 0, kind: 'k', token: per }, data);
+      expect(Buffer.from(c.read(b2, { layer: 0, kind: 'k', token: per, count: 1 })).equals(Buffer.from(data))).toBe(true);
+    });
+
+    it('stepAsync() out of memory rejects with every piece of state as it was; bad input and closing are typed', async () => {
+      const c = make({ prefetchTokens: 0 });
+      const a = c.reserve();
+      const b2 = c.reserve();
+      const events: unknown[] = [];
+      c.on('outOfMemory', (e) => events.push(e));
+      const before = stateOf(c);
+      await expect(c.stepAsync([a, b2], [c.options.maxTokens, c.options.maxTokens])).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
+      expect(stateOf(c)).toEqual(before);
+      expect(events).toEqual([expect.objectContaining({ operation: 'step' })]);
+      await expect(c.stepAsync([a], [c.options.maxTokens + 1])).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+      await expect(c.stepAsync([a], [-1])).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+      await expect(c.stepAsync('a' as unknown as Sequence[], 1)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+      const pending = c.stepAsync([a], [tpp(c) * 2]).then(
+        () => null,
+        (e: { code: string }) => e.code,
+      );
+      c.close();
+      expect([null, 'ERR_CLOSED']).toContain(await pending);
+      await expect(c.stepAsync([a], [1])).rejects.toMatchObject({ code: 'ERR_CLOSED' });
+    });
+
     it('growAsync also has the worker map the look-ahead: a prompt joining the batch at a page-group boundary finds its next group ready', async () => {
       const c = make({ prefetchTokens: tpp(c0ForStress(b)) });
       const per = tpp(c);

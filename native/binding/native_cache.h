@@ -37,6 +37,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::Reserve>("reserve"),
                            InstanceMethod<&NativeCache::Grow>("grow"),
                            InstanceMethod<&NativeCache::Step>("step"),
+                           InstanceMethod<&NativeCache::StepIfBacked>("stepIfBacked"),
+                           InstanceMethod<&NativeCache::StepAsync>("stepAsync"),
                            InstanceMethod<&NativeCache::GrowAsync>("growAsync"),
                            InstanceMethod<&NativeCache::Release>("release"),
                            InstanceMethod<&NativeCache::Share>("share"),
@@ -192,13 +194,33 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
   // step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, n):
   // the first n entries of reused arrays (no allocation per step on the JS side).
   Napi::Value Step(const Napi::CallbackInfo& info) {
+    fillBatch(info);
+    return num(info.Env(), guarded(info.Env(), [&] { return cache_->step(batch_); }));
+  }
+
+  // stepIfBacked(slots, generations, tokens, n) -> boolean (see KVCache::stepIfBacked)
+  Napi::Value StepIfBacked(const Napi::CallbackInfo& info) {
+    fillBatch(info);
+    return Napi::Boolean::New(info.Env(), guarded(info.Env(), [&] { return cache_->stepIfBacked(batch_); }));
+  }
+
+  // stepAsync(slots, generations, tokens, n) -> Promise<pages reclaimed>: the
+  // batch is copied now (the arrays are reused by the caller).
+  Napi::Value StepAsync(const Napi::CallbackInfo& info) {
+    fillBatch(info);
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.stepAsync", [cache, batch = batch_] {
+      return CacheTask::Result{cache->step(batch), 0, 1};
+    });
+  }
+
+  void fillBatch(const Napi::CallbackInfo& info) {
     auto slots = info[0].As<Napi::Uint32Array>();
     auto gens = info[1].As<Napi::Uint32Array>();
     auto tokens = info[2].As<Napi::Uint32Array>();
     size_t n = std::min<size_t>(u32(info[3]), slots.ElementLength());
     batch_.resize(n);
     for (size_t i = 0; i < n; ++i) batch_[i] = {{slots[i], gens[i]}, tokens[i]};
-    return num(info.Env(), guarded(info.Env(), [&] { return cache_->step(batch_); }));
   }
 
   // growAsync(slot, gen, tokens) -> [Promise, cancel()]

@@ -132,6 +132,15 @@ uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
   return reclaimed;
 }
 
+bool KVCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
+  Lock lk(core_->lock);
+  if (!growBatch(lk, batch, true, true)) return false;
+  bool notify = prefetcher_->afterStep(batch);
+  lk.unlock();
+  if (notify) prefetcher_->notifyWorker();
+  return true;
+}
+
 // Fills the scratch arrays with the batch's slots and their targets (a slot
 // may appear twice: the larger wins; a sequence never shrinks) from the slots
 // as they are now. Returns the pages missing.
@@ -165,7 +174,7 @@ uint64_t KVCache::collectTargets(const std::vector<GrowRequest>& batch) {
 // failure every slot is as it was. After any wait everything is decided again
 // from the slots as they are then. O(batch) when nothing is missing: this is
 // the serving loop's per-step path.
-void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep) {
+bool KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep, bool onlyIfBacked) {
   const KVLayout& layout = *core_->layout;
   uint64_t maxTokens = layout.shape().maxTokens;
   auto checkBatch = [&] {
@@ -190,6 +199,7 @@ void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
     if (started) demand_.stallNanos += nowNanos() - started;
   };
   uint64_t missing = collectTargets(batch);
+  if (onlyIfBacked && missing > 0) return false;
   // A miss is a slot that needed pages when the step came in; counted only
   // when the step succeeds.
   uint64_t misses = 0;
@@ -237,6 +247,7 @@ void KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
     demand_.misses += misses;
     demand_.hits += entries - misses;
   }
+  return true;
 }
 
 void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel) {

@@ -139,6 +139,10 @@ class KVCache {
   // A decode iteration: every entry backed (all or nothing across the batch),
   // then the worker maps ahead up to tokens + prefetchTokens.
   uint64_t step(const std::vector<GrowRequest>& batch);
+  // step() when every entry is backed already (the steady state); false,
+  // with nothing changed, when a page is missing: stepAsync then runs step()
+  // on a pool thread, so the caller's thread never maps.
+  bool stepIfBacked(const std::vector<GrowRequest>& batch);
   // Growth with the driver calls off the lock (for growAsync on a pool
   // thread); all or nothing; `cancel` aborts it between pages.
   void growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel);
@@ -216,7 +220,7 @@ class KVCache {
   std::vector<PageId> distinctMappedPages(PageState state);
   void freeHostMemory();
   Slot& activeSlot(SequenceRef seq);
-  void growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep);
+  bool growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fromStep, bool onlyIfBacked = false);
   uint64_t collectTargets(const std::vector<GrowRequest>& batch);
   void checkRange(Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
   void teardown();
