@@ -179,12 +179,23 @@ interface NativeErrorShape {
   statusName?: string;
   requestedBytes?: number;
   availableBytes?: number;
+  device?: number;
 }
 
-/** Turns an error thrown by the native addon into the matching class. */
+/**
+ * Turns an error thrown by the native addon into the matching class. In a
+ * cache over several devices, an error that happened on one device carries
+ * its ordinal as `device` (the message starts with "device N: ").
+ */
 export function fromNative(error: unknown): unknown {
   if (!(error instanceof Error)) return error;
-  const e = error as NativeErrorShape;
+  const converted = convert(error as NativeErrorShape);
+  const device = (error as NativeErrorShape).device;
+  if (typeof device === 'number' && converted instanceof Error) Object.assign(converted, { device });
+  return converted;
+}
+
+function convert(e: NativeErrorShape): unknown {
   switch (e.code) {
     case 'ERR_CUDA_UNAVAILABLE':
       return new CudaUnavailableError(e.message);

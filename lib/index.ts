@@ -2,6 +2,8 @@ export { KVCache, Sequence, SwappedSequence } from './kv-cache.js';
 export type {
   CacheStats,
   CallStats,
+  DeviceOption,
+  DeviceStats,
   HostMemoryStats,
   GrowAsyncOptions,
   KVCacheEvents,

@@ -18,7 +18,7 @@ import { EventEmitter } from 'node:events';
 import { autoBackend } from './info.js';
 import { type MetricsOptions, formatPrometheus } from './metrics.js';
 import { addon, type FaultKind, type NativeCache, type NativeLayout } from './native.js';
-import type { CacheStats, LayoutStats } from './stats.js';
+import { type CacheStats, type DeviceStats, type LayoutStats, sumDeviceStats } from './stats.js';
 import {
   type DType,
   type KVCacheOptions,
@@ -51,7 +51,7 @@ export interface TensorInfo {
   dtype: DType;
 }
 
-export type { CacheStats, CallStats, HostMemoryStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
+export type { CacheStats, CallStats, DeviceStats, HostMemoryStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
 
 export interface ReserveOptions {
   /** Tokens the sequence is expected to reach; picks the released slot whose pages fit best. */
@@ -95,8 +95,21 @@ export interface ReleaseOptions {
    * CUDA stream (CUstream as bigint; 0n = the legacy default stream) whose
    * queued work may still use the sequence. The slot's pages are not unmapped
    * before that work is done. Omit when the GPU is known to be done with it.
+   * One device only: a cache over several devices takes `streams`.
    */
   stream?: bigint;
+  /**
+   * A cache over several devices: one stream per device, in the order of
+   * `options.devices` (a stream belongs to its device's context); an entry
+   * left undefined fences nothing on that device.
+   */
+  streams?: readonly (bigint | undefined)[];
+}
+
+/** Which device's shard a per-device call means (a cache over several devices). */
+export interface DeviceOption {
+  /** CUDA ordinal, one of `options.devices`; default the first. */
+  device?: number;
 }
 
 export interface GrowAsyncOptions {
@@ -109,6 +122,12 @@ export interface TokenRange {
   kind: KVKind;
   /** First token. */
   token: number;
+  /**
+   * Over several devices: whose shard (CUDA ordinal, one of
+   * `options.devices`; default the first). The bytes are that shard's
+   * heads: `tokenBytes` per token.
+   */
+  device?: number;
 }
 
 export interface ReadRange extends TokenRange {
@@ -162,9 +181,9 @@ export class Sequence {
     return this.cache.tokens(this);
   }
 
-  /** Address of this sequence's token 0 in one layer's K or V. */
-  address(layer: number, kind: KVKind): bigint {
-    return this.cache.sequenceAddress(this, layer, kind);
+  /** Address of this sequence's token 0 in one layer's K or V (on `options.device`'s shard). */
+  address(layer: number, kind: KVKind, options?: DeviceOption): bigint {
+    return this.cache.sequenceAddress(this, layer, kind, options);
   }
 }
 
@@ -266,9 +285,9 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         maxSequences: o.maxSequences,
         maxTokens: o.maxTokens,
         backend,
-        device: o.device,
+        devices: o.devices,
         pageSize: o.pageSize,
-        memoryBudget: o.memoryBudget,
+        memoryBudgets: o.memoryBudgets,
         prefillBytes: o.poolPrefill,
         prefetchTokens: o.prefetchTokens,
         layerGroups: o.layerGroups,
@@ -291,14 +310,22 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     return this.#layout.pageSize;
   }
 
-  /** Bytes of one token in one tensor (kvHeads × headDim × dtype). */
+  /**
+   * Bytes of one token in one tensor (kvHeads × headDim × dtype); over
+   * several devices, in one device's shard (kvHeads / devices heads).
+   */
   get tokenBytes(): number {
     return this.#layout.tokenBytes;
   }
 
-  /** Bytes of one token across every layer's K and V. */
+  /** Bytes of one token across every layer's K and V (over several devices, on all of them together). */
   get bytesPerToken(): number {
-    return this.#layout.bytesPerToken;
+    return this.#layout.bytesPerToken * this.#layout.devices.length;
+  }
+
+  /** The CUDA ordinals the cache spans (`options.devices`). */
+  get devices(): readonly number[] {
+    return this.options.devices;
   }
 
   get closed(): boolean {
@@ -523,13 +550,27 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   release(seq: Sequence, options?: ReleaseOptions): void {
     const native = this.#open();
     const generation = this.#check(seq);
-    const o = checkObject('options', options, true);
-    if (o.stream !== undefined && typeof o.stream !== 'bigint')
-      throw new InvalidArgumentTypeError('options.stream', `must be a bigint (CUstream), got ${describe(o.stream)}`);
-    if (typeof o.stream === 'bigint' && (o.stream < 0n || o.stream >= 1n << 64n))
-      throw new InvalidArgumentRangeError('options.stream', `must be a 64-bit address, got ${o.stream}`);
-    this.#call(() => native.release(seq.slot, generation, o.stream as bigint | undefined));
+    const streams = this.#releaseStreams(checkObject('options', options, true));
+    this.#call(() => native.release(seq.slot, generation, streams));
     Sequence.markReleased(seq);
+  }
+
+  /** release()'s fences: a stream per device, or none. */
+  #releaseStreams(o: Record<string, unknown>): (bigint | undefined)[] | undefined {
+    const devices = this.options.devices.length;
+    if (o.stream !== undefined && o.streams !== undefined)
+      throw new InvalidArgumentRangeError('options', 'give stream or streams, not both');
+    if (o.streams === undefined) {
+      const stream = this.#stream('options.stream', o.stream);
+      if (stream !== undefined && devices > 1)
+        throw new InvalidArgumentRangeError('options.stream', `names one stream for ${devices} devices: pass streams, one per device`);
+      return stream === undefined ? undefined : [stream];
+    }
+    if (!Array.isArray(o.streams))
+      throw new InvalidArgumentTypeError('options.streams', `must be an array of bigint (CUstream), got ${describe(o.streams)}`);
+    if (o.streams.length !== devices)
+      throw new InvalidArgumentRangeError('options.streams', `must have one entry per device (${devices}), got ${o.streams.length}`);
+    return o.streams.map((s, i) => this.#stream(`options.streams[${i}]`, s));
   }
 
   /**
@@ -614,7 +655,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   /** True while suspended ({@link suspend}). */
   get suspended(): boolean {
-    return this.#native !== null && this.#native.stats().suspended;
+    const native = this.#native;
+    return native !== null && this.options.devices.some((_, i) => native.stats(i).suspended);
   }
 
   /**
@@ -635,7 +677,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       throw new InvalidArgumentTypeError('data', `must be a TypedArray, Buffer or DataView, got ${describe(data)}`);
     const bytes = bytesOf('data', data);
     this.#checkWhole('data.byteLength', bytes.byteLength);
-    this.#call(() => native.write(seq.slot, generation, layer, kind, token, bytes));
+    const device = this.#deviceIndex('range.device', (range as TokenRange).device);
+    this.#call(() => native.write(seq.slot, generation, layer, kind, token, bytes, device));
   }
 
   /** Copies `count` tokens out of the sequence (into `into` when given). */
@@ -644,6 +687,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const generation = this.#check(seq);
     const { layer, kind, token } = this.#range(range);
     const count = checkInteger('range.count', (range as ReadRange).count, 0, this.options.maxTokens);
+    const device = this.#deviceIndex('range.device', (range as ReadRange).device);
     // Checked before allocating: a read past the sequence allocates nothing.
     const have = this.#call(() => native.tokens(seq.slot, generation));
     if (token + count > have)
@@ -659,7 +703,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
         throw new InvalidArgumentRangeError('into', `holds ${view.byteLength} bytes, ${length} needed`);
       out = view.subarray(0, length);
     }
-    this.#call(() => native.read(seq.slot, generation, layer, kind, token, out));
+    this.#call(() => native.read(seq.slot, generation, layer, kind, token, out, device));
     return out;
   }
 
@@ -670,44 +714,60 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     return this.#call(() => native.tokens(seq.slot, generation));
   }
 
-  /** One layer's K or V tensor: address, shape and strides for a kernel. */
-  tensor(layer: number, kind: KVKind): TensorInfo {
+  /**
+   * One layer's K or V tensor: address, shape and strides for a kernel. Over
+   * several devices, that of `options.device`'s shard (its kvHeads / devices
+   * heads, in that device's address space).
+   */
+  tensor(layer: number, kind: KVKind, options?: DeviceOption): TensorInfo {
     this.#open();
     checkInteger('layer', layer, 0, this.options.layers - 1);
     const k = checkKind('kind', kind);
+    const device = this.#deviceIndex('options.device', checkObject('options', options, true).device);
     const t = this.#layout.tensors[2 * layer + k]!;
     const o = this.options;
     const strides = t.strideElements as [number, number, number, number];
     return {
       layer,
       kind,
-      address: this.#layout.base + t.offset,
-      shape: [o.maxSequences, o.maxTokens, o.kvHeads, o.headDim],
+      address: this.#layout.bases[device]! + t.offset,
+      shape: [o.maxSequences, o.maxTokens, o.kvHeads / o.devices.length, o.headDim],
       strides: [...strides],
       strideBytes: strides.map((s) => s * o.dtypeBytes) as [number, number, number, number],
       dtype: o.dtype,
     };
   }
 
-  /** Every layer's K and V tensors. */
-  tensors(): { k: TensorInfo; v: TensorInfo }[] {
+  /** Every layer's K and V tensors (of `options.device`'s shard). */
+  tensors(options?: DeviceOption): { k: TensorInfo; v: TensorInfo }[] {
     const out = [];
     for (let layer = 0; layer < this.options.layers; layer++)
-      out.push({ k: this.tensor(layer, 'k'), v: this.tensor(layer, 'v') });
+      out.push({ k: this.tensor(layer, 'k', options), v: this.tensor(layer, 'v', options) });
     return out;
   }
 
-  /** Address of the sequence's token 0 in one layer's K or V. */
-  sequenceAddress(seq: Sequence, layer: number, kind: KVKind): bigint {
+  /** Address of the sequence's token 0 in one layer's K or V (of `options.device`'s shard). */
+  sequenceAddress(seq: Sequence, layer: number, kind: KVKind, options?: DeviceOption): bigint {
     this.#open();
     this.#check(seq);
-    const t = this.tensor(layer, kind);
+    const t = this.tensor(layer, kind, options);
     return t.address + BigInt(seq.slot) * BigInt(t.strideBytes[0]);
   }
 
+  /**
+   * The figures of the whole cache; over several devices, added up, with
+   * each device's own in `devices`.
+   */
   stats(): CacheStats {
     const native = this.#open();
-    return { ...this.#call(() => native.stats()), layout: this.layout };
+    const layout = this.layout;
+    const perDevice: DeviceStats[] = this.options.devices.map((device, i) => ({
+      ...this.#call(() => native.stats(i)),
+      layout,
+      device,
+    }));
+    const { device: _first, ...total } = sumDeviceStats(perDevice);
+    return { ...total, devices: perDevice };
   }
 
   /** The tensor arrangement in use and the size of its page group (what one mapping step adds to a sequence). */
@@ -770,13 +830,14 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   /**
    * @internal Test-only: make the nth next backend call of `op` fail
-   * (`true`/'outOfMemory', `false`/'error', or 'hostAlloc'), after `delayMs`.
+   * (`true`/'outOfMemory', `false`/'error', or 'hostAlloc'), after `delayMs`,
+   * on `device` (an ordinal of `options.devices`; default the first).
    * Several faults may be armed at once.
    */
-  _injectFault(op: string, nth: number, kind: boolean | FaultKind, delayMs = 0): void {
+  _injectFault(op: string, nth: number, kind: boolean | FaultKind, delayMs = 0, device?: number): void {
     const native = this.#open();
     const k: FaultKind = kind === true ? 'outOfMemory' : kind === false ? 'error' : kind;
-    this.#call(() => native.injectFault(op, nth, k, delayMs));
+    this.#call(() => native.injectFault(op, nth, k, delayMs, this.#deviceIndex('device', device)));
   }
 
   #open(): NativeCache {
@@ -796,6 +857,15 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       throw new ForeignSequenceError(`the sequence in slot ${(seq as Sequence).slot} belongs to another cache`);
     if (generation < 0) throw new SequenceReleasedError(`the sequence in slot ${(seq as Sequence).slot} was released`);
     return generation;
+  }
+
+  /** The index in `options.devices` of a device ordinal (the first when undefined). */
+  #deviceIndex(name: string, device: unknown): number {
+    if (device === undefined) return 0;
+    checkInteger(name, device, 0, 1023);
+    const i = this.options.devices.indexOf(device as number);
+    if (i < 0) throw new InvalidArgumentRangeError(name, `(${String(device)}) is not one of the cache's devices [${this.options.devices.join(', ')}]`);
+    return i;
   }
 
   #range(range: unknown): { layer: number; kind: 0 | 1; token: number } {

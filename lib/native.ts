@@ -15,9 +15,11 @@ export interface NativeCacheOptions {
   maxSequences: number;
   maxTokens: number;
   backend: 'cuda' | 'host';
-  device: number;
+  /** One KVCache per device, kvHeads split over them. */
+  devices: number[];
   pageSize: number;
-  memoryBudget: bigint;
+  /** Per device (0n: that device's default). */
+  memoryBudgets: bigint[];
   prefillBytes: bigint;
   prefetchTokens: number;
   layerGroups: number;
@@ -26,10 +28,14 @@ export interface NativeCacheOptions {
   hostMemoryPrefill: bigint;
 }
 
-export type NativeStats = Omit<CacheStats, 'layout'>;
+export type NativeStats = Omit<CacheStats, 'layout' | 'devices'>;
 
 export interface NativeLayout {
+  /** The first device's range. */
   base: bigint;
+  /** Each device's range, in the order of `devices`. */
+  bases: bigint[];
+  devices: number[];
   pageSize: number;
   granularity: number;
   backend: 'cuda' | 'host';
@@ -50,7 +56,8 @@ export interface NativeCache {
   stepIfBacked(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): boolean;
   stepAsync(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): Promise<number>;
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
-  release(slot: number, generation: number, stream?: bigint): void;
+  /** A fence per device (undefined: none on that device). */
+  release(slot: number, generation: number, streams?: (bigint | undefined)[]): void;
   share(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): [slot: number, generation: number];
   shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): Promise<[slot: number, generation: number]>;
   swapOut(slot: number, generation: number, stream?: bigint): Promise<number>;
@@ -60,15 +67,17 @@ export interface NativeCache {
   resume(): Promise<void>;
   reclaim(bytes?: number): number;
   trim(): number;
-  write(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, data: Uint8Array): void;
-  read(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, out: Uint8Array): void;
+  /** `device`: index into `devices`. */
+  write(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, data: Uint8Array, device: number): void;
+  read(slot: number, generation: number, layer: number, kind: 0 | 1, token: number, out: Uint8Array, device: number): void;
   tokens(slot: number, generation: number): number;
-  stats(): NativeStats;
+  /** One device's figures; `device`: index into `devices`. */
+  stats(device: number): NativeStats;
   obtainableBytes(withLookAhead?: boolean): number;
   layout(): NativeLayout;
   close(): void;
   workerError(): string | null;
-  injectFault(op: string, nth: number, kind: FaultKind, delayMs: number): void;
+  injectFault(op: string, nth: number, kind: FaultKind, delayMs: number, device: number): void;
 }
 
 /** How a test-injected backend fault fails. */

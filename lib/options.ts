@@ -40,22 +40,33 @@ export interface KVCacheOptions {
   maxSequences: number;
   /** The most tokens one sequence may hold. */
   maxTokens: number;
-  /** CUDA device ordinal (default 0). */
+  /** CUDA device ordinal (default 0). For several devices use `devices`. */
   device?: number;
+  /**
+   * Tensor parallelism: the CUDA device ordinals one cache spans (distinct,
+   * at most 16). Every device holds `kvHeads / devices.length` of each
+   * layer's KV heads (`kvHeads` must divide evenly) in a virtual range, page
+   * pool, budget and prefetch worker of its own; every decision (the slot of
+   * a sequence, the tokens backed) is made once and applied to all, all or
+   * nothing across devices. Default `[device]`.
+   */
+  devices?: readonly number[];
   /** 'cuda', 'host', or 'auto' (cuda when a VMM-capable device is present). Default 'auto'. */
   backend?: BackendChoice;
   /**
    * Bytes of physical memory the cache may back. Default: on cuda the device's
    * free memory less 5% of its total; on host half the free RAM.
+   * With several `devices`: per device — one figure for each, or an array
+   * with one entry per device.
    */
-  memoryBudget?: number | bigint;
+  memoryBudget?: number | bigint | readonly (number | bigint)[];
   /**
    * Bytes per physical page. cuda: a multiple of the allocation granularity
    * (default: the granularity, 2 MiB on current GPUs). host: a multiple of the
    * OS page (default 2 MiB).
    */
   pageSize?: number;
-  /** Bytes of pages to create into the pool up front (default 0). */
+  /** Bytes of pages to create into the pool up front (default 0); per device. */
   poolPrefill?: number | bigint;
   /**
    * Look-ahead of {@link KVCache.step}: a worker thread keeps the next
@@ -103,9 +114,15 @@ export interface NormalizedOptions {
   dtypeBytes: number;
   maxSequences: number;
   maxTokens: number;
+  /** The first of `devices`. */
   device: number;
+  /** CUDA ordinals the cache spans: `[device]` unless `devices` was given. */
+  devices: number[];
   backend: BackendChoice;
+  /** The first device's budget (0n: the default). */
   memoryBudget: bigint;
+  /** Each device's budget, in the order of `devices` (0n: the default). */
+  memoryBudgets: bigint[];
   pageSize: number;
   poolPrefill: bigint;
   prefetchTokens: number;
@@ -172,6 +189,7 @@ const KNOWN = new Set([
   'maxSequences',
   'maxTokens',
   'device',
+  'devices',
   'backend',
   'memoryBudget',
   'pageSize',
@@ -224,6 +242,12 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
   const maxSequences = checkInteger('options.maxSequences', o.maxSequences, 1, 1 << 20);
   const maxTokens = checkInteger('options.maxTokens', o.maxTokens, 1, MAX_U32 >>> 1);
   const device = o.device === undefined ? 0 : checkInteger('options.device', o.device, 0, 1023);
+  const devices = devicesOf(o.devices, o.device === undefined ? undefined : device);
+  if (kvHeads % devices.length !== 0)
+    throw new InvalidArgumentRangeError(
+      'options.kvHeads',
+      `(${kvHeads}) must divide evenly over the ${devices.length} devices (each holds kvHeads / devices heads)`,
+    );
   let backend: BackendChoice = 'auto';
   if (o.backend !== undefined) {
     if (typeof o.backend !== 'string')
@@ -232,13 +256,15 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
       throw new InvalidArgumentRangeError('options.backend', `must be 'cuda', 'host' or 'auto', got '${o.backend}'`);
     backend = o.backend;
   }
-  const memoryBudget = o.memoryBudget === undefined ? 0n : checkBytes('options.memoryBudget', o.memoryBudget, 1n);
+  const memoryBudgets = budgetsOf(o.memoryBudget, devices.length);
+  const memoryBudget = memoryBudgets[0]!;
   const pageSize = o.pageSize === undefined ? 0 : checkInteger('options.pageSize', o.pageSize, 4096, 2 ** 40);
   if (pageSize !== 0 && pageSize % 4096 !== 0)
     throw new InvalidArgumentRangeError('options.pageSize', `must be a multiple of 4096, got ${pageSize}`);
   const poolPrefill = o.poolPrefill === undefined ? 0n : checkBytes('options.poolPrefill', o.poolPrefill, 0n);
-  if (memoryBudget !== 0n && poolPrefill > memoryBudget)
-    throw new InvalidArgumentRangeError('options.poolPrefill', `(${poolPrefill}) exceeds memoryBudget (${memoryBudget})`);
+  for (const budget of memoryBudgets)
+    if (budget !== 0n && poolPrefill > budget)
+      throw new InvalidArgumentRangeError('options.poolPrefill', `(${poolPrefill}) exceeds memoryBudget (${budget})`);
   const prefetchTokens =
     o.prefetchTokens === undefined
       ? DEFAULT_PREFETCH_TOKENS
@@ -269,9 +295,11 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     dtypeBytes,
     maxSequences,
     maxTokens,
-    device,
+    device: devices[0]!,
+    devices,
     backend,
     memoryBudget,
+    memoryBudgets,
     pageSize,
     poolPrefill,
     prefetchTokens,
@@ -280,4 +308,28 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     hostMemoryBudget,
     hostMemoryPrefill,
   };
+}
+
+/** options.devices: distinct ordinals, 1 to 16 of them; `device`, when given too, must be the first. */
+function devicesOf(value: unknown, device: number | undefined): number[] {
+  if (value === undefined) return [device ?? 0];
+  if (!Array.isArray(value))
+    throw new InvalidArgumentTypeError('options.devices', `must be an array of device ordinals, got ${describe(value)}`);
+  if (value.length < 1 || value.length > 16)
+    throw new InvalidArgumentRangeError('options.devices', `must list 1 to 16 devices, got ${value.length}`);
+  const devices = value.map((d, i) => checkInteger(`options.devices[${i}]`, d, 0, 1023));
+  if (new Set(devices).size !== devices.length)
+    throw new InvalidArgumentRangeError('options.devices', `must not list a device twice, got [${devices.join(', ')}]`);
+  if (device !== undefined && device !== devices[0])
+    throw new InvalidArgumentRangeError('options.device', `(${device}) conflicts with options.devices [${devices.join(', ')}]: give one of them`);
+  return devices;
+}
+
+/** options.memoryBudget: one figure for every device, or one per device. */
+function budgetsOf(value: unknown, devices: number): bigint[] {
+  if (value === undefined) return new Array<bigint>(devices).fill(0n);
+  if (!Array.isArray(value)) return new Array<bigint>(devices).fill(checkBytes('options.memoryBudget', value, 1n));
+  if (value.length !== devices)
+    throw new InvalidArgumentRangeError('options.memoryBudget', `must have one entry per device (${devices}), got ${value.length}`);
+  return value.map((b, i) => checkBytes(`options.memoryBudget[${i}]`, b, 1n));
 }

@@ -165,4 +165,53 @@ export interface CacheStats {
   slots: SlotStats[];
   /** Backend calls by kind: reserveRange, createPage, map, setAccess, unmap, releasePage, copyIn, ... */
   driverCalls: Record<string, CallStats>;
+  /**
+   * Each device's own figures, in the order of `options.devices` (one entry
+   * for a single device). The figures above add them up: bytes, pages and
+   * calls are summed; a slot's `tokens` and `activeSequences` are the same on
+   * every device, its `backedTokens` is the least any device backs.
+   */
+  devices: DeviceStats[];
+}
+
+/** One device's share of a cache (see {@link CacheStats.devices}). */
+export interface DeviceStats extends Omit<CacheStats, 'devices'> {
+  /** Its CUDA ordinal (the logical device number on the host backend). */
+  device: number;
+}
+
+type Summable = Omit<CacheStats, 'layout' | 'devices'>;
+
+/** The whole cache's figures from each device's (see {@link CacheStats.devices}). */
+export function sumDeviceStats<T extends Summable>(perDevice: readonly T[]): T {
+  if (perDevice.length === 1) return perDevice[0]!;
+  const first = perDevice[0]!;
+  const add = <O extends object>(a: O, b: O): O => {
+    const out = { ...a } as Record<string, unknown>;
+    for (const [k, v] of Object.entries(b)) {
+      const mine = out[k];
+      if (typeof v === 'number' && typeof mine === 'number') out[k] = mine + v;
+      else if (typeof v === 'object' && v !== null && !Array.isArray(v) && typeof mine === 'object' && mine !== null)
+        out[k] = add(mine as object, v as object);
+    }
+    return out as O;
+  };
+  let total = first as Summable;
+  for (const d of perDevice.slice(1)) total = add(total, d);
+  return {
+    ...total,
+    pageSize: first.pageSize,
+    activeSequences: first.activeSequences,
+    suspended: perDevice.some((d) => d.suspended),
+    prefetch: {
+      ...total.prefetch,
+      tokens: first.prefetch.tokens,
+      workerError: perDevice.find((d) => d.prefetch.workerError !== null)?.prefetch.workerError ?? null,
+    },
+    slots: first.slots.map((slot, i) => ({
+      ...slot,
+      backedTokens: Math.min(...perDevice.map((d) => d.slots[i]!.backedTokens)),
+      mappedPages: perDevice.reduce((n, d) => n + d.slots[i]!.mappedPages, 0),
+    })),
+  } as T;
 }

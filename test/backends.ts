@@ -100,7 +100,14 @@ export function pattern(bytes: number, seed: number): Uint8Array {
  * (hits, misses, pages mapped on demand), not the worker's.
  */
 export function stateOf(c: { stats(): Record<string, unknown> }): Record<string, unknown> {
-  const { driverCalls: _calls, driverCallsOnJsThread: _js, prefetch, ...state } = c.stats();
+  const stats = c.stats();
+  const devices = (stats.devices as Record<string, unknown>[] | undefined) ?? [];
+  return { ...comparable(stats), devices: devices.map(comparable) };
+}
+
+/** A stats object less what changes without a change of state (calls, their time, the worker's counts). */
+function comparable(stats: Record<string, unknown>): Record<string, unknown> {
+  const { driverCalls: _calls, driverCallsOnJsThread: _js, prefetch, devices: _devices, ...state } = stats;
   const { hits, misses, pagesOnDemand } = prefetch as { hits: number; misses: number; pagesOnDemand: number };
   return { ...state, prefetch: { hits, misses, pagesOnDemand } };
 }

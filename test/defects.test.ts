@@ -234,9 +234,9 @@ for (const b of backends) {
 
     it('17.10 the native core checks what it relies on: zero sizes, a range past 2^47, a prefill near 2^64', () => {
       const native = (o: Record<string, unknown>) => {
-        const n = new (addon.NativeCache as unknown as new (o: unknown) => { stats(): { pagesPooled: number }; close(): void })({
-          layers: 2, kvHeads: 2, headDim: 64, dtypeBytes: 2, maxSequences: 2, maxTokens: 64, backend: b.name, device: 0,
-          pageSize: b.name === 'host' ? 4096 : 0, memoryBudget: 16n * BigInt(b.name === 'host' ? 4096 : 2 << 20), prefillBytes: 0n, prefetchTokens: 0, layerGroups: 2, idlePageGroups: 1, hostMemoryBudget: 0n, hostMemoryPrefill: 0n, ...o,
+        const n = new (addon.NativeCache as unknown as new (o: unknown) => { stats(device: number): { pagesPooled: number }; close(): void })({
+          layers: 2, kvHeads: 2, headDim: 64, dtypeBytes: 2, maxSequences: 2, maxTokens: 64, backend: b.name, devices: [0],
+          pageSize: b.name === 'host' ? 4096 : 0, memoryBudgets: [16n * BigInt(b.name === 'host' ? 4096 : 2 << 20)], prefillBytes: 0n, prefetchTokens: 0, layerGroups: 2, idlePageGroups: 1, hostMemoryBudget: 0n, hostMemoryPrefill: 0n, ...o,
         });
         return n;
       };
@@ -248,7 +248,7 @@ for (const b of backends) {
         expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/2\^47|overflows/) }),
       );
       const n = native({ prefillBytes: 2n ** 64n - 1n });
-      expect(n.stats().pagesPooled).toBe(16); // filled to the budget, no wrap to a few pages
+      expect(n.stats(0).pagesPooled).toBe(16); // filled to the budget, no wrap to a few pages
       n.close();
     });
 

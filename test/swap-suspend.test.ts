@@ -42,9 +42,12 @@ for (const b of backends) {
     };
     /** stateOf, less the host blocks kept for reuse (a failed swap may have made some). */
     const stateOfKept = (c: KVCache) => {
-      const st = stateOf(c) as { host: Record<string, number> };
-      const { bytesHeld: _held, bytesIdle: _idle, ...host } = st.host;
-      return { ...st, host };
+      const withoutHeld = <T extends { host: Record<string, number> }>(st: T) => {
+        const { bytesHeld: _held, bytesIdle: _idle, ...host } = st.host;
+        return { ...st, host };
+      };
+      const st = stateOf(c) as { host: Record<string, number>; devices: { host: Record<string, number> }[] };
+      return { ...withoutHeld(st), devices: st.devices.map(withoutHeld) };
     };
     /** Tokens of a sequence that fills about half the budget. */
     const half = (c: KVCache) => {

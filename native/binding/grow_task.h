@@ -6,18 +6,18 @@
 #include <memory>
 
 #include "binding/js_values.h"
-#include "cache/kv_cache.h"
+#include "cache/sharded_cache.h"
 
 namespace vat {
 
 // growAsync: the driver calls run on a libuv pool thread, off the cache's
-// lock (KVCache::growDetached); the promise settles on the JS thread. The
+// lock (ShardedCache::growDetached: KVCache::growDetached on each device); the promise settles on the JS thread. The
 // settling uses raw Node-API calls and gives up quietly when the environment
 // is being torn down (a worker thread ending, the process exiting): then no
 // one is left to settle for, and throwing there would abort the process.
 class GrowTask : public Napi::AsyncWorker {
  public:
-  GrowTask(Napi::Env env, std::shared_ptr<KVCache> cache, SequenceRef seq, uint64_t tokens,
+  GrowTask(Napi::Env env, std::shared_ptr<ShardedCache> cache, SequenceRef seq, uint64_t tokens,
            std::shared_ptr<std::atomic<bool>> cancel)
       : Napi::AsyncWorker(env, "vattention.growAsync"),
         cache_(std::move(cache)),
@@ -58,7 +58,7 @@ class GrowTask : public Napi::AsyncWorker {
 
   napi_deferred deferred_ = nullptr;
   napi_value promise_ = nullptr;
-  std::shared_ptr<KVCache> cache_;
+  std::shared_ptr<ShardedCache> cache_;
   SequenceRef seq_;
   uint64_t tokens_;
   std::shared_ptr<std::atomic<bool>> cancel_;

@@ -15,6 +15,7 @@ Napi::Error toJsError(Napi::Env env, const Error& e) {
     err.Set("requestedBytes", Napi::Number::New(env, static_cast<double>(e.requestedBytes)));
     err.Set("availableBytes", Napi::Number::New(env, static_cast<double>(e.availableBytes)));
   }
+  if (e.device >= 0) err.Set("device", Napi::Number::New(env, e.device));
   return err;
 }
 
@@ -39,6 +40,7 @@ bool rawJsError(napi_env env, const Error& e, napi_value* out) {
       !(setNumber("requestedBytes", static_cast<double>(e.requestedBytes)) &&
         setNumber("availableBytes", static_cast<double>(e.availableBytes))))
     return false;
+  if (e.device >= 0 && !setNumber("device", e.device)) return false;
   *out = error;
   return true;
 }

@@ -13,7 +13,7 @@
 #include "binding/grow_task.h"
 #include "binding/js_values.h"
 #include "binding/test_hooks.h"
-#include "cache/kv_cache.h"
+#include "cache/sharded_cache.h"
 
 namespace vat {
 
@@ -73,16 +73,22 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.shape.maxSequences = u32(o.Get("maxSequences"));
     opts.shape.maxTokens = u32(o.Get("maxTokens"));
     opts.backend = o.Get("backend").As<Napi::String>().Utf8Value() == "cuda" ? BackendKind::Cuda : BackendKind::Host;
-    opts.device = static_cast<int>(u32(o.Get("device")));
+    // devices: ordinals, one KVCache each (kvHeads split over them);
+    // memoryBudgets: bytes per device (0: that device's default).
+    std::vector<int> devices;
+    std::vector<uint64_t> budgets;
+    Napi::Array ds = o.Get("devices").As<Napi::Array>();
+    Napi::Array bs = o.Get("memoryBudgets").As<Napi::Array>();
+    for (uint32_t i = 0; i < ds.Length(); ++i) devices.push_back(static_cast<int>(u32(ds.Get(i))));
+    for (uint32_t i = 0; i < bs.Length(); ++i) budgets.push_back(u64(bs.Get(i)));
     opts.pageSize = static_cast<size_t>(u64(o.Get("pageSize")));
-    opts.memoryBudget = u64(o.Get("memoryBudget"));
     opts.prefillBytes = u64(o.Get("prefillBytes"));
     opts.prefetchTokens = u32(o.Get("prefetchTokens"));
     opts.layerGroups = u32(o.Get("layerGroups"));
     opts.idleGroups = u32(o.Get("idlePageGroups"));
     opts.hostMemoryBudget = u64(o.Get("hostMemoryBudget"));
     opts.hostMemoryPrefill = u64(o.Get("hostMemoryPrefill"));
-    cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
+    cache_ = guarded(env, [&] { return std::make_shared<ShardedCache>(opts, devices, budgets); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
   }
@@ -236,10 +242,29 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return out;
   }
 
+  // release(slot, gen, streams?: (bigint | undefined)[]): a fence per device.
   void Release(const Napi::CallbackInfo& info) {
-    std::optional<uint64_t> stream;
-    if (info.Length() > 2 && info[2].IsBigInt()) stream = u64(info[2]);
-    guarded(info.Env(), [&] { cache_->release(seq(info), stream); });
+    std::vector<std::optional<uint64_t>> streams;
+    if (info.Length() > 2 && info[2].IsArray()) {
+      Napi::Array a = info[2].As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i) {
+        Napi::Value v = a.Get(i);
+        streams.push_back(v.IsBigInt() ? std::optional<uint64_t>(u64(v)) : std::nullopt);
+      }
+    }
+    guarded(info.Env(), [&] { cache_->release(seq(info), streams); });
+  }
+
+  // The device index (0 ..< devices) of a per-device call.
+  size_t deviceArg(const Napi::CallbackInfo& info, size_t at) {
+    size_t d = info.Length() > at && info[at].IsNumber() ? u32(info[at]) : 0;
+    if (d >= cache_->deviceCount()) {
+      Napi::Error err = Napi::Error::New(info.Env(), "device index " + std::to_string(d) + " is past the cache's " +
+                                                         std::to_string(cache_->deviceCount()) + " devices");
+      err.Set("code", "ERR_INVALID_ARGUMENT");
+      throw err;
+    }
+    return d;
   }
 
   Napi::Value Reclaim(const Napi::CallbackInfo& info) {
@@ -251,19 +276,21 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return num(info.Env(), guarded(info.Env(), [&] { return cache_->trim(); }));
   }
 
-  // write(slot, gen, layer, kind, token, Uint8Array)
+  // write(slot, gen, layer, kind, token, Uint8Array, device)
   void Write(const Napi::CallbackInfo& info) {
     Napi::Uint8Array data = info[5].As<Napi::Uint8Array>();
+    size_t d = deviceArg(info, 6);
     guarded(info.Env(), [&] {
-      cache_->write(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), data.Data(),
+      cache_->shard(d).write(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), data.Data(),
                     data.ByteLength());
     });
   }
 
   void Read(const Napi::CallbackInfo& info) {
     Napi::Uint8Array out = info[5].As<Napi::Uint8Array>();
+    size_t d = deviceArg(info, 6);
     guarded(info.Env(), [&] {
-      cache_->read(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), out.Data(),
+      cache_->shard(d).read(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), out.Data(),
                    out.ByteLength());
     });
   }
@@ -277,9 +304,11 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return num(info.Env(), guarded(info.Env(), [&] { return cache_->obtainableBytes(withLookAhead); }));
   }
 
+  // stats(device): that device's figures (the TypeScript side adds them up).
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    CacheStats st = guarded(env, [&] { return cache_->stats(); });
+    size_t d = deviceArg(info, 0);
+    CacheStats st = guarded(env, [&] { return cache_->shard(d).stats(); });
     Napi::Object o = Napi::Object::New(env);
     o.Set("backend", st.backend);
     o.Set("pageSize", num(env, st.pageSize));
@@ -354,8 +383,16 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     const KVLayout& l = cache_->layout();
     const ModelShape& shape = l.shape();
     Napi::Object o = Napi::Object::New(env);
-    const CacheDescription& d = cache_->description();
+    const CacheDescription& d = cache_->shard(0).description();
     o.Set("base", big(env, d.base));
+    Napi::Array bases = Napi::Array::New(env, cache_->deviceCount());
+    Napi::Array ordinals = Napi::Array::New(env, cache_->deviceCount());
+    for (uint32_t i = 0; i < cache_->deviceCount(); ++i) {
+      bases.Set(i, big(env, cache_->shard(i).description().base));
+      ordinals.Set(i, cache_->deviceOrdinal(i));
+    }
+    o.Set("bases", bases);
+    o.Set("devices", ordinals);
     o.Set("pageSize", num(env, d.pageSize));
     o.Set("granularity", num(env, d.granularity));
     o.Set("backend", d.backend);
@@ -393,13 +430,14 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return why.empty() ? info.Env().Null() : Napi::String::New(info.Env(), why);
   }
 
-  // Test-only: injectFault(op name, nth call from now, kind, delayMs)
+  // Test-only: injectFault(op name, nth call from now, kind, delayMs, device)
   void InjectFault(const Napi::CallbackInfo& info) {
     Fault fault = faultFrom(info, 0);
-    guarded(info.Env(), [&] { cache_->armFault(fault); });
+    size_t d = deviceArg(info, 4);
+    guarded(info.Env(), [&] { cache_->shard(d).armFault(fault); });
   }
 
-  std::shared_ptr<KVCache> cache_;  // shared with GrowTasks in flight
+  std::shared_ptr<ShardedCache> cache_;  // shared with GrowTasks in flight
   std::vector<GrowRequest> batch_;  // reused by step() to avoid an allocation per call
   AddonData* data_ = nullptr;
 };

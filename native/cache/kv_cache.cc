@@ -101,6 +101,10 @@ SequenceRef KVCache::reserve(std::optional<uint64_t> expectedTokens) {
     sweepDropPending(true, true);
     index = placeSequence(core_->slots, groups);
   }
+  return occupy(index);
+}
+
+SequenceRef KVCache::occupy(uint32_t index) {
   Slot& s = core_->slots[index];
   s.fences.pending(core_->backend());  // drops the fences that have passed
   s.state = SlotState::Active;
@@ -109,6 +113,53 @@ SequenceRef KVCache::reserve(std::optional<uint64_t> expectedTokens) {
   s.prefetchTarget = 0;
   reusedPages_ += s.pages.size();
   return {index, s.generation};
+}
+
+SequenceRef KVCache::reserveAt(uint32_t index) {
+  Lock lk(core_->lock);
+  checkOpen();
+  if (index >= core_->slots.size())
+    fail(ErrorCode::InvalidArgument, "slot " + std::to_string(index) + " does not exist");
+  auto placeable = [&] {
+    const Slot& s = core_->slots[index];
+    return !s.active() && !s.dropPending && s.extending != Extending::Copying;
+  };
+  if (!placeable()) {
+    sweepDropPending(true, true);  // a released sharer's mappings still to drop
+    if (!placeable())
+      fail(ErrorCode::NoSlot, "slot " + std::to_string(index) + " is not free on this device");
+  }
+  return occupy(index);
+}
+
+std::vector<KVCache::GrowthMark> KVCache::markGrowth(const std::vector<GrowRequest>& batch) {
+  Lock lk(core_->lock);
+  std::vector<GrowthMark> marks;
+  marks.reserve(batch.size());
+  for (const GrowRequest& r : batch) {
+    const Slot& s = activeSlot(r.seq);
+    marks.push_back({r.seq, s.tokens, core_->groupsOf(s)});
+  }
+  return marks;
+}
+
+void KVCache::undoGrowth(const std::vector<GrowthMark>& marks, bool unmapGrown) noexcept {
+  Lock lk(core_->lock);
+  if (core_->closed) return;
+  for (const GrowthMark& m : marks) {
+    Slot& s = core_->slots[m.seq.slot];
+    if (!s.active() || s.generation != m.seq.generation) continue;
+    s.tokens = std::min(s.tokens, m.tokens);
+    s.prefetchTarget = std::min(s.prefetchTarget, m.tokens);
+    if (unmapGrown && !s.extendingNow() && core_->groupsOf(s) > m.groups) mapper_->shrinkSlot(m.seq.slot, m.groups);
+  }
+  core_->changed.notify_all();
+}
+
+void KVCache::recordFence(SequenceRef seq, uint64_t stream) {
+  Lock lk(core_->lock);
+  Slot& s = activeSlot(seq);
+  if (!s.pages.empty()) s.fences.record(core_->backend(), stream);
 }
 
 // ---- growth: one transaction for grow and step on the caller's thread, and

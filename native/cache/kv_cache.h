@@ -177,6 +177,27 @@ class KVCache {
   void suspend(bool keepHost);
   void resume();
 
+  // ---- for a cache over several devices (sharded_cache.h): one KVCache per
+  // device, every decision made once and applied to each.
+  //
+  // reserve() into the given slot (the one the first device placed the
+  // sequence in); ERR_NO_SLOT when that slot is not free here.
+  SequenceRef reserveAt(uint32_t slot);
+  // The tokens and mapped page groups of each entry before a growth, and the
+  // undo: each entry back to its tokens and, with unmapGrown, its mapped
+  // groups beyond the mark unmapped (pages idle in the pool again) unless the
+  // worker is mapping that slot now. Entries released meanwhile are left.
+  struct GrowthMark {
+    SequenceRef seq;
+    uint64_t tokens = 0;
+    size_t groups = 0;
+  };
+  std::vector<GrowthMark> markGrowth(const std::vector<GrowRequest>& batch);
+  void undoGrowth(const std::vector<GrowthMark>& marks, bool unmapGrown) noexcept;
+  // The fence of release(seq, stream) on its own: recorded on every device
+  // before any device releases, so a failure leaves the sequence everywhere.
+  void recordFence(SequenceRef seq, uint64_t stream);
+
   uint64_t reclaim(uint64_t bytes);
   uint64_t trim();
   void write(SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data, uint64_t bytes);
@@ -208,6 +229,7 @@ class KVCache {
  private:
   void checkOpen() const;
   void checkNotSuspended() const;
+  SequenceRef occupy(uint32_t index);
   struct SwappedSequence {
     HostBlocks host;
     uint64_t tokens = 0;

@@ -136,6 +136,22 @@ void PageMapper::mapGroups(uint32_t slotIndex, Slot& s, size_t toGroups, const s
 
 // Rolls a slot back to its first `keepPages` pages. A page whose unmap fails
 // stays mapped; the caller's returnPages strands it.
+void PageMapper::shrinkSlot(uint32_t slot, size_t groups) noexcept {
+  Slot& s = core_.slots[slot];
+  PagePool& pool = core_.pool();
+  size_t keep = groups * core_.layout->pagesPerGroup();
+  while (s.pages.size() > keep) {
+    PageId id = s.pages.back();
+    try {
+      pool.unmap(id);
+      pool.putIdle(id);
+    } catch (...) {
+      pool.strand(id);  // retried before the next mapping
+    }
+    s.pages.pop_back();
+  }
+}
+
 void PageMapper::unmapGroupsFrom(Slot& s, size_t keepPages) {
   while (s.pages.size() > keepPages) {
     try {

@@ -107,6 +107,11 @@ class PageMapper {
     returnPages(pages, createdNow);
   }
 
+  // On the lock: unmaps the slot's groups past the first `groups` (pages go
+  // idle, or stranded where an unmap fails): the undo of a growth that
+  // another device could not match. The slot must not be extending.
+  void shrinkSlot(uint32_t slot, size_t groups) noexcept;
+
   // Unmaps stranded pages again before anything is mapped (cheap when none).
   void retryStranded();
 

@@ -38,6 +38,8 @@ class Error : public std::runtime_error {
   // Figures for out-of-memory errors (bytes).
   uint64_t requestedBytes = 0;
   uint64_t availableBytes = 0;
+  // The device the error happened on, in a cache over several devices; -1 otherwise.
+  int device = -1;
 
  private:
   ErrorCode code_;

@@ -1,0 +1,322 @@
+#include "cache/sharded_cache.h"
+
+#include <algorithm>
+#include <string>
+#include <system_error>
+#include <thread>
+
+#include "common/errors.h"
+
+namespace vat {
+
+namespace {
+
+// The error of device `ordinal`, saying so (the code and figures kept).
+std::exception_ptr onDevice(std::exception_ptr error, int ordinal) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const Error& e) {
+    Error named(e.code(), "device " + std::to_string(ordinal) + ": " + e.what());
+    named.status = e.status;
+    named.statusName = e.statusName;
+    named.requestedBytes = e.requestedBytes;
+    named.availableBytes = e.availableBytes;
+    named.device = ordinal;
+    return std::make_exception_ptr(named);
+  } catch (...) {
+    return std::current_exception();
+  }
+}
+
+}  // namespace
+
+ShardedCache::ShardedCache(const CacheOptions& options, const std::vector<int>& devices,
+                           const std::vector<uint64_t>& budgets)
+    : ordinals_(devices) {
+  if (devices.empty()) fail(ErrorCode::InvalidArgument, "options.devices: at least one device");
+  if (budgets.size() != devices.size())
+    fail(ErrorCode::InvalidArgument, "a memory budget per device: " + std::to_string(budgets.size()) + " for " +
+                                         std::to_string(devices.size()) + " devices");
+  uint32_t n = static_cast<uint32_t>(devices.size());
+  if (options.shape.kvHeads % n != 0)
+    fail(ErrorCode::InvalidArgument, "options.kvHeads (" + std::to_string(options.shape.kvHeads) +
+                                         ") must divide evenly over the " + std::to_string(n) + " devices");
+  // Built in order, torn down in reverse (the members' destructors) if one fails.
+  shards_.reserve(n);
+  for (uint32_t d = 0; d < n; ++d) {
+    CacheOptions shard = options;
+    shard.shape.kvHeads = options.shape.kvHeads / n;
+    shard.device = devices[d];
+    shard.memoryBudget = budgets[d];
+    // Host memory (swap, suspend with keep: 'host') is one budget for the cache.
+    shard.hostMemoryBudget = options.hostMemoryBudget / n;
+    shard.hostMemoryPrefill = options.hostMemoryPrefill / n;
+    try {
+      shards_.push_back(std::make_unique<KVCache>(shard));
+    } catch (...) {
+      std::exception_ptr error = n > 1 ? onDevice(std::current_exception(), devices[d]) : std::current_exception();
+      for (auto it = shards_.rbegin(); it != shards_.rend(); ++it) (*it)->close();
+      std::rethrow_exception(error);
+    }
+  }
+}
+
+ShardedCache::~ShardedCache() { close(); }
+
+// Each device's part at once: the first on this thread, the others on threads
+// of their own, so mapping on two GPUs takes about as long as on one. A
+// thread that cannot start runs its part here instead.
+std::vector<std::exception_ptr> ShardedCache::onEachDevice(const std::vector<size_t>& devices,
+                                                           const std::function<void(size_t)>& fn) {
+  std::vector<std::exception_ptr> errors(shards_.size());
+  auto run = [&](size_t d) {
+    try {
+      fn(d);
+    } catch (...) {
+      errors[d] = shards_.size() > 1 ? onDevice(std::current_exception(), ordinals_[d]) : std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  std::vector<size_t> inline_;
+  for (size_t i = 1; i < devices.size(); ++i) {
+    try {
+      threads.emplace_back(run, devices[i]);
+    } catch (const std::system_error&) {
+      inline_.push_back(devices[i]);
+    }
+  }
+  if (!devices.empty()) run(devices[0]);
+  for (size_t d : inline_) run(d);
+  for (std::thread& t : threads) t.join();
+  return errors;
+}
+
+void ShardedCache::rethrowFirst(const std::vector<std::exception_ptr>& errors) {
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+  fail(ErrorCode::Internal, "rethrowFirst without an error");
+}
+
+void ShardedCache::requireOneDevice(const char* what) const {
+  if (shards_.size() > 1)
+    fail(ErrorCode::InvalidArgument,
+         std::string(what) + " is not available on a cache over several devices (yet): use one device per cache for it");
+}
+
+SequenceRef ShardedCache::reserve(std::optional<uint64_t> expectedTokens) {
+  if (shards_.size() == 1) return shards_[0]->reserve(expectedTokens);
+  std::lock_guard<std::mutex> hold(placement_);
+  SequenceRef first = shards_[0]->reserve(expectedTokens);
+  for (size_t d = 1; d < shards_.size(); ++d) {
+    try {
+      SequenceRef r = shards_[d]->reserveAt(first.slot);
+      if (r.generation != first.generation)
+        fail(ErrorCode::Internal, "slot " + std::to_string(first.slot) + " is at generation " +
+                                      std::to_string(r.generation) + " on this device and " +
+                                      std::to_string(first.generation) + " on the first");
+    } catch (...) {
+      std::exception_ptr error = onDevice(std::current_exception(), ordinals_[d]);
+      for (size_t u = d + 1; u-- > 0;) {
+        try {
+          shards_[u]->release({first.slot, first.generation}, std::nullopt);
+        } catch (...) {
+        }
+      }
+      std::rethrow_exception(error);
+    }
+  }
+  return first;
+}
+
+uint64_t ShardedCache::grow(SequenceRef seq, uint64_t tokens) {
+  if (shards_.size() == 1) return shards_[0]->grow(seq, tokens);
+  std::vector<GrowRequest> one{{seq, tokens}};
+  std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
+  for (size_t d = 0; d < shards_.size(); ++d) marks[d] = shards_[d]->markGrowth(one);
+  std::vector<size_t> all(shards_.size());
+  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
+  std::vector<uint64_t> reclaimed(shards_.size(), 0);
+  auto errors = onEachDevice(all, [&](size_t d) { reclaimed[d] = shards_[d]->grow(seq, tokens); });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (failed) {
+    for (size_t d = 0; d < shards_.size(); ++d)
+      if (!errors[d]) shards_[d]->undoGrowth(marks[d], true);
+    rethrowFirst(errors);
+  }
+  uint64_t total = 0;
+  for (uint64_t r : reclaimed) total += r;
+  return total;
+}
+
+bool ShardedCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
+  if (shards_.size() == 1) return shards_[0]->stepIfBacked(batch);
+  // Marks only when a later device is not backed (rare): the first device
+  // that is not backed is unchanged, so its tokens are everyone's "before".
+  for (size_t d = 0; d < shards_.size(); ++d) {
+    if (shards_[d]->stepIfBacked(batch)) continue;
+    std::vector<KVCache::GrowthMark> before = shards_[d]->markGrowth(batch);
+    for (size_t u = 0; u < d; ++u) shards_[u]->undoGrowth(before, false);
+    return false;
+  }
+  return true;
+}
+
+// The steady state costs what one device's step costs per device: each one's
+// stepIfBacked, on this thread, no driver call. When some device is short,
+// those devices step at once (their mapping in parallel); any failure undoes
+// every device.
+uint64_t ShardedCache::step(const std::vector<GrowRequest>& batch) {
+  if (shards_.size() == 1) return shards_[0]->step(batch);
+  size_t backed = 0;
+  while (backed < shards_.size() && shards_[backed]->stepIfBacked(batch)) ++backed;
+  if (backed == shards_.size()) return 0;
+  std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
+  std::vector<size_t> rest;
+  for (size_t d = backed; d < shards_.size(); ++d) {
+    try {
+      marks[d] = shards_[d]->markGrowth(batch);
+    } catch (...) {
+      std::exception_ptr error = onDevice(std::current_exception(), ordinals_[d]);
+      if (d > backed) {
+        for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(marks[backed], false);
+      }
+      std::rethrow_exception(error);
+    }
+    rest.push_back(d);
+  }
+  std::vector<uint64_t> reclaimed(shards_.size(), 0);
+  auto errors = onEachDevice(rest, [&](size_t d) { reclaimed[d] = shards_[d]->step(batch); });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (failed) {
+    // marks[backed]: the tokens before this step (the first device that stepped here).
+    for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(marks[backed], false);
+    for (size_t d : rest)
+      if (!errors[d]) shards_[d]->undoGrowth(marks[d], true);
+    rethrowFirst(errors);
+  }
+  uint64_t total = 0;
+  for (uint64_t r : reclaimed) total += r;
+  return total;
+}
+
+void ShardedCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel) {
+  if (shards_.size() == 1) return shards_[0]->growDetached(seq, tokens, cancel);
+  std::vector<GrowRequest> one{{seq, tokens}};
+  std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
+  for (size_t d = 0; d < shards_.size(); ++d) marks[d] = shards_[d]->markGrowth(one);
+  std::vector<size_t> all(shards_.size());
+  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
+  auto errors = onEachDevice(all, [&](size_t d) { shards_[d]->growDetached(seq, tokens, cancel); });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (failed) {
+    for (size_t d = 0; d < shards_.size(); ++d)
+      if (!errors[d]) shards_[d]->undoGrowth(marks[d], true);
+    rethrowFirst(errors);
+  }
+}
+
+void ShardedCache::release(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams) {
+  if (streams.size() > shards_.size())
+    fail(ErrorCode::InvalidArgument, std::to_string(streams.size()) + " streams for " +
+                                         std::to_string(shards_.size()) + " devices");
+  auto streamOf = [&](size_t d) { return d < streams.size() ? streams[d] : std::nullopt; };
+  if (shards_.size() == 1) return shards_[0]->release(seq, streamOf(0));
+  std::lock_guard<std::mutex> hold(placement_);
+  for (size_t d = 0; d < shards_.size(); ++d) {
+    try {
+      if (streamOf(d)) shards_[d]->recordFence(seq, *streamOf(d));
+      else shards_[d]->tokens(seq);  // the same checks (open, live sequence) before anything changes
+    } catch (...) {
+      std::rethrow_exception(onDevice(std::current_exception(), ordinals_[d]));
+    }
+  }
+  // Fences recorded: release cannot fail now (the sequence was checked live
+  // on every device under the placement lock, which every release takes).
+  for (size_t d = 0; d < shards_.size(); ++d) shards_[d]->release(seq, std::nullopt);
+}
+
+SequenceRef ShardedCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
+  requireOneDevice("fork and reserve({ prefix })");
+  return shards_[0]->share(from, tokens, allowReleased, stream);
+}
+
+uint64_t ShardedCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) {
+  requireOneDevice("swapOut");
+  return shards_[0]->swapOut(seq, fenceStream);
+}
+
+SequenceRef ShardedCache::swapIn(uint64_t handle) {
+  requireOneDevice("swapIn");
+  return shards_[0]->swapIn(handle);
+}
+
+void ShardedCache::discardSwapped(uint64_t handle) {
+  requireOneDevice("discard");
+  shards_[0]->discardSwapped(handle);
+}
+
+void ShardedCache::suspend(bool keepHost) {
+  if (shards_.size() == 1) return shards_[0]->suspend(keepHost);
+  std::lock_guard<std::mutex> hold(placement_);
+  std::vector<size_t> all(shards_.size());
+  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
+  auto errors = onEachDevice(all, [&](size_t d) { shards_[d]->suspend(keepHost); });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (!failed) return;
+  for (size_t d = 0; d < shards_.size(); ++d) {
+    if (errors[d]) continue;
+    try {
+      shards_[d]->resume();
+    } catch (...) {
+      // That device stays suspended; resume() retries it.
+    }
+  }
+  rethrowFirst(errors);
+}
+
+void ShardedCache::resume() {
+  if (shards_.size() == 1) return shards_[0]->resume();
+  std::lock_guard<std::mutex> hold(placement_);
+  std::vector<size_t> all(shards_.size());
+  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
+  // A device not suspended (resumed by an earlier, partly failed call) is
+  // skipped; the others back their pages; the first failure is reported and
+  // resume() can be called again.
+  auto errors = onEachDevice(all, [&](size_t d) {
+    if (shards_[d]->stats().suspended) shards_[d]->resume();
+  });
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+uint64_t ShardedCache::reclaim(uint64_t bytes) {
+  uint64_t total = 0;
+  for (auto& s : shards_) total += s->reclaim(bytes);
+  return total;
+}
+
+uint64_t ShardedCache::trim() {
+  uint64_t total = 0;
+  for (auto& s : shards_) total += s->trim();
+  return total;
+}
+
+uint64_t ShardedCache::obtainableBytes(bool withLookAhead) {
+  uint64_t least = UINT64_MAX;
+  for (auto& s : shards_) least = std::min(least, s->obtainableBytes(withLookAhead));
+  return least == UINT64_MAX ? least : least * shards_.size();
+}
+
+void ShardedCache::close() {
+  for (auto it = shards_.rbegin(); it != shards_.rend(); ++it) (*it)->close();
+}
+
+std::string ShardedCache::workerError() {
+  for (size_t d = 0; d < shards_.size(); ++d) {
+    std::string why = shards_[d]->workerError();
+    if (!why.empty()) return shards_.size() > 1 ? "device " + std::to_string(ordinals_[d]) + ": " + why : why;
+  }
+  return "";
+}
+
+}  // namespace vat

@@ -1,0 +1,90 @@
+// A cache over the GPUs of a host (tensor parallelism): each device holds
+// kvHeads / devices of every layer's KV heads, in a KVCache of its own (its
+// virtual range, page pool, budget and prefetch worker). This class makes
+// every decision once and applies it to each device, so the shards never
+// fall out of step:
+//
+//   placement   the first device places a sequence; the others take the same
+//               slot (KVCache::reserveAt)
+//   growth      all or nothing across devices: each device grows (in
+//               parallel, one thread per device), and if any fails the others
+//               are undone (tokens back, the pages they mapped unmapped) and
+//               the error names the device
+//   release     fences recorded on every device first, then every device
+//               releases: the sequence is gone everywhere or nowhere
+//
+// With one device every call goes straight to its KVCache. The binding holds
+// one of these whatever the number of devices.
+#pragma once
+
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "cache/kv_cache.h"
+
+namespace vat {
+
+class ShardedCache {
+ public:
+  // `devices`: CUDA ordinals (or logical device numbers on the host backend);
+  // `budgets`: bytes per device (0 = that device's default). The options'
+  // kvHeads is the whole model's: each device gets kvHeads / devices.
+  ShardedCache(const CacheOptions& options, const std::vector<int>& devices, const std::vector<uint64_t>& budgets);
+  ~ShardedCache();
+  ShardedCache(const ShardedCache&) = delete;
+  ShardedCache& operator=(const ShardedCache&) = delete;
+
+  size_t deviceCount() const { return shards_.size(); }
+  int deviceOrdinal(size_t d) const { return ordinals_[d]; }
+  KVCache& shard(size_t d) { return *shards_[d]; }
+  const KVLayout& layout() const { return shards_[0]->layout(); }
+  uint32_t prefetchTokens() const { return shards_[0]->prefetchTokens(); }
+
+  SequenceRef reserve(std::optional<uint64_t> expectedTokens);
+  uint64_t grow(SequenceRef seq, uint64_t tokens);
+  uint64_t step(const std::vector<GrowRequest>& batch);
+  bool stepIfBacked(const std::vector<GrowRequest>& batch);
+  void growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel);
+  // `streams`: a fence per device (or none for a device: no fence there).
+  void release(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams);
+
+  // One device only for now (ERR_INVALID_ARGUMENT with several).
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream);
+  uint64_t swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream);
+  SequenceRef swapIn(uint64_t handle);
+  void discardSwapped(uint64_t handle);
+
+  // Every device, all or nothing (a device that suspended is resumed again
+  // when another fails; resume likewise).
+  void suspend(bool keepHost);
+  void resume();
+
+  // `bytes` on each device; returns the bytes freed on all of them.
+  uint64_t reclaim(uint64_t bytes);
+  uint64_t trim();
+  uint64_t tokens(SequenceRef seq) { return shards_[0]->tokens(seq); }
+  // What every device could give a growth, in bytes of the whole cache (all
+  // devices): devices × the smallest device's figure, so that dividing by the
+  // cache's bytes per token gives the tokens a growth could get.
+  uint64_t obtainableBytes(bool withLookAhead);
+  void close();
+  std::string workerError();
+
+ private:
+  std::vector<std::exception_ptr> onEachDevice(const std::vector<size_t>& devices, const std::function<void(size_t)>& fn);
+  [[noreturn]] void rethrowFirst(const std::vector<std::exception_ptr>& errors);
+  void requireOneDevice(const char* what) const;
+
+  std::vector<std::unique_ptr<KVCache>> shards_;
+  std::vector<int> ordinals_;
+  // Placement and release are decided once for every device: one at a time.
+  // Growth takes no lock here (each device's cache has its own); a step never
+  // waits on another thread's mapping.
+  std::mutex placement_;
+};
+
+}  // namespace vat
