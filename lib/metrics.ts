@@ -43,8 +43,24 @@ export interface MetricFamily {
   samples: [Record<string, string>, number][];
 }
 
-/** The metrics a cache exports, from one statistics snapshot. */
+/**
+ * The metrics a cache exports, from one statistics snapshot. A cache over
+ * several devices exports each device's figures with a `device` label (the
+ * CUDA ordinal), so that sums over the label are the cache's totals.
+ */
 export function metricFamilies(stats: CacheStats): MetricFamily[] {
+  const devices = stats.devices ?? [];
+  if (devices.length <= 1) return familiesOf(stats);
+  const perDevice = devices.map((d) => ({ device: String(d.device), families: familiesOf({ ...d, devices: [] }) }));
+  return perDevice[0]!.families.map((family, i) => ({
+    ...family,
+    samples: perDevice.flatMap(({ device, families }) =>
+      families[i]!.samples.map(([labels, value]): [Record<string, string>, number] => [{ ...labels, device }, value]),
+    ),
+  }));
+}
+
+function familiesOf(stats: CacheStats): MetricFamily[] {
   const families: MetricFamily[] = [];
   const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: [Record<string, string>, number][]) =>
     families.push({ name, type, help, samples });

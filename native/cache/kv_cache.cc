@@ -156,6 +156,16 @@ void KVCache::undoGrowth(const std::vector<GrowthMark>& marks, bool unmapGrown) 
   core_->changed.notify_all();
 }
 
+bool KVCache::couldBack(const std::vector<GrowRequest>& batch) {
+  Lock lk(core_->lock);
+  checkOpen();
+  for (const GrowRequest& r : batch) activeSlot(r.seq);
+  uint64_t missing = collectTargets(batch);
+  if (missing == 0) return true;
+  if (core_->suspended) return false;
+  return mapper_->obtainablePages(batchSlots_) >= missing;
+}
+
 void KVCache::recordFence(SequenceRef seq, uint64_t stream) {
   Lock lk(core_->lock);
   Slot& s = activeSlot(seq);

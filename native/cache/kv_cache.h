@@ -194,6 +194,11 @@ class KVCache {
   };
   std::vector<GrowthMark> markGrowth(const std::vector<GrowRequest>& batch);
   void undoGrowth(const std::vector<GrowthMark>& marks, bool unmapGrown) noexcept;
+  // Whether the pages the batch is missing could be had now (idle, within
+  // the budget, reclaimable): a device that cannot is asked first, so that
+  // its refusal costs the other devices nothing. A hint (other threads may
+  // change it); the growth itself decides.
+  bool couldBack(const std::vector<GrowRequest>& batch);
   // The fence of release(seq, stream) on its own: recorded on every device
   // before any device releases, so a failure leaves the sequence everywhere.
   void recordFence(SequenceRef seq, uint64_t stream);

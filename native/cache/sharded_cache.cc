@@ -128,24 +128,59 @@ SequenceRef ShardedCache::reserve(std::optional<uint64_t> expectedTokens) {
   return first;
 }
 
+std::vector<size_t> ShardedCache::allDevices() const {
+  std::vector<size_t> all(shards_.size());
+  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
+  return all;
+}
+
+uint64_t ShardedCache::growAll(std::vector<size_t> devices, const std::vector<GrowRequest>& batch,
+                               const std::vector<std::vector<KVCache::GrowthMark>>& marks,
+                               const std::function<uint64_t(size_t)>& grow, const std::function<void()>& undoOthers) {
+  uint64_t reclaimed = 0;
+  std::vector<size_t> grown;
+  auto undoGrown = [&] {
+    for (size_t d : grown) shards_[d]->undoGrowth(marks[d], true);
+    undoOthers();
+  };
+  for (auto it = devices.begin(); it != devices.end();) {
+    bool short_ = false;
+    try {
+      short_ = !shards_[*it]->couldBack(batch);
+      if (short_) reclaimed += grow(*it);
+    } catch (...) {
+      std::exception_ptr error = onDevice(std::current_exception(), ordinals_[*it]);
+      undoGrown();
+      std::rethrow_exception(error);
+    }
+    if (short_) {
+      grown.push_back(*it);
+      it = devices.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::vector<uint64_t> each(shards_.size(), 0);
+  auto errors = onEachDevice(devices, [&](size_t d) { each[d] = grow(d); });
+  bool failed = false;
+  for (size_t d : devices) {
+    if (errors[d]) failed = true;
+    else grown.push_back(d);
+  }
+  if (failed) {
+    undoGrown();
+    rethrowFirst(errors);
+  }
+  for (uint64_t r : each) reclaimed += r;
+  return reclaimed;
+}
+
 uint64_t ShardedCache::grow(SequenceRef seq, uint64_t tokens) {
   if (shards_.size() == 1) return shards_[0]->grow(seq, tokens);
   std::vector<GrowRequest> one{{seq, tokens}};
   std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
   for (size_t d = 0; d < shards_.size(); ++d) marks[d] = shards_[d]->markGrowth(one);
-  std::vector<size_t> all(shards_.size());
-  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
-  std::vector<uint64_t> reclaimed(shards_.size(), 0);
-  auto errors = onEachDevice(all, [&](size_t d) { reclaimed[d] = shards_[d]->grow(seq, tokens); });
-  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
-  if (failed) {
-    for (size_t d = 0; d < shards_.size(); ++d)
-      if (!errors[d]) shards_[d]->undoGrowth(marks[d], true);
-    rethrowFirst(errors);
-  }
-  uint64_t total = 0;
-  for (uint64_t r : reclaimed) total += r;
-  return total;
+  return growAll(allDevices(), one, marks, [&](size_t d) { return shards_[d]->grow(seq, tokens); }, [] {});
 }
 
 bool ShardedCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
@@ -170,33 +205,23 @@ uint64_t ShardedCache::step(const std::vector<GrowRequest>& batch) {
   size_t backed = 0;
   while (backed < shards_.size() && shards_[backed]->stepIfBacked(batch)) ++backed;
   if (backed == shards_.size()) return 0;
+  // marks[backed]: the tokens before this step (that device has not stepped).
   std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
+  auto undoBacked = [&] {
+    for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(marks[backed], false);
+  };
   std::vector<size_t> rest;
   for (size_t d = backed; d < shards_.size(); ++d) {
     try {
       marks[d] = shards_[d]->markGrowth(batch);
     } catch (...) {
       std::exception_ptr error = onDevice(std::current_exception(), ordinals_[d]);
-      if (d > backed) {
-        for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(marks[backed], false);
-      }
+      if (d > backed) undoBacked();
       std::rethrow_exception(error);
     }
     rest.push_back(d);
   }
-  std::vector<uint64_t> reclaimed(shards_.size(), 0);
-  auto errors = onEachDevice(rest, [&](size_t d) { reclaimed[d] = shards_[d]->step(batch); });
-  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
-  if (failed) {
-    // marks[backed]: the tokens before this step (the first device that stepped here).
-    for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(marks[backed], false);
-    for (size_t d : rest)
-      if (!errors[d]) shards_[d]->undoGrowth(marks[d], true);
-    rethrowFirst(errors);
-  }
-  uint64_t total = 0;
-  for (uint64_t r : reclaimed) total += r;
-  return total;
+  return growAll(rest, batch, marks, [&](size_t d) { return shards_[d]->step(batch); }, undoBacked);
 }
 
 void ShardedCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel) {
@@ -204,15 +229,10 @@ void ShardedCache::growDetached(SequenceRef seq, uint64_t tokens, const std::ato
   std::vector<GrowRequest> one{{seq, tokens}};
   std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
   for (size_t d = 0; d < shards_.size(); ++d) marks[d] = shards_[d]->markGrowth(one);
-  std::vector<size_t> all(shards_.size());
-  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
-  auto errors = onEachDevice(all, [&](size_t d) { shards_[d]->growDetached(seq, tokens, cancel); });
-  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
-  if (failed) {
-    for (size_t d = 0; d < shards_.size(); ++d)
-      if (!errors[d]) shards_[d]->undoGrowth(marks[d], true);
-    rethrowFirst(errors);
-  }
+  growAll(allDevices(), one, marks, [&](size_t d) {
+    shards_[d]->growDetached(seq, tokens, cancel);
+    return uint64_t{0};
+  }, [] {});
 }
 
 void ShardedCache::release(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams) {
@@ -258,9 +278,7 @@ void ShardedCache::discardSwapped(uint64_t handle) {
 void ShardedCache::suspend(bool keepHost) {
   if (shards_.size() == 1) return shards_[0]->suspend(keepHost);
   std::lock_guard<std::mutex> hold(placement_);
-  std::vector<size_t> all(shards_.size());
-  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
-  auto errors = onEachDevice(all, [&](size_t d) { shards_[d]->suspend(keepHost); });
+  auto errors = onEachDevice(allDevices(), [&](size_t d) { shards_[d]->suspend(keepHost); });
   bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
   if (!failed) return;
   for (size_t d = 0; d < shards_.size(); ++d) {
@@ -277,12 +295,10 @@ void ShardedCache::suspend(bool keepHost) {
 void ShardedCache::resume() {
   if (shards_.size() == 1) return shards_[0]->resume();
   std::lock_guard<std::mutex> hold(placement_);
-  std::vector<size_t> all(shards_.size());
-  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
   // A device not suspended (resumed by an earlier, partly failed call) is
   // skipped; the others back their pages; the first failure is reported and
   // resume() can be called again.
-  auto errors = onEachDevice(all, [&](size_t d) {
+  auto errors = onEachDevice(allDevices(), [&](size_t d) {
     if (shards_[d]->stats().suspended) shards_[d]->resume();
   });
   for (const std::exception_ptr& e : errors)

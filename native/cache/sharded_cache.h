@@ -78,6 +78,14 @@ class ShardedCache {
   std::vector<std::exception_ptr> onEachDevice(const std::vector<size_t>& devices, const std::function<void(size_t)>& fn);
   [[noreturn]] void rethrowFirst(const std::vector<std::exception_ptr>& errors);
   void requireOneDevice(const char* what) const;
+  // Grows `devices` (each with grow(d)), all or nothing: a device that could
+  // not back the batch goes first on its own (its refusal then changes
+  // nothing anywhere), the rest at once; on any failure every device that
+  // grew is undone to `marks`. Returns the pages reclaimed.
+  uint64_t growAll(std::vector<size_t> devices, const std::vector<GrowRequest>& batch,
+                   const std::vector<std::vector<KVCache::GrowthMark>>& marks,
+                   const std::function<uint64_t(size_t)>& grow, const std::function<void()>& undoOthers);
+  std::vector<size_t> allDevices() const;
 
   std::vector<std::unique_ptr<KVCache>> shards_;
   std::vector<int> ordinals_;

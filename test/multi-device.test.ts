@@ -1,0 +1,322 @@
+// One cache over several devices (tensor parallelism): every device holds
+// kvHeads / devices of each layer's heads; every decision is made once and
+// applied to all, all or nothing across devices. On the host backend the
+// devices are logical (a range, pool and worker each), so every behaviour
+// runs on CI; the cuda cases need two VMM-capable GPUs.
+import { afterEach, describe, expect, it } from 'vitest';
+import { driverInfo, KVCache, type KVCacheOptions, type Sequence } from '../lib/index.js';
+import { deviceMemory, fillU32, fillValue, injectNextCacheFault, liveResources, synchronizeStream } from '../lib/testing.js';
+import { backends, cudaSkip, pattern, stateOf } from './backends.js';
+
+function twoGpuSkipReason(): string | null {
+  if (cudaSkip) return cudaSkip;
+  const info = driverInfo();
+  const vmm = info.devices.filter((d) => d.vmmSupported);
+  if (vmm.length < 2) return `${vmm.length} VMM-capable CUDA device(s): these tests need 2`;
+  return null;
+}
+
+const cases = backends
+  .filter((b) => b.layoutName !== 'layer-groups:2')
+  .map((b) => ({
+    ...b,
+    skip: b.name === 'cuda' ? twoGpuSkipReason() : b.skip,
+    options: { ...b.options, devices: [0, 1], kvHeads: b.name === 'host' ? 2 : 8 } as KVCacheOptions,
+  }));
+
+const labelOf = (b: (typeof cases)[number]) =>
+  `${b.name} backend over 2 devices, ${b.layoutName} layout${b.skip ? ` (skipped: ${b.skip})` : ''}`;
+
+for (const b of cases) {
+  describe.skipIf(b.skip !== null)(`several devices, ${labelOf(b)}`, () => {
+    const open: KVCache[] = [];
+    afterEach(() => {
+      for (const c of open.splice(0)) c.close();
+      expect(liveResources()).toEqual({ ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 });
+    });
+    const make = (extra: Partial<KVCacheOptions> = {}) => {
+      const c = new KVCache({ ...b.options, prefetchTokens: 0, ...extra });
+      open.push(c);
+      return c;
+    };
+    /** Tokens one page group holds (the same on every device). */
+    const perGroup = (c: KVCache) => c.layout.tokensPerPageGroup;
+    /** Each device's slots: what must be identical everywhere. */
+    const slotsOf = (c: KVCache) => c.stats().devices.map((d) => d.slots.map((s) => ({ active: s.active, tokens: s.tokens })));
+    const mappedOf = (c: KVCache) =>
+      c.stats().devices.map((d) => ({ bytesBacked: d.bytesBacked, bytesUsed: d.bytesUsed, slots: d.slots, activeSequences: d.activeSequences }));
+
+    it('splits the heads: each device has its own range, kvHeads / devices heads a token, and the totals add up', () => {
+      const c = make();
+      expect(c.devices).toEqual([0, 1]);
+      const t0 = c.tensor(0, 'k', { device: 0 });
+      const t1 = c.tensor(0, 'k', { device: 1 });
+      expect(t0.shape[2]).toBe(b.options.kvHeads / 2);
+      expect(t1.shape).toEqual(t0.shape);
+      expect(t1.address).not.toBe(t0.address);
+      expect(c.tensor(0, 'k').address).toBe(t0.address); // the first device by default
+      expect(c.tokenBytes).toBe((b.options.kvHeads / 2) * b.options.headDim * 2);
+      expect(c.bytesPerToken).toBe(2 * b.options.layers * b.options.kvHeads * b.options.headDim * 2);
+      const s = c.reserve();
+      c.grow(s, perGroup(c) + 1);
+      const st = c.stats();
+      expect(st.devices.map((d) => d.device)).toEqual([0, 1]);
+      expect(st.bytesBacked).toBe(st.devices[0]!.bytesBacked + st.devices[1]!.bytesBacked);
+      expect(st.bytesUsed).toBe((perGroup(c) + 1) * c.bytesPerToken);
+      expect(st.activeSequences).toBe(1);
+      expect(st.budgetBytes).toBe(st.devices[0]!.budgetBytes * 2);
+      expect(s.address(1, 'v', { device: 1 })).toBe(c.tensor(1, 'v', { device: 1 }).address + BigInt(s.slot) * BigInt(c.tensor(1, 'v').strideBytes[0]));
+    });
+
+    it('makes the same decisions on every device: slots, tokens, releases, reuse', () => {
+      const c = make({ prefetchTokens: 8 });
+      const live: Sequence[] = [];
+      let x = 12345;
+      const rnd = (n: number) => {
+        x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+        return x % n;
+      };
+      for (let i = 0; i < 200; i++) {
+        const op = rnd(4);
+        try {
+          if (op === 0 && live.length < b.options.maxSequences) live.push(c.reserve({ expectedTokens: rnd(50) }));
+          else if (op === 1 && live.length) {
+            const s = live[rnd(live.length)]!;
+            c.grow(s, Math.min(b.options.maxTokens, s.tokens + rnd(3 * perGroup(c))));
+          } else if (op === 2 && live.length) c.step(live, live.map((s) => Math.min(b.options.maxTokens, s.tokens + 1)));
+          else if (op === 3 && live.length) c.release(live.splice(rnd(live.length), 1)[0]!);
+        } catch (e) {
+          expect((e as { code: string }).code).toBe('ERR_OUT_OF_MEMORY'); // a full budget is the only expected refusal
+        }
+        const [d0, d1] = slotsOf(c);
+        expect(d1).toEqual(d0);
+        for (const d of c.stats().devices) for (const s of d.slots) expect(s.backedTokens).toBeGreaterThanOrEqual(s.tokens);
+      }
+    });
+
+    it('keeps each shard its own bytes: write and read per device', () => {
+      const c = make();
+      const s = c.reserve();
+      c.grow(s, 2 * perGroup(c) + 3);
+      const n = 2 * perGroup(c) + 3;
+      const a = pattern(n * c.tokenBytes, 1);
+      const z = pattern(n * c.tokenBytes, 2);
+      c.write(s, { layer: 1, kind: 'v', token: 0 }, a);
+      c.write(s, { layer: 1, kind: 'v', token: 0, device: 1 }, z);
+      expect(Buffer.from(c.read(s, { layer: 1, kind: 'v', token: 0, count: n })).equals(Buffer.from(a))).toBe(true);
+      expect(Buffer.from(c.read(s, { layer: 1, kind: 'v', token: 0, count: n, device: 1 })).equals(Buffer.from(z))).toBe(true);
+    });
+
+    it('refuses bad multi-device input with ERR_INVALID_ARGUMENT and changes nothing', () => {
+      const bad = (o: Partial<KVCacheOptions> | Record<string, unknown>, match: RegExp) =>
+        expect(() => new KVCache({ ...b.options, ...o } as KVCacheOptions)).toThrow(
+          expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(match) }),
+        );
+      bad({ kvHeads: 3 }, /divide evenly over the 2 devices/);
+      bad({ devices: [0, 0] }, /twice/);
+      bad({ devices: [] }, /1 to 16/);
+      bad({ devices: 1 }, /array/);
+      bad({ devices: [0, 1], device: 1 }, /conflicts/);
+      bad({ memoryBudget: [1 << 20] }, /one entry per device/);
+      bad({ memoryBudget: [1 << 20, -1] }, /memoryBudget\[1\]/);
+      const c = make();
+      const s = c.reserve();
+      c.grow(s, 3);
+      const before = stateOf(c);
+      const code = expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' });
+      expect(() => c.release(s, { stream: 0n })).toThrow(code);
+      expect(() => c.release(s, { streams: [0n] })).toThrow(code);
+      expect(() => c.release(s, { streams: [0n, 'x' as unknown as bigint] })).toThrow(code);
+      expect(() => c.release(s, { stream: 0n, streams: [0n, 0n] })).toThrow(code);
+      expect(() => c.tensor(0, 'k', { device: 2 })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/not one of the cache's devices/) }));
+      expect(() => c.read(s, { layer: 0, kind: 'k', token: 0, count: 1, device: 7 })).toThrow(code);
+      expect(() => c.write(s, { layer: 0, kind: 'k', token: 0, device: -1 }, new Uint8Array(c.tokenBytes))).toThrow(code);
+      expect(() => c.fork(s)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/several devices/) }));
+      expect(() => c.reserve({ prefix: { from: s, tokens: 1 } })).toThrow(code);
+      expect(s.released).toBe(false);
+      expect(stateOf(c)).toEqual(before);
+    });
+
+    it('all or nothing across devices: a budget only device 1 lacks refuses the growth there and changes nothing anywhere', () => {
+      const group = (pages: number) => pages * (b.name === 'host' ? 4096 : 2 << 20);
+      // device 0 holds a whole sequence, device 1 two page groups of it
+      const c = make({ memoryBudget: [Number(b.options.memoryBudget), group(2 * (b.layoutName === 'per-layer' ? 2 * b.options.layers : 2))] });
+      const s = c.reserve();
+      c.grow(s, 1);
+      const before = stateOf(c);
+      let error: any;
+      try {
+        c.grow(s, 2 * perGroup(c) + 1); // three page groups
+      } catch (e) {
+        error = e;
+      }
+      expect(error?.code).toBe('ERR_OUT_OF_MEMORY');
+      expect(error.device).toBe(1);
+      expect(error.message).toMatch(/^device 1: /);
+      expect(stateOf(c)).toEqual(before); // device 0 did not even start: nothing created, nothing mapped
+      c.grow(s, perGroup(c) + 1); // what both can back still works
+      expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+    });
+
+    for (const op of ['createPage', 'map', 'setAccess'] as const) {
+      it(`all or nothing across devices: ${op} failing on device 1 only undoes device 0 (grow, step, growAsync)`, async () => {
+        const c = make();
+        const a = c.reserve();
+        const z = c.reserve();
+        c.grow(a, 2);
+        c.grow(z, 3);
+        const data = pattern(2 * c.tokenBytes, 9);
+        c.write(a, { layer: 0, kind: 'k', token: 0 }, data);
+        const before = mappedOf(c);
+        const fail = async (run: () => unknown) => {
+          c._injectFault(op, 0, false, 0, 1);
+          let error: any;
+          try {
+            await run();
+          } catch (e) {
+            error = e;
+          }
+          expect(error?.code).toBe(b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS');
+          expect(error.device).toBe(1);
+          expect(mappedOf(c)).toEqual(before); // device 0's new pages went back to its pool
+          expect(Buffer.from(c.read(a, { layer: 0, kind: 'k', token: 0, count: 2 })).equals(Buffer.from(data))).toBe(true);
+        };
+        await fail(() => c.grow(a, 3 * perGroup(c)));
+        await fail(() => c.step([a, z], [2 * perGroup(c), 3 * perGroup(c)]));
+        await fail(() => c.growAsync(a, 3 * perGroup(c)));
+        await fail(() => c.stepAsync([a, z], [2 * perGroup(c), 3 * perGroup(c)]));
+        // and everything works afterwards, on both devices
+        c.step([a, z], [2 * perGroup(c), 3 * perGroup(c)]);
+        expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+        expect(c.stats().devices.every((d) => d.slots[a.slot]!.backedTokens >= 2 * perGroup(c))).toBe(true);
+      });
+    }
+
+    it('a step whose batch is backed on device 0 but not on device 1 maps device 1 alone, or undoes device 0 when it cannot', () => {
+      const c = make();
+      const s = c.reserve();
+      c.grow(s, 1);
+      // Device 0 maps ahead of device 1: a growth that only device 0 commits (device 1 fails).
+      c._injectFault('map', 0, false, 0, 1);
+      expect(() => c.grow(s, perGroup(c) + 1)).toThrow();
+      const st = c.stats();
+      expect(st.devices[0]!.slots[s.slot]!.backedTokens).toBe(st.devices[1]!.slots[s.slot]!.backedTokens);
+      // the undo unmapped device 0's group: step into it needs both devices again
+      c._injectFault('map', 0, false, 0, 1);
+      expect(() => c.step([s], [perGroup(c) + 1])).toThrow(expect.objectContaining({ device: 1 }));
+      expect(s.tokens).toBe(1);
+      expect(slotsOf(c)[0]![s.slot]!.tokens).toBe(1);
+      expect(slotsOf(c)[1]![s.slot]!.tokens).toBe(1);
+      c.step([s], [perGroup(c) + 1]);
+      expect(s.tokens).toBe(perGroup(c) + 1);
+    });
+
+    it('release fences every device before releasing any: a fence that fails leaves the sequence on both', () => {
+      const c = make();
+      const s = c.reserve();
+      c.grow(s, 3);
+      const before = stateOf(c);
+      c._injectFault('fence', 0, false, 0, 1);
+      expect(() => c.release(s, { streams: [0n, 0n] })).toThrow(expect.objectContaining({ device: 1 }));
+      expect(s.released).toBe(false);
+      expect(slotsOf(c)[0]![s.slot]!.active).toBe(true);
+      expect(slotsOf(c)[1]![s.slot]!.active).toBe(true);
+      expect(s.tokens).toBe(3);
+      c.release(s, { streams: [0n, undefined] });
+      expect(slotsOf(c).every((d) => !d[s.slot]!.active)).toBe(true);
+      expect(before.activeSequences).toBe(1);
+      expect(c.stats().activeSequences).toBe(0);
+    });
+
+    it('steady decode with prefetch makes no driver call on the JS thread on any device', async () => {
+      const c = make({ prefetchTokens: 16 });
+      const seqs = [c.reserve(), c.reserve()];
+      // start 20 tokens before a page-group boundary, so the measured steps cross one
+      for (const s of seqs) c.grow(s, Math.max(1, perGroup(c) - 20));
+      const stepOnce = async (pause: number) => {
+        c.step(seqs, seqs.map((s) => s.tokens + 1));
+        await new Promise((r) => setTimeout(r, pause)); // the "GPU" computes; both workers map meanwhile
+      };
+      for (let t = 0; t < 5; t++) await stepOnce(20);
+      const before = c.stats().devices.map((d) => d.driverCallsOnJsThread);
+      for (let t = 0; t < 40; t++) await stepOnce(5);
+      expect(c.stats().devices.map((d) => d.driverCallsOnJsThread)).toEqual(before);
+      expect(c.stats().devices.every((d) => d.prefetch.pagesAhead > 0)).toBe(true);
+    });
+
+    it('close while a growth is pending on device 1 settles it and frees both devices', async () => {
+      const c = make();
+      const s = c.reserve();
+      c._injectFault('map', 0, 'delay', 200, 1);
+      const pending = c.growAsync(s, 3 * perGroup(c)).then(
+        () => 'grown',
+        (e) => (e as { code: string }).code,
+      );
+      await new Promise((r) => setTimeout(r, 20));
+      c.close();
+      expect(['grown', 'ERR_CLOSED', 'ERR_ABORTED']).toContain(await pending);
+      expect(() => c.stats()).toThrow(expect.objectContaining({ code: 'ERR_CLOSED' }));
+    });
+
+    it('suspend and resume act on every device and keep each shard its bytes', async () => {
+      const c = make({ hostMemoryBudget: 1 << 24 });
+      const s = c.reserve();
+      const n = perGroup(c) + 2;
+      c.grow(s, n);
+      const a = pattern(n * c.tokenBytes, 4);
+      const z = pattern(n * c.tokenBytes, 5);
+      c.write(s, { layer: 0, kind: 'k', token: 0 }, a);
+      c.write(s, { layer: 0, kind: 'k', token: 0, device: 1 }, z);
+      await c.suspend({ keep: 'host' });
+      expect(c.suspended).toBe(true);
+      expect(c.stats().devices.every((d) => d.suspended && d.bytesBacked === 0)).toBe(true);
+      expect(() => c.grow(s, n + 1)).toThrow(expect.objectContaining({ code: 'ERR_SUSPENDED' }));
+      await c.resume();
+      expect(c.suspended).toBe(false);
+      expect(Buffer.from(c.read(s, { layer: 0, kind: 'k', token: 0, count: n })).equals(Buffer.from(a))).toBe(true);
+      expect(Buffer.from(c.read(s, { layer: 0, kind: 'k', token: 0, count: n, device: 1 })).equals(Buffer.from(z))).toBe(true);
+      await expect(c.swapOut(s)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+    });
+
+    it('metrics carry a device label per device', () => {
+      const c = make();
+      const s = c.reserve();
+      c.grow(s, 5);
+      const text = c.metrics();
+      expect(text).toMatch(/vattention_backed_bytes\{[^}]*device="0"[^}]*\} \d+/);
+      expect(text).toMatch(/vattention_backed_bytes\{[^}]*device="1"[^}]*\} \d+/);
+    });
+
+    describe.skipIf(b.name !== 'cuda')(`on the GPUs${b.name !== 'cuda' ? ' (skipped: the host backend has no kernels)' : ''}`, () => {
+      it('a kernel on each device writes through its shard and the bytes read back match', () => {
+        const c = make();
+        const s = c.reserve();
+        const n = 2 * perGroup(c) + 5;
+        c.grow(s, n);
+        const words = (n * c.tokenBytes) / 4;
+        for (const device of [0, 1]) {
+          for (let layer = 0; layer < b.options.layers; layer++) fillU32(s.address(layer, 'k', { device }), words, 10 * device + layer, { device });
+          synchronizeStream(0n, device);
+        }
+        for (const device of [0, 1])
+          for (let layer = 0; layer < b.options.layers; layer++) {
+            const got = new Uint32Array(c.read(s, { layer, kind: 'k', token: 0, count: n, device }).buffer);
+            expect(got.every((v, i) => v === fillValue(i, 10 * device + layer))).toBe(true);
+          }
+      });
+
+      it('free memory is back to its baseline on both devices after close()', () => {
+        const base = [deviceMemory(0).freeBytes, deviceMemory(1).freeBytes];
+        const c = make({ memoryBudget: 64 << 20 });
+        const s = c.reserve();
+        c.grow(s, b.options.maxTokens);
+        const during = [deviceMemory(0).freeBytes, deviceMemory(1).freeBytes];
+        expect(during[0]).toBeLessThan(base[0]!);
+        expect(during[1]).toBeLessThan(base[1]!);
+        c.close();
+        const after = [deviceMemory(0).freeBytes, deviceMemory(1).freeBytes];
+        for (const d of [0, 1]) expect(Math.abs(after[d]! - base[d]!)).toBeLessThanOrEqual(4 << 20);
+      });
+    });
+  });
+}
