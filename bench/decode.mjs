@@ -11,7 +11,9 @@
 // Without a GPU it runs on the host backend (8 layers, B up to 64, no
 // kernel: the compute is a sleep of --compute-us), to show the same effect
 // on host mmap.
-//   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--compute-us 2000]
+// With --devices 0,1 it compares one device with a cache over several
+// (tensor parallel) in the per-layer layout, with and without prefetch.
+//   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--compute-us 2000] [--devices 0,1]
 import { KVCache } from '../dist/esm/index.mjs';
 import * as gpu from '../dist/esm/testing.mjs';
 import { createStream, destroyStream, synchronizeStream, writeTokens } from '../dist/esm/testing.mjs';
@@ -45,51 +47,66 @@ function prefills(b, tokensPerPage) {
   });
 }
 
-/** The device buffers of a step's attention: queries, outputs, lengths, rows. */
-function attentionBuffers(b) {
-  const bytes = b * qHeads * model.headDim * 2;
-  return { q: gpu.allocate(bytes), out: gpu.allocate(bytes), lengths: gpu.allocate(4 * b), rows: gpu.allocate(4 * b) };
+/** The device buffers of a step's attention: queries, outputs, lengths, rows (`qh` query heads). */
+function attentionBuffers(b, device = 0, qh = qHeads) {
+  const bytes = b * qh * model.headDim * 2;
+  return { device, q: gpu.allocate(bytes, device), out: gpu.allocate(bytes, device), lengths: gpu.allocate(4 * b, device), rows: gpu.allocate(4 * b, device) };
 }
 function freeBuffers(bufs) {
-  for (const at of Object.values(bufs)) gpu.free(at);
+  for (const [name, at] of Object.entries(bufs)) if (name !== 'device') gpu.free(at, bufs.device);
 }
 
-/** Every layer's attention for one decode step, queued on `stream`. */
-function attendAllLayers(b, bufs, maxLength, kvOfLayer, stream) {
+/** Every layer's attention for one decode step, queued on `stream` (of `device`, with its share of the heads). */
+function attendAllLayers(b, bufs, maxLength, kvOfLayer, stream, device = 0, shards = 1) {
   for (let layer = 0; layer < model.layers; layer++)
-    gpu.decodeAttention({ dtype: model.dtype, batch: b, qHeads, kvHeads: model.kvHeads, headDim: model.headDim, q: bufs.q, out: bufs.out, lengths: bufs.lengths, maxLength, ...kvOfLayer[layer], stream });
+    gpu.decodeAttention({ dtype: model.dtype, batch: b, qHeads: qHeads / shards, kvHeads: model.kvHeads / shards, headDim: model.headDim, q: bufs.q, out: bufs.out, lengths: bufs.lengths, maxLength, ...kvOfLayer[layer], stream, device });
 }
 
-function run(b, prefetch, layout) {
+/**
+ * One configuration: B sequences, `layout`, prefetch on or off, over
+ * `devices` (tensor parallel: each device holds kvHeads / devices heads and
+ * runs its share of the attention on a stream of its own; the library's
+ * step() is one call for all of them).
+ */
+function run(b, prefetch, layout, devices = [0], shards = devices.length) {
   const cache = new KVCache({
     ...model,
+    kvHeads: (model.kvHeads / shards) * devices.length,
     backend,
+    devices,
     maxSequences: b,
     maxTokens,
     layout,
     prefetchTokens: prefetch ? prefetchTokens : 0,
   });
-  const stream = onGpu ? createStream() : 0n;
-  const bufs = onGpu ? attentionBuffers(b) : null;
+  const perDevice = devices.map((device) => ({
+    device,
+    stream: onGpu ? createStream(device) : 0n,
+    bufs: onGpu ? attentionBuffers(b, device, qHeads / shards) : null,
+  }));
   try {
-    const k0 = cache.tensor(0, 'k');
     const groups = cache.layout.layerGroups;
-    // writeTokens sees each tensor's token row (all the layers it holds) as one token
-    const writeLayout = {
-      base: k0.address,
-      tensors: 2 * groups,
-      tensorStride: Number(cache.tensor(0, 'v').address - k0.address),
-      slotStride: k0.strideBytes[0],
-      tokenBytes: k0.strideBytes[1],
-    };
-    const kvOfLayer = cache.tensors().map(({ k, v }) => ({ ...gpu.cacheKV(k, v), rows: bufs?.rows }));
+    for (const d of perDevice) {
+      const k0 = cache.tensor(0, 'k', { device: d.device });
+      // writeTokens sees each tensor's token row (all the layers it holds) as one token
+      d.writeLayout = {
+        base: k0.address,
+        tensors: 2 * groups,
+        tensorStride: Number(cache.tensor(0, 'v', { device: d.device }).address - k0.address),
+        slotStride: k0.strideBytes[0],
+        tokenBytes: k0.strideBytes[1],
+      };
+      d.kvOfLayer = cache.tensors({ device: d.device }).map(({ k, v }) => ({ ...gpu.cacheKV(k, v), rows: d.bufs?.rows }));
+    }
     const seqs = Array.from({ length: b }, () => cache.reserve());
     const lens = prefills(b, 1024); // the same lengths in every configuration
     for (let i = 0; i < b; i++) cache.grow(seqs[i], lens[i]); // prefill, not timed
     cache.step(seqs, lens); // schedules look-ahead
     if (onGpu) {
-      gpu.copyToDevice(bufs.rows, Int32Array.from(seqs, (s) => s.slot));
-      synchronizeStream(stream);
+      for (const d of perDevice) {
+        gpu.copyToDevice(d.bufs.rows, Int32Array.from(seqs, (s) => s.slot), { device: d.device });
+        synchronizeStream(d.stream, d.device);
+      }
     }
     const before = cache.stats();
     const lib = [];
@@ -109,10 +126,12 @@ function run(b, prefetch, layout) {
           lengths[i] = lens[i];
           maxLength = Math.max(maxLength, lens[i]);
         }
-        writeTokens(writeLayout, entries, t, { stream });
-        gpu.copyToDevice(bufs.lengths, lengths, { stream });
-        attendAllLayers(b, bufs, maxLength, kvOfLayer, stream);
-        synchronizeStream(stream);
+        for (const d of perDevice) {
+          writeTokens(d.writeLayout, entries, t, { stream: d.stream, device: d.device });
+          gpu.copyToDevice(d.bufs.lengths, lengths, { stream: d.stream, device: d.device });
+          attendAllLayers(b, d.bufs, maxLength, d.kvOfLayer, d.stream, d.device, shards);
+        }
+        for (const d of perDevice) synchronizeStream(d.stream, d.device);
       } else {
         Atomics.wait(sleeper, 0, 0, computeNs / 1e6); // the "GPU" computes; the worker may map meanwhile
       }
@@ -123,6 +142,7 @@ function run(b, prefetch, layout) {
     const after = cache.stats();
     return {
       memory: cache.layout.name,
+      devices: devices.join('+'),
       batch: b,
       prefetch,
       steps,
@@ -132,14 +152,17 @@ function run(b, prefetch, layout) {
       pagesMappedAhead: after.prefetch.pagesAhead - before.prefetch.pagesAhead,
       pagesMappedOnDemand: after.prefetch.pagesOnDemand - before.prefetch.pagesOnDemand,
       misses: after.prefetch.misses - before.prefetch.misses,
+      stallNs: after.prefetch.stallNanoseconds - before.prefetch.stallNanoseconds,
       bytesBacked: after.bytesBacked,
       bytesUsed: after.bytesUsed,
       libraryNs: lib,
     };
   } finally {
     if (onGpu) {
-      freeBuffers(bufs);
-      destroyStream(stream);
+      for (const d of perDevice) {
+        freeBuffers(d.bufs);
+        destroyStream(d.stream, d.device);
+      }
     }
     cache.close();
   }
@@ -233,26 +256,39 @@ function runPaged(b) {
 }
 
 const results = [];
-const configs = [
-  ['per-layer', true],
-  ['per-layer', false],
-  ...(onGpu ? [['all-layers', true], ['paged', false]] : [['all-layers', true]]),
-];
+// --devices 0,1: the per-layer layout on the first device alone and on all of
+// them (tensor parallel), with prefetch and with synchronous mapping, side by side.
+const devices = args.devices === undefined ? null : args.devices.split(',').map(Number);
+const configs = devices
+  ? [
+      ['per-layer', true, [devices[0]]],
+      ['per-layer', true, devices],
+      ['per-layer', false, [devices[0]]],
+      ['per-layer', false, devices],
+    ]
+  : [
+      ['per-layer', true],
+      ['per-layer', false],
+      ...(onGpu ? [['all-layers', true], ['paged', false]] : [['all-layers', true]]),
+    ];
 for (const b of batches) {
-  for (const [memory, prefetch] of configs) {
-    const r = memory === 'paged' ? runPaged(b) : run(b, prefetch, memory);
+  for (const [memory, prefetch, on] of configs) {
+    // the single-device rows of --devices hold one device's share of the heads: the same work per device
+    const r = memory === 'paged' ? runPaged(b) : run(b, prefetch, memory, on, devices ? devices.length : 1);
     results.push(r);
-    process.stderr.write(`decode B=${b} ${r.memory} ${prefetch ? 'prefetch' : 'sync'}: lib p99 ${fmt.us(r.library.p99)} µs, step p50 ${fmt.ms(r.step.p50)} ms\n`);
+    process.stderr.write(`decode B=${b} ${r.memory} ${r.devices ? `devices ${r.devices} ` : ''}${prefetch ? 'prefetch' : 'sync'}: lib p99 ${fmt.us(r.library.p99)} µs, step p50 ${fmt.ms(r.step.p50)} ms\n`);
   }
 }
 
 const work = onGpu ? `write K/V + decode attention of ${model.layers} layers (${qHeads}/${model.kvHeads} heads) per step` : `${computeNs / 1000} µs sleep per step`;
 console.log(`Decode loop (${backend}): ${model.layers} layers x 8 KV heads x 128 dims fp16, ${steps} steps, ${work}, prefetchTokens ${prefetchTokens}`);
 const perLayerP50 = (b) => results.find((r) => r.batch === b && r.memory === 'per-layer' && r.prefetch)?.step.p50;
+if (devices) console.log(`Tensor parallel: devices ${devices.join('+')} hold ${model.kvHeads / devices.length} of the ${model.kvHeads} KV heads each and run ${qHeads / devices.length} query heads each; the single-device rows hold one such shard (the same work per device), so the sync rows show whether mapping on ${devices.length} devices costs ${devices.length}x or 1x. "stall": time step() spent mapping on the JS thread, all steps.`);
 console.log(
   table(results, [
     { title: 'B', value: (r) => r.batch },
     { title: 'memory', value: (r) => r.memory },
+    ...(devices ? [{ title: 'devices', value: (r) => r.devices }, { title: 'lib mean µs', value: (r) => fmt.us(r.library.mean) }, { title: 'stall ms', value: (r) => fmt.ms(r.stallNs) }] : []),
     { title: 'mapping', value: (r) => (r.memory === 'paged 16' ? 'blocks' : r.prefetch ? 'prefetch' : 'sync') },
     { title: 'lib p50 µs', value: (r) => fmt.us(r.library.p50) },
     { title: 'lib p99 µs', value: (r) => fmt.us(r.library.p99) },
@@ -268,4 +304,4 @@ console.log(
     { title: 'no-token share', value: (r) => `${((1 - r.bytesUsed / r.bytesBacked) * 100).toFixed(1)}%` },
   ]),
 );
-saveResult('decode', { backend, model: { ...model, qHeads }, steps, computeNs: onGpu ? null : computeNs, prefetchTokens, results });
+saveResult(devices ? 'decode-devices' : 'decode', { devices, backend, model: { ...model, qHeads }, steps, computeNs: onGpu ? null : computeNs, prefetchTokens, results });
