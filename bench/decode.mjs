@@ -99,7 +99,8 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
       d.kvOfLayer = cache.tensors({ device: d.device }).map(({ k, v }) => ({ ...gpu.cacheKV(k, v), rows: d.bufs?.rows }));
     }
     const seqs = Array.from({ length: b }, () => cache.reserve());
-    const lens = prefills(b, 1024); // the same lengths in every configuration
+    // the same lengths in every configuration; one per-layer page of the model (of a shard: 2x the tokens)
+    const lens = prefills(b, 1024 * shards);
     for (let i = 0; i < b; i++) cache.grow(seqs[i], lens[i]); // prefill, not timed
     cache.step(seqs, lens); // schedules look-ahead
     if (onGpu) {

@@ -16,7 +16,7 @@ const cache = new KVCache({
   dtype: 'float16',
   maxSequences: 16,
   maxTokens: 4096,
-  memoryBudget: 96 * 2 ** 20, // small on purpose: sequences get preempted
+  memoryBudget: 64 * 2 ** 20, // small on purpose: eight prompts need more, so some wait or get preempted
 });
 cache.on('reclaim', (e) => console.log(`  reclaimed ${e.pages} pages for a ${e.operation}`));
 

@@ -5,7 +5,7 @@
 // runs on CI; the cuda cases need two VMM-capable GPUs.
 import { afterEach, describe, expect, it } from 'vitest';
 import { driverInfo, KVCache, type KVCacheOptions, type Sequence } from '../lib/index.js';
-import { deviceMemory, fillU32, fillValue, injectNextCacheFault, liveResources, synchronizeStream } from '../lib/testing.js';
+import { deviceMemory, liveResources, rowValue, synchronizeStream, writeRowsU32 } from '../lib/testing.js';
 import { backends, cudaSkip, pattern, stateOf } from './backends.js';
 
 function twoGpuSkipReason(): string | null {
@@ -21,7 +21,8 @@ const cases = backends
   .map((b) => ({
     ...b,
     skip: b.name === 'cuda' ? twoGpuSkipReason() : b.skip,
-    options: { ...b.options, devices: [0, 1], kvHeads: b.name === 'host' ? 2 : 8 } as KVCacheOptions,
+    // cuda: room for 4 page groups of the per-layer layout (1024 tokens each with 4 heads of 256 a device)
+    options: { ...b.options, devices: [0, 1], ...(b.name === 'cuda' ? { maxTokens: 5200 } : {}) } as KVCacheOptions,
   }));
 
 const labelOf = (b: (typeof cases)[number]) =>
@@ -259,7 +260,7 @@ for (const b of cases) {
     });
 
     it('suspend and resume act on every device and keep each shard its bytes', async () => {
-      const c = make({ hostMemoryBudget: 1 << 24 });
+      const c = make({ hostMemoryBudget: 256 << 20 });
       const s = c.reserve();
       const n = perGroup(c) + 2;
       c.grow(s, n);
@@ -293,16 +294,25 @@ for (const b of cases) {
         const s = c.reserve();
         const n = 2 * perGroup(c) + 5;
         c.grow(s, n);
-        const words = (n * c.tokenBytes) / 4;
+        const seedOf = (device: number, layer: number, kind: 'k' | 'v') => 100 * device + 2 * layer + (kind === 'v' ? 1 : 0);
         for (const device of [0, 1]) {
-          for (let layer = 0; layer < b.options.layers; layer++) fillU32(s.address(layer, 'k', { device }), words, 10 * device + layer, { device });
+          for (let layer = 0; layer < b.options.layers; layer++)
+            for (const kind of ['k', 'v'] as const) {
+              // token rows through the tensor's strides (a strided view in the all-layers layout)
+              const stride = c.tensor(layer, kind, { device }).strideBytes[1];
+              writeRowsU32(s.address(layer, kind, { device }), { count: n, rowBytes: c.tokenBytes, stride }, seedOf(device, layer, kind), { device });
+            }
           synchronizeStream(0n, device);
         }
+        const words = c.tokenBytes / 4;
         for (const device of [0, 1])
-          for (let layer = 0; layer < b.options.layers; layer++) {
-            const got = new Uint32Array(c.read(s, { layer, kind: 'k', token: 0, count: n, device }).buffer);
-            expect(got.every((v, i) => v === fillValue(i, 10 * device + layer))).toBe(true);
-          }
+          for (let layer = 0; layer < b.options.layers; layer++)
+            for (const kind of ['k', 'v'] as const) {
+              const got = new Uint32Array(c.read(s, { layer, kind, token: 0, count: n, device }).buffer);
+              const seed = seedOf(device, layer, kind);
+              const wrong = got.findIndex((v, i) => v !== rowValue(seed, Math.floor(i / words), i % words));
+              expect(wrong, `device ${device} layer ${layer} ${kind}: first wrong word`).toBe(-1);
+            }
       });
 
       it('free memory is back to its baseline on both devices after close()', () => {
