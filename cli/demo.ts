@@ -82,6 +82,8 @@ export interface DemoReport {
   preemptions: number;
   /** Of them, decided before the step (preemptAhead) rather than after step() ran out of memory. */
   preemptionsAhead: number;
+  /** Iterations whose stepAsync found a page missing and ran step() on a pool thread (the worker had not caught up, or a preemption moved pages). */
+  stepsOffThread: number;
   peakBytesBacked: number;
   meanBytesBacked: number;
   meanBytesUsed: number;
@@ -277,6 +279,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     let sumComputeNs = 0;
     let callsWhileFull = 0;
     let callsAfterPreemption = 0;
+    let stepsOffThread = 0;
     let peak = 0;
     const budgetPages = cache.stats().budgetBytes / cache.pageSize;
     const preemptNewest = () => {
@@ -359,28 +362,35 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
           preemptionsAhead++;
         }
       }
-      // one decode step for every running sequence
+      // one decode step for every running sequence, as a server should make
+      // it: `await stepAsync()` is step() on this thread when the batch is
+      // backed (the steady state), and step() on a pool thread when a page is
+      // missing (the worker fell behind, or a preemption must move pages), so
+      // this thread never waits on a driver call. stepTook: this thread's
+      // time in the call (the synchronous part).
       let stepTook = 0;
       const preemptionsBefore = preemptions;
-      for (let retry = false; ; retry = true) {
+      const missesBefore = before.prefetch.misses;
+      for (;;) {
         // the batch is the server's own work: built before the library call is timed
         const seqs = running.map((r) => r.seq);
         const lengths = running.map((r) => Math.min(maxTokens, r.req.prompt + r.req.generated + 1));
         const t0 = process.hrtime.bigint();
+        let pending: Promise<void> | undefined;
         try {
-          // After a preemption the batch needs the victim's pages unmapped and
-          // mapped again: stepAsync does that on a worker thread (the event
-          // loop stays free; the iteration waits for it all the same).
-          if (retry) await timedAsync(() => cache.stepAsync(seqs, lengths), 'stepAsync');
-          else timed(() => cache.step(seqs, lengths), 'step');
+          pending = timedAsync(() => cache.stepAsync(seqs, lengths), 'step');
+        } finally {
+          stepTook += Number(process.hrtime.bigint() - t0);
+        }
+        try {
+          await pending;
           break;
         } catch (e) {
           if (!(e instanceof OutOfMemoryError) || running.length <= 1) throw e;
           preemptNewest();
-        } finally {
-          stepTook += Number(process.hrtime.bigint() - t0);
         }
       }
+      if (cache.stats().prefetch.misses > missesBefore) stepsOffThread++;
       stepNs.push(stepTook);
       if (preemptions === preemptionsBefore) steadyStepNs.push(stepTook);
       // the GPU computes the iteration; the worker maps and reclaims meanwhile
@@ -449,6 +459,7 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       tokensGenerated,
       preemptions,
       preemptionsAhead,
+      stepsOffThread,
       peakBytesBacked: peak,
       meanBytesBacked: sumBacked / steps,
       meanBytesUsed: sumUsed / steps,
