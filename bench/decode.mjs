@@ -154,6 +154,8 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
       pagesMappedOnDemand: after.prefetch.pagesOnDemand - before.prefetch.pagesOnDemand,
       misses: after.prefetch.misses - before.prefetch.misses,
       stallNs: after.prefetch.stallNanoseconds - before.prefetch.stallNanoseconds,
+      lockWaits: after.prefetch.lockWaits - before.prefetch.lockWaits,
+      lockWaitNs: after.prefetch.lockWaitNanoseconds - before.prefetch.lockWaitNanoseconds,
       bytesBacked: after.bytesBacked,
       bytesUsed: after.bytesUsed,
       libraryNs: lib,
@@ -277,7 +279,7 @@ for (const b of batches) {
     // the single-device rows of --devices hold one device's share of the heads: the same work per device
     const r = memory === 'paged' ? runPaged(b) : run(b, prefetch, memory, on, devices ? devices.length : 1);
     results.push(r);
-    process.stderr.write(`decode B=${b} ${r.memory} ${r.devices ? `devices ${r.devices} ` : ''}${prefetch ? 'prefetch' : 'sync'}: lib p99 ${fmt.us(r.library.p99)} µs, step p50 ${fmt.ms(r.step.p50)} ms\n`);
+    process.stderr.write(`decode B=${b} ${r.memory} ${devices ? `devices ${r.devices} ` : ''}${prefetch ? 'prefetch' : 'sync'}: lib p99 ${fmt.us(r.library.p99)} µs, step p50 ${fmt.ms(r.step.p50)} ms\n`);
   }
 }
 
@@ -302,6 +304,8 @@ console.log(
     { title: 'pages ahead', value: (r) => r.pagesMappedAhead },
     { title: 'pages on demand', value: (r) => r.pagesMappedOnDemand },
     { title: 'misses', value: (r) => r.misses },
+    { title: 'lock waits', value: (r) => r.lockWaits ?? '-' },
+    { title: 'lock wait µs', value: (r) => (r.lockWaitNs === undefined ? '-' : fmt.us(r.lockWaitNs)) },
     { title: 'no-token share', value: (r) => `${((1 - r.bytesUsed / r.bytesBacked) * 100).toFixed(1)}%` },
   ]),
 );

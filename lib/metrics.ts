@@ -112,6 +112,8 @@ function familiesOf(stats: CacheStats): MetricFamily[] {
   metric('prefetch_pages_total', 'counter', 'Pages mapped by the prefetch worker and growAsync.', [[{}, stats.prefetch.pagesAhead]]);
   metric('demand_pages_total', 'counter', 'Pages mapped on the caller thread by grow and step.', [[{}, stats.prefetch.pagesOnDemand]]);
   metric('stall_seconds_total', 'counter', 'Time grow and step spent mapping or waiting on the caller thread.', [[{}, stats.prefetch.stallNanoseconds / 1e9]]);
+  metric('step_lock_waits_total', 'counter', 'step() calls that found the cache lock held by another thread.', [[{}, stats.prefetch.lockWaits]]);
+  metric('step_lock_wait_seconds_total', 'counter', 'Time step() waited for the cache lock.', [[{}, stats.prefetch.lockWaitNanoseconds / 1e9]]);
   metric('prefetch_errors_total', 'counter', 'Prefetch mappings that failed.', [[{}, stats.prefetch.errors]]);
   return families;
 }

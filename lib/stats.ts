@@ -39,6 +39,10 @@ export interface PrefetchStats {
   pagesReclaimedAhead: number;
   /** Time grow and step spent mapping or waiting on the caller's thread. */
   stallNanoseconds: number;
+  /** step() calls that found the cache's lock held by another thread (the worker's bookkeeping, an async growth's): contention. */
+  lockWaits: number;
+  /** The time those calls waited for it. */
+  lockWaitNanoseconds: number;
   /** Worker mappings that failed (retried at the next step). */
   errors: number;
   /** Why the worker could not start (prefetch is then off), or null. See the 'prefetchError' event. */

@@ -352,6 +352,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     pf.Set("pagesReclaimedAhead", num(env, st.prefetch.pagesReclaimedAhead));
     pf.Set("pagesOnDemand", num(env, st.prefetch.pagesOnDemand));
     pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
+    pf.Set("lockWaits", num(env, st.prefetch.lockWaits));
+    pf.Set("lockWaitNanoseconds", num(env, st.prefetch.lockWaitNanos));
     pf.Set("errors", num(env, st.prefetch.errors));
     pf.Set("workerError", st.prefetch.workerError.empty() ? env.Null() : Napi::String::New(env, st.prefetch.workerError));
     o.Set("prefetch", pf);

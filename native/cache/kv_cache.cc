@@ -182,8 +182,21 @@ uint64_t KVCache::grow(SequenceRef seq, uint64_t tokens) {
   return mapper_->reclaimedPages() - before;
 }
 
+// The lock for step(): taken at once in the steady state; when another
+// thread holds it (the worker's bookkeeping, a growAsync's), the wait is
+// counted, so that a step() tail from contention shows in stats().
+Lock KVCache::stepLock() {
+  Lock lk(core_->lock, std::try_to_lock);
+  if (lk.owns_lock()) return lk;
+  uint64_t t0 = nowNanos();
+  lk.lock();
+  demand_.lockWaits++;
+  demand_.lockWaitNanos += nowNanos() - t0;
+  return lk;
+}
+
 uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
-  Lock lk(core_->lock);
+  Lock lk = stepLock();
   uint64_t before = mapper_->reclaimedPages();
   growBatch(lk, batch, true);
   bool notify = prefetcher_->afterStep(batch);
@@ -194,7 +207,7 @@ uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
 }
 
 bool KVCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
-  Lock lk(core_->lock);
+  Lock lk = stepLock();
   if (!growBatch(lk, batch, true, true)) return false;
   bool notify = prefetcher_->afterStep(batch);
   lk.unlock();

@@ -84,6 +84,8 @@ struct PrefetchStats {
   uint64_t pagesOnDemand = 0;     // pages mapped on the caller's thread (grow, step)
   uint64_t pagesReclaimedAhead = 0;  // pages the worker unmapped from released slots ahead of need
   uint64_t stallNanos = 0;        // caller time spent mapping or waiting in grow/step
+  uint64_t lockWaits = 0;         // step() calls that found the cache's lock held by another thread
+  uint64_t lockWaitNanos = 0;     // and the time they waited for it
   uint64_t errors = 0;            // worker extensions that failed (retried at the next step)
   std::string workerError;        // why the worker could not start (prefetch off), or empty
 };
@@ -235,6 +237,7 @@ class KVCache {
   void checkOpen() const;
   void checkNotSuspended() const;
   SequenceRef occupy(uint32_t index);
+  Lock stepLock();
   struct SwappedSequence {
     HostBlocks host;
     uint64_t tokens = 0;
