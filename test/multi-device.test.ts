@@ -316,6 +316,10 @@ for (const b of cases) {
       });
 
       it('free memory is back to its baseline on both devices after close()', () => {
+        // the driver's own state on each device (primary contexts, modules) first, as a server's would be
+        const warm = make();
+        warm.grow(warm.reserve(), 1);
+        warm.close();
         const base = [deviceMemory(0).freeBytes, deviceMemory(1).freeBytes];
         const c = make({ memoryBudget: 64 << 20 });
         const s = c.reserve();
