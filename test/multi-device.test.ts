@@ -321,7 +321,7 @@ for (const b of cases) {
         warm.grow(warm.reserve(), 1);
         warm.close();
         const base = [deviceMemory(0).freeBytes, deviceMemory(1).freeBytes];
-        const c = make({ memoryBudget: 64 << 20 });
+        const c = make({ memoryBudget: 128 << 20 }); // holds a sequence of maxTokens in either layout
         const s = c.reserve();
         c.grow(s, b.options.maxTokens);
         const during = [deviceMemory(0).freeBytes, deviceMemory(1).freeBytes];
