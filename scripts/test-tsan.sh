@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The concurrency-heavy tests under ThreadSanitizer: the prefetch worker,
 # growAsync (abort, close while busy), worker_threads and process teardown,
-# the defect regressions (lost wake-ups, races with close) and the model-based
+# the defect regressions (lost wake-ups, races with close), a cache over
+# several devices (a thread per device in a growth) and the model-based
 # test with the worker on. Builds the addon with -fsanitize=thread into
 # build-tsan/ (cmake-js, -DVATTENTION_TSAN=ON; node-gyp takes VATTENTION_TSAN=1),
 # preloads the TSan runtime into node (which is not instrumented: its own
@@ -15,6 +16,6 @@ export VATTENTION_ADDON="$PWD/build-tsan/Release/vattention.node"
 export LD_PRELOAD="$(gcc -print-file-name=libtsan.so)"
 # suppressions: see the file for why each one is there.
 export TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1 report_signal_unsafe=0 suppressions=$PWD/scripts/tsan.supp"
-files=(test/prefetch.test.ts test/teardown.test.ts test/defects.test.ts test/model.test.ts test/faults.test.ts test/swap-suspend.test.ts test/sharing.test.ts)
+files=(test/prefetch.test.ts test/teardown.test.ts test/defects.test.ts test/model.test.ts test/faults.test.ts test/swap-suspend.test.ts test/sharing.test.ts test/multi-device.test.ts)
 node node_modules/vitest/vitest.mjs run "${files[@]}" "$@"
 echo "ThreadSanitizer: no report (${files[*]})"

@@ -245,6 +245,34 @@ for (const b of cases) {
       expect(c.stats().devices.every((d) => d.prefetch.pagesAhead > 0)).toBe(true);
     });
 
+    it('concurrent growAsync, stepAsync and releases with both workers on leave the devices identical', async () => {
+      const c = make({ prefetchTokens: 8 });
+      let x = 777;
+      const rnd = (n: number) => {
+        x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+        return x % n;
+      };
+      const outcomes = new Set<string>();
+      const note = (p: Promise<unknown>) =>
+        p.then(
+          () => outcomes.add('ok'),
+          (e: { code: string }) => outcomes.add(e.code),
+        );
+      for (let round = 0; round < 30; round++) {
+        const seqs = Array.from({ length: b.options.maxSequences }, () => c.reserve());
+        const pending: Promise<unknown>[] = [];
+        for (const s of seqs.slice(0, 2)) pending.push(note(c.growAsync(s, 1 + rnd(3 * perGroup(c)))));
+        pending.push(note(c.stepAsync(seqs.slice(2), seqs.slice(2).map(() => 1 + rnd(2 * perGroup(c))))));
+        await Promise.all(pending);
+        const [d0, d1] = slotsOf(c);
+        expect(d1).toEqual(d0);
+        for (const s of seqs) c.release(s);
+      }
+      // out of memory or a sequence grown past another's request are the only refusals
+      for (const o of outcomes) expect(['ok', 'ERR_OUT_OF_MEMORY']).toContain(o);
+      expect(c.stats().activeSequences).toBe(0);
+    });
+
     it('close while a growth is pending on device 1 settles it and frees both devices', async () => {
       const c = make();
       const s = c.reserve();
