@@ -1,8 +1,12 @@
 // Mapping throughput: pages backed per second by grow(), from a prefilled pool
 // and from scratch, next to raw cuMemCreate / cuMemMap + cuMemSetAccess loops
 // in the same run.   node bench/mapping.mjs [--pages 2048] [--repeat 3]
+// With --devices 0,1: the raw loop on each device alone, on all of them at
+// once (a thread each), on the first device from two threads, and grow() of a
+// cache over all of them next to one over the first: does the driver map for
+// several GPUs of a process at the same time?
 import { KVCache } from '../dist/esm/index.mjs';
-import { rawVmmLoop } from '../dist/esm/testing.mjs';
+import { rawVmmLoop, rawVmmLoopConcurrent } from '../dist/esm/testing.mjs';
 import { cudaPresent, fmt, nowNs, saveResult, table } from './common.mjs';
 
 const args = Object.fromEntries(
@@ -43,6 +47,64 @@ function libraryRate(fromPool) {
   } finally {
     cache.close();
   }
+}
+
+if (args.devices !== undefined) {
+  const devices = args.devices.split(',').map(Number);
+  const perPage = (t) => ((t.createNs + t.mapNs + t.setAccessNs + t.unmapNs + t.releaseNs) / t.pages / 1e3).toFixed(1);
+  const configs = [
+    ...devices.map((d) => ({ name: `device ${d} alone`, list: [d] })),
+    { name: `devices ${devices.join('+')} at once`, list: devices },
+    { name: `device ${devices[0]} from ${devices.length} threads`, list: devices.map(() => devices[0]) },
+  ];
+  const rows = [];
+  for (const c of configs) {
+    let best = null;
+    for (let r = 0; r < repeat; r++) {
+      const t = rawVmmLoopConcurrent(pages, c.list);
+      if (best === null || t.wallNs < best.wallNs) best = t;
+    }
+    rows.push({ ...c, ...best });
+  }
+  // the library: grow() of `pages` pages per device, one cache over all the devices vs one over the first
+  const grown = (list) => {
+    const shape = { layers: 1, kvHeads: 16 * list.length, headDim: 32 * 1024, dtype: 'float16', maxSequences: 1 };
+    const maxTokens = pages; // 2 tokens a page of each of K and V: `pages` pages per device
+    let bestNs = Infinity;
+    for (let r = 0; r < repeat; r++) {
+      const cache = new KVCache({ ...shape, maxTokens, backend: 'cuda', prefetchTokens: 0, devices: list });
+      try {
+        const seq = cache.reserve();
+        const t0 = nowNs();
+        cache.grow(seq, maxTokens);
+        bestNs = Math.min(bestNs, Number(nowNs() - t0));
+      } finally {
+        cache.close();
+      }
+    }
+    return bestNs;
+  };
+  const libOne = grown([devices[0]]);
+  const libAll = grown(devices);
+  const alone = rows[0].wallNs;
+  console.log(`Mapping on several devices: ${pages} pages of 2 MiB per thread (create, map, setAccess, unmap, release), best of ${repeat}`);
+  console.log(
+    table(
+      [
+        ...rows.map((r) => ({ what: `raw loop, ${r.name}`, ns: r.wallNs, per: r.threads.map(perPage).join(' / ') })),
+        { what: `grow() of a cache on device ${devices[0]}`, ns: libOne, per: '' },
+        { what: `grow() of a cache over ${devices.join('+')} (same pages per device)`, ns: libAll, per: '' },
+      ],
+      [
+        { title: 'what', value: (r) => r.what },
+        { title: 'wall ms', value: (r) => fmt.ms(r.ns) },
+        { title: 'vs one device alone', value: (r) => (r.what.startsWith('grow') ? (r.ns / libOne).toFixed(2) : (r.ns / alone).toFixed(2)) },
+        { title: 'µs/page per thread', value: (r) => r.per },
+      ],
+    ),
+  );
+  saveResult('mapping-devices', { pages, repeat, devices, raw: rows, libraryOneDeviceNs: libOne, libraryAllDevicesNs: libAll });
+  process.exit(0);
 }
 
 const runs = [];

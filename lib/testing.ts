@@ -31,6 +31,7 @@ interface NativeTesting {
   destroyStream(device: number, stream: bigint): void;
   synchronizeStream(device: number, stream: bigint): void;
   rawVmmLoop(device: number, pages: number): RawVmmTimes;
+  rawVmmLoopConcurrent(devices: number[], pages: number): { wallNs: number; threads: RawVmmTimes[] };
   createContext(device: number): bigint;
   checkFillU32(device: number, address: bigint, count: number, seed: number, counter: bigint, stream: bigint): void;
   createCounter(device: number): bigint;
@@ -209,6 +210,20 @@ export function synchronizeStream(stream: bigint, device = 0): void {
 export function rawVmmLoop(pages: number, device = 0): RawVmmTimes {
   checkInteger('pages', pages, 1, 1 << 20);
   return call(() => native.rawVmmLoop(device, pages));
+}
+
+/**
+ * {@link rawVmmLoop} on one thread per entry of `devices`, started together
+ * (list a device twice for two threads on one device): whether the driver
+ * runs virtual-memory calls for several GPUs, or threads, of a process at
+ * once. `wallNs`: from the start to the last thread's end.
+ */
+export function rawVmmLoopConcurrent(pages: number, devices: readonly number[]): { wallNs: number; threads: RawVmmTimes[] } {
+  checkInteger('pages', pages, 1, 1 << 20);
+  if (!Array.isArray(devices) || devices.length < 1 || devices.length > 16)
+    throw new InvalidArgumentRangeError('devices', `must list 1 to 16 device ordinals, got ${describe(devices)}`);
+  devices.forEach((d, i) => checkInteger(`devices[${i}]`, d, 0, 1023));
+  return call(() => native.rawVmmLoopConcurrent([...devices], pages));
 }
 
 /** Driver/OS resources alive in this process (all caches): each is zero once every cache is closed. */

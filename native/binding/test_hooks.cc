@@ -216,9 +216,7 @@ Napi::Value TestingCurrentContext(const Napi::CallbackInfo& info) {
   return big(info.Env(), guarded(info.Env(), [&] { return testing::currentContext(); }));
 }
 
-Napi::Value TestingRawVmmLoop(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  testing::RawVmmTimes t = guarded(env, [&] { return testing::rawVmmLoop(dev(info), u64(info[1])); });
+Napi::Object rawTimesObject(Napi::Env env, const testing::RawVmmTimes& t) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("pages", num(env, t.pages));
   o.Set("pageSize", num(env, t.pageSize));
@@ -227,6 +225,26 @@ Napi::Value TestingRawVmmLoop(const Napi::CallbackInfo& info) {
   o.Set("setAccessNs", num(env, t.setAccessNs));
   o.Set("unmapNs", num(env, t.unmapNs));
   o.Set("releaseNs", num(env, t.releaseNs));
+  return o;
+}
+
+Napi::Value TestingRawVmmLoop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return rawTimesObject(env, guarded(env, [&] { return testing::rawVmmLoop(dev(info), u64(info[1])); }));
+}
+
+// rawVmmLoopConcurrent(devices: number[], pages) -> { wallNs, threads: RawVmmTimes[] }
+Napi::Value TestingRawVmmLoopConcurrent(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array list = info[0].As<Napi::Array>();
+  std::vector<int> devices;
+  for (uint32_t i = 0; i < list.Length(); ++i) devices.push_back(static_cast<int>(u32(list.Get(i))));
+  testing::ConcurrentVmmTimes t = guarded(env, [&] { return testing::rawVmmLoopConcurrent(devices, u64(info[1])); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("wallNs", num(env, t.wallNs));
+  Napi::Array threads = Napi::Array::New(env, t.threads.size());
+  for (uint32_t i = 0; i < t.threads.size(); ++i) threads.Set(i, rawTimesObject(env, t.threads[i]));
+  o.Set("threads", threads);
   return o;
 }
 
@@ -241,6 +259,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
   t.Set("rawVmmLoop", Napi::Function::New<TestingRawVmmLoop>(env));
+  t.Set("rawVmmLoopConcurrent", Napi::Function::New<TestingRawVmmLoopConcurrent>(env));
   t.Set("createContext", Napi::Function::New<TestingCreateContext>(env));
   t.Set("checkFillU32", Napi::Function::New<TestingCheckFillU32>(env));
   t.Set("createCounter", Napi::Function::New<TestingCreateCounter>(env));

@@ -1,5 +1,11 @@
 #include "testing/device_tools.h"
 
+#include <exception>
+
+#include <condition_variable>
+
+#include <thread>
+
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -322,6 +328,42 @@ RawVmmTimes rawVmmLoop(int device, uint64_t pages) {
   }
   check(d.cuMemAddressFree(base, pages * page), "cuMemAddressFree");
   return t;
+}
+
+ConcurrentVmmTimes rawVmmLoopConcurrent(const std::vector<int>& devices, uint64_t pages) {
+  for (int device : devices) kernels(device);  // contexts and modules first, outside the timing
+  ConcurrentVmmTimes out;
+  out.threads.resize(devices.size());
+  std::vector<std::exception_ptr> errors(devices.size());
+  std::mutex lock;
+  std::condition_variable go;
+  bool started = false;
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    threads.emplace_back([&, i] {
+      {
+        std::unique_lock<std::mutex> lk(lock);
+        go.wait(lk, [&] { return started; });
+      }
+      try {
+        out.threads[i] = rawVmmLoop(devices[i], pages);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    });
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  {
+    std::lock_guard<std::mutex> lk(lock);
+    started = true;
+  }
+  go.notify_all();
+  for (std::thread& t : threads) t.join();
+  out.wallNs = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
+  return out;
 }
 
 }  // namespace vat::testing

@@ -87,5 +87,14 @@ struct RawVmmTimes {
   uint64_t createNs = 0, mapNs = 0, setAccessNs = 0, unmapNs = 0, releaseNs = 0;
 };
 RawVmmTimes rawVmmLoop(int device, uint64_t pages);
+// The same loop on one thread per entry of `devices`, all started together
+// (a device may be listed twice: two threads on one device). wallNs: from
+// the start to the last thread's end. Whether the driver runs virtual-memory
+// calls for several GPUs (or threads) of a process at once.
+struct ConcurrentVmmTimes {
+  uint64_t wallNs = 0;
+  std::vector<RawVmmTimes> threads;
+};
+ConcurrentVmmTimes rawVmmLoopConcurrent(const std::vector<int>& devices, uint64_t pages);
 
 }  // namespace vat::testing
