@@ -65,11 +65,15 @@ export interface ReserveOptions {
   prefix?: { from: Sequence; tokens: number };
   /** With `prefix`: the stream the copy is queued on (after the work there); without, it is done on return. */
   stream?: bigint;
+  /** With `prefix`, over several devices: a stream per device, instead of `stream`. */
+  streams?: readonly (bigint | undefined)[];
 }
 
 export interface ForkOptions {
   /** CUDA stream (bigint) the copy of the partial page group is queued on, after the work there; without, it is done on return. */
   stream?: bigint;
+  /** Over several devices: a stream per device, instead of `stream`. */
+  streams?: readonly (bigint | undefined)[];
 }
 
 export interface SwapOutOptions {
@@ -360,7 +364,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     return new Sequence(this, slot, gen);
   }
 
-  #reservePlan(options: unknown): { expected?: number; share?: { slot: number; generation: number; tokens: number; stream?: bigint } } {
+  #reservePlan(options: unknown): { expected?: number; share?: { slot: number; generation: number; tokens: number; stream?: (bigint | undefined)[] } } {
     const o = checkObject('options', options, true);
     const expected =
       o.expectedTokens === undefined
@@ -374,10 +378,11 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
       const from = p.from as Sequence;
       if (from.cache !== this) throw new ForeignSequenceError(`the sequence in slot ${from.slot} belongs to another cache`);
       const tokens = checkInteger('options.prefix.tokens', p.tokens, 0, this.options.maxTokens);
-      const stream = this.#stream('options.stream', o.stream);
+      const stream = this.#streamsOption(o);
       return { expected, share: { slot: from.slot, generation, tokens, stream } };
     }
     if (o.stream !== undefined) throw new InvalidArgumentRangeError('options.stream', 'only applies with options.prefix');
+    if (o.streams !== undefined) throw new InvalidArgumentRangeError('options.streams', 'only applies with options.prefix');
     return { expected };
   }
 
@@ -404,7 +409,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const native = this.#open();
     const generation = this.#check(seq);
     const o = checkObject('options', options, true);
-    const stream = this.#stream('options.stream', o.stream);
+    const stream = this.#streamsOption(o);
     const tokens = this.#call(() => native.tokens(seq.slot, generation));
     const [slot, gen] = this.#call(() => native.share(seq.slot, generation, tokens, false, stream));
     return new Sequence(this, slot, gen);
@@ -415,7 +420,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const native = this.#open();
     const generation = this.#check(seq);
     const o = checkObject('options', options, true);
-    const stream = this.#stream('options.stream', o.stream);
+    const stream = this.#streamsOption(o);
     const tokens = this.#call(() => native.tokens(seq.slot, generation));
     const [slot, gen] = await this.#callAsync(() => native.shareAsync(seq.slot, generation, tokens, false, stream));
     return new Sequence(this, slot, gen);
@@ -550,13 +555,13 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   release(seq: Sequence, options?: ReleaseOptions): void {
     const native = this.#open();
     const generation = this.#check(seq);
-    const streams = this.#releaseStreams(checkObject('options', options, true));
+    const streams = this.#streamsOption(checkObject('options', options, true));
     this.#call(() => native.release(seq.slot, generation, streams));
     Sequence.markReleased(seq);
   }
 
-  /** release()'s fences: a stream per device, or none. */
-  #releaseStreams(o: Record<string, unknown>): (bigint | undefined)[] | undefined {
+  /** `stream` (one device) or `streams` (one per device) of an options object, checked; undefined for none. */
+  #streamsOption(o: Record<string, unknown>): (bigint | undefined)[] | undefined {
     const devices = this.options.devices.length;
     if (o.stream !== undefined && o.streams !== undefined)
       throw new InvalidArgumentRangeError('options', 'give stream or streams, not both');

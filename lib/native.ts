@@ -58,8 +58,9 @@ export interface NativeCache {
   growAsync(slot: number, generation: number, tokens: number): [Promise<void>, () => void];
   /** A fence per device (undefined: none on that device). */
   release(slot: number, generation: number, streams?: (bigint | undefined)[]): void;
-  share(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): [slot: number, generation: number];
-  shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, stream?: bigint): Promise<[slot: number, generation: number]>;
+  /** `streams`: the copy's stream on each device (undefined: finished on return). */
+  share(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[]): [slot: number, generation: number];
+  shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[]): Promise<[slot: number, generation: number]>;
   swapOut(slot: number, generation: number, stream?: bigint): Promise<number>;
   swapIn(handle: number): Promise<[slot: number, generation: number]>;
   discardSwapped(handle: number): void;

@@ -132,8 +132,8 @@ for (const b of cases) {
       expect(() => c.tensor(0, 'k', { device: 2 })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/not one of the cache's devices/) }));
       expect(() => c.read(s, { layer: 0, kind: 'k', token: 0, count: 1, device: 7 })).toThrow(code);
       expect(() => c.write(s, { layer: 0, kind: 'k', token: 0, device: -1 }, new Uint8Array(c.tokenBytes))).toThrow(code);
-      expect(() => c.fork(s)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/several devices/) }));
-      expect(() => c.reserve({ prefix: { from: s, tokens: 1 } })).toThrow(code);
+      expect(() => c.fork(s, { stream: 0n })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringMatching(/pass streams/) }));
+      expect(() => c.reserve({ prefix: { from: s, tokens: 1 }, streams: [0n] })).toThrow(code);
       expect(s.released).toBe(false);
       expect(stateOf(c)).toEqual(before);
     });
@@ -212,6 +212,65 @@ for (const b of cases) {
       expect(s.tokens).toBe(perGroup(c) + 1);
     });
 
+    it('fork and prefix share on every device, into the same slot, each shard its own bytes', async () => {
+      const c = make();
+      const a = c.reserve();
+      const n = 2 * perGroup(c) + 3;
+      c.grow(a, n);
+      const pa = pattern(n * c.tokenBytes, 21);
+      const pz = pattern(n * c.tokenBytes, 22);
+      c.write(a, { layer: 2, kind: 'k', token: 0 }, pa);
+      c.write(a, { layer: 2, kind: 'k', token: 0, device: 1 }, pz);
+      const f = c.fork(a, { streams: [0n, 0n] });
+      const p = await c.reserveAsync({ prefix: { from: a, tokens: perGroup(c) + 1 } });
+      c.release(a);
+      const g = await c.forkAsync(f);
+      for (const [seq, count] of [[f, n], [g, n], [p, perGroup(c) + 1]] as const) {
+        expect(Buffer.from(c.read(seq, { layer: 2, kind: 'k', token: 0, count })).equals(Buffer.from(pa.subarray(0, count * c.tokenBytes)))).toBe(true);
+        expect(Buffer.from(c.read(seq, { layer: 2, kind: 'k', token: 0, count, device: 1 })).equals(Buffer.from(pz.subarray(0, count * c.tokenBytes)))).toBe(true);
+      }
+      const [d0, d1] = slotsOf(c);
+      expect(d1).toEqual(d0);
+      expect(c.stats().devices.every((d) => d.pagesShared > 0)).toBe(true);
+      for (const seq of [f, g, p]) c.release(seq);
+      // a prefix from a released sequence (no sharer of its pages) works while its slot holds its pages
+      const b = c.reserve();
+      c.grow(b, perGroup(c) + 2);
+      c.write(b, { layer: 0, kind: 'v', token: 0, device: 1 }, pz.subarray(0, (perGroup(c) + 2) * c.tokenBytes));
+      c.release(b);
+      const q = c.reserve({ prefix: { from: b, tokens: perGroup(c) } });
+      expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+      expect(Buffer.from(c.read(q, { layer: 0, kind: 'v', token: 0, count: perGroup(c), device: 1 })).equals(Buffer.from(pz.subarray(0, perGroup(c) * c.tokenBytes)))).toBe(true);
+    });
+
+    for (const op of ['map', 'copyDevice'] as const) {
+      it(`a fork that fails on device 1 (${op}) is undone on device 0 too, and the next one works`, () => {
+        const c = make();
+        const a = c.reserve();
+        const n = perGroup(c) + 3; // a whole group shared, a partial one copied
+        c.grow(a, n);
+        const before = mappedOf(c);
+        c._injectFault(op, 0, false, 0, 1);
+        let error: any;
+        try {
+          c.fork(a);
+        } catch (e) {
+          error = e;
+        }
+        expect(error?.device).toBe(1);
+        expect(c.stats().activeSequences).toBe(1);
+        expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+        const after = mappedOf(c);
+        expect(after.map((d) => d.bytesUsed)).toEqual(before.map((d) => d.bytesUsed));
+        const f = c.fork(a);
+        expect(f.tokens).toBe(n);
+        expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+        c.release(f);
+        c.release(a);
+        expect(c.stats().activeSequences).toBe(0);
+      });
+    }
+
     it('release fences every device before releasing any: a fence that fails leaves the sequence on both', () => {
       const c = make();
       const s = c.reserve();
@@ -259,10 +318,12 @@ for (const b of cases) {
           (e: { code: string }) => outcomes.add(e.code),
         );
       for (let round = 0; round < 30; round++) {
-        const seqs = Array.from({ length: b.options.maxSequences }, () => c.reserve());
+        const seqs = Array.from({ length: b.options.maxSequences - 1 }, () => c.reserve());
         const pending: Promise<unknown>[] = [];
         for (const s of seqs.slice(0, 2)) pending.push(note(c.growAsync(s, 1 + rnd(3 * perGroup(c)))));
         pending.push(note(c.stepAsync(seqs.slice(2), seqs.slice(2).map(() => 1 + rnd(2 * perGroup(c))))));
+        // a fork of a sequence being grown: it takes the tokens it had when called, on both devices
+        pending.push(note(c.forkAsync(seqs[0]!).then((f) => c.release(f))));
         await Promise.all(pending);
         const [d0, d1] = slotsOf(c);
         expect(d1).toEqual(d0);

@@ -118,12 +118,23 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return out;
   }
 
-  // share(slot, gen, tokens, allowReleased, stream) -> [slot, generation]
+  // The copy streams of share: one bigint, or an array with one per device.
+  static std::vector<uint64_t> shareStreams(const Napi::Value& v) {
+    std::vector<uint64_t> out;
+    if (v.IsBigInt()) out.push_back(u64(v));
+    if (v.IsArray()) {
+      Napi::Array a = v.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i) out.push_back(a.Get(i).IsBigInt() ? u64(a.Get(i)) : 0);
+    }
+    return out;
+  }
+
+  // share(slot, gen, tokens, allowReleased, stream | streams) -> [slot, generation]
   Napi::Value Share(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     bool allowReleased = info[3].ToBoolean().Value();
-    uint64_t stream = info[4].IsBigInt() ? u64(info[4]) : 0;
-    SequenceRef r = guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, stream); });
+    std::vector<uint64_t> streams = shareStreams(info[4]);
+    SequenceRef r = guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, streams); });
     Napi::Array out = Napi::Array::New(env, 2);
     out.Set(0u, r.slot);
     out.Set(1u, r.generation);
@@ -137,15 +148,15 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return Napi::Value(env, promise);
   }
 
-  // shareAsync(slot, gen, tokens, allowReleased, stream) -> Promise<[slot, generation]>
+  // shareAsync(slot, gen, tokens, allowReleased, stream | streams) -> Promise<[slot, generation]>
   Napi::Value ShareAsync(const Napi::CallbackInfo& info) {
     bool allowReleased = info[3].ToBoolean().Value();
-    uint64_t stream = info[4].IsBigInt() ? u64(info[4]) : 0;
+    std::vector<uint64_t> streams = shareStreams(info[4]);
     SequenceRef from = seq(info);
     uint64_t tokens = u64(info[2]);
     auto cache = cache_;
-    return queue(info.Env(), "vattention.share", [cache, from, tokens, allowReleased, stream] {
-      SequenceRef r = cache->share(from, tokens, allowReleased, stream);
+    return queue(info.Env(), "vattention.share", [cache, from, tokens, allowReleased, streams] {
+      SequenceRef r = cache->share(from, tokens, allowReleased, streams);
       return CacheTask::Result{r.slot, r.generation, 2};
     });
   }

@@ -132,6 +132,17 @@ SequenceRef KVCache::reserveAt(uint32_t index) {
   return occupy(index);
 }
 
+void KVCache::cancelReserve(SequenceRef seq) noexcept {
+  Lock lk(core_->lock);
+  if (core_->closed || seq.slot >= core_->slots.size()) return;
+  Slot& s = core_->slots[seq.slot];
+  if (!s.active() || s.generation != seq.generation || s.tokens != 0 || s.extendingNow()) return;
+  s.state = SlotState::Vacant;
+  s.generation--;
+  s.prefetchTarget = 0;
+  reusedPages_ -= std::min<uint64_t>(reusedPages_, s.pages.size());
+}
+
 std::vector<KVCache::GrowthMark> KVCache::markGrowth(const std::vector<GrowRequest>& batch) {
   Lock lk(core_->lock);
   std::vector<GrowthMark> marks;
@@ -550,7 +561,8 @@ int KVCache::freeSlotForShare(uint32_t source) {
 // meanwhile (nothing unmaps, places, reclaims or closes them), and the shared
 // mappings are noted in the pool before they are made, so the source's pages
 // stay while they are mapped again, whatever happens to the source.
-SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
+SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream,
+                           std::optional<uint32_t> intoSlot, ShareUndo* undoInfo) {
   Lock lk(core_->lock);
   const KVLayout& layout = *core_->layout;
   size_t per = layout.pagesPerGroup();
@@ -567,15 +579,42 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
     });
     checkOpen();
     src = core_->slots.indexOf(shareSource(from, tokens, allowReleased));
-    // A free slot that already maps the same pages first (a released sharer
-    // of the same prefix) needs no mapping for them: deferred reclamation for
-    // shared prefixes. Otherwise the free slot with the fewest pages, cleared.
-    reuse = slotMappingPrefix(src, sharedPages);
-    if (reuse >= 0) {
-      dst = static_cast<uint32_t>(reuse);
-      break;
+    int free = -1;
+    if (intoSlot) {
+      // The slot another device chose: taken as it is when it maps the same
+      // prefix, else cleared (a sharer's mappings dropped first).
+      if (*intoSlot >= core_->slots.size() || *intoSlot == src)
+        fail(ErrorCode::InvalidArgument, "slot " + std::to_string(*intoSlot) + " cannot take the share");
+      Slot& s = core_->slots[*intoSlot];
+      if (s.active() || s.extending == Extending::Copying)
+        fail(ErrorCode::NoSlot, "slot " + std::to_string(*intoSlot) + " is not free on this device");
+      if (s.extendingNow()) {
+        core_->changed.wait(lk, [&] { return core_->closing.load() || !s.extendingNow(); });
+        continue;
+      }
+      if (mapsPrefix(*intoSlot, src, sharedPages)) {
+        reuse = static_cast<int>(*intoSlot);
+        dst = *intoSlot;
+        break;
+      }
+      if (s.dropPending) {
+        // on this thread: the slot must be clear now (after the GPU work that may read it)
+        if (s.fences.pending(core_->backend())) s.fences.waitAll(core_->backend());
+        dropMappings(*intoSlot);
+        continue;
+      }
+      free = static_cast<int>(*intoSlot);
+    } else {
+      // A free slot that already maps the same pages first (a released sharer
+      // of the same prefix) needs no mapping for them: deferred reclamation for
+      // shared prefixes. Otherwise the free slot with the fewest pages, cleared.
+      reuse = slotMappingPrefix(src, sharedPages);
+      if (reuse >= 0) {
+        dst = static_cast<uint32_t>(reuse);
+        break;
+      }
+      free = freeSlotForShare(src);
     }
-    int free = freeSlotForShare(src);
     if (free >= 0) {
       Slot& s = core_->slots[free];
       if (s.pages.empty()) {
@@ -654,6 +693,7 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
     throw;
   }
   lk.lock();
+  if (undoInfo) *undoInfo = {child.generation, child.releasedTokens};
   if (reuse < 0) child.pages.assign(shared.begin(), shared.end());
   else reusedPages_ += kept;
   child.pages.insert(child.pages.end(), fresh.begin(), fresh.end());
@@ -669,22 +709,34 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   return {dst, child.generation};
 }
 
-// A free slot whose first `sharedPages` pages are the source's, mapped at
-// the same places, and whose other pages are its own (mapped nowhere else),
-// or -1.
-int KVCache::slotMappingPrefix(uint32_t source, size_t sharedPages) {
-  if (sharedPages == 0) return -1;
-  PagePool& pool = core_->pool();
+// Whether free slot `slot`'s first `sharedPages` pages are the source's,
+// mapped at the same places, and its other pages its own (mapped nowhere else).
+bool KVCache::mapsPrefix(uint32_t slot, uint32_t source, size_t sharedPages) {
+  const Slot& s = core_->slots[slot];
+  if (sharedPages == 0 || slot == source || s.active() || s.extendingNow() || s.pages.size() < sharedPages) return false;
   const std::vector<PageId>& want = core_->slots[source].pages;
-  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
-    const Slot& s = core_->slots[i];
-    if (i == source || s.active() || s.extendingNow() || s.pages.size() < sharedPages) continue;
-    if (!std::equal(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(sharedPages), s.pages.begin())) continue;
-    bool own = true;
-    for (size_t k = sharedPages; k < s.pages.size() && own; ++k) own = pool.mappingsOf(s.pages[k]) == 1;
-    if (own) return static_cast<int>(i);
-  }
+  if (!std::equal(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(sharedPages), s.pages.begin())) return false;
+  PagePool& pool = core_->pool();
+  for (size_t k = sharedPages; k < s.pages.size(); ++k)
+    if (pool.mappingsOf(s.pages[k]) != 1) return false;
+  return true;
+}
+
+// A free slot that maps the source's prefix (mapsPrefix), or -1.
+int KVCache::slotMappingPrefix(uint32_t source, size_t sharedPages) {
+  for (uint32_t i = 0; i < core_->slots.size(); ++i)
+    if (mapsPrefix(i, source, sharedPages)) return static_cast<int>(i);
   return -1;
+}
+
+void KVCache::cancelShare(SequenceRef seq, const ShareUndo& undo) noexcept {
+  Lock lk(core_->lock);
+  if (core_->closed || seq.slot >= core_->slots.size()) return;
+  Slot& s = core_->slots[seq.slot];
+  if (!s.active() || s.generation != seq.generation) return;
+  vacate(seq.slot);  // its shared mappings are dropped as a release drops them
+  s.generation = undo.generation;
+  s.releasedTokens = undo.releasedTokens;
 }
 
 uint64_t KVCache::reclaim(uint64_t bytes) {

@@ -156,7 +156,21 @@ class KVCache {
   // return). KV is append-only, so that copy is the whole copy-on-write.
   // `from` may be released when allowReleased and its slot still holds its
   // pages. All or nothing.
-  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream);
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
+    return share(from, tokens, allowReleased, stream, std::nullopt, nullptr);
+  }
+  // The same into slot `intoSlot` (a cache over several devices: the slot the
+  // first device chose); `undo` receives what cancelShare needs to put the
+  // slot back as it was when another device cannot match the share.
+  struct ShareUndo {
+    uint32_t generation = 0;
+    uint64_t releasedTokens = 0;
+  };
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream,
+                    std::optional<uint32_t> intoSlot, ShareUndo* undo);
+  // The new sequence goes (its mappings dropped as a release drops them) and
+  // the slot's generation and released length are as before the share.
+  void cancelShare(SequenceRef seq, const ShareUndo& undo) noexcept;
   // Moving KV out of device memory and back (kv_cache_moves.cc). Each runs
   // on the caller's thread with the lock released during the copies, so it
   // belongs on a pool thread (the binding's async tasks).
@@ -185,6 +199,10 @@ class KVCache {
   // reserve() into the given slot (the one the first device placed the
   // sequence in); ERR_NO_SLOT when that slot is not free here.
   SequenceRef reserveAt(uint32_t slot);
+  // Undoes a reserve (or reserveAt) that another device could not match:
+  // the slot goes back to how it was, its generation included, so that the
+  // devices' generations stay equal. Nothing grown yet; never throws.
+  void cancelReserve(SequenceRef seq) noexcept;
   // The tokens and mapped page groups of each entry before a growth, and the
   // undo: each entry back to its tokens and, with unmapGrown, its mapped
   // groups beyond the mark unmapped (pages idle in the pool again) unless the
@@ -262,6 +280,7 @@ class KVCache {
   void vacate(uint32_t slot);
   bool sweepDropPending(bool wait, bool force = false);
   int slotMappingPrefix(uint32_t source, size_t sharedPages);
+  bool mapsPrefix(uint32_t slot, uint32_t source, size_t sharedPages);
 
   std::unique_ptr<CacheCore> core_;
   std::unique_ptr<PageMapper> mapper_;

@@ -108,20 +108,18 @@ SequenceRef ShardedCache::reserve(std::optional<uint64_t> expectedTokens) {
   std::lock_guard<std::mutex> hold(placement_);
   SequenceRef first = shards_[0]->reserve(expectedTokens);
   for (size_t d = 1; d < shards_.size(); ++d) {
+    std::optional<SequenceRef> taken;
     try {
-      SequenceRef r = shards_[d]->reserveAt(first.slot);
-      if (r.generation != first.generation)
+      taken = shards_[d]->reserveAt(first.slot);
+      if (taken->generation != first.generation)
         fail(ErrorCode::Internal, "slot " + std::to_string(first.slot) + " is at generation " +
-                                      std::to_string(r.generation) + " on this device and " +
+                                      std::to_string(taken->generation) + " on this device and " +
                                       std::to_string(first.generation) + " on the first");
     } catch (...) {
       std::exception_ptr error = onDevice(std::current_exception(), ordinals_[d]);
-      for (size_t u = d + 1; u-- > 0;) {
-        try {
-          shards_[u]->release({first.slot, first.generation}, std::nullopt);
-        } catch (...) {
-        }
-      }
+      // the slot as it was on every device that took it, generation included
+      if (taken) shards_[d]->cancelReserve(*taken);
+      for (size_t u = d; u-- > 0;) shards_[u]->cancelReserve(first);
       std::rethrow_exception(error);
     }
   }
@@ -255,9 +253,33 @@ void ShardedCache::release(SequenceRef seq, const std::vector<std::optional<uint
   for (size_t d = 0; d < shards_.size(); ++d) shards_[d]->release(seq, std::nullopt);
 }
 
-SequenceRef ShardedCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
-  requireOneDevice("fork and reserve({ prefix })");
-  return shards_[0]->share(from, tokens, allowReleased, stream);
+SequenceRef ShardedCache::share(SequenceRef from, uint64_t tokens, bool allowReleased,
+                                const std::vector<uint64_t>& streams) {
+  auto streamOf = [&](size_t d) { return d < streams.size() ? streams[d] : uint64_t{0}; };
+  if (shards_.size() == 1) return shards_[0]->share(from, tokens, allowReleased, streamOf(0));
+  std::lock_guard<std::mutex> hold(placement_);
+  std::vector<KVCache::ShareUndo> undo(shards_.size());
+  SequenceRef first;
+  try {
+    first = shards_[0]->share(from, tokens, allowReleased, streamOf(0), std::nullopt, &undo[0]);
+  } catch (...) {
+    std::rethrow_exception(onDevice(std::current_exception(), ordinals_[0]));
+  }
+  std::vector<size_t> rest;
+  for (size_t d = 1; d < shards_.size(); ++d) rest.push_back(d);
+  std::vector<SequenceRef> refs(shards_.size(), first);
+  auto errors = onEachDevice(rest, [&](size_t d) {
+    refs[d] = shards_[d]->share(from, tokens, allowReleased, streamOf(d), first.slot, &undo[d]);
+    if (refs[d].generation != first.generation)
+      fail(ErrorCode::Internal, "slot " + std::to_string(first.slot) + " is at generation " +
+                                    std::to_string(refs[d].generation) + " on this device and " +
+                                    std::to_string(first.generation) + " on the first");
+  });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (!failed) return first;
+  for (size_t d = 0; d < shards_.size(); ++d)
+    if (!errors[d] || refs[d].generation != first.generation) shards_[d]->cancelShare(refs[d], undo[d]);
+  rethrowFirst(errors);
 }
 
 uint64_t ShardedCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) {
@@ -303,6 +325,12 @@ void ShardedCache::resume() {
   });
   for (const std::exception_ptr& e : errors)
     if (e) std::rethrow_exception(e);
+}
+
+uint64_t ShardedCache::tokens(SequenceRef seq) {
+  uint64_t least = shards_[0]->tokens(seq);
+  for (size_t d = 1; d < shards_.size(); ++d) least = std::min(least, shards_[d]->tokens(seq));
+  return least;
 }
 
 uint64_t ShardedCache::reclaim(uint64_t bytes) {

@@ -52,8 +52,12 @@ class ShardedCache {
   // `streams`: a fence per device (or none for a device: no fence there).
   void release(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams);
 
+  // fork / reserve({ prefix }): the first device shares into a slot of its
+  // choosing, the others into the same slot at once; all or nothing (the
+  // devices that shared are cancelled when one cannot). `streams`: the copy
+  // of the partial group on each device (0: finished on return).
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, const std::vector<uint64_t>& streams);
   // One device only for now (ERR_INVALID_ARGUMENT with several).
-  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream);
   uint64_t swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream);
   SequenceRef swapIn(uint64_t handle);
   void discardSwapped(uint64_t handle);
@@ -66,7 +70,9 @@ class ShardedCache {
   // `bytes` on each device; returns the bytes freed on all of them.
   uint64_t reclaim(uint64_t bytes);
   uint64_t trim();
-  uint64_t tokens(SequenceRef seq) { return shards_[0]->tokens(seq); }
+  // The tokens backed on every device: the least of them (a growth commits
+  // on one device before another, and is undone there if another fails).
+  uint64_t tokens(SequenceRef seq);
   // What every device could give a growth, in bytes of the whole cache (all
   // devices): devices × the smallest device's figure, so that dividing by the
   // cache's bytes per token gives the tokens a growth could get.
