@@ -16,6 +16,6 @@ export VATTENTION_ADDON="$PWD/build-tsan/Release/vattention.node"
 export LD_PRELOAD="$(gcc -print-file-name=libtsan.so)"
 # suppressions: see the file for why each one is there.
 export TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1 report_signal_unsafe=0 suppressions=$PWD/scripts/tsan.supp"
-files=(test/prefetch.test.ts test/teardown.test.ts test/defects.test.ts test/model.test.ts test/faults.test.ts test/swap-suspend.test.ts test/sharing.test.ts test/multi-device.test.ts)
+files=(test/prefetch.test.ts test/teardown.test.ts test/defects.test.ts test/model.test.ts test/faults.test.ts test/swap-suspend.test.ts test/sharing.test.ts test/multi-device.test.ts test/multi-device-model.test.ts)
 node node_modules/vitest/vitest.mjs run "${files[@]}" "$@"
 echo "ThreadSanitizer: no report (${files[*]})"
