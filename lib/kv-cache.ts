@@ -82,6 +82,8 @@ export interface SwapOutOptions {
    * copy starts once that work is done. Omit when the GPU is done with it.
    */
   stream?: bigint;
+  /** Over several devices: a stream per device, instead of `stream`. */
+  streams?: readonly (bigint | undefined)[];
 }
 
 export interface SuspendOptions {
@@ -600,12 +602,11 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   async swapOut(seq: Sequence, options?: SwapOutOptions): Promise<SwappedSequence> {
     const native = this.#open();
     const generation = this.#check(seq);
-    const o = checkObject('options', options, true);
-    const stream = this.#stream('options.stream', o.stream);
+    const streams = this.#streamsOption(checkObject('options', options, true));
     const tokens = this.#call(() => native.tokens(seq.slot, generation));
-    const handle = await this.#callAsync(() => native.swapOut(seq.slot, generation, stream));
+    const handle = await this.#callAsync(() => native.swapOut(seq.slot, generation, streams));
     Sequence.markReleased(seq);
-    return new SwappedSequence(this, handle, tokens, tokens * this.#layout.bytesPerToken);
+    return new SwappedSequence(this, handle, tokens, tokens * this.bytesPerToken);
   }
 
   /**

@@ -61,7 +61,8 @@ export interface NativeCache {
   /** `streams`: the copy's stream on each device (undefined: finished on return). */
   share(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[]): [slot: number, generation: number];
   shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[]): Promise<[slot: number, generation: number]>;
-  swapOut(slot: number, generation: number, stream?: bigint): Promise<number>;
+  /** `streams`: a fence per device (undefined: none on that device). */
+  swapOut(slot: number, generation: number, streams?: (bigint | undefined)[]): Promise<number>;
   swapIn(handle: number): Promise<[slot: number, generation: number]>;
   discardSwapped(handle: number): void;
   suspend(keepHost: boolean): Promise<void>;

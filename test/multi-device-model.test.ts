@@ -5,7 +5,7 @@
 // shard reads back from that shard, and nothing leaks at close. Host
 // backend (CI); replay a failure with VAT_SEED=<seed> (printed).
 import { describe, expect, it } from 'vitest';
-import { KVCache, type KVCacheOptions, type Sequence } from '../lib/index.js';
+import { KVCache, type KVCacheOptions, type Sequence, type SwappedSequence } from '../lib/index.js';
 import { liveResources } from '../lib/testing.js';
 import { backends, pattern } from './backends.js';
 
@@ -17,7 +17,7 @@ interface Live {
   frozen: boolean; // shared with another sequence: no more writes
 }
 
-const faultOps = ['createPage', 'map', 'setAccess', 'copyDevice'] as const;
+const faultOps = ['createPage', 'map', 'setAccess', 'copyDevice', 'copyToHost', 'copyFromHost'] as const;
 
 function rng(seed: number) {
   let x = seed >>> 0 || 1;
@@ -40,10 +40,11 @@ for (const b of host) {
       it(`keeps the devices identical and each shard its bytes (seed ${seed})`, async () => {
         const rnd = rng(seed);
         const prefetch = seed % 2 === 0 ? 8 : 0;
-        const c = new KVCache({ ...(b.options as KVCacheOptions), devices: [0, 1], prefetchTokens: prefetch });
+        const c = new KVCache({ ...(b.options as KVCacheOptions), devices: [0, 1], prefetchTokens: prefetch, hostMemoryBudget: 64 << 20 });
         const per = c.layout.tokensPerPageGroup;
         const max = c.options.maxTokens;
         const live: Live[] = [];
+        const swapped: { s: SwappedSequence; l: Live }[] = [];
         const codes = new Set<string>();
         const attempt = async (what: string, fn: () => unknown | Promise<unknown>): Promise<boolean> => {
           try {
@@ -62,7 +63,7 @@ for (const b of host) {
           for (let step = 0; step < 600; step++) {
             // a fault on one device, now and then, at the next call of an op
             if (rnd(6) === 0) c._injectFault(faultOps[rnd(faultOps.length)]!, rnd(3), rnd(2) === 0, 0, rnd(2));
-            const op = rnd(9);
+            const op = rnd(11);
             const pick = () => live[rnd(live.length)]!;
             if (op === 0 && live.length < c.options.maxSequences) {
               const seq = c.reserve({ expectedTokens: rnd(max) });
@@ -105,6 +106,22 @@ for (const b of host) {
               c.reclaim(rnd(2) === 0 ? undefined : rnd(8) * c.pageSize);
             } else if (op === 8) {
               c.trim();
+            } else if (op === 9 && live.length) {
+              const i = rnd(live.length);
+              const l = live[i]!;
+              let out: SwappedSequence | undefined;
+              if (await attempt('swapOut', async () => (out = await c.swapOut(l.seq)))) {
+                live.splice(i, 1);
+                swapped.push({ s: out!, l });
+              }
+            } else if (op === 10 && swapped.length && live.length < c.options.maxSequences) {
+              const i = rnd(swapped.length);
+              const { s: out, l } = swapped[i]!;
+              let back: Sequence | undefined;
+              if (await attempt('swapIn', async () => (back = await c.swapIn(out)))) {
+                swapped.splice(i, 1);
+                live.push({ ...l, seq: back!, frozen: false });
+              }
             }
             // invariants
             const st = c.stats();
@@ -124,6 +141,7 @@ for (const b of host) {
               }
             }
             expect(st.activeSequences).toBe(live.length);
+            expect(st.host.swappedSequences).toBe(2 * swapped.length); // each device holds its shard's copy
           }
         } finally {
           c.close();

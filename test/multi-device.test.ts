@@ -365,7 +365,55 @@ for (const b of cases) {
       expect(c.suspended).toBe(false);
       expect(Buffer.from(c.read(s, { layer: 0, kind: 'k', token: 0, count: n })).equals(Buffer.from(a))).toBe(true);
       expect(Buffer.from(c.read(s, { layer: 0, kind: 'k', token: 0, count: n, device: 1 })).equals(Buffer.from(z))).toBe(true);
-      await expect(c.swapOut(s)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
+    });
+
+    it('swapOut and swapIn move every shard and bring each back byte for byte, into the same slot everywhere', async () => {
+      const c = make({ hostMemoryBudget: 256 << 20 });
+      const s = c.reserve();
+      const n = 2 * perGroup(c) + 1;
+      c.grow(s, n);
+      const a = pattern(n * c.tokenBytes, 31);
+      const z = pattern(n * c.tokenBytes, 32);
+      c.write(s, { layer: 3, kind: 'v', token: 0 }, a);
+      c.write(s, { layer: 3, kind: 'v', token: 0, device: 1 }, z);
+      const swapped = await c.swapOut(s, { streams: [0n, undefined] });
+      expect(s.released).toBe(true);
+      expect(c.stats().activeSequences).toBe(0);
+      expect(swapped.bytes).toBe(n * c.bytesPerToken);
+      expect(c.stats().host.bytesSwapped).toBeGreaterThanOrEqual(n * c.bytesPerToken);
+      const t = await c.swapIn(swapped);
+      expect(t.tokens).toBe(n);
+      expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+      expect(Buffer.from(c.read(t, { layer: 3, kind: 'v', token: 0, count: n })).equals(Buffer.from(a))).toBe(true);
+      expect(Buffer.from(c.read(t, { layer: 3, kind: 'v', token: 0, count: n, device: 1 })).equals(Buffer.from(z))).toBe(true);
+      expect(c.stats().host.bytesSwapped).toBe(0);
+      expect(swapped.gone).toBe(true);
+    });
+
+    it('a swap that fails on device 1 changes nothing: swapOut keeps the sequence, swapIn keeps the copy (retryable)', async () => {
+      const c = make({ hostMemoryBudget: 256 << 20 });
+      const s = c.reserve();
+      const n = perGroup(c) + 5;
+      c.grow(s, n);
+      const z = pattern(n * c.tokenBytes, 41);
+      c.write(s, { layer: 0, kind: 'k', token: 0, device: 1 }, z);
+      c._injectFault('copyToHost', 0, false, 0, 1);
+      await expect(c.swapOut(s)).rejects.toMatchObject({ device: 1 });
+      expect(s.released).toBe(false);
+      expect(s.tokens).toBe(n);
+      expect(c.stats().host.bytesSwapped).toBe(0);
+      const swapped = await c.swapOut(s);
+      c._injectFault('copyFromHost', 0, false, 0, 1);
+      await expect(c.swapIn(swapped)).rejects.toMatchObject({ device: 1 });
+      expect(c.stats().activeSequences).toBe(0);
+      expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+      const t = await c.swapIn(swapped);
+      expect(Buffer.from(c.read(t, { layer: 0, kind: 'k', token: 0, count: n, device: 1 })).equals(Buffer.from(z))).toBe(true);
+      expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
+      // and a discarded one frees every device's copy
+      const again = await c.swapOut(t);
+      again.discard();
+      expect(c.stats().host.bytesSwapped).toBe(0);
     });
 
     it('metrics carry a device label per device', () => {

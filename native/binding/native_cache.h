@@ -161,15 +161,27 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     });
   }
 
-  // swapOut(slot, gen, stream?) -> Promise<handle>
+  // swapOut(slot, gen, streams?: (bigint | undefined)[]) -> Promise<handle>
   Napi::Value SwapOut(const Napi::CallbackInfo& info) {
-    std::optional<uint64_t> stream;
-    if (info.Length() > 2 && info[2].IsBigInt()) stream = u64(info[2]);
+    std::vector<std::optional<uint64_t>> streams = streamList(info, 2);
     SequenceRef s = seq(info);
     auto cache = cache_;
-    return queue(info.Env(), "vattention.swapOut", [cache, s, stream] {
-      return CacheTask::Result{cache->swapOut(s, stream), 0, 1};
+    return queue(info.Env(), "vattention.swapOut", [cache, s, streams] {
+      return CacheTask::Result{cache->swapOut(s, streams), 0, 1};
     });
+  }
+
+  // An optional array of per-device streams (undefined entries: none there).
+  static std::vector<std::optional<uint64_t>> streamList(const Napi::CallbackInfo& info, size_t at) {
+    std::vector<std::optional<uint64_t>> streams;
+    if (info.Length() > at && info[at].IsArray()) {
+      Napi::Array a = info[at].As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i) {
+        Napi::Value v = a.Get(i);
+        streams.push_back(v.IsBigInt() ? std::optional<uint64_t>(u64(v)) : std::nullopt);
+      }
+    }
+    return streams;
   }
 
   // swapIn(handle) -> Promise<[slot, generation]>
@@ -255,14 +267,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   // release(slot, gen, streams?: (bigint | undefined)[]): a fence per device.
   void Release(const Napi::CallbackInfo& info) {
-    std::vector<std::optional<uint64_t>> streams;
-    if (info.Length() > 2 && info[2].IsArray()) {
-      Napi::Array a = info[2].As<Napi::Array>();
-      for (uint32_t i = 0; i < a.Length(); ++i) {
-        Napi::Value v = a.Get(i);
-        streams.push_back(v.IsBigInt() ? std::optional<uint64_t>(u64(v)) : std::nullopt);
-      }
-    }
+    std::vector<std::optional<uint64_t>> streams = streamList(info, 2);
     guarded(info.Env(), [&] { cache_->release(seq(info), streams); });
   }
 

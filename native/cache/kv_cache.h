@@ -179,10 +179,18 @@ class KVCache {
   // bytesPerToken bytes) copied to host memory after the work queued on
   // `fenceStream` (if any), then the sequence is released; returns a handle
   // for swapIn. On failure the sequence is as it was.
-  uint64_t swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream);
+  // With keepSequence the sequence stays as it was (a cache over several
+  // devices releases it once every device has its copy).
+  uint64_t swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream, bool keepSequence = false);
   // swapIn: a new sequence (any free slot) holding the swapped tokens; the
   // handle is used up. On failure nothing changed and the handle still works.
-  SequenceRef swapIn(uint64_t handle);
+  // intoSlot: the slot the first device chose (several devices); with
+  // keepCopy the host copy stays (discardSwapped frees it) so that the
+  // swapIn can be cancelled (cancelReserve-like: cancelSwapIn).
+  SequenceRef swapIn(uint64_t handle, std::optional<uint32_t> intoSlot = std::nullopt, bool keepCopy = false);
+  // A swapIn into a slot that another device could not match: the new
+  // sequence goes, the slot's generation is as before the swapIn.
+  void cancelSwapIn(SequenceRef seq) noexcept;
   // Frees a swapped sequence's host memory without swapping it in.
   void discardSwapped(uint64_t handle);
   // suspend: every physical page back to the backend, every address kept;

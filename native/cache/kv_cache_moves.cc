@@ -58,7 +58,7 @@ void KVCache::copySlotTokens(uint32_t slot, uint64_t tokens, const HostBlocks& h
   stream.finish();
 }
 
-uint64_t KVCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) {
+uint64_t KVCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream, bool keepSequence) {
   Lock lk(core_->lock);
   activeSlot(seq);
   checkNotSuspended();
@@ -92,7 +92,8 @@ uint64_t KVCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) 
   lk.lock();
   if (fence) backend.destroyFence(fence);
   s.extending = Extending::No;
-  vacate(seq.slot);
+  if (keepSequence) s.generation = generation;
+  else vacate(seq.slot);
   uint64_t handle = nextSwapHandle_++;
   swapped_[handle] = {std::move(host), tokens, false};
   hostStats_.swapOuts++;
@@ -100,7 +101,7 @@ uint64_t KVCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) 
   return handle;
 }
 
-SequenceRef KVCache::swapIn(uint64_t handle) {
+SequenceRef KVCache::swapIn(uint64_t handle, std::optional<uint32_t> intoSlot, bool keepCopy) {
   Lock lk(core_->lock);
   checkOpen();
   checkNotSuspended();
@@ -114,7 +115,7 @@ SequenceRef KVCache::swapIn(uint64_t handle) {
   lk.unlock();
   std::optional<SequenceRef> seq;
   try {
-    seq = reserve(tokens);
+    seq = intoSlot ? reserveAt(*intoSlot) : reserve(tokens);
     growDetached(*seq, tokens, nullptr);
     lk.lock();
     Slot& s = activeSlot(*seq);
@@ -135,7 +136,12 @@ SequenceRef KVCache::swapIn(uint64_t handle) {
     if (!lk.owns_lock()) lk.lock();
     if (seq && core_->slots.size() > seq->slot) {
       Slot& s = core_->slots[seq->slot];
-      if (s.active() && s.generation == seq->generation) vacate(seq->slot);
+      if (s.active() && s.generation == seq->generation) {
+        vacate(seq->slot);
+        // a cache over several devices (keepCopy): the slot's generation as
+        // before, as on the other devices (cancelSwapIn)
+        if (keepCopy) s.generation = seq->generation - 1;
+      }
     }
     auto again = swapped_.find(handle);
     if (again != swapped_.end()) again->second.swappingIn = false;
@@ -143,11 +149,25 @@ SequenceRef KVCache::swapIn(uint64_t handle) {
     throw;
   }
   auto done = swapped_.find(handle);
-  hostPool_->give(done->second.host);
-  swapped_.erase(done);
+  if (keepCopy) {
+    done->second.swappingIn = false;
+  } else {
+    hostPool_->give(done->second.host);
+    swapped_.erase(done);
+  }
   hostStats_.swapIns++;
   core_->changed.notify_all();
   return *seq;
+}
+
+void KVCache::cancelSwapIn(SequenceRef seq) noexcept {
+  Lock lk(core_->lock);
+  if (core_->closed || seq.slot >= core_->slots.size()) return;
+  Slot& s = core_->slots[seq.slot];
+  if (!s.active() || s.generation != seq.generation || s.extendingNow()) return;
+  vacate(seq.slot);  // its pages stay mapped there (deferred reclamation)
+  s.generation = seq.generation - 1;
+  hostStats_.swapIns--;
 }
 
 void KVCache::discardSwapped(uint64_t handle) {

@@ -97,12 +97,6 @@ void ShardedCache::rethrowFirst(const std::vector<std::exception_ptr>& errors) {
   fail(ErrorCode::Internal, "rethrowFirst without an error");
 }
 
-void ShardedCache::requireOneDevice(const char* what) const {
-  if (shards_.size() > 1)
-    fail(ErrorCode::InvalidArgument,
-         std::string(what) + " is not available on a cache over several devices (yet): use one device per cache for it");
-}
-
 SequenceRef ShardedCache::reserve(std::optional<uint64_t> expectedTokens) {
   if (shards_.size() == 1) return shards_[0]->reserve(expectedTokens);
   std::lock_guard<std::mutex> hold(placement_);
@@ -282,19 +276,87 @@ SequenceRef ShardedCache::share(SequenceRef from, uint64_t tokens, bool allowRel
   rethrowFirst(errors);
 }
 
-uint64_t ShardedCache::swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream) {
-  requireOneDevice("swapOut");
-  return shards_[0]->swapOut(seq, fenceStream);
+uint64_t ShardedCache::swapOut(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams) {
+  auto streamOf = [&](size_t d) { return d < streams.size() ? streams[d] : std::nullopt; };
+  if (shards_.size() == 1) return shards_[0]->swapOut(seq, streamOf(0));
+  std::vector<uint64_t> handles(shards_.size(), 0);
+  auto errors = onEachDevice(allDevices(), [&](size_t d) { handles[d] = shards_[d]->swapOut(seq, streamOf(d), true); });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (failed) {
+    for (size_t d = 0; d < shards_.size(); ++d) {
+      if (errors[d]) continue;
+      try {
+        shards_[d]->discardSwapped(handles[d]);
+      } catch (...) {
+      }
+    }
+    rethrowFirst(errors);
+  }
+  release(seq, {});  // every copy made (after its fence): nothing left to fence
+  std::lock_guard<std::mutex> hold(swappedLock_);
+  uint64_t handle = nextSwapHandle_++;
+  swapped_[handle] = std::move(handles);
+  return handle;
 }
 
 SequenceRef ShardedCache::swapIn(uint64_t handle) {
-  requireOneDevice("swapIn");
-  return shards_[0]->swapIn(handle);
+  if (shards_.size() == 1) return shards_[0]->swapIn(handle);
+  std::vector<uint64_t> handles;
+  {
+    std::lock_guard<std::mutex> hold(swappedLock_);
+    auto it = swapped_.find(handle);
+    if (it == swapped_.end())
+      fail(ErrorCode::InvalidArgument, "swapped: this swapped-out sequence was swapped in or discarded already");
+    handles = it->second;
+  }
+  std::lock_guard<std::mutex> hold(placement_);
+  SequenceRef first;
+  try {
+    first = shards_[0]->swapIn(handles[0], std::nullopt, true);
+  } catch (...) {
+    std::rethrow_exception(onDevice(std::current_exception(), ordinals_[0]));
+  }
+  std::vector<size_t> rest;
+  for (size_t d = 1; d < shards_.size(); ++d) rest.push_back(d);
+  std::vector<std::optional<SequenceRef>> refs(shards_.size());
+  refs[0] = first;
+  auto errors = onEachDevice(rest, [&](size_t d) {
+    refs[d] = shards_[d]->swapIn(handles[d], first.slot, true);
+    if (refs[d]->generation != first.generation)
+      fail(ErrorCode::Internal, "slot " + std::to_string(first.slot) + " is at generation " +
+                                    std::to_string(refs[d]->generation) + " on this device and " +
+                                    std::to_string(first.generation) + " on the first");
+  });
+  bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
+  if (failed) {
+    for (size_t d = 0; d < shards_.size(); ++d)
+      if (refs[d]) shards_[d]->cancelSwapIn(*refs[d]);
+    rethrowFirst(errors);
+  }
+  // every device has its tokens back: the host copies go
+  for (size_t d = 0; d < shards_.size(); ++d) {
+    try {
+      shards_[d]->discardSwapped(handles[d]);
+    } catch (...) {
+    }
+  }
+  std::lock_guard<std::mutex> hold2(swappedLock_);
+  swapped_.erase(handle);
+  return first;
 }
 
 void ShardedCache::discardSwapped(uint64_t handle) {
-  requireOneDevice("discard");
-  shards_[0]->discardSwapped(handle);
+  if (shards_.size() == 1) return shards_[0]->discardSwapped(handle);
+  std::vector<uint64_t> handles;
+  {
+    std::lock_guard<std::mutex> hold(swappedLock_);
+    auto it = swapped_.find(handle);
+    if (it == swapped_.end()) return;  // swapped in or discarded already
+    handles = it->second;
+  }
+  for (size_t d = 0; d < shards_.size(); ++d) shards_[d]->discardSwapped(handles[d]);  // refused while a swapIn runs
+  std::lock_guard<std::mutex> hold(swappedLock_);
+  swapped_.erase(handle);
 }
 
 void ShardedCache::suspend(bool keepHost) {

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "cache/kv_cache.h"
@@ -57,8 +58,13 @@ class ShardedCache {
   // devices that shared are cancelled when one cannot). `streams`: the copy
   // of the partial group on each device (0: finished on return).
   SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, const std::vector<uint64_t>& streams);
-  // One device only for now (ERR_INVALID_ARGUMENT with several).
-  uint64_t swapOut(SequenceRef seq, std::optional<uint64_t> fenceStream);
+  // swapOut: every device copies its shard to host memory (at once, after
+  // the work queued on its stream), and only when all have, the sequence is
+  // released everywhere; a failure discards the copies made and leaves the
+  // sequence as it was. swapIn: the first device places and backs it, the
+  // others the same slot at once; the host copies go once every device has
+  // its tokens back (a failure cancels the devices that did; retryable).
+  uint64_t swapOut(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams);
   SequenceRef swapIn(uint64_t handle);
   void discardSwapped(uint64_t handle);
 
@@ -83,7 +89,6 @@ class ShardedCache {
  private:
   std::vector<std::exception_ptr> onEachDevice(const std::vector<size_t>& devices, const std::function<void(size_t)>& fn);
   [[noreturn]] void rethrowFirst(const std::vector<std::exception_ptr>& errors);
-  void requireOneDevice(const char* what) const;
   // Grows `devices` (each with grow(d)), all or nothing: a device that could
   // not back the batch goes first on its own (its refusal then changes
   // nothing anywhere), the rest at once; on any failure every device that
@@ -99,6 +104,10 @@ class ShardedCache {
   // Growth takes no lock here (each device's cache has its own); a step never
   // waits on another thread's mapping.
   std::mutex placement_;
+  // A swapped-out sequence of several devices: each device's own handle.
+  std::mutex swappedLock_;
+  std::unordered_map<uint64_t, std::vector<uint64_t>> swapped_;
+  uint64_t nextSwapHandle_ = 1;
 };
 
 }  // namespace vat
