@@ -3,7 +3,8 @@
 // It uses the GPU when one is present (backend 'auto'), host memory otherwise.
 // Requests arrive; a prompt's pages are mapped off the event loop
 // (growAsync) and the request joins the batch once they are; the batch
-// decodes one token per step; finished requests leave, their slots keeping
+// decodes one token per step (stepAsync: the event loop never waits on the
+// driver); finished requests leave, their slots keeping
 // their pages for the next ones. When memory runs out, the newest sequence
 // is preempted, and nothing new is admitted until a sequence finishes (so a
 // preempted request cannot cycle back in).
@@ -64,7 +65,8 @@ while (waiting.length || running.length || admitting.length) {
   // one iteration: one more token for every running sequence; all or nothing
   const next = running.map((r) => r.length + 1);
   try {
-    cache.step(running.map((r) => r.seq), next); // prefetch maps ahead meanwhile
+    // step() itself when the batch is backed (prefetch mapped ahead); on a worker thread when a page is missing
+    await cache.stepAsync(running.map((r) => r.seq), next);
   } catch (e) {
     if (!(e instanceof OutOfMemoryError)) throw e;
     // preempt the newest (least work lost); it waits at the front of the queue

@@ -733,7 +733,8 @@ void KVCache::cancelShare(SequenceRef seq, const ShareUndo& undo) noexcept {
   Lock lk(core_->lock);
   if (core_->closed || seq.slot >= core_->slots.size()) return;
   Slot& s = core_->slots[seq.slot];
-  if (!s.active() || s.generation != seq.generation) return;
+  core_->changed.wait(lk, [&] { return core_->closing.load() || !s.extendingNow(); });
+  if (core_->closed || !s.active() || s.generation != seq.generation || s.extendingNow()) return;
   vacate(seq.slot);  // its shared mappings are dropped as a release drops them
   s.generation = undo.generation;
   s.releasedTokens = undo.releasedTokens;

@@ -164,7 +164,9 @@ void KVCache::cancelSwapIn(SequenceRef seq) noexcept {
   Lock lk(core_->lock);
   if (core_->closed || seq.slot >= core_->slots.size()) return;
   Slot& s = core_->slots[seq.slot];
-  if (!s.active() || s.generation != seq.generation || s.extendingNow()) return;
+  // the prefetch worker may be mapping its look-ahead (the growth raised it): let it end
+  core_->changed.wait(lk, [&] { return core_->closing.load() || !s.extendingNow(); });
+  if (core_->closed || !s.active() || s.generation != seq.generation || s.extendingNow()) return;
   vacate(seq.slot);  // its pages stay mapped there (deferred reclamation)
   s.generation = seq.generation - 1;
   hostStats_.swapIns--;
