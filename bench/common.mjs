@@ -66,3 +66,33 @@ export const fmt = {
   ms: (ns) => (ns / 1e6).toFixed(2),
   int: (x) => Math.round(x).toLocaleString('en-US'),
 };
+
+/**
+ * The steps at or above the p99 of `wallNs` (with the part spent in the native
+ * library, `nativeNs[i]`), each split by the thread's usage
+ * taken around it (`before[i]`, `after[i]`: testing.threadUsage()): time on
+ * the CPU, time off it (waiting: a lock, a page fault behind the address-space
+ * lock, preemption), the switches and faults, and whether a GC overlapped it.
+ */
+export function tailBreakdown(wallNs, nativeNs, before, after, gcOverlap) {
+  const sorted = Float64Array.from(wallNs).sort();
+  const p99 = percentile(sorted, 99);
+  const rows = [];
+  for (let i = 0; i < wallNs.length; i++) {
+    if (wallNs[i] < p99) continue;
+    const a = before[i], z = after[i];
+    const cpuNs = z.cpuNs - a.cpuNs;
+    rows.push({
+      step: i,
+      wallNs: wallNs[i],
+      nativeNs: nativeNs[i],
+      cpuNs,
+      offCpuNs: Math.max(0, wallNs[i] - cpuNs),
+      faults: z.minorFaults - a.minorFaults,
+      waits: z.voluntarySwitches - a.voluntarySwitches,
+      preemptions: z.involuntarySwitches - a.involuntarySwitches,
+      gc: gcOverlap[i],
+    });
+  }
+  return rows.sort((x, y) => y.wallNs - x.wallNs);
+}

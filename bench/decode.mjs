@@ -13,11 +13,13 @@
 // on host mmap.
 // With --devices 0,1 it compares one device with a cache over several
 // (tensor parallel) in the per-layer layout, with and without prefetch.
-//   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--compute-us 2000] [--devices 0,1]
+//   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--warmup 32] [--why-tail] [--compute-us 2000] [--devices 0,1]
 import { KVCache } from '../dist/esm/index.mjs';
 import * as gpu from '../dist/esm/testing.mjs';
 import { createStream, destroyStream, synchronizeStream, writeTokens } from '../dist/esm/testing.mjs';
-import { cudaPresent, fmt, nowNs, saveResult, summarize, table } from './common.mjs';
+import { readFileSync } from 'node:fs';
+import { PerformanceObserver, performance } from 'node:perf_hooks';
+import { cudaPresent, fmt, nowNs, saveResult, summarize, table, tailBreakdown } from './common.mjs';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -26,12 +28,46 @@ const onGpu = cudaPresent();
 const backend = onGpu ? 'cuda' : 'host';
 const batches = (args.batches ?? (onGpu ? '1,16,64,256' : '1,16,64')).split(',').map(Number);
 const steps = Number(args.steps ?? (onGpu ? 512 : 256));
+const warmup = Number(args.warmup ?? 32); // untimed steps first, in every configuration
 const computeNs = Number(args['compute-us'] ?? 2000) * 1000;
 const model = { layers: onGpu ? 32 : 8, kvHeads: 8, headDim: 128, dtype: 'float16' };
 const qHeads = 32;
 const maxTokens = 4096;
 const prefetchTokens = 64;
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
+// --why-tail: split the slowest steps (>= p99) into time on the CPU
+// and off it (waiting or preempted), with page faults and GC, from the JS
+// thread's usage taken around each step
+const clock = 'why-tail' in args ? { sample: gpu.threadUsage } : null;
+const gcs = [];
+// the control: fixed arithmetic with no memory traffic, timed right after each
+// step; calibrated to about 20 µs. If it has a tail like step()'s, the tail is
+// the machine's (a hypervisor, interrupts), not the library's.
+let controlRounds = 0;
+function control(rounds) {
+  let x = 1;
+  for (let k = 0; k < rounds; k++) x = (Math.imul(x, 1103515245) + 12345) | 0;
+  return x;
+}
+if (clock) {
+  let sink = 0;
+  for (let r = 0; r < 2000; r++) sink ^= control(1000); // compiled before it is timed
+  for (controlRounds = 256; ; controlRounds *= 2) {
+    const t0 = nowNs();
+    for (let r = 0; r < 100; r++) sink ^= control(controlRounds);
+    if (Number(nowNs() - t0) / 100 >= 20_000 || sink === 0.5) break;
+  }
+}
+/** Steal time of the whole machine so far (ms): time the hypervisor ran someone else on our CPUs. */
+function stealMs() {
+  try {
+    const cpu = readFileSync('/proc/stat', 'latin1').split('\n')[0].trim().split(/\s+/);
+    return (Number(cpu[8]) * 1000) / 100; // USER_HZ
+  } catch {
+    return NaN;
+  }
+}
+if (clock) new PerformanceObserver((l) => gcs.push(...l.getEntries().map((e) => [e.startTime, e.startTime + e.duration]))).observe({ entryTypes: ['gc'] });
 
 // Prefill lengths spread over 1..1024 tokens (one per-layer page of this
 // model), so page boundaries fall on different steps for different
@@ -109,16 +145,37 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
         synchronizeStream(d.stream, d.device);
       }
     }
-    const before = cache.stats();
+    let before = null;
     const lib = [];
     const whole = [];
     const entries = Array.from({ length: b }, () => [0, 0]); // reused every step
     const lengths = new Int32Array(b);
-    for (let t = 0; t < steps; t++) {
+    const clockBefore = [], clockAfter = [], wallMs = [], controlNs = [], nativeNs = [];
+    let stepNs = 0, steal0 = 0;
+    // steps below 0 warm up (the engine compiles the loop and the library's wrapper) and are not timed
+    for (let t = -warmup; t < steps; t++) {
+      if (t === 0) {
+        before = cache.stats();
+        stepNs = before.prefetch.stepNanoseconds;
+        steal0 = clock ? stealMs() : 0;
+      }
+      const timed = t >= 0;
       for (let i = 0; i < b; i++) lens[i]++;
+      if (clock && timed) clockBefore.push(clock.sample());
+      const m0 = clock ? performance.now() : 0;
       const t0 = nowNs();
       cache.step(seqs, lens);
       const t1 = nowNs();
+      if (clock && timed) {
+        wallMs.push([m0, performance.now()]);
+        clockAfter.push(clock.sample());
+        const c0 = nowNs();
+        if (control(controlRounds) === 0.5) throw new Error('unreachable');
+        controlNs.push(Number(nowNs() - c0));
+        const native = cache.stats().prefetch.stepNanoseconds;
+        nativeNs.push(native - stepNs);
+        stepNs = native;
+      }
       if (onGpu) {
         let maxLength = 0;
         for (let i = 0; i < b; i++) {
@@ -128,7 +185,7 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
           maxLength = Math.max(maxLength, lens[i]);
         }
         for (const d of perDevice) {
-          writeTokens(d.writeLayout, entries, t, { stream: d.stream, device: d.device });
+          writeTokens(d.writeLayout, entries, t + warmup, { stream: d.stream, device: d.device });
           gpu.copyToDevice(d.bufs.lengths, lengths, { stream: d.stream, device: d.device });
           attendAllLayers(b, d.bufs, maxLength, d.kvOfLayer, d.stream, d.device, shards);
         }
@@ -137,6 +194,7 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
         Atomics.wait(sleeper, 0, 0, computeNs / 1e6); // the "GPU" computes; the worker may map meanwhile
       }
       const t2 = nowNs();
+      if (!timed) continue;
       lib.push(Number(t1 - t0));
       whole.push(Number(t2 - t0));
     }
@@ -159,6 +217,10 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
       bytesBacked: after.bytesBacked,
       bytesUsed: after.bytesUsed,
       libraryNs: lib,
+      control: clock ? summarize(controlNs) : undefined,
+      stealMs: clock ? stealMs() - steal0 : undefined,
+      // GC entries arrive once the event loop turns: the overlap is worked out after run() returns
+      tail: clock ? () => tailBreakdown(lib, nativeNs, clockBefore, clockAfter, wallMs.map(([a, z]) => gcs.some(([s, e]) => s < z && e > a))) : undefined,
     };
   } finally {
     if (onGpu) {
@@ -182,7 +244,7 @@ function runPaged(b) {
   const stream = createStream();
   const bufs = attentionBuffers(b);
   const lens = prefills(b, 1024);
-  const maxBlocks = Math.ceil((Math.max(...lens) + steps) / blockSize);
+  const maxBlocks = Math.ceil((Math.max(...lens) + warmup + steps) / blockSize);
   const blocks = b * maxBlocks;
   const pool = gpu.allocate(2 * model.layers * blocks * blockBytes); // [2 × layers][blocks][16][heads][dim]
   const table = gpu.allocate(4 * b * maxBlocks);
@@ -211,7 +273,7 @@ function runPaged(b) {
     const lib = [], whole = [];
     const entries = Array.from({ length: b }, () => [0, 0]);
     const lengths = new Int32Array(b);
-    for (let t = 0; t < steps; t++) {
+    for (let t = -warmup; t < steps; t++) {
       for (let i = 0; i < b; i++) lens[i]++;
       const t0 = nowNs();
       let changed = false;
@@ -226,11 +288,12 @@ function runPaged(b) {
         lengths[i] = lens[i];
         maxLength = Math.max(maxLength, lens[i]);
       }
-      writeTokens(writeLayout, entries, t, { stream });
+      writeTokens(writeLayout, entries, t + warmup, { stream });
       gpu.copyToDevice(bufs.lengths, lengths, { stream });
       attendAllLayers(b, bufs, maxLength, kvOfLayer, stream);
       synchronizeStream(stream);
       const t2 = nowNs();
+      if (t < 0) continue;
       lib.push(Number(t1 - t0));
       whole.push(Number(t2 - t0));
     }
@@ -259,6 +322,7 @@ function runPaged(b) {
 }
 
 const results = [];
+const tailLines = [];
 // --devices 0,1: the per-layer layout on the first device alone and on all of
 // them (tensor parallel), with prefetch and with synchronous mapping, side by side.
 const devices = args.devices === undefined ? null : args.devices.split(',').map(Number);
@@ -268,6 +332,7 @@ const configs = devices
       ['per-layer', true, devices],
       ['per-layer', false, [devices[0]]],
       ['per-layer', false, devices],
+      ['per-layer', false, devices, 'threads'],
     ]
   : [
       ['per-layer', true],
@@ -275,23 +340,33 @@ const configs = devices
       ...(onGpu ? [['all-layers', true], ['paged', false]] : [['all-layers', true]]),
     ];
 for (const b of batches) {
-  for (const [memory, prefetch, on] of configs) {
-    // the single-device rows of --devices hold one device's share of the heads: the same work per device
+  for (const [memory, prefetch, on, threads] of configs) {
+    // the single-device rows of --devices hold one device's share of the heads: the same work per device;
+    // "threads": the cache maps for its devices on a thread each instead of one after the other
+    if (threads) process.env.VATTENTION_PARALLEL_DEVICES = '1';
     const r = memory === 'paged' ? runPaged(b) : run(b, prefetch, memory, on, devices ? devices.length : 1);
+    delete process.env.VATTENTION_PARALLEL_DEVICES;
+    if (threads) r.devices += ' threads';
     results.push(r);
+    if (r.tail) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      r.tail = r.tail();
+      const us = (ns) => (ns / 1e3).toFixed(1);
+      tailLines.push(`B=${b} ${r.memory}${devices ? ` devices ${r.devices}` : ''} ${prefetch ? 'prefetch' : 'sync'}: control p50 ${us(r.control.p50)} p99 ${us(r.control.p99)} max ${us(r.control.max)} µs, machine steal ${r.stealMs} ms; steps >= p99: ${r.tail.map((x) => `#${x.step} ${us(x.wallNs)} µs (native ${us(x.nativeNs)}) = cpu ${us(x.cpuNs)} + off ${us(x.offCpuNs)} (${x.waits} waits, ${x.preemptions} preempted, ${x.faults} faults${x.gc ? ', GC' : ''})`).join('; ')}`);
+    }
     process.stderr.write(`decode B=${b} ${r.memory} ${devices ? `devices ${r.devices} ` : ''}${prefetch ? 'prefetch' : 'sync'}: lib p99 ${fmt.us(r.library.p99)} µs, step p50 ${fmt.ms(r.step.p50)} ms\n`);
   }
 }
 
 const work = onGpu ? `write K/V + decode attention of ${model.layers} layers (${qHeads}/${model.kvHeads} heads) per step` : `${computeNs / 1000} µs sleep per step`;
-console.log(`Decode loop (${backend}): ${model.layers} layers x 8 KV heads x 128 dims fp16, ${steps} steps, ${work}, prefetchTokens ${prefetchTokens}`);
+console.log(`Decode loop (${backend}): ${model.layers} layers x 8 KV heads x 128 dims fp16, ${steps} timed steps after ${warmup} untimed, ${work}, prefetchTokens ${prefetchTokens}`);
 const perLayerP50 = (b) => results.find((r) => r.batch === b && r.memory === 'per-layer' && r.prefetch)?.step.p50;
-if (devices) console.log(`Tensor parallel: devices ${devices.join('+')} hold ${model.kvHeads / devices.length} of the ${model.kvHeads} KV heads each and run ${qHeads / devices.length} query heads each; the single-device rows hold one such shard (the same work per device), so the sync rows show whether mapping on ${devices.length} devices costs ${devices.length}x or 1x. "stall": time step() spent mapping on the JS thread, all steps.`);
+if (devices) console.log(`Tensor parallel: devices ${devices.join('+')} hold ${model.kvHeads / devices.length} of the ${model.kvHeads} KV heads each and run ${qHeads / devices.length} query heads each; the single-device rows hold one such shard (the same work per device), so the sync rows show whether mapping on ${devices.length} devices costs ${devices.length}x or 1x. "lib total": time in step() on the JS thread over all steps; "stall": time each device's step spent mapping, summed over the devices (devices mapping at once count twice).`);
 console.log(
   table(results, [
     { title: 'B', value: (r) => r.batch },
     { title: 'memory', value: (r) => r.memory },
-    ...(devices ? [{ title: 'devices', value: (r) => r.devices }, { title: 'lib mean µs', value: (r) => fmt.us(r.library.mean) }, { title: 'stall ms', value: (r) => fmt.ms(r.stallNs) }] : []),
+    ...(devices ? [{ title: 'devices', value: (r) => r.devices }, { title: 'lib mean µs', value: (r) => fmt.us(r.library.mean) }, { title: 'lib total ms', value: (r) => fmt.ms(r.library.mean * r.steps) }, { title: 'stall ms, devices summed', value: (r) => fmt.ms(r.stallNs) }] : []),
     { title: 'mapping', value: (r) => (r.memory === 'paged 16' ? 'blocks' : r.prefetch ? 'prefetch' : 'sync') },
     { title: 'lib p50 µs', value: (r) => fmt.us(r.library.p50) },
     { title: 'lib p99 µs', value: (r) => fmt.us(r.library.p99) },
@@ -309,4 +384,5 @@ console.log(
     { title: 'no-token share', value: (r) => `${((1 - r.bytesUsed / r.bytesBacked) * 100).toFixed(1)}%` },
   ]),
 );
+if (tailLines.length) console.log(`Where the slowest steps' time went (JS thread, --why-tail):\n${tailLines.join('\n')}`);
 saveResult(devices ? 'decode-devices' : 'decode', { devices, backend, model: { ...model, qHeads }, steps, computeNs: onGpu ? null : computeNs, prefetchTokens, results });

@@ -52,12 +52,25 @@ function libraryRate(fromPool) {
 if (args.devices !== undefined) {
   const devices = args.devices.split(',').map(Number);
   const perPage = (t) => ((t.createNs + t.mapNs + t.setAccessNs + t.unmapNs + t.releaseNs) / t.pages / 1e3).toFixed(1);
+  const phases = (t) =>
+    [t.createNs, t.mapNs, t.setAccessNs, t.unmapNs, t.releaseNs].map((ns) => (ns / t.pages / 1e3).toFixed(1)).join('/');
   const configs = [
     ...devices.map((d) => ({ name: `device ${d} alone`, list: [d] })),
     { name: `devices ${devices.join('+')} at once`, list: devices },
     { name: `device ${devices[0]} from ${devices.length} threads`, list: devices.map(() => devices[0]) },
   ];
   const rows = [];
+  {
+    // the devices one after the other on one thread: what serial mapping costs
+    let best = null;
+    for (let r = 0; r < repeat; r++) {
+      const t0 = nowNs();
+      const threads = devices.flatMap((d) => rawVmmLoopConcurrent(pages, [d]).threads);
+      const t = { wallNs: Number(nowNs() - t0), threads };
+      if (best === null || t.wallNs < best.wallNs) best = t;
+    }
+    rows.push({ name: `devices ${devices.join(', ')} one after the other`, list: devices, ...best });
+  }
   for (const c of configs) {
     let best = null;
     for (let r = 0; r < repeat; r++) {
@@ -67,7 +80,8 @@ if (args.devices !== undefined) {
     rows.push({ ...c, ...best });
   }
   // the library: grow() of `pages` pages per device, one cache over all the devices vs one over the first
-  const grown = (list) => {
+  const grown = (list, threads = false) => {
+    if (threads) process.env.VATTENTION_PARALLEL_DEVICES = '1';
     const shape = { layers: 1, kvHeads: 16 * list.length, headDim: 32 * 1024, dtype: 'float16', maxSequences: 1 };
     const maxTokens = pages; // 2 tokens a page of each of K and V: `pages` pages per device
     let bestNs = Infinity;
@@ -82,28 +96,32 @@ if (args.devices !== undefined) {
         cache.close();
       }
     }
+    delete process.env.VATTENTION_PARALLEL_DEVICES;
     return bestNs;
   };
   const libOne = grown([devices[0]]);
   const libAll = grown(devices);
-  const alone = rows[0].wallNs;
+  const libThreads = grown(devices, true);
+  const alone = rows[1].wallNs;
   console.log(`Mapping on several devices: ${pages} pages of 2 MiB per thread (create, map, setAccess, unmap, release), best of ${repeat}`);
   console.log(
     table(
       [
-        ...rows.map((r) => ({ what: `raw loop, ${r.name}`, ns: r.wallNs, per: r.threads.map(perPage).join(' / ') })),
+        ...rows.map((r) => ({ what: `raw loop, ${r.name}`, ns: r.wallNs, per: r.threads.map(perPage).join(" / "), threads: r.threads })),
         { what: `grow() of a cache on device ${devices[0]}`, ns: libOne, per: '' },
         { what: `grow() of a cache over ${devices.join('+')} (same pages per device)`, ns: libAll, per: '' },
+        { what: `grow() of a cache over ${devices.join('+')}, a thread per device`, ns: libThreads, per: '' },
       ],
       [
         { title: 'what', value: (r) => r.what },
         { title: 'wall ms', value: (r) => fmt.ms(r.ns) },
         { title: 'vs one device alone', value: (r) => (r.what.startsWith('grow') ? (r.ns / libOne).toFixed(2) : (r.ns / alone).toFixed(2)) },
         { title: 'µs/page per thread', value: (r) => r.per },
+        { title: 'create/map/access/unmap/release µs/page, thread 1', value: (r) => (r.threads ? phases(r.threads[0]) : '') },
       ],
     ),
   );
-  saveResult('mapping-devices', { pages, repeat, devices, raw: rows, libraryOneDeviceNs: libOne, libraryAllDevicesNs: libAll });
+  saveResult('mapping-devices', { pages, repeat, devices, raw: rows, libraryOneDeviceNs: libOne, libraryAllDevicesNs: libAll, libraryThreadPerDeviceNs: libThreads });
   process.exit(0);
 }
 

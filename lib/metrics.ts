@@ -114,6 +114,8 @@ function familiesOf(stats: CacheStats): MetricFamily[] {
   metric('stall_seconds_total', 'counter', 'Time grow and step spent mapping or waiting on the caller thread.', [[{}, stats.prefetch.stallNanoseconds / 1e9]]);
   metric('step_lock_waits_total', 'counter', 'step() calls that found the cache lock held by another thread.', [[{}, stats.prefetch.lockWaits]]);
   metric('step_lock_wait_seconds_total', 'counter', 'Time step() waited for the cache lock.', [[{}, stats.prefetch.lockWaitNanoseconds / 1e9]]);
+  metric('steps_total', 'counter', 'step() calls (stepAsync included).', [[{}, stats.prefetch.steps]]);
+  metric('step_seconds_total', 'counter', 'Time step() calls spent in the native library.', [[{}, stats.prefetch.stepNanoseconds / 1e9]]);
   metric('prefetch_errors_total', 'counter', 'Prefetch mappings that failed.', [[{}, stats.prefetch.errors]]);
   return families;
 }

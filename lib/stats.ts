@@ -43,6 +43,10 @@ export interface PrefetchStats {
   lockWaits: number;
   /** The time those calls waited for it. */
   lockWaitNanoseconds: number;
+  /** Native step calls, done or failed: each step(); each stepAsync() one, two when it maps on a pool thread. Per device, added up. */
+  steps: number;
+  /** The time those calls spent in the native library (lock waits and mapping included; the JS wrapper and the N-API crossing not). */
+  stepNanoseconds: number;
   /** Worker mappings that failed (retried at the next step). */
   errors: number;
   /** Why the worker could not start (prefetch is then off), or null. See the 'prefetchError' event. */

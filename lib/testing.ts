@@ -32,6 +32,7 @@ interface NativeTesting {
   synchronizeStream(device: number, stream: bigint): void;
   rawVmmLoop(device: number, pages: number): RawVmmTimes;
   rawVmmLoopConcurrent(devices: number[], pages: number): { wallNs: number; threads: RawVmmTimes[] };
+  threadUsage(): [number, number, number, number];
   createContext(device: number): bigint;
   checkFillU32(device: number, address: bigint, count: number, seed: number, counter: bigint, stream: bigint): void;
   createCounter(device: number): bigint;
@@ -224,6 +225,23 @@ export function rawVmmLoopConcurrent(pages: number, devices: readonly number[]):
     throw new InvalidArgumentRangeError('devices', `must list 1 to 16 device ordinals, got ${describe(devices)}`);
   devices.forEach((d, i) => checkInteger(`devices[${i}]`, d, 0, 1023));
   return call(() => native.rawVmmLoopConcurrent([...devices], pages));
+}
+
+/** What the calling thread has used so far (Linux): to split a slow call into running and waiting. */
+export interface ThreadUsage {
+  /** CPU time of this thread (exact, not tick-based). */
+  cpuNs: number;
+  minorFaults: number;
+  /** Times the thread gave up the CPU to wait (a lock, a page fault on a busy address space, I/O). */
+  voluntarySwitches: number;
+  /** Times the thread was preempted. */
+  involuntarySwitches: number;
+}
+
+/** The calling thread's {@link ThreadUsage} now. */
+export function threadUsage(): ThreadUsage {
+  const [cpuNs, minorFaults, voluntarySwitches, involuntarySwitches] = native.threadUsage();
+  return { cpuNs, minorFaults, voluntarySwitches, involuntarySwitches };
 }
 
 /** Driver/OS resources alive in this process (all caches): each is zero once every cache is closed. */

@@ -37,10 +37,18 @@ for (const b of host) {
   describe(`several devices under random operations, host backend, ${b.layoutName} layout`, () => {
     const seeds = process.env.VAT_SEED ? [Number(process.env.VAT_SEED)] : [11, 22, 33, 44, 55, 66];
     for (const seed of seeds) {
-      it(`keeps the devices identical and each shard its bytes (seed ${seed})`, async () => {
+      // seeds 33 and 66: a thread per device (VATTENTION_PARALLEL_DEVICES, read when the cache is made)
+      const threads = seed % 3 === 0;
+      it(`keeps the devices identical and each shard its bytes (seed ${seed}${threads ? ', a thread per device' : ''})`, async () => {
         const rnd = rng(seed);
         const prefetch = seed % 2 === 0 ? 8 : 0;
-        const c = new KVCache({ ...(b.options as KVCacheOptions), devices: [0, 1], prefetchTokens: prefetch, hostMemoryBudget: 64 << 20 });
+        if (threads) process.env.VATTENTION_PARALLEL_DEVICES = '1';
+        let c: KVCache;
+        try {
+          c = new KVCache({ ...(b.options as KVCacheOptions), devices: [0, 1], prefetchTokens: prefetch, hostMemoryBudget: 64 << 20 });
+        } finally {
+          delete process.env.VATTENTION_PARALLEL_DEVICES;
+        }
         const per = c.layout.tokensPerPageGroup;
         const max = c.options.maxTokens;
         const live: Live[] = [];

@@ -187,14 +187,23 @@ for (const b of backends) {
       const a = c.reserve();
       const b2 = c.reserve();
       const js = c.stats().driverCallsOnJsThread;
+      const steps0 = c.stats().prefetch.steps;
       await c.stepAsync([a, b2], [1, per + 1]);
       let s = c.stats();
       expect(s.driverCallsOnJsThread).toBe(js);
+      // the check on the JS thread, then the step on a pool thread: two native steps, timed
+      expect(s.prefetch.steps).toBe(steps0 + 2);
+      expect(s.prefetch.stepNanoseconds).toBeGreaterThan(0);
+      const stepNs = s.prefetch.stepNanoseconds;
       expect([a.tokens, b2.tokens]).toEqual([1, per + 1]);
       expect(s.prefetch.misses).toBe(2);
       await c.stepAsync([a, b2], [2, per + 2]); // backed already: the synchronous path
       s = c.stats();
       expect(s.prefetch.hits).toBe(2);
+      expect(s.prefetch.steps).toBe(steps0 + 3);
+      expect(s.prefetch.stepNanoseconds).toBeGreaterThan(stepNs);
+      expect(() => c.step([a], [c.options.maxTokens + 1])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }));
+      expect(c.stats().prefetch.steps).toBe(steps0 + 4); // a failed step counts too
       expect(s.driverCallsOnJsThread).toBe(js);
       // bytes written through the batch's addresses are there
       const data = pattern(c.tokenBytes, 7);

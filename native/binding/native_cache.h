@@ -370,6 +370,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
     pf.Set("lockWaits", num(env, st.prefetch.lockWaits));
     pf.Set("lockWaitNanoseconds", num(env, st.prefetch.lockWaitNanos));
+    pf.Set("steps", num(env, st.prefetch.steps));
+    pf.Set("stepNanoseconds", num(env, st.prefetch.stepNanos));
     pf.Set("errors", num(env, st.prefetch.errors));
     pf.Set("workerError", st.prefetch.workerError.empty() ? env.Null() : Napi::String::New(env, st.prefetch.workerError));
     o.Set("prefetch", pf);

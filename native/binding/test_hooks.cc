@@ -1,6 +1,9 @@
 #include "binding/test_hooks.h"
 
 #include <cstdio>
+#include <ctime>
+
+#include <sys/resource.h>
 
 #include "backend/host_backend.h"
 #include "binding/js_values.h"
@@ -248,6 +251,23 @@ Napi::Value TestingRawVmmLoopConcurrent(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// threadUsage() -> [cpuNs, minorFaults, voluntarySwitches, involuntarySwitches]
+// of the calling thread: CLOCK_THREAD_CPUTIME_ID is exact (the kernel brings
+// the running task's time up to date), unlike /proc's tick-based figures.
+Napi::Value TestingThreadUsage(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  timespec cpu{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
+  rusage usage{};
+  getrusage(RUSAGE_THREAD, &usage);
+  Napi::Array out = Napi::Array::New(env, 4);
+  out.Set(0u, num(env, uint64_t(cpu.tv_sec) * 1000000000ull + uint64_t(cpu.tv_nsec)));
+  out.Set(1u, num(env, uint64_t(usage.ru_minflt)));
+  out.Set(2u, num(env, uint64_t(usage.ru_nvcsw)));
+  out.Set(3u, num(env, uint64_t(usage.ru_nivcsw)));
+  return out;
+}
+
 Napi::Object TestingExports(Napi::Env env) {
   Napi::Object t = Napi::Object::New(env);
   t.Set("deviceMemory", Napi::Function::New<TestingDeviceMemory>(env));
@@ -260,6 +280,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));
   t.Set("rawVmmLoop", Napi::Function::New<TestingRawVmmLoop>(env));
   t.Set("rawVmmLoopConcurrent", Napi::Function::New<TestingRawVmmLoopConcurrent>(env));
+  t.Set("threadUsage", Napi::Function::New<TestingThreadUsage>(env));
   t.Set("createContext", Napi::Function::New<TestingCreateContext>(env));
   t.Set("checkFillU32", Napi::Function::New<TestingCheckFillU32>(env));
   t.Set("createCounter", Napi::Function::New<TestingCreateCounter>(env));

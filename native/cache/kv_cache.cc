@@ -206,7 +206,18 @@ Lock KVCache::stepLock() {
   return lk;
 }
 
+// Adds one step() call and its time (to its return or throw) to the stats.
+struct KVCache::StepTimer {
+  KVCache& cache;
+  uint64_t start = nowNanos();
+  ~StepTimer() {
+    cache.stepNanos_.fetch_add(nowNanos() - start, std::memory_order_relaxed);
+    cache.stepCalls_.fetch_add(1, std::memory_order_relaxed);
+  }
+};
+
 uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
+  StepTimer timer{*this};
   Lock lk = stepLock();
   uint64_t before = mapper_->reclaimedPages();
   growBatch(lk, batch, true);
@@ -218,6 +229,7 @@ uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
 }
 
 bool KVCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
+  StepTimer timer{*this};
   Lock lk = stepLock();
   if (!growBatch(lk, batch, true, true)) return false;
   bool notify = prefetcher_->afterStep(batch);
@@ -852,6 +864,8 @@ CacheStats KVCache::stats() {
   st.sharedPages = pool.sharedPages();
   st.bytesSavedBySharing = pool.extraMappings() * st.pageSize;
   st.prefetch = demand_;
+  st.prefetch.steps = stepCalls_.load(std::memory_order_relaxed);
+  st.prefetch.stepNanos = stepNanos_.load(std::memory_order_relaxed);
   st.prefetch.pagesAhead = mapper_->pagesMappedOffLock();
   st.prefetch.pagesReclaimedAhead = mapper_->reclaimedAheadPages();
   st.prefetch.errors = prefetcher_->errors();

@@ -86,6 +86,8 @@ struct PrefetchStats {
   uint64_t stallNanos = 0;        // caller time spent mapping or waiting in grow/step
   uint64_t lockWaits = 0;         // step() calls that found the cache's lock held by another thread
   uint64_t lockWaitNanos = 0;     // and the time they waited for it
+  uint64_t steps = 0;             // step() calls (stepAsync's first look included), done or failed
+  uint64_t stepNanos = 0;         // and the time they took in the library, lock and mapping included
   uint64_t errors = 0;            // worker extensions that failed (retried at the next step)
   std::string workerError;        // why the worker could not start (prefetch off), or empty
 };
@@ -296,6 +298,9 @@ class KVCache {
   CacheDescription description_;
   uint64_t reusedPages_ = 0;
   PrefetchStats demand_;  // hits, misses, pages on demand, stall: the callers' side
+  // step() calls and their time: counted after the lock is released, hence atomic
+  std::atomic<uint64_t> stepCalls_{0}, stepNanos_{0};
+  struct StepTimer;
   // growBatch scratch, indexed by slot (see collectTargets). Filled again
   // after every wait, so callers on other threads may use it meanwhile.
   std::vector<uint32_t> batchStamp_;

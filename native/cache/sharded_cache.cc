@@ -1,6 +1,7 @@
 #include "cache/sharded_cache.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -33,6 +34,15 @@ std::exception_ptr onDevice(std::exception_ptr error, int ordinal) {
 ShardedCache::ShardedCache(const CacheOptions& options, const std::vector<int>& devices,
                            const std::vector<uint64_t>& budgets)
     : ordinals_(devices) {
+  // The devices' work runs one after the other on the calling thread: the
+  // driver serialises virtual-memory calls across the GPUs (and threads) of a
+  // process, so a thread per device only adds contention (bench/mapping.mjs
+  // --devices: on 2 H200s, two raw loops at once take 2.07x one loop, one
+  // after the other 2.05x; grow() with a thread per device 2.15x, serially
+  // 2.01x). VATTENTION_PARALLEL_DEVICES=1 brings the threads back, to measure
+  // that again on another driver.
+  const char* parallel = std::getenv("VATTENTION_PARALLEL_DEVICES");
+  parallelDevices_ = parallel != nullptr && parallel[0] == '1';
   if (devices.empty()) fail(ErrorCode::InvalidArgument, "options.devices: at least one device");
   if (budgets.size() != devices.size())
     fail(ErrorCode::InvalidArgument, "a memory budget per device: " + std::to_string(budgets.size()) + " for " +
@@ -78,7 +88,8 @@ std::vector<std::exception_ptr> ShardedCache::onEachDevice(const std::vector<siz
   };
   std::vector<std::thread> threads;
   std::vector<size_t> inline_;
-  for (size_t i = 1; i < devices.size(); ++i) {
+  if (!parallelDevices_) inline_.assign(devices.begin() + (devices.empty() ? 0 : 1), devices.end());
+  for (size_t i = 1; i < devices.size() && parallelDevices_; ++i) {
     try {
       threads.emplace_back(run, devices[i]);
     } catch (const std::system_error&) {

@@ -6,9 +6,9 @@
 //
 //   placement   the first device places a sequence; the others take the same
 //               slot (KVCache::reserveAt)
-//   growth      all or nothing across devices: each device grows (in
-//               parallel, one thread per device), and if any fails the others
-//               are undone (tokens back, the pages they mapped unmapped) and
+//   growth      all or nothing across devices: each device grows (one after
+//               the other: the driver serialises mapping across GPUs), and
+//               if any fails the others are undone (tokens back, the pages they mapped unmapped) and
 //               the error names the device
 //   release     fences recorded on every device first, then every device
 //               releases: the sequence is gone everywhere or nowhere
@@ -87,6 +87,7 @@ class ShardedCache {
   std::string workerError();
 
  private:
+  bool parallelDevices_ = false;  // a thread per device (see the constructor)
   std::vector<std::exception_ptr> onEachDevice(const std::vector<size_t>& devices, const std::function<void(size_t)>& fn);
   [[noreturn]] void rethrowFirst(const std::vector<std::exception_ptr>& errors);
   // Grows `devices` (each with grow(d)), all or nothing: a device that could
