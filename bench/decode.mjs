@@ -13,7 +13,7 @@
 // on host mmap.
 // With --devices 0,1 it compares one device with a cache over several
 // (tensor parallel) in the per-layer layout, with and without prefetch.
-//   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--warmup 32] [--why-tail] [--compute-us 2000] [--devices 0,1]
+//   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--warmup 32] [--why-tail] [--prebacked] [--compute-us 2000] [--devices 0,1]
 import { KVCache } from '../dist/esm/index.mjs';
 import * as gpu from '../dist/esm/testing.mjs';
 import { createStream, destroyStream, synchronizeStream, writeTokens } from '../dist/esm/testing.mjs';
@@ -40,16 +40,19 @@ const sleeper = new Int32Array(new SharedArrayBuffer(4));
 // thread's usage taken around each step
 const clock = 'why-tail' in args ? { sample: gpu.threadUsage } : null;
 const gcs = [];
-// the control: fixed arithmetic with no memory traffic, timed right after each
-// step; calibrated to about 20 µs. If it has a tail like step()'s, the tail is
-// the machine's (a hypervisor, interrupts), not the library's.
+// The control: fixed arithmetic with no memory traffic, calibrated to about
+// 20 µs, timed on the JS thread right after each step in every configuration.
+// Its p99 is what the machine does to a 20 µs stretch of pure computation at
+// that point of the loop: when step()'s p99 is no worse, the tail is the
+// machine's, not the library's. (On a quiet H100 VM its p99 is ~30-45 µs; on
+// a noisy one, with the same code, ~265 µs.)
 let controlRounds = 0;
 function control(rounds) {
   let x = 1;
   for (let k = 0; k < rounds; k++) x = (Math.imul(x, 1103515245) + 12345) | 0;
   return x;
 }
-if (clock) {
+{
   let sink = 0;
   for (let r = 0; r < 2000; r++) sink ^= control(1000); // compiled before it is timed
   for (controlRounds = 256; ; controlRounds *= 2) {
@@ -57,6 +60,11 @@ if (clock) {
     for (let r = 0; r < 100; r++) sink ^= control(controlRounds);
     if (Number(nowNs() - t0) / 100 >= 20_000 || sink === 0.5) break;
   }
+}
+function timeControl() {
+  const c0 = nowNs();
+  if (control(controlRounds) === 0.5) throw new Error('unreachable');
+  return Number(nowNs() - c0);
 }
 /** Steal time of the whole machine so far (ms): time the hypervisor ran someone else on our CPUs. */
 function stealMs() {
@@ -138,6 +146,8 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
     // the same lengths in every configuration; one per-layer page of the model (of a shard: 2x the tokens)
     const lens = prefills(b, 1024 * shards);
     for (let i = 0; i < b; i++) cache.grow(seqs[i], lens[i]); // prefill, not timed
+    // --prebacked: every page the loop will need mapped before it starts (nothing to map while it runs)
+    if ('prebacked' in args) for (let i = 0; i < b; i++) cache.grow(seqs[i], Math.min(maxTokens, lens[i] + warmup + steps + prefetchTokens));
     cache.step(seqs, lens); // schedules look-ahead
     if (onGpu) {
       for (const d of perDevice) {
@@ -166,12 +176,10 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
       const t0 = nowNs();
       cache.step(seqs, lens);
       const t1 = nowNs();
+      if (timed) controlNs.push(timeControl());
       if (clock && timed) {
         wallMs.push([m0, performance.now()]);
         clockAfter.push(clock.sample());
-        const c0 = nowNs();
-        if (control(controlRounds) === 0.5) throw new Error('unreachable');
-        controlNs.push(Number(nowNs() - c0));
         const native = cache.stats().prefetch.stepNanoseconds;
         nativeNs.push(native - stepNs);
         stepNs = native;
@@ -217,7 +225,7 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
       bytesBacked: after.bytesBacked,
       bytesUsed: after.bytesUsed,
       libraryNs: lib,
-      control: clock ? summarize(controlNs) : undefined,
+      control: summarize(controlNs),
       stealMs: clock ? stealMs() - steal0 : undefined,
       // GC entries arrive once the event loop turns: the overlap is worked out after run() returns
       tail: clock ? () => tailBreakdown(lib, nativeNs, clockBefore, clockAfter, wallMs.map(([a, z]) => gcs.some(([s, e]) => s < z && e > a))) : undefined,
@@ -270,7 +278,7 @@ function runPaged(b) {
       paged: { blockTable: table, maxBlocksPerSequence: maxBlocks, blockSize },
     }));
     const writeLayout = { base: pool, tensors: 2 * model.layers, tensorStride, slotStride: blockBytes, tokenBytes: row * 2 };
-    const lib = [], whole = [];
+    const lib = [], whole = [], controlNs = [];
     const entries = Array.from({ length: b }, () => [0, 0]);
     const lengths = new Int32Array(b);
     for (let t = -warmup; t < steps; t++) {
@@ -280,6 +288,7 @@ function runPaged(b) {
       for (let i = 0; i < b; i++) changed = ensure(i, lens[i]) || changed;
       if (changed) gpu.copyToDevice(table, hostTable, { stream });
       const t1 = nowNs();
+      if (t >= 0) controlNs.push(timeControl());
       let maxLength = 0;
       for (let i = 0; i < b; i++) {
         const token = lens[i] - 1;
@@ -304,6 +313,7 @@ function runPaged(b) {
       prefetch: false,
       steps,
       library: summarize(lib),
+      control: summarize(controlNs),
       step: summarize(whole),
       jsThreadDriverCalls: 0,
       pagesMappedAhead: 0,
@@ -370,6 +380,7 @@ console.log(
     { title: 'mapping', value: (r) => (r.memory === 'paged 16' ? 'blocks' : r.prefetch ? 'prefetch' : 'sync') },
     { title: 'lib p50 µs', value: (r) => fmt.us(r.library.p50) },
     { title: 'lib p99 µs', value: (r) => fmt.us(r.library.p99) },
+    { title: 'control p99 µs', value: (r) => fmt.us(r.control.p99) },
     { title: 'lib max µs', value: (r) => fmt.us(r.library.max) },
     { title: 'step p50 ms', value: (r) => fmt.ms(r.step.p50) },
     { title: 'step p99 ms', value: (r) => fmt.ms(r.step.p99) },
