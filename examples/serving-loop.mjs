@@ -69,14 +69,27 @@ while (waiting.length || running.length || admitting.length) {
     await cache.stepAsync(running.map((r) => r.seq), next);
   } catch (e) {
     if (!(e instanceof OutOfMemoryError)) throw e;
+    mayAdmit = false;
+    // prompts mapped while the step ran have decoded nothing yet: they give their memory back first
+    const mapped = admitting.filter((a) => a.state === 'mapped');
+    for (const a of mapped) {
+      cache.release(a.seq);
+      admitting.splice(admitting.indexOf(a), 1);
+      waiting.unshift(a.req);
+      requeued++;
+    }
+    if (mapped.length > 0) continue;
+    if (running.length === 1) {
+      if (admitting.length === 0) throw new Error(`request ${running[0].req.id} does not fit in memory on its own`);
+      await new Promise((resolve) => setImmediate(resolve)); // a prompt still mapping holds memory: it joins, then the newest goes
+      continue;
+    }
     // preempt the newest (least work lost); it waits at the front of the queue
     const victim = running.reduce((a, b) => (b.admittedAt > a.admittedAt ? b : a));
     cache.release(victim.seq); // pass { stream } when kernels may still read it
     running.splice(running.indexOf(victim), 1);
-    if (running.length === 0) throw new Error(`request ${victim.req.id} does not fit in memory on its own`);
     waiting.unshift(victim.req);
     preemptions++;
-    mayAdmit = false;
     continue;
   }
   running.forEach((r, i) => (r.length = next[i]));
