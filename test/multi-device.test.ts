@@ -402,9 +402,13 @@ for (const b of cases) {
       expect(s.released).toBe(false);
       expect(s.tokens).toBe(n);
       expect(c.stats().host.bytesSwapped).toBe(0);
+      // no device counts a swap that did not happen (device 0's copy was made, then given back)
+      expect(c.stats().devices.map((d) => d.host.swapOuts)).toEqual([0, 0]);
       const swapped = await c.swapOut(s);
+      expect(c.stats().devices.map((d) => d.host.swapOuts)).toEqual([1, 1]);
       c._injectFault('copyFromHost', 0, false, 0, 1);
       await expect(c.swapIn(swapped)).rejects.toMatchObject({ device: 1 });
+      expect(c.stats().devices.map((d) => d.host.swapIns)).toEqual([0, 0]);
       expect(c.stats().activeSequences).toBe(0);
       expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
       const t = await c.swapIn(swapped);

@@ -194,6 +194,9 @@ class KVCache {
   // sequence goes, the slot's generation is as before the swapIn.
   void cancelSwapIn(SequenceRef seq) noexcept;
   // Frees a swapped sequence's host memory without swapping it in.
+  // Undoes a swapOut(keepSequence) that another device could not follow:
+  // the copy freed and not counted as a swap-out.
+  void cancelSwapOut(uint64_t handle);
   void discardSwapped(uint64_t handle);
   // suspend: every physical page back to the backend, every address kept;
   // keepHost copies the mapped bytes to host memory first. Released slots and

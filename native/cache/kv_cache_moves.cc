@@ -172,6 +172,16 @@ void KVCache::cancelSwapIn(SequenceRef seq) noexcept {
   hostStats_.swapIns--;
 }
 
+void KVCache::cancelSwapOut(uint64_t handle) {
+  Lock lk(core_->lock);
+  auto it = swapped_.find(handle);
+  if (it == swapped_.end() || it->second.swappingIn) return;
+  hostStats_.swapOuts--;
+  HostBlocks host = std::move(it->second.host);
+  swapped_.erase(it);
+  hostPool_->give(host);
+}
+
 void KVCache::discardSwapped(uint64_t handle) {
   Lock lk(core_->lock);
   checkOpen();

@@ -297,8 +297,9 @@ uint64_t ShardedCache::swapOut(SequenceRef seq, const std::vector<std::optional<
     for (size_t d = 0; d < shards_.size(); ++d) {
       if (errors[d]) continue;
       try {
-        shards_[d]->discardSwapped(handles[d]);
+        shards_[d]->cancelSwapOut(handles[d]);
       } catch (...) {
+        // out of memory giving the blocks back: they stay allocated, the error below is the one to report
       }
     }
     rethrowFirst(errors);
