@@ -334,6 +334,39 @@ for (const b of cases) {
       expect(c.stats().activeSequences).toBe(0);
     });
 
+    it('a growAsync and a step of the same sequence at once, either failing on device 1, leave the devices identical', async () => {
+      const c = make({ prefetchTokens: 0 });
+      let x = 4242;
+      const rnd = (n: number) => {
+        x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+        return x % n;
+      };
+      const outcomes = new Set<string>();
+      const note = (p: Promise<unknown>) =>
+        p.then(
+          () => outcomes.add('ok'),
+          (e: { code: string }) => outcomes.add(e.code),
+        );
+      for (let round = 0; round < 40; round++) {
+        const [a, z] = [c.reserve(), c.reserve()];
+        c.grow(a, 1 + rnd(perGroup(c)));
+        // device 1's next mapping fails after a delay: whichever growth meets it undoes device 0 meanwhile
+        c._injectFault('map', rnd(2), false, 1 + rnd(3), 1);
+        const upTo = (n: number) => Math.min(c.options.maxTokens, n);
+        const pending = [
+          note(c.growAsync(a, upTo(a.tokens + 1 + rnd(3 * perGroup(c))))),
+          note(c.stepAsync([a, z], [upTo(a.tokens + 1 + rnd(2 * perGroup(c))), 1 + rnd(perGroup(c))])),
+          note(c.growAsync(a, upTo(a.tokens + 1 + rnd(2 * perGroup(c))))),
+        ];
+        await Promise.all(pending);
+        const [d0, d1] = slotsOf(c);
+        expect(d1).toEqual(d0);
+        c.release(a);
+        c.release(z);
+      }
+      for (const o of outcomes) expect(['ok', 'ERR_OS', 'ERR_OUT_OF_MEMORY']).toContain(o);
+    });
+
     it('close while a growth is pending on device 1 settles it and frees both devices', async () => {
       const c = make();
       const s = c.reserve();

@@ -69,13 +69,15 @@ ShardedCache::ShardedCache(const CacheOptions& options, const std::vector<int>& 
       std::rethrow_exception(error);
     }
   }
+  claims_ = std::make_unique<GrowthClaims>(options.shape.maxSequences);
 }
 
 ShardedCache::~ShardedCache() { close(); }
 
-// Each device's part at once: the first on this thread, the others on threads
-// of their own, so mapping on two GPUs takes about as long as on one. A
-// thread that cannot start runs its part here instead.
+// Each device's part: one after the other on this thread (see the
+// constructor), or with VATTENTION_PARALLEL_DEVICES the first here and the
+// others on threads of their own (a thread that cannot start runs its part
+// here instead). Every device's error is kept, named.
 std::vector<std::exception_ptr> ShardedCache::onEachDevice(const std::vector<size_t>& devices,
                                                            const std::function<void(size_t)>& fn) {
   std::vector<std::exception_ptr> errors(shards_.size());
@@ -131,6 +133,28 @@ SequenceRef ShardedCache::reserve(std::optional<uint64_t> expectedTokens) {
   return first;
 }
 
+void ShardedCache::GrowthClaims::claim(const std::vector<GrowRequest>& batch) {
+  std::unique_lock<std::mutex> lk(lock_);
+  // a slot out of range is the devices' to refuse (ERR_INVALID_ARGUMENT): not claimed
+  auto free = [&] {
+    for (const GrowRequest& r : batch)
+      if (r.seq.slot < busy_.size() && busy_[r.seq.slot]) return false;
+    return true;
+  };
+  freed_.wait(lk, free);
+  for (const GrowRequest& r : batch)
+    if (r.seq.slot < busy_.size()) busy_[r.seq.slot] = 1;
+}
+
+void ShardedCache::GrowthClaims::unclaim(const std::vector<GrowRequest>& batch) {
+  {
+    std::lock_guard<std::mutex> lk(lock_);
+    for (const GrowRequest& r : batch)
+      if (r.seq.slot < busy_.size()) busy_[r.seq.slot] = 0;
+  }
+  freed_.notify_all();
+}
+
 std::vector<size_t> ShardedCache::allDevices() const {
   std::vector<size_t> all(shards_.size());
   for (size_t d = 0; d < all.size(); ++d) all[d] = d;
@@ -181,6 +205,7 @@ uint64_t ShardedCache::growAll(std::vector<size_t> devices, const std::vector<Gr
 uint64_t ShardedCache::grow(SequenceRef seq, uint64_t tokens) {
   if (shards_.size() == 1) return shards_[0]->grow(seq, tokens);
   std::vector<GrowRequest> one{{seq, tokens}};
+  Claim claim(*claims_, one);
   std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
   for (size_t d = 0; d < shards_.size(); ++d) marks[d] = shards_[d]->markGrowth(one);
   return growAll(allDevices(), one, marks, [&](size_t d) { return shards_[d]->grow(seq, tokens); }, [] {});
@@ -188,6 +213,7 @@ uint64_t ShardedCache::grow(SequenceRef seq, uint64_t tokens) {
 
 bool ShardedCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
   if (shards_.size() == 1) return shards_[0]->stepIfBacked(batch);
+  Claim claim(*claims_, batch);
   // Marks only when a later device is not backed (rare): the first device
   // that is not backed is unchanged, so its tokens are everyone's "before".
   for (size_t d = 0; d < shards_.size(); ++d) {
@@ -205,6 +231,7 @@ bool ShardedCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
 // every device.
 uint64_t ShardedCache::step(const std::vector<GrowRequest>& batch) {
   if (shards_.size() == 1) return shards_[0]->step(batch);
+  Claim claim(*claims_, batch);
   size_t backed = 0;
   while (backed < shards_.size() && shards_[backed]->stepIfBacked(batch)) ++backed;
   if (backed == shards_.size()) return 0;
@@ -230,6 +257,7 @@ uint64_t ShardedCache::step(const std::vector<GrowRequest>& batch) {
 void ShardedCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel) {
   if (shards_.size() == 1) return shards_[0]->growDetached(seq, tokens, cancel);
   std::vector<GrowRequest> one{{seq, tokens}};
+  Claim claim(*claims_, one);
   std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
   for (size_t d = 0; d < shards_.size(); ++d) marks[d] = shards_[d]->markGrowth(one);
   growAll(allDevices(), one, marks, [&](size_t d) {

@@ -17,6 +17,7 @@
 // one of these whatever the number of devices.
 #pragma once
 
+#include <condition_variable>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -99,16 +100,41 @@ class ShardedCache {
                    const std::function<uint64_t(size_t)>& grow, const std::function<void()>& undoOthers);
   std::vector<size_t> allDevices() const;
 
+  // Growths of one sequence across devices one at a time: a growth that fails
+  // on one device undoes the others to the tokens it found, which must not
+  // undo another growth of the same sequence made meanwhile (a step and a
+  // growAsync of it at once) on some devices only. Growths of different
+  // sequences do not wait for each other; a step waits only for a growth of
+  // one of its own sequences.
+  class GrowthClaims {
+   public:
+    explicit GrowthClaims(size_t slots) : busy_(slots, 0) {}
+    void claim(const std::vector<GrowRequest>& batch);
+    void unclaim(const std::vector<GrowRequest>& batch);
+
+   private:
+    std::mutex lock_;
+    std::condition_variable freed_;
+    std::vector<uint8_t> busy_;
+  };
+  struct Claim {
+    GrowthClaims& claims;
+    const std::vector<GrowRequest>& batch;
+    Claim(GrowthClaims& c, const std::vector<GrowRequest>& b) : claims(c), batch(b) { claims.claim(batch); }
+    ~Claim() { claims.unclaim(batch); }
+  };
+
   std::vector<std::unique_ptr<KVCache>> shards_;
   std::vector<int> ordinals_;
   // Placement and release are decided once for every device: one at a time.
-  // Growth takes no lock here (each device's cache has its own); a step never
-  // waits on another thread's mapping.
+  // Growth takes no lock here (each device's cache has its own) beyond its
+  // sequences' claims.
   std::mutex placement_;
   // A swapped-out sequence of several devices: each device's own handle.
   std::mutex swappedLock_;
   std::unordered_map<uint64_t, std::vector<uint64_t>> swapped_;
   uint64_t nextSwapHandle_ = 1;
+  std::unique_ptr<GrowthClaims> claims_;
 };
 
 }  // namespace vat
