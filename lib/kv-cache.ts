@@ -70,6 +70,15 @@ export interface ReserveOptions {
 }
 
 export interface ForkOptions {
+  /**
+   * The tokens the fork shares, all of them written already (at most
+   * `seq.tokens`): the new sequence starts with this length, and every whole
+   * page group below it is shared. Default: `seq.tokens`, with the page group
+   * of the last backed token always copied, never shared, because a step
+   * backs a token before it is written (after `growAsync(seq, prompt + 1)` the
+   * token at `prompt` is the next one each branch writes for itself).
+   */
+  tokens?: number;
   /** CUDA stream (bigint) the copy of the partial page group is queued on, after the work there; without, it is done on return. */
   stream?: bigint;
   /** Over several devices: a stream per device, instead of `stream`. */
@@ -412,8 +421,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const generation = this.#check(seq);
     const o = checkObject('options', options, true);
     const stream = this.#streamsOption(o);
-    const tokens = this.#call(() => native.tokens(seq.slot, generation));
-    const [slot, gen] = this.#call(() => native.share(seq.slot, generation, tokens, false, stream));
+    const [tokens, copyLast] = this.#forkTokens(native, seq, generation, o.tokens);
+    const [slot, gen] = this.#call(() => native.share(seq.slot, generation, tokens, false, stream, copyLast));
     return new Sequence(this, slot, gen);
   }
 
@@ -423,9 +432,16 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const generation = this.#check(seq);
     const o = checkObject('options', options, true);
     const stream = this.#streamsOption(o);
-    const tokens = this.#call(() => native.tokens(seq.slot, generation));
-    const [slot, gen] = await this.#callAsync(() => native.shareAsync(seq.slot, generation, tokens, false, stream));
+    const [tokens, copyLast] = this.#forkTokens(native, seq, generation, o.tokens);
+    const [slot, gen] = await this.#callAsync(() => native.shareAsync(seq.slot, generation, tokens, false, stream, copyLast));
     return new Sequence(this, slot, gen);
+  }
+
+  /** The tokens a fork shares and whether its last backed token's group is copied (the default). */
+  #forkTokens(native: NativeCache, seq: Sequence, generation: number, tokens: unknown): [number, boolean] {
+    const backed = this.#call(() => native.tokens(seq.slot, generation));
+    if (tokens === undefined) return [backed, true];
+    return [checkInteger('options.tokens', tokens, 0, backed), false];
   }
 
   #stream(name: string, stream: unknown): bigint | undefined {
@@ -551,6 +567,9 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     } finally {
       signal?.removeEventListener('abort', cancel);
     }
+    // Released (or swapped out) while the growth ran: nothing is backed for
+    // the caller, who must not go on as if it were.
+    if (seq.released) throw new SequenceReleasedError(`the sequence in slot ${seq.slot} was released during growAsync`);
   }
 
   /** Frees the sequence's slot. Its pages stay mapped for the next sequence placed there. */
@@ -603,8 +622,9 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const native = this.#open();
     const generation = this.#check(seq);
     const streams = this.#streamsOption(checkObject('options', options, true));
-    const tokens = this.#call(() => native.tokens(seq.slot, generation));
-    const handle = await this.#callAsync(() => native.swapOut(seq.slot, generation, streams));
+    // The tokens the copy holds, not those before the call: a growth still
+    // running (growAsync) ends before the copy starts.
+    const [handle, tokens] = await this.#callAsync(() => native.swapOut(seq.slot, generation, streams));
     Sequence.markReleased(seq);
     return new SwappedSequence(this, handle, tokens, tokens * this.bytesPerToken);
   }

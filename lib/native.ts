@@ -59,10 +59,10 @@ export interface NativeCache {
   /** A fence per device (undefined: none on that device). */
   release(slot: number, generation: number, streams?: (bigint | undefined)[]): void;
   /** `streams`: the copy's stream on each device (undefined: finished on return). */
-  share(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[]): [slot: number, generation: number];
-  shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[]): Promise<[slot: number, generation: number]>;
+  share(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[], copyLast?: boolean): [slot: number, generation: number];
+  shareAsync(slot: number, generation: number, tokens: number, allowReleased: boolean, streams?: (bigint | undefined)[], copyLast?: boolean): Promise<[slot: number, generation: number]>;
   /** `streams`: a fence per device (undefined: none on that device). */
-  swapOut(slot: number, generation: number, streams?: (bigint | undefined)[]): Promise<number>;
+  swapOut(slot: number, generation: number, streams?: (bigint | undefined)[]): Promise<[handle: number, tokens: number]>;
   swapIn(handle: number): Promise<[slot: number, generation: number]>;
   discardSwapped(handle: number): void;
   suspend(keepHost: boolean): Promise<void>;

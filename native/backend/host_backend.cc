@@ -11,8 +11,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "common/errors.h"
 
@@ -63,6 +66,52 @@ bool streamHeld(uint64_t stream) {
   return heldStreams().count(stream) != 0;
 }
 
+// A held stream models a busy GPU stream: a device-to-device copy queued on
+// it runs only when the stream finishes (finishHostStream) or a fence
+// recorded on it is waited for, reading the memory as it is *then*, as the
+// GPU would. So a test sees what a copy that outlives its pages does.
+struct QueuedCopy {
+  Address dst, src;
+  size_t bytes;
+};
+std::unordered_map<uint64_t, std::vector<QueuedCopy>>& queuedCopies() {  // under heldStreamsLock
+  static auto* queued = new std::unordered_map<uint64_t, std::vector<QueuedCopy>>();
+  return *queued;
+}
+
+// Every host page mapped in the process (start -> bytes), so a queued copy
+// can tell whether its memory is still there when it runs.
+std::mutex mappedPagesLock;
+std::map<Address, size_t>& mappedPages() {
+  static auto* pages = new std::map<Address, size_t>();
+  return *pages;
+}
+
+bool rangeMapped(Address a, size_t bytes) {  // under mappedPagesLock
+  auto& pages = mappedPages();
+  auto it = pages.upper_bound(a);
+  if (it == pages.begin()) return false;
+  --it;
+  return a >= it->first && a + bytes <= it->first + it->second;
+}
+
+// Runs the copies queued on `stream` (heldStreamsLock held). A copy from
+// memory no longer mapped fills its destination with 0xDB (on a GPU it
+// would read whatever that address holds then, or fault); one to memory no
+// longer mapped is dropped.
+void runQueuedCopies(uint64_t stream) {
+  auto found = queuedCopies().find(stream);
+  if (found == queuedCopies().end()) return;
+  std::vector<QueuedCopy> copies = std::move(found->second);
+  queuedCopies().erase(found);
+  std::lock_guard<std::mutex> guard(mappedPagesLock);
+  for (const QueuedCopy& c : copies) {
+    if (!rangeMapped(c.dst, c.bytes)) continue;
+    if (rangeMapped(c.src, c.bytes)) std::memcpy(at(c.dst), at(c.src), c.bytes);
+    else std::memset(at(c.dst), 0xDB, c.bytes);
+  }
+}
+
 [[noreturn]] void mappingFail(const std::string& what, int err) {
   Error e(ErrorCode::Os, "host backend: " + what + " (the CUDA driver refuses this too)");
   e.status = err;
@@ -79,6 +128,7 @@ void holdHostStream(uint64_t stream) {
 
 void finishHostStream(uint64_t stream) {
   std::lock_guard<std::mutex> guard(heldStreamsLock);
+  runQueuedCopies(stream);
   heldStreams().erase(stream);
 }
 
@@ -155,6 +205,10 @@ void HostBackend::map(Address a, PageHandle page) {
     osFail("mmap(MAP_FIXED)", errno);
   }
   mapped_.insert(a);
+  {
+    std::lock_guard<std::mutex> pagesGuard(mappedPagesLock);
+    mappedPages()[a] = pageSize_;
+  }
   liveResources().mappings++;
 }
 
@@ -172,6 +226,10 @@ void HostBackend::unmap(Address a) {
   void* p = mmap(at(a), pageSize_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   if (p == MAP_FAILED) osFail("mmap(PROT_NONE, MAP_FIXED)", errno);
   mapped_.erase(a);
+  {
+    std::lock_guard<std::mutex> pagesGuard(mappedPagesLock);
+    mappedPages().erase(a);
+  }
   hostMappedPages.fetch_sub(1);
   liveResources().mappings--;
 }
@@ -183,10 +241,17 @@ void HostBackend::copyIn(Address dst, uint64_t pitch, const void* src, size_t ro
   for (size_t r = 0; r < rows; r++) std::memcpy(at(dst + r * pitch), from + r * rowBytes, rowBytes);
 }
 
-void HostBackend::copyDevice(Address dst, Address src, size_t bytes, uint64_t) {
-  // Host "streams" (test hooks) only gate fences; the copy is done at once.
+void HostBackend::copyDevice(Address dst, Address src, size_t bytes, uint64_t stream) {
+  // Done at once, unless a test holds the stream (see QueuedCopy).
   CallScope scope(*this, BackendOp::CopyDevice);
   scope.injectFault("memcpy");
+  {
+    std::lock_guard<std::mutex> guard(heldStreamsLock);
+    if (heldStreams().count(stream) != 0) {
+      queuedCopies()[stream].push_back({dst, src, bytes});
+      return;
+    }
+  }
   std::memcpy(at(dst), at(src), bytes);
 }
 
@@ -217,7 +282,11 @@ uint64_t HostBackend::createStream() { return nextStream_.fetch_add(1) + 1; }
 
 void HostBackend::destroyStream(uint64_t) {}
 
-void HostBackend::syncStream(uint64_t) {}
+void HostBackend::syncStream(uint64_t stream) {
+  // waiting for a held stream runs what was queued on it (as a fence wait does)
+  std::lock_guard<std::mutex> guard(heldStreamsLock);
+  runQueuedCopies(stream);
+}
 
 void HostBackend::copyToHost(void* dst, Address src, size_t bytes, uint64_t) {
   CallScope scope(*this, BackendOp::CopyToHost);
@@ -258,6 +327,11 @@ void HostBackend::waitFence(FenceHandle fence) {
   std::lock_guard<std::mutex> guard(fencesLock_);
   auto it = fences_.find(fence);
   if (it == fences_.end()) fail(ErrorCode::Internal, "host backend: wait on an unknown fence");
+  {
+    // what was queued on the stream before the fence has run once it passed
+    std::lock_guard<std::mutex> heldGuard(heldStreamsLock);
+    runQueuedCopies(it->second.stream);
+  }
   it->second.waited = true;
 }
 

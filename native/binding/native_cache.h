@@ -129,12 +129,14 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return out;
   }
 
-  // share(slot, gen, tokens, allowReleased, stream | streams) -> [slot, generation]
+  // share(slot, gen, tokens, allowReleased, stream | streams, copyLast) -> [slot, generation]
   Napi::Value Share(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     bool allowReleased = info[3].ToBoolean().Value();
     std::vector<uint64_t> streams = shareStreams(info[4]);
-    SequenceRef r = guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, streams); });
+    bool copyLast = info.Length() > 5 && info[5].ToBoolean().Value();
+    SequenceRef r =
+        guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, streams, copyLast); });
     Napi::Array out = Napi::Array::New(env, 2);
     out.Set(0u, r.slot);
     out.Set(1u, r.generation);
@@ -148,26 +150,29 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return Napi::Value(env, promise);
   }
 
-  // shareAsync(slot, gen, tokens, allowReleased, stream | streams) -> Promise<[slot, generation]>
+  // shareAsync(slot, gen, tokens, allowReleased, stream | streams, copyLast) -> Promise<[slot, generation]>
   Napi::Value ShareAsync(const Napi::CallbackInfo& info) {
     bool allowReleased = info[3].ToBoolean().Value();
     std::vector<uint64_t> streams = shareStreams(info[4]);
+    bool copyLast = info.Length() > 5 && info[5].ToBoolean().Value();
     SequenceRef from = seq(info);
     uint64_t tokens = u64(info[2]);
     auto cache = cache_;
-    return queue(info.Env(), "vattention.share", [cache, from, tokens, allowReleased, streams] {
-      SequenceRef r = cache->share(from, tokens, allowReleased, streams);
+    return queue(info.Env(), "vattention.share", [cache, from, tokens, allowReleased, streams, copyLast] {
+      SequenceRef r = cache->share(from, tokens, allowReleased, streams, copyLast);
       return CacheTask::Result{r.slot, r.generation, 2};
     });
   }
 
-  // swapOut(slot, gen, streams?: (bigint | undefined)[]) -> Promise<handle>
+  // swapOut(slot, gen, streams?: (bigint | undefined)[]) -> Promise<[handle, tokens]>
+  // (the tokens the copy holds: a growth that ended first counts)
   Napi::Value SwapOut(const Napi::CallbackInfo& info) {
     std::vector<std::optional<uint64_t>> streams = streamList(info, 2);
     SequenceRef s = seq(info);
     auto cache = cache_;
     return queue(info.Env(), "vattention.swapOut", [cache, s, streams] {
-      return CacheTask::Result{cache->swapOut(s, streams), 0, 1};
+      uint64_t handle = cache->swapOut(s, streams);
+      return CacheTask::Result{handle, cache->swappedTokens(handle), 2};
     });
   }
 

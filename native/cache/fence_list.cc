@@ -2,20 +2,20 @@
 
 namespace vat {
 
-void FenceList::record(Backend& backend, uint64_t stream) {
+void FenceList::record(Backend& backend, uint64_t stream, FenceUse use) {
   fences_.reserve(fences_.size() + 1);  // after the fence exists nothing may fail
-  fences_.push_back(backend.recordFence(stream));
+  fences_.push_back({backend.recordFence(stream), use});
 }
 
 bool FenceList::pending(Backend& backend) noexcept {
   for (size_t i = 0; i < fences_.size();) {
     bool passed = false;
     try {
-      passed = backend.fenceDone(fences_[i]);
+      passed = backend.fenceDone(fences_[i].fence);
     } catch (...) {
     }
     if (passed) {
-      backend.destroyFence(fences_[i]);
+      backend.destroyFence(fences_[i].fence);
       fences_[i] = fences_.back();
       fences_.pop_back();
     } else {
@@ -27,19 +27,19 @@ bool FenceList::pending(Backend& backend) noexcept {
 
 void FenceList::waitAll(Backend& backend) {
   while (!fences_.empty()) {
-    backend.waitFence(fences_.back());
-    backend.destroyFence(fences_.back());
+    backend.waitFence(fences_.back().fence);
+    backend.destroyFence(fences_.back().fence);
     fences_.pop_back();
   }
 }
 
 void FenceList::drain(Backend& backend) noexcept {
-  for (FenceHandle f : fences_) {
+  for (const Entry& e : fences_) {
     try {
-      backend.waitFence(f);
+      backend.waitFence(e.fence);
     } catch (...) {
     }
-    backend.destroyFence(f);
+    backend.destroyFence(e.fence);
   }
   fences_.clear();
 }

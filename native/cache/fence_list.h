@@ -10,10 +10,28 @@
 
 namespace vat {
 
+// Why a fence is on the list.
+enum class FenceUse : uint8_t {
+  Release,  // release(seq, { stream }): GPU work reads the pages
+  Copy,     // a share's copy queued on a stream reads or writes the pages: until it
+            // has run, no new sequence may be placed in the slot either (it would
+            // write where the copy reads, or be overwritten by it)
+};
+
 class FenceList {
  public:
   // Records a fence on `stream`; on failure the list is unchanged.
-  void record(Backend& backend, uint64_t stream);
+  void record(Backend& backend, uint64_t stream, FenceUse use = FenceUse::Release);
+  // Adds a fence recorded already (off the lock); never throws once
+  // reserve() made room for it.
+  void reserveOne() { fences_.reserve(fences_.size() + 1); }
+  void add(FenceHandle fence, FenceUse use) noexcept { fences_.push_back({fence, use}); }
+  // A Copy fence is on the list (as of the last pending() or waitAll()).
+  bool holdsCopy() const {
+    for (const Entry& e : fences_)
+      if (e.use == FenceUse::Copy) return true;
+    return false;
+  }
   // True while a fence has not passed. Fences that have passed are destroyed
   // and dropped; one whose query fails counts as pending (waitAll reports the
   // failure where it matters). Never throws.
@@ -27,7 +45,11 @@ class FenceList {
   size_t size() const { return fences_.size(); }
 
  private:
-  std::vector<FenceHandle> fences_;
+  struct Entry {
+    FenceHandle fence;
+    FenceUse use;
+  };
+  std::vector<Entry> fences_;
 };
 
 }  // namespace vat

@@ -53,8 +53,10 @@ KVCache::KVCache(const CacheOptions& o) {
   batchGroups_.reserve(o.shape.maxSequences);
   core_->device.open(core_->layout->rangeBytes(), budget, o.prefillBytes);
   description_.base = core_->device.base();
-  // 16 MiB blocks: few page-lockings for a long sequence, little waste for a short one.
-  uint64_t block = std::min<uint64_t>(uint64_t{16} << 20, std::max<uint64_t>(4096, o.hostMemoryBudget / 4096 * 4096));
+  // Blocks of a 16th of the budget, 4 KiB to 16 MiB: few page-lockings for a
+  // long sequence, little waste for a short one, and a small budget still
+  // holds several swaps (one block is never the whole budget).
+  uint64_t block = std::min<uint64_t>(uint64_t{16} << 20, std::max<uint64_t>(4096, o.hostMemoryBudget / 16 / 4096 * 4096));
   hostPool_ = std::make_unique<HostBlockPool>(core_->backend(), o.hostMemoryBudget, block);
   try {
     hostPool_->prefill(o.hostMemoryPrefill);
@@ -92,16 +94,34 @@ SequenceRef KVCache::reserve(std::optional<uint64_t> expectedTokens) {
   std::optional<size_t> groups;
   if (expectedTokens) groups = layout.groupsForTokens(std::min<uint64_t>(*expectedTokens, layout.shape().maxTokens));
   sweepDropPending(false);
+  settleCopyFences(false);
   uint32_t index;
   try {
     index = placeSequence(core_->slots, groups);
   } catch (const Error& e) {
-    // Slots still waiting to drop shared pages (a fence, the worker): drop them here.
+    // Slots still waiting to drop shared pages (a fence, the worker) or for a
+    // share's queued copy: wait for them here.
     if (e.code() != ErrorCode::NoSlot) throw;
+    settleCopyFences(true);
     sweepDropPending(true, true);
     index = placeSequence(core_->slots, groups);
   }
   return occupy(index);
+}
+
+// Free slots held by a share's copy still queued on a stream (FenceUse::Copy):
+// their fences that have passed are dropped, or with `wait` waited for.
+// True when a slot became placeable.
+bool KVCache::settleCopyFences(bool wait) {
+  bool freed = false;
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    Slot& s = core_->slots[i];
+    if (s.active() || !s.fences.holdsCopy()) continue;
+    if (wait) s.fences.waitAll(core_->backend());
+    else s.fences.pending(core_->backend());
+    freed = freed || !s.fences.holdsCopy();
+  }
+  return freed;
 }
 
 SequenceRef KVCache::occupy(uint32_t index) {
@@ -120,13 +140,11 @@ SequenceRef KVCache::reserveAt(uint32_t index) {
   checkOpen();
   if (index >= core_->slots.size())
     fail(ErrorCode::InvalidArgument, "slot " + std::to_string(index) + " does not exist");
-  auto placeable = [&] {
-    const Slot& s = core_->slots[index];
-    return !s.active() && !s.dropPending && s.extending != Extending::Copying;
-  };
-  if (!placeable()) {
+  Slot& s = core_->slots[index];
+  if (!s.active() && s.fences.holdsCopy()) s.fences.waitAll(core_->backend());  // a share's queued copy
+  if (!s.placeable()) {
     sweepDropPending(true, true);  // a released sharer's mappings still to drop
-    if (!placeable())
+    if (!s.placeable())
       fail(ErrorCode::NoSlot, "slot " + std::to_string(index) + " is not free on this device");
   }
   return occupy(index);
@@ -136,11 +154,24 @@ void KVCache::cancelReserve(SequenceRef seq) noexcept {
   Lock lk(core_->lock);
   if (core_->closed || seq.slot >= core_->slots.size()) return;
   Slot& s = core_->slots[seq.slot];
-  if (!s.active() || s.generation != seq.generation || s.tokens != 0 || s.extendingNow()) return;
+  // An extension of the slot (the worker) ends first: cancelled under it,
+  // the slot would be left active on this device alone.
+  core_->changed.wait(lk, [&] { return core_->closing.load() || !s.extendingNow(); });
+  if (core_->closed || !s.active() || s.generation != seq.generation || s.tokens != 0) return;
+  unoccupy(seq.slot);
+}
+
+// The undo of occupy(): the slot vacant again with the generation, released
+// length and release time it had, as if no sequence had been placed.
+void KVCache::unoccupy(uint32_t index) noexcept {
+  Slot& s = core_->slots[index];
   s.state = SlotState::Vacant;
   s.generation--;
+  s.tokens = 0;
   s.prefetchTarget = 0;
   reusedPages_ -= std::min<uint64_t>(reusedPages_, s.pages.size());
+  prefetcher_->wake();
+  core_->changed.notify_all();
 }
 
 std::vector<KVCache::GrowthMark> KVCache::markGrowth(const std::vector<GrowRequest>& batch) {
@@ -317,7 +348,8 @@ bool KVCache::growBatch(Lock& lk, const std::vector<GrowRequest>& batch, bool fr
     uint64_t obtainable = mapper_->obtainablePages(batchSlots_);
     if (missing > obtainable) {
       // (released sharers' own pages count once their mappings are dropped)
-      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) || sweepDropPending(false, true)) {
+      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) || sweepDropPending(false, true) ||
+          waitForDroppable(missing, obtainable)) {
         checkBatch();
         missing = collectTargets(batch);
         continue;
@@ -387,7 +419,9 @@ void KVCache::growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<b
     uint64_t obtainable = mapper_->obtainablePages({seq.slot});
     PagePool& pool = core_->pool();
     if (missing > obtainable) {
-      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) || sweepDropPending(false, true)) continue;
+      if (prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) || sweepDropPending(false, true) ||
+          waitForDroppable(missing, obtainable))
+        continue;
       throw outOfMemory(missing, obtainable, pool.pageSize(), pool.counts());
     }
     mapper_->retryStranded();
@@ -542,6 +576,8 @@ Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased
     Slot& p = slots[from.slot];
     // released, and nothing placed there since: generation + 1 (release bumps it)
     if (!p.active() && p.generation == from.generation + 1 && !p.dropPending) {
+      if (tokens > 0 && p.releasedTokens == 0)
+        fail(ErrorCode::SequenceReleased, "the released sequence's tokens are gone (its slot was written since)");
       if (tokens > p.releasedTokens)
         fail(ErrorCode::OutOfRange, "cannot share " + std::to_string(tokens) + " tokens: the sequence had " +
                                         std::to_string(p.releasedTokens));
@@ -560,10 +596,11 @@ Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased
 // The free slot with the fewest mapped pages (they are unmapped first), or -1.
 int KVCache::freeSlotForShare(uint32_t source) {
   sweepDropPending(false);
+  settleCopyFences(false);
   int best = -1;
   for (uint32_t i = 0; i < core_->slots.size(); ++i) {
     const Slot& s = core_->slots[i];
-    if (i == source || s.active() || s.dropPending || s.extendingNow()) continue;
+    if (i == source || !s.placeable() || s.extendingNow()) continue;
     if (best < 0 || s.pages.size() < core_->slots[best].pages.size()) best = static_cast<int>(i);
   }
   return best;
@@ -574,11 +611,12 @@ int KVCache::freeSlotForShare(uint32_t source) {
 // mappings are noted in the pool before they are made, so the source's pages
 // stay while they are mapped again, whatever happens to the source.
 SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream,
-                           std::optional<uint32_t> intoSlot, ShareUndo* undoInfo) {
+                           std::optional<uint32_t> intoSlot, ShareUndo* undoInfo, bool copyLast) {
   Lock lk(core_->lock);
   const KVLayout& layout = *core_->layout;
   size_t per = layout.pagesPerGroup();
-  size_t sharedPages = layout.groupsBefore(tokens) * per, needPages = layout.groupsForTokens(tokens) * per;
+  uint64_t wholeBefore = copyLast && tokens > 0 ? tokens - 1 : tokens;
+  size_t sharedPages = layout.groupsBefore(wholeBefore) * per, needPages = layout.groupsForTokens(tokens) * per;
   uint32_t src = 0, dst = 0;
   int reuse = -1;
   for (;;) {
@@ -598,6 +636,7 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
       if (*intoSlot >= core_->slots.size() || *intoSlot == src)
         fail(ErrorCode::InvalidArgument, "slot " + std::to_string(*intoSlot) + " cannot take the share");
       Slot& s = core_->slots[*intoSlot];
+      if (!s.active() && s.fences.holdsCopy()) s.fences.waitAll(core_->backend());  // a share's queued copy
       if (s.active() || s.extending == Extending::Copying)
         fail(ErrorCode::NoSlot, "slot " + std::to_string(*intoSlot) + " is not free on this device");
       if (s.extendingNow()) {
@@ -647,6 +686,7 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
     fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
   }
   PagePool& pool = core_->pool();  // (only once open: a closed cache has none)
+  Backend& backend = core_->backend();
   Slot& source = core_->slots[src];
   Slot& child = core_->slots[dst];
   size_t kept = reuse >= 0 ? child.pages.size() : 0;  // pages the child keeps where they are
@@ -657,36 +697,59 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   // it is cleared, the rest from the pool or others (not the source).
   uint64_t obtainable = mapper_->obtainablePages({src, dst});
   if (freshCount > obtainable) throw outOfMemory(freshCount, obtainable, pool.pageSize(), pool.counts());
-  child.dropPending = false;
   mapper_->retryStranded();
   std::vector<PageId> createdNow;
   std::vector<PageId> fresh = mapper_->obtainPagesFor(freshCount, createdNow, {src, dst});
   Address base = core_->device.base();
   auto at = [&](uint32_t slot, size_t k) { return base + layout.pageOffset(slot, k / per, k % per); };
-  size_t noted = 0, sharedMapped = 0, freshMapped = 0;
+  size_t noted = 0, sharedMapped = 0, freshMapped = 0, copiesQueued = 0;
+  bool fenced = stream != 0 && needPages > sharedPages;  // a copy queued on the caller's stream
+  FenceHandle sourceFence = 0, childFence = 0;
   std::vector<PageId> shared(source.pages.begin(), source.pages.begin() + static_cast<std::ptrdiff_t>(toShare));
-  auto undo = [&] {  // under the lock
+  // What is mapped off the lock is read here, under it: the pool's page
+  // table may grow (another thread creating pages) while the lock is released.
+  std::vector<PageHandle> sharedHandles;
+  std::vector<Page*> freshRecords;
+  // Every step taken is undone, last first (under the lock). A shared
+  // mapping whose unmap fails stays recorded (in the pool and in the child's
+  // page list, the child a released sharer dropped later), never forgotten.
+  auto undo = [&] {
     for (size_t i = freshMapped; i-- > 0;) {
       try {
         pool.unmap(fresh[i]);
       } catch (...) {
+        // still mapped: giveBack strands it (unmapped again before the next mapping)
       }
     }
+    size_t stillMapped = 0;
     for (size_t k = sharedMapped; k-- > 0;) {
       try {
-        core_->backend().unmap(at(dst, k));
+        backend.unmap(at(dst, k));
       } catch (...) {
+        stillMapped = k + 1;  // pages [0, k] stay mapped and noted
+        break;
       }
     }
-    for (size_t k = noted; k-- > 0;) pool.forgetMappingAt(shared[k], at(dst, k));
+    for (size_t k = noted; k-- > stillMapped;) pool.forgetMappingAt(shared[k], at(dst, k));
     mapper_->giveBack(fresh, createdNow);
-    if (reuse >= 0 && holdsSharedPages(child)) child.dropPending = true;  // as it was
+    if (stillMapped > 0) {
+      child.pages.assign(shared.begin(), shared.begin() + static_cast<std::ptrdiff_t>(stillMapped));
+      child.dropPending = true;  // released sharer: its mappings go when they can
+    }
     source.extending = child.extending = Extending::No;
     core_->changed.notify_all();
   };
   source.extending = child.extending = Extending::Copying;
   try {
     child.pages.reserve(needPages);
+    if (fenced) {
+      source.fences.reserveOne();
+      child.fences.reserveOne();
+    }
+    sharedHandles.reserve(toShare);
+    freshRecords.reserve(fresh.size());
+    for (PageId id : shared) sharedHandles.push_back(pool.page(id).handle);
+    for (PageId id : fresh) freshRecords.push_back(pool.record(id));
     for (; noted < toShare; ++noted) pool.noteMappingAt(shared[noted], at(dst, noted));
   } catch (...) {
     undo();
@@ -694,21 +757,41 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   }
   lk.unlock();
   try {
-    for (; sharedMapped < toShare; ++sharedMapped) pool.mapNoted(shared[sharedMapped], at(dst, sharedMapped));
-    for (; freshMapped < fresh.size(); ++freshMapped)
-      pool.map(*pool.record(fresh[freshMapped]), at(dst, firstFresh + freshMapped));
-    for (size_t k = sharedPages; k < needPages; ++k)
-      core_->backend().copyDevice(at(dst, k), at(src, k), pool.pageSize(), stream);
+    for (; sharedMapped < toShare; ++sharedMapped) {
+      bool mapped = false;
+      try {
+        pool.mapNoted(sharedHandles[sharedMapped], at(dst, sharedMapped), mapped);
+      } catch (...) {
+        if (mapped) ++sharedMapped;  // the undo unmaps it again
+        throw;
+      }
+    }
+    for (; freshMapped < fresh.size(); ++freshMapped) pool.map(*freshRecords[freshMapped], at(dst, firstFresh + freshMapped));
+    for (size_t k = sharedPages; k < needPages; ++k, ++copiesQueued)
+      backend.copyDevice(at(dst, k), at(src, k), pool.pageSize(), stream);
+    if (fenced) fenceShareCopy(stream, sourceFence, childFence);
   } catch (...) {
+    // Copies already queued must run before their pages go anywhere.
+    if (copiesQueued > 0 && stream != 0) {
+      try {
+        backend.syncStream(stream);
+      } catch (...) {
+      }
+    }
     lk.lock();
     undo();
     throw;
   }
   lk.lock();
-  if (undoInfo) *undoInfo = {child.generation, child.releasedTokens};
+  if (undoInfo) *undoInfo = {child.generation};
   if (reuse < 0) child.pages.assign(shared.begin(), shared.end());
   else reusedPages_ += kept;
   child.pages.insert(child.pages.end(), fresh.begin(), fresh.end());
+  // The queued copy reads the source's pages and writes the child's: both
+  // slots keep them mapped, and neither takes a new sequence, until it ran.
+  if (sourceFence) source.fences.add(sourceFence, FenceUse::Copy);
+  if (childFence) child.fences.add(childFence, FenceUse::Copy);
+  child.dropPending = false;  // (a released sharer's slot reused as it was: its own sequence now)
   child.state = SlotState::Active;
   child.generation++;
   child.tokens = tokens;
@@ -721,11 +804,31 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   return {dst, child.generation};
 }
 
+// Off the lock, after a share queued its copy on `stream`: a fence for the
+// source's slot and one for the child's. When one cannot be recorded the
+// stream is waited for instead (the copy has run: no fence needed); when
+// even that fails, the share fails (its undo runs after the copy is over or
+// the device is lost).
+void KVCache::fenceShareCopy(uint64_t stream, FenceHandle& sourceFence, FenceHandle& childFence) {
+  Backend& backend = core_->backend();
+  try {
+    sourceFence = backend.recordFence(stream);
+    childFence = backend.recordFence(stream);
+    return;
+  } catch (...) {
+    if (sourceFence) backend.destroyFence(sourceFence);
+    sourceFence = childFence = 0;
+  }
+  backend.syncStream(stream);
+}
+
 // Whether free slot `slot`'s first `sharedPages` pages are the source's,
 // mapped at the same places, and its other pages its own (mapped nowhere else).
 bool KVCache::mapsPrefix(uint32_t slot, uint32_t source, size_t sharedPages) {
   const Slot& s = core_->slots[slot];
-  if (sharedPages == 0 || slot == source || s.active() || s.extendingNow() || s.pages.size() < sharedPages) return false;
+  if (sharedPages == 0 || slot == source || s.active() || s.extendingNow() || s.fences.holdsCopy() ||
+      s.pages.size() < sharedPages)
+    return false;
   const std::vector<PageId>& want = core_->slots[source].pages;
   if (!std::equal(want.begin(), want.begin() + static_cast<std::ptrdiff_t>(sharedPages), s.pages.begin())) return false;
   PagePool& pool = core_->pool();
@@ -748,8 +851,11 @@ void KVCache::cancelShare(SequenceRef seq, const ShareUndo& undo) noexcept {
   core_->changed.wait(lk, [&] { return core_->closing.load() || !s.extendingNow(); });
   if (core_->closed || !s.active() || s.generation != seq.generation || s.extendingNow()) return;
   vacate(seq.slot);  // its shared mappings are dropped as a release drops them
+  // The generation as before (the devices' generations stay equal), but not
+  // the released sequence that lived here: the share wrote into its pages,
+  // so its stale handle must not become a prefix source again.
   s.generation = undo.generation;
-  s.releasedTokens = undo.releasedTokens;
+  s.releasedTokens = 0;
 }
 
 uint64_t KVCache::reclaim(uint64_t bytes) {
@@ -819,11 +925,23 @@ uint64_t KVCache::tokens(SequenceRef seq) {
   return activeSlot(seq).tokens;
 }
 
+// Pages being retired off the lock and released sharers' pages behind a
+// fence count: a growth that needs them waits for them.
 uint64_t KVCache::obtainableBytes(bool withLookAhead) {
   Lock lk(core_->lock);
   checkOpen();
   if (core_->suspended) return 0;
-  return mapper_->obtainablePages({}, withLookAhead) * core_->pool().pageSize();
+  uint64_t pages = mapper_->obtainablePages({}, withLookAhead) + mapper_->retiringToIdle() + mapper_->droppablePages();
+  return pages * core_->pool().pageSize();
+}
+
+// A growth short of pages: when the released sharers' pages (their fences
+// pending) would make up the difference, waits for those fences and drops
+// the mappings; true when it did (the caller decides again).
+bool KVCache::waitForDroppable(uint64_t missing, uint64_t obtainable) {
+  uint64_t droppable = mapper_->droppablePages();
+  if (droppable == 0 || missing > obtainable + droppable) return false;
+  return sweepDropPending(true, true);
 }
 
 CacheStats KVCache::stats() {

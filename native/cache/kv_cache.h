@@ -158,18 +158,19 @@ class KVCache {
   // return). KV is append-only, so that copy is the whole copy-on-write.
   // `from` may be released when allowReleased and its slot still holds its
   // pages. All or nothing.
-  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream) {
-    return share(from, tokens, allowReleased, stream, std::nullopt, nullptr);
+  // With copyLast the group holding token tokens - 1 is copied even when it
+  // is whole (fork's default: the token a step backed may not be written yet).
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream, bool copyLast = false) {
+    return share(from, tokens, allowReleased, stream, std::nullopt, nullptr, copyLast);
   }
   // The same into slot `intoSlot` (a cache over several devices: the slot the
   // first device chose); `undo` receives what cancelShare needs to put the
   // slot back as it was when another device cannot match the share.
   struct ShareUndo {
     uint32_t generation = 0;
-    uint64_t releasedTokens = 0;
   };
   SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, uint64_t stream,
-                    std::optional<uint32_t> intoSlot, ShareUndo* undo);
+                    std::optional<uint32_t> intoSlot, ShareUndo* undo, bool copyLast = false);
   // The new sequence goes (its mappings dropped as a release drops them) and
   // the slot's generation and released length are as before the share.
   void cancelShare(SequenceRef seq, const ShareUndo& undo) noexcept;
@@ -198,6 +199,8 @@ class KVCache {
   // the copy freed and not counted as a swap-out.
   void cancelSwapOut(uint64_t handle);
   void discardSwapped(uint64_t handle);
+  // The tokens swapped-out sequence `handle` holds; 0 when there is none.
+  uint64_t swappedTokens(uint64_t handle);
   // suspend: every physical page back to the backend, every address kept;
   // keepHost copies the mapped bytes to host memory first. Released slots and
   // pages past active sequences' tokens are unmapped, not kept. resume:
@@ -268,6 +271,7 @@ class KVCache {
   void checkOpen() const;
   void checkNotSuspended() const;
   SequenceRef occupy(uint32_t index);
+  void unoccupy(uint32_t index) noexcept;
   Lock stepLock();
   struct SwappedSequence {
     HostBlocks host;
@@ -287,6 +291,9 @@ class KVCache {
   void teardown();
   Slot& shareSource(SequenceRef from, uint64_t tokens, bool allowReleased);
   int freeSlotForShare(uint32_t source);
+  void fenceShareCopy(uint64_t stream, FenceHandle& sourceFence, FenceHandle& childFence);
+  bool settleCopyFences(bool wait);
+  bool waitForDroppable(uint64_t missing, uint64_t obtainable);
   bool holdsSharedPages(const Slot& s);
   void dropMappings(uint32_t slot);
   void dropIfShared(uint32_t slot);

@@ -118,6 +118,9 @@ SequenceRef KVCache::swapIn(uint64_t handle, std::optional<uint32_t> intoSlot, b
     seq = intoSlot ? reserveAt(*intoSlot) : reserve(tokens);
     growDetached(*seq, tokens, nullptr);
     lk.lock();
+    // The growth asked the worker for the look-ahead, which it may be
+    // mapping now: the slot becomes ours (Copying) only once that ended.
+    core_->changed.wait(lk, [&] { return core_->closing.load() || !core_->slots[seq->slot].extendingNow(); });
     Slot& s = activeSlot(*seq);
     checkNotSuspended();
     s.extending = Extending::Copying;
@@ -137,10 +140,19 @@ SequenceRef KVCache::swapIn(uint64_t handle, std::optional<uint32_t> intoSlot, b
     if (seq && core_->slots.size() > seq->slot) {
       Slot& s = core_->slots[seq->slot];
       if (s.active() && s.generation == seq->generation) {
-        vacate(seq->slot);
-        // a cache over several devices (keepCopy): the slot's generation as
-        // before, as on the other devices (cancelSwapIn)
-        if (keepCopy) s.generation = seq->generation - 1;
+        if (s.tokens == 0) {
+          // Refused before anything was copied (no memory): the slot as it
+          // was, generation and released sequence included.
+          unoccupy(seq->slot);
+        } else {
+          vacate(seq->slot);
+          // the copy wrote part of the swapped tokens here: what a released
+          // sequence left in the slot is gone (no prefix source any more)
+          s.releasedTokens = 0;
+          // a cache over several devices (keepCopy): the slot's generation as
+          // before, as on the other devices (cancelSwapIn)
+          if (keepCopy) s.generation = seq->generation - 1;
+        }
       }
     }
     auto again = swapped_.find(handle);
@@ -169,6 +181,7 @@ void KVCache::cancelSwapIn(SequenceRef seq) noexcept {
   if (core_->closed || !s.active() || s.generation != seq.generation || s.extendingNow()) return;
   vacate(seq.slot);  // its pages stay mapped there (deferred reclamation)
   s.generation = seq.generation - 1;
+  s.releasedTokens = 0;  // they hold the swapped tokens now, not a released sequence's
   hostStats_.swapIns--;
 }
 
@@ -180,6 +193,12 @@ void KVCache::cancelSwapOut(uint64_t handle) {
   HostBlocks host = std::move(it->second.host);
   swapped_.erase(it);
   hostPool_->give(host);
+}
+
+uint64_t KVCache::swappedTokens(uint64_t handle) {
+  Lock lk(core_->lock);
+  auto it = swapped_.find(handle);
+  return it == swapped_.end() ? 0 : it->second.tokens;
 }
 
 void KVCache::discardSwapped(uint64_t handle) {
@@ -284,6 +303,7 @@ void KVCache::resume() {
   if (!core_->suspended) return;
   Backend& backend = core_->backend();
   PagePool& pool = core_->pool();
+  mapper_->retryStranded();  // a mapping an earlier resume's undo left where this one maps
   std::vector<size_t> resumed;  // indexes into suspendedPages_
   try {
     for (size_t k = 0; k < suspendedPages_.size(); ++k) {

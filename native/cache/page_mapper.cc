@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <string>
+#include <unordered_map>
 
 #include "cache/reclaim_policy.h"
 #include "common/errors.h"
@@ -254,6 +255,9 @@ void PageMapper::detachFrom(Retirement& r, uint32_t slot, size_t first) {
   s.pages.resize(first);
   s.extending = Extending::Ahead;
   retiringPages_ += r.pages.size();
+  r.toIdle = 0;
+  for (PageId id : r.pages) r.toIdle += core_.pool().mappingsOf(id) == 1;
+  retiringToIdle_ += r.toIdle;
 }
 
 bool PageMapper::beginDrop(Retirement& r) {
@@ -291,19 +295,41 @@ void PageMapper::runRetirement(Lock& lk, Retirement& r) {
       }
     } else if (pool.mappingsOf(r.pages[i]) == 1) {
       pool.strand(r.pages[i]);
+    } else {
+      // A shared page's mapping at this (free again) slot stayed: the page
+      // record lets it go, the pool keeps it as a stray, unmapped again
+      // before the next mapping (else the next growth here fails "mapped already").
+      pool.forgetMappingAt(r.pages[i], r.addresses[i]);
+      pool.strayMapping(r.addresses[i]);
     }
-    // (a shared page whose unmap here failed keeps that mapping and its other ones: a leak of one
-    // mapping until close, which unmaps every address a page was noted at)
   }
   retiringPages_ -= r.pages.size();
+  retiringToIdle_ -= r.toIdle;
   reclaimedPages_ += done;
   if (r.ahead) reclaimedAheadPages_ += done;
   core_.slots[r.slot].extending = Extending::No;
   core_.changed.notify_all();
 }
 
+// Pages that would go idle once the released sharers (dropPending) drop
+// their mappings: those mapped only in such slots. A growth short of pages
+// waits for their fences rather than fail (they count as obtainable).
+uint64_t PageMapper::droppablePages() {
+  PagePool& pool = core_.pool();
+  std::unordered_map<PageId, uint32_t> inDropping;
+  for (uint32_t i = 0; i < core_.slots.size(); ++i) {
+    const Slot& s = core_.slots[i];
+    if (!s.dropPending || s.active() || s.extendingNow()) continue;
+    for (PageId id : s.pages) ++inDropping[id];
+  }
+  uint64_t n = 0;
+  for (const auto& [id, count] : inDropping) n += pool.mappingsOf(id) == count;
+  return n;
+}
+
 bool PageMapper::beginExtension(Extension& ext, uint32_t slot, size_t toGroups, bool mayReclaim, Extending kind) {
   PagePool& pool = core_.pool();
+  retryStranded();  // a stray mapping left where this extension maps would fail it
   Slot& s = core_.slots[slot];
   ext.slot = slot;
   ext.kind = kind;

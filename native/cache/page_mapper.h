@@ -39,6 +39,7 @@ struct Retirement {
   bool ahead = false;  // by the prefetch worker (counted apart in the stats)
   std::vector<PageId> pages;
   std::vector<Address> addresses;
+  uint64_t toIdle = 0;  // of the pages, those whose last mapping this is (idle once unmapped)
 };
 
 class PageMapper {
@@ -96,6 +97,9 @@ class PageMapper {
   // Pages detached by a retirement and not yet back: still mapped, counted
   // with the released slots' bytes.
   uint64_t retiringPages() const { return retiringPages_; }
+  // Of them, those that will be idle (their last mapping goes): obtainable.
+  uint64_t retiringToIdle() const { return retiringToIdle_; }
+  uint64_t droppablePages();
 
   // Pages for a new mapping (fork's copies): idle, created, reclaimed (not
   // from `exclude`), all or nothing; giveBack returns them on failure.
@@ -135,6 +139,7 @@ class PageMapper {
   uint64_t reclaimedPages_ = 0;      // pages unmapped from other slots, ever
   uint64_t reclaimedAheadPages_ = 0; // of those, by the prefetch worker ahead of need
   uint64_t retiringPages_ = 0;       // detached by retirements in progress
+  uint64_t retiringToIdle_ = 0;      // of them, going idle
   uint64_t pagesMappedOffLock_ = 0;  // pages committed by extensions (worker, growAsync), ever
 };
 

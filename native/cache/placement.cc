@@ -11,8 +11,7 @@ uint32_t placeSequence(const SlotTable& slots, std::optional<size_t> expectedGro
   int best = -1;
   for (uint32_t i = 0; i < slots.size(); ++i) {
     const Slot& s = slots[i];
-    // Copying: a swap or a share is using its pages with the lock released.
-    if (s.active() || s.dropPending || s.extending == Extending::Copying) continue;
+    if (!s.placeable()) continue;
     if (best < 0) {
       best = static_cast<int>(i);
       continue;

@@ -287,14 +287,14 @@ void ShardedCache::release(SequenceRef seq, const std::vector<std::optional<uint
 }
 
 SequenceRef ShardedCache::share(SequenceRef from, uint64_t tokens, bool allowReleased,
-                                const std::vector<uint64_t>& streams) {
+                                const std::vector<uint64_t>& streams, bool copyLast) {
   auto streamOf = [&](size_t d) { return d < streams.size() ? streams[d] : uint64_t{0}; };
-  if (shards_.size() == 1) return shards_[0]->share(from, tokens, allowReleased, streamOf(0));
+  if (shards_.size() == 1) return shards_[0]->share(from, tokens, allowReleased, streamOf(0), copyLast);
   std::lock_guard<std::mutex> hold(placement_);
   std::vector<KVCache::ShareUndo> undo(shards_.size());
   SequenceRef first;
   try {
-    first = shards_[0]->share(from, tokens, allowReleased, streamOf(0), std::nullopt, &undo[0]);
+    first = shards_[0]->share(from, tokens, allowReleased, streamOf(0), std::nullopt, &undo[0], copyLast);
   } catch (...) {
     std::rethrow_exception(onDevice(std::current_exception(), ordinals_[0]));
   }
@@ -302,7 +302,7 @@ SequenceRef ShardedCache::share(SequenceRef from, uint64_t tokens, bool allowRel
   for (size_t d = 1; d < shards_.size(); ++d) rest.push_back(d);
   std::vector<SequenceRef> refs(shards_.size(), first);
   auto errors = onEachDevice(rest, [&](size_t d) {
-    refs[d] = shards_[d]->share(from, tokens, allowReleased, streamOf(d), first.slot, &undo[d]);
+    refs[d] = shards_[d]->share(from, tokens, allowReleased, streamOf(d), first.slot, &undo[d], copyLast);
     if (refs[d].generation != first.generation)
       fail(ErrorCode::Internal, "slot " + std::to_string(first.slot) + " is at generation " +
                                     std::to_string(refs[d].generation) + " on this device and " +
@@ -337,6 +337,20 @@ uint64_t ShardedCache::swapOut(SequenceRef seq, const std::vector<std::optional<
   uint64_t handle = nextSwapHandle_++;
   swapped_[handle] = std::move(handles);
   return handle;
+}
+
+uint64_t ShardedCache::swappedTokens(uint64_t handle) {
+  if (shards_.size() == 1) return shards_[0]->swappedTokens(handle);
+  std::vector<uint64_t> handles;
+  {
+    std::lock_guard<std::mutex> hold(swappedLock_);
+    auto it = swapped_.find(handle);
+    if (it == swapped_.end()) return 0;
+    handles = it->second;
+  }
+  uint64_t tokens = UINT64_MAX;
+  for (size_t d = 0; d < shards_.size(); ++d) tokens = std::min(tokens, shards_[d]->swappedTokens(handles[d]));
+  return tokens;
 }
 
 SequenceRef ShardedCache::swapIn(uint64_t handle) {

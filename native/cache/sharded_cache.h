@@ -58,7 +58,8 @@ class ShardedCache {
   // choosing, the others into the same slot at once; all or nothing (the
   // devices that shared are cancelled when one cannot). `streams`: the copy
   // of the partial group on each device (0: finished on return).
-  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, const std::vector<uint64_t>& streams);
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, const std::vector<uint64_t>& streams,
+                    bool copyLast = false);
   // swapOut: every device copies its shard to host memory (at once, after
   // the work queued on its stream), and only when all have, the sequence is
   // released everywhere; a failure discards the copies made and leaves the
@@ -67,6 +68,8 @@ class ShardedCache {
   // its tokens back (a failure cancels the devices that did; retryable).
   uint64_t swapOut(SequenceRef seq, const std::vector<std::optional<uint64_t>>& streams);
   SequenceRef swapIn(uint64_t handle);
+  // The tokens a swapped-out sequence holds (0 when the handle is gone).
+  uint64_t swappedTokens(uint64_t handle);
   void discardSwapped(uint64_t handle);
 
   // Every device, all or nothing (a device that suspended is resumed again

@@ -49,6 +49,13 @@ struct Slot {
 
   bool active() const { return state == SlotState::Active; }
   bool extendingNow() const { return extending != Extending::No; }
+  // A new sequence may be placed here now: no sequence, no pages shared
+  // with another slot still mapped (dropPending), no swap or share using the
+  // pages off the lock (Copying), no share's copy still queued on a stream.
+  // (A copy fence is seen as passed only once fences.pending() dropped it.)
+  bool placeable() const {
+    return !active() && !dropPending && extending != Extending::Copying && !fences.holdsCopy();
+  }
 };
 
 class SlotTable {

@@ -75,7 +75,23 @@ void PagePool::strand(PageId id) {
   stranded_.push_back(id);
 }
 
+void PagePool::strayMapping(Address at) noexcept {
+  try {
+    strays_.push_back(at);
+  } catch (...) {
+    // no memory even for the record: the mapping goes at close with the range
+  }
+}
+
 size_t PagePool::retryStranded() {
+  for (size_t i = strays_.size(); i-- > 0;) {
+    try {
+      backend_.unmap(strays_[i]);
+    } catch (...) {
+      continue;
+    }
+    strays_.erase(strays_.begin() + static_cast<std::ptrdiff_t>(i));
+  }
   for (size_t i = stranded_.size(); i-- > 0;) {
     PageId id = stranded_[i];
     try {
@@ -148,15 +164,18 @@ bool PagePool::noteUnmappedAt(PageId id, Address at) {
   return false;
 }
 
-void PagePool::mapNoted(PageId id, Address at) {
-  PageHandle handle = pages_[id]->handle;  // fixed while the page is mapped (the note keeps it so)
+void PagePool::mapNoted(PageHandle handle, Address at, bool& mapped) {
+  mapped = false;
   backend_.map(at, handle);
+  mapped = true;
   try {
     backend_.setAccess(at);
   } catch (...) {
     try {
       backend_.unmap(at);
+      mapped = false;
     } catch (...) {
+      // left mapped: the caller's undo unmaps it again (or keeps it recorded)
     }
     throw;
   }
@@ -217,26 +236,25 @@ void PagePool::forgetSuspendedAt(Page& p, PageId id, Address at) {
 }
 
 // Every mapping goes, then the memory; a failure maps back what was unmapped.
+// When mapping back fails too, the page cannot be Accessible any more (a
+// slot would list an address with nothing behind it): it is Suspended at
+// every address, keeping its memory (the handle), which resumePage maps
+// again with the bytes it holds, and the error is thrown.
 void PagePool::suspendPage(PageId id) {
   Page& p = *pages_[id];
   if (p.state != PageState::Accessible) fail(ErrorCode::Internal, "only a mapped page can be suspended");
   std::vector<Address> all{p.address};
   all.insert(all.end(), p.sharedAt.begin(), p.sharedAt.end());
   size_t unmapped = 0;
-  auto remapDone = [&] {
-    for (size_t i = 0; i < unmapped; ++i) {
-      try {
-        backend_.map(all[i], p.handle);
-        backend_.setAccess(all[i]);
-      } catch (...) {
-      }
-    }
-  };
   try {
     for (; unmapped < all.size(); ++unmapped) backend_.unmap(all[unmapped]);
     backend_.releasePage(p.handle);
   } catch (...) {
-    remapDone();
+    if (!remapAll(p.handle, all, unmapped)) {
+      p.state = PageState::Suspended;  // the handle kept: its memory and bytes are still there
+      --mapped_;
+      ++suspended_;
+    }
     throw;
   }
   p.handle = 0;
@@ -246,11 +264,47 @@ void PagePool::suspendPage(PageId id) {
   ++suspended_;
 }
 
+// The undo of unmapping all[0, count): maps them back. When one cannot be,
+// those mapped back are unmapped again so that none is (false); an address
+// whose unmap fails then stays mapped, recorded as a stray mapping.
+bool PagePool::remapAll(PageHandle handle, const std::vector<Address>& all, size_t count) {
+  size_t done = 0;
+  try {
+    for (; done < count; ++done) {
+      backend_.map(all[done], handle);
+      try {
+        backend_.setAccess(all[done]);
+      } catch (...) {
+        backend_.unmap(all[done]);
+        throw;
+      }
+    }
+    return true;
+  } catch (...) {
+  }
+  for (size_t i = done; i-- > 0;) {
+    try {
+      backend_.unmap(all[i]);
+    } catch (...) {
+      strayMapping(all[i]);
+    }
+  }
+  // the addresses past `count` were never unmapped: they go now
+  for (size_t i = count; i < all.size(); ++i) {
+    try {
+      backend_.unmap(all[i]);
+    } catch (...) {
+      strayMapping(all[i]);
+    }
+  }
+  return false;
+}
+
 // New memory at every address the page had; a failure unmaps and releases it.
 void PagePool::resumePage(PageId id) {
   Page& p = *pages_[id];
   if (p.state != PageState::Suspended) fail(ErrorCode::Internal, "only a suspended page can be resumed");
-  if (headroom() == 0) {
+  if (p.handle == 0 && headroom() == 0) {
     Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages_) + " pages of " +
                                         std::to_string(pageSize_) + " bytes)");
     e.requestedBytes = pageSize_;
@@ -258,7 +312,8 @@ void PagePool::resumePage(PageId id) {
   }
   std::vector<Address> all{p.address};
   all.insert(all.end(), p.sharedAt.begin(), p.sharedAt.end());
-  PageHandle handle = backend_.createPage();
+  bool kept = p.handle != 0;  // a failed suspension kept the memory (suspendPage)
+  PageHandle handle = kept ? p.handle : backend_.createPage();
   size_t mapped = 0;
   try {
     for (; mapped < all.size(); ++mapped) {
@@ -266,7 +321,7 @@ void PagePool::resumePage(PageId id) {
       try {
         backend_.setAccess(all[mapped]);
       } catch (...) {
-        backend_.unmap(all[mapped]);
+        ++mapped;  // unmapped below with the others
         throw;
       }
     }
@@ -275,18 +330,25 @@ void PagePool::resumePage(PageId id) {
       try {
         backend_.unmap(all[i]);
       } catch (...) {
+        strayMapping(all[i]);  // recorded, unmapped again before the next mapping
       }
     }
-    try {
-      backend_.releasePage(handle);
-    } catch (...) {
+    if (!kept) {
+      try {
+        backend_.releasePage(handle);
+      } catch (...) {
+        // the memory would be owned by nothing: kept in the record instead
+        // (the next resume maps it; close releases it)
+        p.handle = handle;
+        ++created_;
+      }
     }
     throw;
   }
+  if (!kept) ++created_;
   p.handle = handle;
   p.state = PageState::Accessible;
   ++mapped_;
-  ++created_;
   --suspended_;
 }
 
@@ -314,7 +376,13 @@ uint64_t PagePool::trim(uint64_t maxPages) {
 void PagePool::teardown() {
   for (PageId id = 0; id < pages_.size(); ++id) {
     Page& p = *pages_[id];
-    if (p.state == PageState::Suspended) {  // no memory, no mapping: only the record
+    if (p.state == PageState::Suspended) {  // no mapping; memory only if a failed suspension kept it
+      if (p.handle != 0) {
+        try {
+          backend_.releasePage(p.handle);
+        } catch (...) {
+        }
+      }
       p = Page{};
       continue;
     }
@@ -338,6 +406,13 @@ void PagePool::teardown() {
       }
     }
   }
+  for (Address at : strays_) {
+    try {
+      backend_.unmap(at);
+    } catch (...) {
+    }
+  }
+  strays_.clear();
   idle_.clear();
   stranded_.clear();
   sharedPages_ = extraMappings_ = suspended_ = 0;

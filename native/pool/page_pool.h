@@ -15,7 +15,9 @@
 //   Suspended  --create, map + setAccess at every address--> Accessible
 //
 // Both are all or nothing for the page: a failure undoes the steps taken.
-// A Suspended page has no handle; its record keeps the addresses (address,
+// A Suspended page has no handle (but for one whose suspension failed half
+// way and could not be mapped back: it keeps its memory, unmapped, and
+// resume maps that again); its record keeps the addresses (address,
 // sharedAt), so the slots' page lists and sharing survive a suspension.
 //
 // and every failure goes back along the arrows it came by, so a failed map
@@ -115,7 +117,10 @@ class PagePool {
   // lock): true when it was the page's last mapping (the page is Created
   // again, for the caller to put idle).
   bool noteUnmappedAt(PageId id, Address at);
-  void mapNoted(PageId id, Address at);
+  // `handle`: the page's, read under the lock (the page table may grow
+  // meanwhile). `mapped` says, also when it throws, whether the mapping is
+  // there (a failed setAccess whose unmap failed too leaves it).
+  void mapNoted(PageHandle handle, Address at, bool& mapped);
   void forgetMappingAt(PageId id, Address at);
   // A Suspended page loses the address from its record (no backend call);
   // with its last address the record goes too, and unmapAt returns false
@@ -133,7 +138,11 @@ class PagePool {
   // A page that a failed unmap left mapped: kept out of the pool until its
   // unmap succeeds (retryStranded, teardown).
   void strand(PageId id);
-  bool hasStranded() const { return !stranded_.empty(); }
+  // An address left mapped that no page record lists any more (an unmap
+  // failed while undoing): unmapped again with the stranded pages, and at close.
+  void strayMapping(Address at) noexcept;
+  bool hasStranded() const { return !stranded_.empty() || !strays_.empty(); }
+  size_t strayMappings() const { return strays_.size(); }
   // Unmaps stranded pages again; those that go are idle. Returns how many
   // are still stranded. Never throws for a failed unmap.
   size_t retryStranded();
@@ -157,6 +166,7 @@ class PagePool {
 
  private:
   void forgetSuspendedAt(Page& p, PageId id, Address at);
+  bool remapAll(PageHandle handle, const std::vector<Address>& all, size_t count);
 
   Backend& backend_;
   size_t pageSize_;
@@ -171,6 +181,7 @@ class PagePool {
   std::vector<PageId> vacant_;  // records in pages_ free for reuse
   std::vector<PageId> idle_;    // created, unmapped; LIFO
   std::vector<PageId> stranded_;
+  std::vector<Address> strays_;
 };
 
 }  // namespace vat
