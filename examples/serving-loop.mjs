@@ -28,6 +28,8 @@ const { k } = cache.tensors()[0];
 console.log(`backend ${cache.backend}, ${cache.layout.name} layout; layer 0 K at 0x${k.address.toString(16)}, shape [${k.shape}], strides [${k.strides}]`);
 
 const waiting = Array.from({ length: 24 }, (_, i) => ({ id: i, prompt: 200 + ((i * 97) % 900), output: 20 + ((i * 31) % 60) }));
+waiting.push({ id: 24, prompt: 4000, output: 50 }); // needs more than the whole budget: rejected at admission
+const rejected = [];
 const running = []; // { req, seq, length, admittedAt }
 const admitting = []; // { req, seq, state: 'mapping' | 'mapped' | 'no memory' }
 let step = 0;
@@ -38,6 +40,10 @@ while (waiting.length || running.length || admitting.length) {
   // admit: a slot (best fit among released ones), the prompt and its first new token mapped off the event loop
   while ((mayAdmit || running.length === 0) && waiting.length && running.length + admitting.length < 8) {
     const req = waiting.shift();
+    if (!cache.fits(req.prompt + req.output)) {
+      rejected.push(req.id); // more than the whole budget: it could never be served, so it is not queued
+      continue;
+    }
     const a = { req, seq: cache.reserve({ expectedTokens: req.prompt + req.output }), state: 'mapping' };
     admitting.push(a);
     cache.growAsync(a.seq, req.prompt + 1).then(
@@ -107,7 +113,8 @@ while (waiting.length || running.length || admitting.length) {
   }
 }
 const s = cache.stats();
-console.log(`served 24 requests in ${step} steps (${preemptions} preemptions, ${requeued} prompts requeued for memory); pages reused ${s.pagesReused}, mapped ${s.driverCalls.map.calls}, JS-thread driver calls ${s.driverCallsOnJsThread}`);
+console.log(`rejected ${rejected.length} request(s) that can never fit (${rejected.join(', ')})`);
+console.log(`served ${24} requests in ${step} steps (${preemptions} preemptions, ${requeued} prompts requeued for memory); pages reused ${s.pagesReused}, mapped ${s.driverCalls.map.calls}, JS-thread driver calls ${s.driverCallsOnJsThread}`);
 console.log(cache.metrics().split('\n').filter((l) => l.startsWith('vattention_backed_bytes') || l.startsWith('vattention_prefetch_hits_total')).join('\n'));
 cache.close();
 console.log('done');

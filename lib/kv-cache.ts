@@ -282,6 +282,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   readonly backend: 'cuda' | 'host';
   #native: NativeCache | null;
   #layout: NativeLayout;
+  #budgetBytes: number | undefined; // the least device budget (fixed for the cache's life), read once
   #stepSlots = new Uint32Array(64);
   #stepGenerations = new Uint32Array(64);
   #stepTokens = new Uint32Array(64);
@@ -569,6 +570,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     }
     // Released (or swapped out) while the growth ran: nothing is backed for
     // the caller, who must not go on as if it were.
+    if (this.closed) throw new ClosedError('the KV cache was closed during growAsync');
     if (seq.released) throw new SequenceReleasedError(`the sequence in slot ${seq.slot} was released during growAsync`);
   }
 
@@ -822,6 +824,32 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    * scheduler that preempts a sequence then (release it, swap it out) lets
    * the worker move its pages to the others ahead of need.
    */
+  /**
+   * Bytes of physical pages a sequence of `tokens` tokens is backed with on
+   * each device (whole page groups): what it takes of `memoryBudget`.
+   */
+  bytesForTokens(tokens: number): number {
+    this.#open();
+    checkInteger('tokens', tokens, 0, this.options.maxTokens);
+    const l = this.#layout;
+    return Math.ceil((tokens * l.tokenPitch) / l.pageSize) * l.pagesPerGroup * l.pageSize;
+  }
+
+  /**
+   * Whether a sequence of `tokens` tokens fits in the memory budget at all,
+   * whatever else is running (false past `maxTokens` too): a request for
+   * which this is false can never be served and should be rejected at
+   * admission, not queued.
+   */
+  fits(tokens: number): boolean {
+    this.#open();
+    checkInteger('tokens', tokens, 0, Number.MAX_SAFE_INTEGER);
+    if (tokens > this.options.maxTokens) return false;
+    const bytes = this.bytesForTokens(tokens);
+    this.#budgetBytes ??= Math.min(...this.stats().devices.map((d) => d.budgetBytes));
+    return bytes <= this.#budgetBytes;
+  }
+
   obtainableBytes(options?: { lookAhead?: boolean }): number {
     const native = this.#open();
     const o = checkObject('options', options, true);

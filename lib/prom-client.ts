@@ -1,10 +1,10 @@
 /**
  * `vattention/prom-client`: a cache's metrics in a prom-client registry, for
  * servers that already expose one. prom-client is an optional peer
- * dependency: this module loads it only when called. The metrics and their
+ * dependency: this module never loads it, it only needs the registry. The metrics and their
  * names are those of `cache.metrics()`; each scrape reads `cache.stats()` once.
  */
-import { ClosedError, InvalidArgumentTypeError } from './errors.js';
+import { ClosedError, InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 import type { KVCache } from './kv-cache.js';
 import { checkMetricsOptions, metricFamilies, type MetricFamily, type MetricsOptions } from './metrics.js';
 import type { CacheStats } from './stats.js';
@@ -20,34 +20,36 @@ export interface RegisterOptions extends MetricsOptions {
   registry: PromRegistry;
 }
 
-interface PromMetric {
-  reset(): void;
-  set?(labels: Record<string, string>, value: number): void;
-  inc?(labels: Record<string, string>, value: number): void;
-}
-
-type MetricClass = new (config: {
+/**
+ * A metric as a prom-client registry collects it (any prom-client >= 14):
+ * `get()` gives its samples at scrape time. Written here rather than made
+ * from prom-client's Gauge and Counter, which always report an unlabelled
+ * metric's sample (0 when unset): a closed cache must report none.
+ */
+interface CollectedMetric {
   name: string;
   help: string;
-  labelNames: string[];
-  registers: unknown[];
-  collect(this: PromMetric): void;
-}) => PromMetric;
+  type: 'gauge' | 'counter';
+  aggregator: 'sum';
+  get(): Promise<{ name: string; help: string; type: string; aggregator: 'sum'; values: { labels: Record<string, string>; value: number }[] }>;
+  reset(): void;
+}
 
 /**
  * Registers the cache's gauges and counters in `options.registry`. Returns a
  * function that removes them again (call it before `cache.close()` when the
  * registry outlives the cache; a closed cache's metrics report no samples).
+ * A name the registry holds already (another cache registered with the same
+ * prefix and no distinguishing labels) is ERR_INVALID_ARGUMENT, with nothing
+ * registered.
  */
 export function registerCacheMetrics(cache: KVCache, options: RegisterOptions): () => void {
   const { registry, ...rest } = (options ?? {}) as RegisterOptions;
   if (typeof registry?.registerMetric !== 'function' || typeof registry.removeSingleMetric !== 'function')
     throw new InvalidArgumentTypeError('options.registry', 'must be a prom-client Registry');
   const { prefix, labels: base } = checkMetricsOptions(rest);
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const prom = require('prom-client') as { Gauge: MetricClass; Counter: MetricClass };
   const families = metricFamilies(cache.stats());
-  // One stats() per scrape: prom-client collects the metrics one after another.
+  // One stats() per scrape: the registry collects the metrics one after another.
   let snapshot: { at: number; families: MetricFamily[] | null } = { at: -Infinity, families: null };
   const current = (): MetricFamily[] | null => {
     const now = performance.now();
@@ -63,29 +65,29 @@ export function registerCacheMetrics(cache: KVCache, options: RegisterOptions): 
     return snapshot.families;
   };
   const names: string[] = [];
+  const unregister = () => {
+    for (const name of names.splice(0)) registry.removeSingleMetric(name);
+  };
   for (const [index, family] of families.entries()) {
-    const labelNames = [...new Set([...Object.keys(base), ...family.samples.flatMap(([l]) => Object.keys(l))])];
     const name = `${prefix}_${family.name}`;
-    const Metric = family.type === 'gauge' ? prom.Gauge : prom.Counter;
-    const metric = new Metric({
+    const metric: CollectedMetric = {
       name,
       help: family.help,
-      labelNames,
-      registers: [],
-      collect(this: PromMetric) {
-        this.reset();
-        const now = current()?.[index];
-        if (!now) return;
-        for (const [labels, value] of now.samples) {
-          if (this.set) this.set({ ...base, ...labels }, value);
-          else this.inc!({ ...base, ...labels }, value); // a counter's total: reset, then its current value
-        }
+      type: family.type,
+      aggregator: 'sum',
+      async get() {
+        const samples = current()?.[index]?.samples ?? [];
+        return { name, help: family.help, type: family.type, aggregator: 'sum', values: samples.map(([labels, value]) => ({ labels: { ...base, ...labels }, value })) };
       },
-    });
-    registry.registerMetric(metric);
+      reset() {}, // the values are the cache's: nothing to reset
+    };
+    try {
+      registry.registerMetric(metric);
+    } catch (e) {
+      unregister(); // all or nothing
+      throw new InvalidArgumentRangeError('options.registry', `cannot register ${name}: ${(e as Error).message} (give each cache its own prefix or labels)`);
+    }
     names.push(name);
   }
-  return () => {
-    for (const name of names) registry.removeSingleMetric(name);
-  };
+  return unregister;
 }

@@ -12,15 +12,16 @@ const built = existsSync(join(root, 'dist', 'esm', 'index.mjs'));
 
 describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not built; run npm install)'}`, () => {
   it('examples/serving-loop.mjs serves every request', () => {
-    const r = spawnSync(process.execPath, [join(root, 'examples', 'serving-loop.mjs')], { encoding: 'utf8', timeout: 120_000 });
+    const r = spawnSync(process.execPath, [join(root, 'examples', 'serving-loop.mjs')], { encoding: 'utf8', timeout: 170_000 });
     expect(r.stderr).toBe('');
     expect(r.status).toBe(0);
     const m = /served 24 requests in \d+ steps \((\d+) preemptions, (\d+) prompts requeued for memory\)/.exec(r.stdout);
     expect(m, r.stdout).not.toBeNull();
     expect(Number(m![1]) + Number(m![2])).toBeGreaterThan(0); // memory ran out, and the loop coped
     expect(r.stdout).toMatch(/vattention_backed_bytes \d+/);
+    expect(r.stdout).toContain('rejected 1 request(s) that can never fit (24)'); // at admission, not queued for ever
     expect(r.stdout).toContain('done');
-  });
+  }, 180_000); // a fixed workload; its own limit so that a slow machine does not fail it
 
   it('vattention info --json describes the driver and the backend auto picks', () => {
     const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'info', '--json'], { encoding: 'utf8' });
@@ -31,7 +32,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   });
 
   it('vattention demo --json serves every request and reports memory and mapping figures', () => {
-    const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'demo', '--json', '--requests', '40'], { encoding: 'utf8', timeout: 120_000 });
+    const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'demo', '--json', '--requests', '40'], { encoding: 'utf8', timeout: 170_000 });
     expect(r.status).toBe(0);
     const report = JSON.parse(r.stdout);
     expect(report.served).toBe(40);
@@ -46,12 +47,12 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
     expect(report.servingThreadLibraryShare).toBeLessThan(1);
     expect(report.stepMicros.p99).toBeGreaterThanOrEqual(report.stepMicros.p50);
     expect(report.pagesMappedAhead + report.pagesMappedOnDemand).toBeGreaterThan(0);
-  });
+  }, 180_000);
 
   it.skipIf(cudaSkip === null)(`vattention bench writes a report: tables, JSON and SVG plots${cudaSkip === null ? ' (skipped: on a GPU the full benchmark takes minutes and most of the device; run it by hand)' : ''}`, () => {
     const out = mkdtempSync(join(tmpdir(), 'vattention-report-'));
     try {
-      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out, '--json'], { encoding: 'utf8', timeout: 300_000 });
+      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out, '--json'], { encoding: 'utf8', timeout: 590_000 });
       expect(r.status, r.stderr).toBe(0);
       const summary = JSON.parse(r.stdout); // --json: one JSON object on stdout, the tables went to stderr
       expect(summary.out).toBe(out);
@@ -66,7 +67,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
-  });
+  }, 600_000); // a fixed workload (62-99 s on 2 cores): its own limit, not vitest's 60 s
 
   const cli = (...args: string[]) =>
     spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), ...args], { encoding: 'utf8', timeout: 20_000 });
@@ -93,11 +94,10 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
 
   it('--help of every command prints its usage without running anything; --version the version', () => {
     for (const command of ['info', 'demo', 'bench']) {
-      const t0 = Date.now();
       const r = cli(command, '--help');
       expect(r.status).toBe(0);
       expect(r.stdout).toContain(`usage: vattention ${command}`);
-      expect(Date.now() - t0).toBeLessThan(5000);
+      expect(r.stderr).toBe(''); // nothing ran: bench and demo print their progress on stderr
     }
     const v = cli('--version');
     expect(v.stdout.trim()).toBe(JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version);

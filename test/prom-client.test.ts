@@ -46,6 +46,39 @@ describe('prom-client integration', () => {
     expect(await registry.metrics()).toBe('\n');
   });
 
+  it('issue 27 item 25: a closed cache registered without labels reports no samples (not 0)', async () => {
+    const cache = new KVCache({ ...host.options, prefetchTokens: 0 });
+    const registry = new Registry();
+    const unregister = registerCacheMetrics(cache, { registry });
+    cache.grow(cache.reserve(), 10);
+    expect(sample(await registry.metrics(), 'vattention_backed_bytes')).toBe(cache.stats().bytesBacked);
+    cache.close();
+    await new Promise((r) => setTimeout(r, 60));
+    const text = await registry.metrics();
+    expect(text).toContain('# TYPE vattention_backed_bytes gauge');
+    expect(text).not.toMatch(/^vattention_backed_bytes /m);
+    unregister();
+  });
+
+  it('issue 27 item 25: a second cache under the same names is ERR_INVALID_ARGUMENT, registering nothing; with its own labels it works', async () => {
+    const a = new KVCache({ ...host.options, prefetchTokens: 0 });
+    const b = new KVCache({ ...host.options, prefetchTokens: 0 });
+    try {
+      const registry = new Registry();
+      const unregister = registerCacheMetrics(a, { registry });
+      const before = await registry.metrics();
+      expect(() => registerCacheMetrics(b, { registry })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect((await registry.metrics()).split('\n').length).toBe(before.split('\n').length);
+      unregister();
+      const other = new Registry();
+      registerCacheMetrics(b, { registry: other, labels: { cache: 'b' } });
+      expect(sample(await other.metrics(), 'vattention_backed_bytes{cache="b"}')).toBe(0);
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+
   it('refuses a missing registry and bad labels with a code', () => {
     const cache = new KVCache({ ...host.options, prefetchTokens: 0 });
     try {

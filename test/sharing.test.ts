@@ -93,12 +93,18 @@ for (const b of backends) {
       const p = c.reserve();
       c.grow(p, n);
       fill(c, p, 1, 0, n);
-      const child = c.fork(p);
-      expect(c.stats().pagesShared).toBe(2 * group); // a boundary: nothing copied
+      // By default the group of the last backed token is copied (it may not be written yet)...
+      const copied = c.fork(p);
+      expect(c.stats().pagesShared).toBe(group);
+      expectData(c, copied, 1, 0, n);
+      c.release(copied);
+      // ...naming the written tokens shares it: a boundary, nothing copied
+      const child = c.fork(p, { tokens: n });
+      expect(c.stats().pagesShared).toBe(2 * group);
       c.release(p);
       expect(c.stats().pagesShared).toBe(0);
       expectData(c, child, 1, 0, n);
-      const grandchild = c.fork(child);
+      const grandchild = c.fork(child, { tokens: n });
       c.release(child);
       expectData(c, grandchild, 1, 0, n);
       identity(c);
@@ -175,11 +181,11 @@ for (const b of backends) {
       const before = stateOf(c);
       expect(() => c.fork(seqs[0]!)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
       expect(stateOf(c)).toEqual(before);
-      // a boundary needs no new page: that fork succeeds in the same state
-      const child = c.fork(seqs[1]!);
+      // a boundary needs no new page: that fork of the tokens written succeeds in the same state
+      const child = c.fork(seqs[1]!, { tokens: perSeq * per(c) });
       expect(child.tokens).toBe(perSeq * per(c));
       // every slot taken now
-      expect(() => c.fork(seqs[1]!)).toThrow(expect.objectContaining({ code: 'ERR_NO_SLOT' }));
+      expect(() => c.fork(seqs[1]!, { tokens: perSeq * per(c) })).toThrow(expect.objectContaining({ code: 'ERR_NO_SLOT' }));
       identity(c);
     });
 
@@ -351,7 +357,7 @@ for (const b of backends) {
       const p = c.reserve();
       c.grow(p, n);
       fill(c, p, 1, 0, n);
-      const child = c.fork(p);
+      const child = c.fork(p, { tokens: n });
       const stream = 0x5eedn;
       holdHostStream(stream);
       c.release(child, { stream }); // GPU work may still read the child's addresses
