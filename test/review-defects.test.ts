@@ -389,3 +389,90 @@ for (const b of backends) {
     });
   });
 }
+
+// ---- several devices (host backend: logical devices, so CI runs them) ----
+
+const host = backends.find((b) => b.name === 'host' && b.layoutName === 'per-layer')!;
+describe('issue 27 defects over two host devices stay fixed', () => {
+  const open: KVCache[] = [];
+  afterEach(() => {
+    for (const c of open.splice(0)) c.close();
+    expect(liveResources()).toEqual(noLeaks);
+  });
+  const make = (extra: Record<string, unknown> = {}) => {
+    const c = new KVCache({ ...host.options, devices: [0, 1], prefetchTokens: 0, hostMemoryBudget: 1 << 22, ...extra });
+    open.push(c);
+    return c;
+  };
+  const per = (c: KVCache) => c.layout.tokensPerPageGroup;
+  const row = (c: KVCache, id: number, token: number) => pattern(c.tokenBytes, id * 7919 + token);
+  const fill = (c: KVCache, seq: Sequence, id: number, count: number) => {
+    for (const device of [0, 1]) for (let t = 0; t < count; t++) c.write(seq, { layer: 0, kind: 'k', token: t, device }, row(c, id + device, t));
+  };
+  const holds = (c: KVCache, seq: Sequence, id: number, count: number) =>
+    [0, 1].every((device) =>
+      Array.from({ length: count }, (_, t) => t).every((t) =>
+        Buffer.from(c.read(seq, { layer: 0, kind: 'k', token: t, count: 1, device })).equals(Buffer.from(row(c, id + device, t))),
+      ),
+    );
+  const tokensOf = (c: KVCache) => c.stats().devices.map((d) => d.slots.map((s) => s.tokens));
+
+  it("20, 19: suspend({ keep: 'none' }) failing on one device leaves the cache suspended in part (not resumed as if whole); a step then fails on every device, none keeps the tokens", async () => {
+    const c = make();
+    const g = per(c);
+    const r = c.reserve();
+    c.grow(r, g);
+    c.release(r); // a released slot: suspend unmaps it first
+    const s = c.reserve();
+    c.grow(s, g);
+    c._injectFault('unmap', 0, false, 0, 0); // device 0 fails before giving anything back
+    const failed = await c.suspend().then(() => null, (e: { code: string; message: string }) => e);
+    expect(failed?.code).toBe('ERR_OS');
+    expect(failed?.message).toMatch(/suspended in part/);
+    expect(c.suspended).toBe(true);
+    const before = tokensOf(c);
+    expect(() => c.step([s], [g + 1])).toThrow(expect.objectContaining({ code: 'ERR_SUSPENDED' }));
+    expect(tokensOf(c)).toEqual(before);
+    await c.resume();
+    expect(c.suspended).toBe(false);
+    c.step([s], [g + 1]);
+    expect(s.tokens).toBe(g + 1);
+  });
+
+  it('21: a swapIn over two devices failing on the second: the slot it used no longer passes as a released prefix source', async () => {
+    const c = make({ memoryBudget: 4 * 8 * 4096 });
+    const g = per(c);
+    const s = c.reserve();
+    c.grow(s, 2 * g);
+    fill(c, s, 1, 2 * g);
+    const swapped = await c.swapOut(s);
+    const x = c.reserve(); // s's old slot, with its pages
+    c.grow(x, 2 * g);
+    const r = c.reserve({ expectedTokens: 0 });
+    c.grow(r, g);
+    fill(c, r, 10, g);
+    c.release(r); // the swapIn's slot: the one with the most pages among the free
+    c._injectFault('copyFromHost', 0, false, 0, 1);
+    await expect(c.swapIn(swapped)).rejects.toMatchObject({ code: 'ERR_OS', device: 1 });
+    let again: Sequence | null = null;
+    try {
+      again = c.reserve({ prefix: { from: r, tokens: g } });
+    } catch (e) {
+      expect((e as { code: string }).code).toBe('ERR_SEQUENCE_RELEASED');
+    }
+    if (again) expect(holds(c, again, 10, g)).toBe(true); // never another sequence's bytes
+    const back = await c.swapIn(swapped); // the handle still works
+    expect(holds(c, back, 1, 2 * g)).toBe(true);
+  });
+
+  it('22: reclaim(bytes) over two devices frees that many bytes of the whole cache, not that many on each device', () => {
+    const c = make();
+    const g = per(c);
+    const s = c.reserve();
+    c.grow(s, 3 * g);
+    c.release(s);
+    const groupBytes = c.layout.bytesPerPageGroup; // one device's group
+    expect(c.reclaim(2 * groupBytes)).toBe(2 * groupBytes); // a group on each device
+    expect(c.stats().devices.map((d) => d.bytesInReleasedSlots)).toEqual([2 * groupBytes, 2 * groupBytes]);
+  });
+});

@@ -259,9 +259,18 @@ uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
   return reclaimed;
 }
 
-bool KVCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
+
+bool KVCache::stepIfBacked(const std::vector<GrowRequest>& batch, std::vector<GrowthMark>* before) {
   StepTimer timer{*this};
   Lock lk = stepLock();
+  if (before) {
+    before->clear();
+    before->reserve(batch.size());
+    for (const GrowRequest& r : batch) {
+      const Slot& s = activeSlot(r.seq);
+      before->push_back({r.seq, s.tokens, core_->groupsOf(s)});
+    }
+  }
   if (!growBatch(lk, batch, true, true)) return false;
   bool notify = prefetcher_->afterStep(batch);
   lk.unlock();

@@ -143,10 +143,10 @@ class KVCache {
   // A decode iteration: every entry backed (all or nothing across the batch),
   // then the worker maps ahead up to tokens + prefetchTokens.
   uint64_t step(const std::vector<GrowRequest>& batch);
-  // step() when every entry is backed already (the steady state); false,
-  // with nothing changed, when a page is missing: stepAsync then runs step()
-  // on a pool thread, so the caller's thread never maps.
-  bool stepIfBacked(const std::vector<GrowRequest>& batch);
+  // stepIfBacked(batch): step() when every entry is backed already (the
+  // steady state); false, with nothing changed, when a page is missing:
+  // stepAsync then runs step() on a pool thread, so the caller's thread
+  // never maps. Declared below, with GrowthMark.
   // Growth with the driver calls off the lock (for growAsync on a pool
   // thread); all or nothing; `cancel` aborts it between pages.
   void growDetached(SequenceRef seq, uint64_t tokens, const std::atomic<bool>* cancel);
@@ -229,6 +229,10 @@ class KVCache {
     size_t groups = 0;
   };
   std::vector<GrowthMark> markGrowth(const std::vector<GrowRequest>& batch);
+  // With `before` (a cache over several devices), when it steps, each
+  // entry's mark from before the step (under the same lock): the undo if a
+  // later device fails.
+  bool stepIfBacked(const std::vector<GrowRequest>& batch, std::vector<GrowthMark>* before = nullptr);
   void undoGrowth(const std::vector<GrowthMark>& marks, bool unmapGrown) noexcept;
   // Whether the pages the batch is missing could be had now (idle, within
   // the budget, reclaimable): a device that cannot is asked first, so that

@@ -94,7 +94,9 @@ std::vector<std::exception_ptr> ShardedCache::onEachDevice(const std::vector<siz
   for (size_t i = 1; i < devices.size() && parallelDevices_; ++i) {
     try {
       threads.emplace_back(run, devices[i]);
-    } catch (const std::system_error&) {
+    } catch (...) {
+      // no thread (system_error) or no memory for it (bad_alloc): that
+      // device's part runs here; nothing may leave with threads joinable
       inline_.push_back(devices[i]);
     }
   }
@@ -214,15 +216,20 @@ uint64_t ShardedCache::grow(SequenceRef seq, uint64_t tokens) {
 bool ShardedCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
   if (shards_.size() == 1) return shards_[0]->stepIfBacked(batch);
   Claim claim(*claims_, batch);
-  // Marks only when a later device is not backed (rare): the first device
-  // that is not backed is unchanged, so its tokens are everyone's "before".
-  for (size_t d = 0; d < shards_.size(); ++d) {
-    if (shards_[d]->stepIfBacked(batch)) continue;
-    std::vector<KVCache::GrowthMark> before = shards_[d]->markGrowth(batch);
-    for (size_t u = 0; u < d; ++u) shards_[u]->undoGrowth(before, false);
-    return false;
+  // The first device gives the tokens before the step (everyone's): a later
+  // device that is not backed, or that throws, undoes the devices before it.
+  std::vector<KVCache::GrowthMark> before;
+  size_t stepped = 0;
+  try {
+    while (stepped < shards_.size() && shards_[stepped]->stepIfBacked(batch, stepped == 0 ? &before : nullptr)) ++stepped;
+  } catch (...) {
+    std::exception_ptr error = onDevice(std::current_exception(), ordinals_[stepped]);
+    for (size_t u = 0; u < stepped; ++u) shards_[u]->undoGrowth(before, false);
+    std::rethrow_exception(error);
   }
-  return true;
+  if (stepped == shards_.size()) return true;
+  for (size_t u = 0; u < stepped; ++u) shards_[u]->undoGrowth(before, false);
+  return false;
 }
 
 // The steady state costs what one device's step costs per device: each one's
@@ -232,21 +239,28 @@ bool ShardedCache::stepIfBacked(const std::vector<GrowRequest>& batch) {
 uint64_t ShardedCache::step(const std::vector<GrowRequest>& batch) {
   if (shards_.size() == 1) return shards_[0]->step(batch);
   Claim claim(*claims_, batch);
+  // before: the tokens before this step, from the first device (all equal).
+  std::vector<KVCache::GrowthMark> before;
   size_t backed = 0;
-  while (backed < shards_.size() && shards_[backed]->stepIfBacked(batch)) ++backed;
-  if (backed == shards_.size()) return 0;
-  // marks[backed]: the tokens before this step (that device has not stepped).
-  std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
   auto undoBacked = [&] {
-    for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(marks[backed], false);
+    for (size_t u = 0; u < backed; ++u) shards_[u]->undoGrowth(before, false);
   };
+  try {
+    while (backed < shards_.size() && shards_[backed]->stepIfBacked(batch, backed == 0 ? &before : nullptr)) ++backed;
+  } catch (...) {
+    std::exception_ptr error = onDevice(std::current_exception(), ordinals_[backed]);
+    undoBacked();
+    std::rethrow_exception(error);
+  }
+  if (backed == shards_.size()) return 0;
+  std::vector<std::vector<KVCache::GrowthMark>> marks(shards_.size());
   std::vector<size_t> rest;
   for (size_t d = backed; d < shards_.size(); ++d) {
     try {
       marks[d] = shards_[d]->markGrowth(batch);
     } catch (...) {
       std::exception_ptr error = onDevice(std::current_exception(), ordinals_[d]);
-      if (d > backed) undoBacked();
+      undoBacked();
       std::rethrow_exception(error);
     }
     rest.push_back(d);
@@ -419,6 +433,30 @@ void ShardedCache::suspend(bool keepHost) {
   auto errors = onEachDevice(allDevices(), [&](size_t d) { shards_[d]->suspend(keepHost); });
   bool failed = std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); });
   if (!failed) return;
+  if (!keepHost) {
+    // The devices that suspended dropped their KV: resuming them would hand
+    // back memory whose bytes are gone as if nothing had happened. They stay
+    // suspended, and so does the cache (in part): resume() backs every
+    // device again, with undefined contents, as after any keep: 'none'.
+    std::string which;
+    for (size_t d = 0; d < shards_.size(); ++d)
+      if (!errors[d]) which += (which.empty() ? "" : ", ") + std::to_string(ordinals_[d]);
+    for (const std::exception_ptr& e : errors) {
+      if (!e) continue;
+      try {
+        std::rethrow_exception(e);
+      } catch (const Error& err) {
+        Error partial(err.code(), std::string(err.what()) + "; the cache is suspended in part (device(s) " + which +
+                                      " dropped their KV): resume() backs every device again");
+        partial.status = err.status;
+        partial.statusName = err.statusName;
+        partial.device = err.device;
+        throw partial;
+      }
+    }
+  }
+  // keep: 'host': the devices that suspended hold their bytes on the host,
+  // so resuming them puts the cache back as it was (all or nothing).
   for (size_t d = 0; d < shards_.size(); ++d) {
     if (errors[d]) continue;
     try {
@@ -449,9 +487,13 @@ uint64_t ShardedCache::tokens(SequenceRef seq) {
   return least;
 }
 
+// `bytes` of the whole cache: each device holds 1/n of every sequence, so
+// each gives its share (rounded up).
 uint64_t ShardedCache::reclaim(uint64_t bytes) {
+  uint64_t n = shards_.size();
+  uint64_t each = bytes == UINT64_MAX ? bytes : bytes / n + (bytes % n != 0);
   uint64_t total = 0;
-  for (auto& s : shards_) total += s->reclaim(bytes);
+  for (auto& s : shards_) total += s->reclaim(each);
   return total;
 }
 
