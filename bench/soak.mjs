@@ -4,11 +4,16 @@
 // sequence's tokens and check them against a per-sequence pattern. Finished
 // and preempted sequences are released with { stream } while the kernels that
 // read them are still queued, so growth under pressure must wait for their
-// fences; reclaim() and trim() run at random. At the end: every pattern
-// intact, no fault, free device memory back to its baseline after close().
+// fences; reclaim() and trim() run at random. Memory also moves and is shared:
+// fork() (default and { tokens }), prefix shares from running and from
+// released sequences (their copy queued on the busy stream or done at once),
+// swapOut/swapIn, suspend/resume ({ keep: 'host' } keeps the bytes, 'none'
+// has them rewritten). A child holds its source's pattern, so the same checks
+// read it. At the end: every pattern intact, no fault, free device memory
+// back to its baseline after close().
 // Not part of the test suite (it takes minutes and the whole GPU).
 //   node bench/soak.mjs [--minutes 5] [--seed N] [--check-every 1]
-import { KVCache, OutOfMemoryError } from '../dist/esm/index.mjs';
+import { KVCache, OutOfMemoryError, NoSlotError, SequenceReleasedError } from '../dist/esm/index.mjs';
 import {
   checkFillU32,
   createCounter,
@@ -60,7 +65,7 @@ const budget = Math.floor(wanted / 2 / (2 * MiB)) * 2 * MiB;
   warm.close();
 }
 const baseline = deviceMemory().freeBytes;
-const cache = new KVCache({ ...shape, memoryBudget: budget, prefetchTokens: 64 });
+const cache = new KVCache({ ...shape, memoryBudget: budget, prefetchTokens: 64, hostMemoryBudget: 2 * budget });
 const stream = createStream();
 const counter = createCounter();
 const tensors = [];
@@ -68,7 +73,13 @@ for (let layer = 0; layer < shape.layers; layer++) for (const kind of ['k', 'v']
 
 // A live sequence: its slot, the pattern seed of each tensor, tokens written, and where it stops.
 const live = [];
-const counts = { steps: 0, served: 0, preempted: 0, refused: 0, reclaims: 0, trims: 0, checks: 0, releasedWhileRead: 0 };
+const counts = {
+  steps: 0, served: 0, preempted: 0, refused: 0, reclaims: 0, trims: 0, checks: 0, releasedWhileRead: 0,
+  forks: 0, prefixFromRunning: 0, prefixFromReleased: 0, sharesOnStream: 0, sharesRefused: 0, prefixGone: 0,
+  swaps: 0, swapsRefused: 0, suspends: 0,
+};
+// Recently released sequences (prefix sources while their slot holds their pages).
+const released = [];
 let nextSeed = 1;
 
 // Writes tokens [from, to) of every tensor with the sequence's pattern: word i
@@ -86,6 +97,70 @@ function releaseWhileRead(s) {
   cache.release(s.seq, { stream }); // the checks queued on `stream` still read it
   counts.releasedWhileRead++;
   live.splice(live.indexOf(s), 1);
+  released.push({ seq: s.seq, seeds: s.seeds, tokens: s.tokens });
+  if (released.length > 8) released.shift();
+}
+
+const pick = (list) => list[Math.floor(random() * list.length)];
+const expected = (e) => e instanceof OutOfMemoryError || e instanceof NoSlotError;
+
+// A new live sequence sharing `tokens` of a source's (its pattern is the source's).
+function adoptShare(seq, from, tokens) {
+  live.push({ seq, seeds: from.seeds, tokens, next: Math.min(from.target ?? shape.maxTokens, tokens + 1), target: Math.min(shape.maxTokens, tokens + 1 + Math.floor(random() * 2000)) });
+}
+
+// One sharing or moving operation, at random; the others go on around it.
+async function shareOrMove() {
+  const r = random();
+  const onStream = random() < 0.5;
+  if (!onStream) synchronizeStream(stream); // a copy done at once reads what the stream has written by now
+  const streamOption = onStream ? { stream } : {};
+  try {
+    if (r < 0.3 && live.length > 0 && live.length < shape.maxSequences) {
+      const from = pick(live);
+      const named = random() < 0.5;
+      const child = cache.fork(from.seq, named ? { tokens: from.tokens, ...streamOption } : streamOption);
+      adoptShare(child, from, child.tokens);
+      counts.forks++;
+    } else if (r < 0.55 && live.length > 0 && live.length < shape.maxSequences) {
+      const from = pick(live);
+      const tokens = Math.floor(random() * (from.tokens + 1));
+      adoptShare(cache.reserve({ prefix: { from: from.seq, tokens }, ...streamOption }), from, tokens);
+      counts.prefixFromRunning++;
+    } else if (r < 0.8 && released.length > 0 && live.length < shape.maxSequences) {
+      const from = pick(released);
+      const tokens = Math.floor(random() * (from.tokens + 1));
+      adoptShare(cache.reserve({ prefix: { from: from.seq, tokens }, ...streamOption }), from, tokens);
+      counts.prefixFromReleased++;
+    } else if (r < 0.97 && live.length > 0) {
+      const victim = pick(live);
+      live.splice(live.indexOf(victim), 1);
+      const swapped = await cache.swapOut(victim.seq, { stream });
+      try {
+        const back = await cache.swapIn(swapped);
+        live.push({ ...victim, seq: back });
+        counts.swaps++;
+      } catch (e) {
+        if (!expected(e)) throw e;
+        swapped.discard();
+        counts.swapsRefused++;
+      }
+      return;
+    } else {
+      const keep = random() < 0.5 ? 'host' : 'none';
+      synchronizeStream(stream); // the writes queued for live sequences land before the copy
+      await cache.suspend({ keep });
+      await cache.resume();
+      if (keep === 'none') for (const l of live) writeRange(l, 0, l.tokens); // the bytes are gone: written again
+      counts.suspends++;
+      return;
+    }
+    if (onStream) counts.sharesOnStream++;
+  } catch (e) {
+    if (e instanceof SequenceReleasedError) counts.prefixGone++; // its pages were reclaimed meanwhile
+    else if (expected(e)) counts.sharesRefused++;
+    else throw e;
+  }
 }
 
 const end = Date.now() + minutes * 60_000;
@@ -139,6 +214,7 @@ while (Date.now() < end) {
     cache.reclaim();
     counts.reclaims++;
   }
+  if (random() < 0.03) await shareOrMove();
   if (random() < 0.005) {
     cache.trim();
     counts.trims++;

@@ -1,7 +1,9 @@
 #include "binding/test_hooks.h"
 
+#include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <thread>
 
 #include <sys/resource.h>
 
@@ -318,6 +320,26 @@ Napi::Value LiveResourceCounts(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// The ThreadSanitizer run's mutation (scripts/test-tsan.sh): a data race on a
+// libuv pool thread, written on purpose. A work item increments a counter on
+// a pool thread while this thread increments it too, with nothing ordering
+// the two. TSan must report it: a suppression file that hides races on pool
+// threads (as one matching uv_* did: every pool thread is created by libuv)
+// hides this one too.
+uint64_t racyCounter = 0;
+
+class RacyWork : public Napi::AsyncWorker {
+ public:
+  explicit RacyWork(Napi::Env env) : Napi::AsyncWorker(env, "vattention.racePoolThread") {}
+  void Execute() override { ++racyCounter; }
+};
+
+void RacePoolThread(const Napi::CallbackInfo& info) {
+  (new RacyWork(info.Env()))->Queue();
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the pool thread runs meanwhile
+  ++racyCounter;
+}
+
 void InjectNextCacheFault(const Napi::CallbackInfo& info) { armNextBackendFault(faultFrom(info, 0)); }
 
 // Test-only: hold / finish a host-backend stream (see holdHostStream).
@@ -349,6 +371,7 @@ void addTestHooks(Napi::Env env, Napi::Object exports) {
   exports.Set("testing", TestingExports(env));
   exports.Set("liveResources", Napi::Function::New<LiveResourceCounts>(env));
   exports.Set("injectNextCacheFault", Napi::Function::New<InjectNextCacheFault>(env));
+  exports.Set("racePoolThread", Napi::Function::New<RacePoolThread>(env));
   exports.Set("holdHostStream", Napi::Function::New<HoldHostStream>(env));
   exports.Set("finishHostStream", Napi::Function::New<FinishHostStream>(env));
 }
