@@ -99,6 +99,25 @@ function releaseWhileRead(s) {
   live.splice(live.indexOf(s), 1);
   released.push({ seq: s.seq, seeds: s.seeds, tokens: s.tokens });
   if (released.length > 8) released.shift();
+  // Now and then a prefix of it at once, while its slot surely still holds it
+  // (a moment later the slot is often reused): the copy queued behind the
+  // checks still reading it, or done at once.
+  if (random() < 0.1 && live.length < shape.maxSequences) shareFromReleased(released[released.length - 1]);
+}
+
+function shareFromReleased(from) {
+  const onStream = random() < 0.5;
+  if (!onStream) synchronizeStream(stream);
+  const tokens = Math.floor(random() * (from.tokens + 1));
+  try {
+    adoptShare(cache.reserve({ prefix: { from: from.seq, tokens }, ...(onStream ? { stream } : {}) }), from, tokens);
+    counts.prefixFromReleased++;
+    if (onStream) counts.sharesOnStream++;
+  } catch (e) {
+    if (e instanceof SequenceReleasedError) counts.prefixGone++;
+    else if (expected(e)) counts.sharesRefused++;
+    else throw e;
+  }
 }
 
 const pick = (list) => list[Math.floor(random() * list.length)];
@@ -128,10 +147,8 @@ async function shareOrMove() {
       adoptShare(cache.reserve({ prefix: { from: from.seq, tokens }, ...streamOption }), from, tokens);
       counts.prefixFromRunning++;
     } else if (r < 0.8 && released.length > 0 && live.length < shape.maxSequences) {
-      const from = pick(released);
-      const tokens = Math.floor(random() * (from.tokens + 1));
-      adoptShare(cache.reserve({ prefix: { from: from.seq, tokens }, ...streamOption }), from, tokens);
-      counts.prefixFromReleased++;
+      shareFromReleased(pick(released));
+      return;
     } else if (r < 0.97 && live.length > 0) {
       const victim = pick(live);
       live.splice(live.indexOf(victim), 1);

@@ -50,8 +50,9 @@ describe.skipIf(cudaSkip !== null)(`issue 27 on a CUDA device${cudaSkip ? ` (ski
       const a = c.reserve();
       c.grow(a, n);
       fill(c, a, n, 100);
+      const somewhere = a.address(0, 'k');
       c.release(a);
-      spinThenFillU32(a.address(0, 'k'), 0, 0, spin, { stream }); // the stream is busy for 300 ms
+      spinThenFillU32(somewhere, 0, 0, spin, { stream }); // the stream is busy for 300 ms (it writes nothing)
       const child = c.reserve({ prefix: { from: a, tokens: n }, stream });
       // Another sequence takes every page it can get without waiting and writes all of it.
       const d = c.reserve({ expectedTokens: 0 });

@@ -222,7 +222,7 @@ for (const b of backends) {
     // ---- 7: a refused swapIn changes nothing ------------------------------
 
     it('7: a swapIn refused for memory leaves the slot it tried as it was: a released sequence there is still a prefix source', async () => {
-      const c = make({ memoryBudget: 4 * groupBytes, hostMemoryBudget: 1 << 22 });
+      const c = make({ memoryBudget: 4 * groupBytes, hostMemoryBudget: 4 * groupBytes });
       const g = per(c);
       const s = c.reserve();
       c.grow(s, 2 * g);
@@ -276,7 +276,8 @@ for (const b of backends) {
     // ---- 11: host blocks sized to the host budget ------------------------
 
     it('11: with a small hostMemoryBudget, several small swaps fit (a host block is not the whole budget)', async () => {
-      const c = make({ hostMemoryBudget: 64 * 1024 });
+      const bytesPerToken = 2 * b.options.layers * b.options.kvHeads * b.options.headDim * 2;
+      const c = make({ hostMemoryBudget: 16 * bytesPerToken }); // room for 16 one-token swaps, if blocks allow
       const swapped = [];
       for (let i = 0; i < 3; i++) {
         const s = c.reserve();
