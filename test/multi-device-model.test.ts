@@ -71,7 +71,7 @@ for (const b of host) {
           for (let step = 0; step < 600; step++) {
             // a fault on one device, now and then, at the next call of an op
             if (rnd(6) === 0) c._injectFault(faultOps[rnd(faultOps.length)]!, rnd(3), rnd(2) === 0, 0, rnd(2));
-            const op = rnd(11);
+            const op = rnd(12);
             const pick = () => live[rnd(live.length)]!;
             if (op === 0 && live.length < c.options.maxSequences) {
               const seq = c.reserve({ expectedTokens: rnd(max) });
@@ -129,6 +129,33 @@ for (const b of host) {
               if (await attempt('swapIn', async () => (back = await c.swapIn(out)))) {
                 swapped.splice(i, 1);
                 live.push({ ...l, seq: back!, frozen: false });
+              }
+            } else if (op === 11 && live.length >= 3) {
+              // Concurrent async forms on the pool's threads at once (issue 27): a growAsync and a
+              // stepAsync of one sequence, a forkAsync of a second, a swapOut of a third; each
+              // outcome is applied to the model on its own (distinct sequences, or max of the two).
+              const [a, f, o] = [live[0]!, live[1]!, live[2]!];
+              const toA = Math.min(max, a.tokens + rnd(2 * per));
+              const nextA = Math.min(max, a.tokens + 1);
+              const settle = async <T>(what: string, p: Promise<T>): Promise<T | undefined> => {
+                let out: T | undefined;
+                return (await attempt(what, async () => (out = await p))) ? out : undefined;
+              };
+              const [grown, stepped, child, out] = await Promise.all([
+                settle('growAsync (concurrent)', c.growAsync(a.seq, toA).then(() => true)),
+                settle('stepAsync (concurrent)', c.stepAsync([a.seq], [nextA]).then(() => true)),
+                live.length < c.options.maxSequences ? settle('forkAsync (concurrent)', c.forkAsync(f.seq, { tokens: f.tokens })) : undefined,
+                settle('swapOut (concurrent)', c.swapOut(o.seq)),
+              ]);
+              if (grown) a.tokens = Math.max(a.tokens, toA);
+              if (stepped) a.tokens = Math.max(a.tokens, nextA);
+              if (child) {
+                f.frozen = true;
+                live.push({ seq: child, tokens: f.tokens, written: f.written, frozen: true });
+              }
+              if (out) {
+                live.splice(live.indexOf(o), 1);
+                swapped.push({ s: out, l: o });
               }
             }
             // invariants
