@@ -196,6 +196,26 @@ for (const b of backends) {
       expect(wrongTokens(c, s, 2, n, n)).toEqual([]);
     });
 
+    // ---- 5: what can never fit is known at admission ----------------------
+
+    it('5: fits() says whether a sequence can ever be backed within the budget; bytesForTokens() is what a growth to that length maps', () => {
+      const c = make({ memoryBudget: 2 * groupBytes });
+      const g = per(c);
+      expect(c.bytesForTokens(0)).toBe(0);
+      expect(c.bytesForTokens(1)).toBe(groupBytes);
+      expect(c.bytesForTokens(g)).toBe(groupBytes);
+      expect(c.bytesForTokens(g + 1)).toBe(2 * groupBytes);
+      expect(c.fits(2 * g)).toBe(true);
+      expect(c.fits(2 * g + 1)).toBe(false); // three groups: more than the whole budget
+      expect(c.fits(c.options.maxTokens + 1)).toBe(false);
+      const s = c.reserve();
+      c.grow(s, g + 1);
+      expect(c.stats().bytesBacked).toBe(c.bytesForTokens(g + 1));
+      expect(() => c.fits(-1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect(() => c.bytesForTokens(c.options.maxTokens + 1)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+      expect(() => c.fits(1.5)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+    });
+
     // ---- 6: a fenced released sharer's pages are waited for, not refused ----
 
     it.skipIf(hostOnly)(`6: a growth that needs a fenced released sharer's pages waits for the fence and gets them${heldWhy}`, () => {
