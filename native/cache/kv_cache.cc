@@ -259,7 +259,6 @@ uint64_t KVCache::step(const std::vector<GrowRequest>& batch) {
   return reclaimed;
 }
 
-
 bool KVCache::stepIfBacked(const std::vector<GrowRequest>& batch, std::vector<GrowthMark>* before) {
   StepTimer timer{*this};
   Lock lk = stepLock();
@@ -691,7 +690,9 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
       continue;
     }
     // Slots still dropping shared mappings (a fence, the worker): decide again after them.
-    if (sweepDropPending(true, true) || prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk)) continue;
+    if (sweepDropPending(true, true) || prefetcher_->waitForIdle(lk) || mapper_->waitForRetirements(lk) ||
+        settleCopyFences(true))
+      continue;
     fail(ErrorCode::NoSlot, "every one of the " + std::to_string(core_->slots.size()) + " sequence slots is taken");
   }
   PagePool& pool = core_->pool();  // (only once open: a closed cache has none)
