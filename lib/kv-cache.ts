@@ -33,6 +33,10 @@ import {
 } from './options.js';
 
 /** One K or V tensor of a layer, as a kernel sees it. */
+// The keys each call's options object may hold (anything else is ERR_INVALID_ARGUMENT).
+const STREAM_KEYS = ['stream', 'streams'] as const;
+const FORK_KEYS = ['tokens', 'stream', 'streams'] as const;
+
 export interface TensorInfo {
   layer: number;
   kind: KVKind;
@@ -377,13 +381,13 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   }
 
   #reservePlan(options: unknown): { expected?: number; share?: { slot: number; generation: number; tokens: number; stream?: (bigint | undefined)[] } } {
-    const o = checkObject('options', options, true);
+    const o = checkObject('options', options, true, ['expectedTokens', 'prefix', 'stream', 'streams']);
     const expected =
       o.expectedTokens === undefined
         ? undefined
         : checkInteger('options.expectedTokens', o.expectedTokens, 0, this.options.maxTokens);
     if (o.prefix !== undefined) {
-      const p = checkObject('options.prefix', o.prefix, false);
+      const p = checkObject('options.prefix', o.prefix, false, ['from', 'tokens']);
       const generation = Sequence.reservedGeneration(p.from);
       if (generation === undefined)
         throw new InvalidArgumentTypeError('options.prefix.from', `must be a Sequence from reserve(), got ${describe(p.from)}`);
@@ -420,7 +424,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   fork(seq: Sequence, options?: ForkOptions): Sequence {
     const native = this.#open();
     const generation = this.#check(seq);
-    const o = checkObject('options', options, true);
+    const o = checkObject('options', options, true, FORK_KEYS);
     const stream = this.#streamsOption(o);
     const [tokens, copyLast] = this.#forkTokens(native, seq, generation, o.tokens);
     const [slot, gen] = this.#call(() => native.share(seq.slot, generation, tokens, false, stream, copyLast));
@@ -431,7 +435,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   async forkAsync(seq: Sequence, options?: ForkOptions): Promise<Sequence> {
     const native = this.#open();
     const generation = this.#check(seq);
-    const o = checkObject('options', options, true);
+    const o = checkObject('options', options, true, FORK_KEYS);
     const stream = this.#streamsOption(o);
     const [tokens, copyLast] = this.#forkTokens(native, seq, generation, o.tokens);
     const [slot, gen] = await this.#callAsync(() => native.shareAsync(seq.slot, generation, tokens, false, stream, copyLast));
@@ -554,7 +558,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const generation = this.#check(seq);
     if (typeof tokens !== 'number') throw new InvalidArgumentTypeError('tokens', `must be a number, got ${describe(tokens)}`);
     if (!Number.isInteger(tokens) || tokens < 0) throw new InvalidArgumentRangeError('tokens', `must be a non-negative integer, got ${tokens}`);
-    const o = checkObject('options', options, true);
+    const o = checkObject('options', options, true, ['signal']);
     const signal = o.signal;
     if (signal !== undefined && !(signal instanceof AbortSignal))
       throw new InvalidArgumentTypeError('options.signal', `must be an AbortSignal, got ${describe(signal)}`);
@@ -578,7 +582,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   release(seq: Sequence, options?: ReleaseOptions): void {
     const native = this.#open();
     const generation = this.#check(seq);
-    const streams = this.#streamsOption(checkObject('options', options, true));
+    const streams = this.#streamsOption(checkObject('options', options, true, STREAM_KEYS));
     this.#call(() => native.release(seq.slot, generation, streams));
     Sequence.markReleased(seq);
   }
@@ -623,7 +627,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   async swapOut(seq: Sequence, options?: SwapOutOptions): Promise<SwappedSequence> {
     const native = this.#open();
     const generation = this.#check(seq);
-    const streams = this.#streamsOption(checkObject('options', options, true));
+    const streams = this.#streamsOption(checkObject('options', options, true, STREAM_KEYS));
     // The tokens the copy holds, not those before the call: a growth still
     // running (growAsync) ends before the copy starts.
     const [handle, tokens] = await this.#callAsync(() => native.swapOut(seq.slot, generation, streams));
@@ -661,7 +665,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    */
   async suspend(options?: SuspendOptions): Promise<void> {
     const native = this.#open();
-    const o = checkObject('options', options, true);
+    const o = checkObject('options', options, true, ['keep']);
     const keep = o.keep ?? 'none';
     if (keep !== 'none' && keep !== 'host') {
       if (typeof keep !== 'string') throw new InvalidArgumentTypeError('options.keep', `must be 'none' or 'host', got ${describe(keep)}`);
@@ -700,7 +704,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   write(seq: Sequence, range: TokenRange, data: ArrayBufferView): void {
     const native = this.#open();
     const generation = this.#check(seq);
-    const { layer, kind, token } = this.#range(range);
+    const { layer, kind, token } = this.#range(range, ['layer', 'kind', 'token', 'device']);
     if (!ArrayBuffer.isView(data))
       throw new InvalidArgumentTypeError('data', `must be a TypedArray, Buffer or DataView, got ${describe(data)}`);
     const bytes = bytesOf('data', data);
@@ -713,7 +717,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   read(seq: Sequence, range: ReadRange, into?: ArrayBufferView): Uint8Array {
     const native = this.#open();
     const generation = this.#check(seq);
-    const { layer, kind, token } = this.#range(range);
+    const { layer, kind, token } = this.#range(range, ['layer', 'kind', 'token', 'count', 'device']);
     const count = checkInteger('range.count', (range as ReadRange).count, 0, this.options.maxTokens);
     const device = this.#deviceIndex('range.device', (range as ReadRange).device);
     // Checked before allocating: a read past the sequence allocates nothing.
@@ -751,7 +755,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     this.#open();
     checkInteger('layer', layer, 0, this.options.layers - 1);
     const k = checkKind('kind', kind);
-    const device = this.#deviceIndex('options.device', checkObject('options', options, true).device);
+    const device = this.#deviceIndex('options.device', checkObject('options', options, true, ['device']).device);
     const t = this.#layout.tensors[2 * layer + k]!;
     const o = this.options;
     const strides = t.strideElements as [number, number, number, number];
@@ -852,7 +856,7 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   obtainableBytes(options?: { lookAhead?: boolean }): number {
     const native = this.#open();
-    const o = checkObject('options', options, true);
+    const o = checkObject('options', options, true, ['lookAhead']);
     if (o.lookAhead !== undefined && typeof o.lookAhead !== 'boolean')
       throw new InvalidArgumentTypeError('options.lookAhead', `must be a boolean, got ${describe(o.lookAhead)}`);
     return this.#call(() => native.obtainableBytes(o.lookAhead !== false));
@@ -922,8 +926,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     return i;
   }
 
-  #range(range: unknown): { layer: number; kind: 0 | 1; token: number } {
-    const r = checkObject('range', range, false);
+  #range(range: unknown, keys: readonly string[]): { layer: number; kind: 0 | 1; token: number } {
+    const r = checkObject('range', range, false, keys);
     return {
       layer: checkInteger('range.layer', r.layer, 0, this.options.layers - 1),
       kind: checkKind('range.kind', r.kind),

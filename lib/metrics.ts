@@ -122,7 +122,7 @@ function familiesOf(stats: CacheStats): MetricFamily[] {
 
 /** Checks metrics options: a valid prefix and labels with valid names and string values. */
 export function checkMetricsOptions(options: unknown): { prefix: string; labels: Record<string, string> } {
-  const o = checkObject('options', options, true);
+  const o = checkObject('options', options, true, ['prefix', 'labels']);
   if (o.prefix !== undefined && typeof o.prefix !== 'string')
     throw new InvalidArgumentTypeError('options.prefix', `must be a string, got ${describe(o.prefix)}`);
   const prefix = (o.prefix as string | undefined) ?? 'vattention';

@@ -166,10 +166,18 @@ export function checkKind(name: string, value: unknown): 0 | 1 {
   throw new InvalidArgumentRangeError(name, `must be 'k' or 'v', got '${value}'`);
 }
 
-export function checkObject(name: string, value: unknown, optional: boolean): Record<string, unknown> {
+/**
+ * An options object (or undefined when optional). With `keys`, a key it does
+ * not know is ERR_INVALID_ARGUMENT, as in the constructor: in plain JS a
+ * misspelt `{ strem }` would otherwise be dropped in silence (a fence lost).
+ */
+export function checkObject(name: string, value: unknown, optional: boolean, keys?: readonly string[]): Record<string, unknown> {
   if (value === undefined && optional) return {};
   if (typeof value !== 'object' || value === null || Array.isArray(value))
     throw new InvalidArgumentTypeError(name, `must be an object, got ${describe(value)}`);
+  if (keys)
+    for (const key of Object.keys(value))
+      if (!keys.includes(key)) throw new InvalidArgumentRangeError(`${name}.${key}`, `is not a known option (known: ${keys.join(', ')})`);
   return value as Record<string, unknown>;
 }
 

@@ -131,6 +131,16 @@ describe('bad arguments to methods leave the cache unchanged', () => {
     ['step past maxTokens', () => c.step([seq], 65), 'ERR_OUT_OF_RANGE'],
     ['metrics bad label name', () => c.metrics({ labels: { 'a-b': 'x' } }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
     ['metrics bad prefix', () => c.metrics({ prefix: '9x' }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    // unknown keys in a call's options (plain JS: a misspelt `stream` would drop the fence in silence)
+    ['release { strem }', () => c.release(seq, { strem: 0n } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['reserve { expectedToken }', () => c.reserve({ expectedToken: 5 } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['reserve prefix { from, token }', () => c.reserve({ prefix: { from: seq, token: 1 } as never }), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['fork { stram }', () => c.fork(seq, { stram: 0n } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['write range { count }', () => c.write(seq, { layer: 0, kind: 'k', token: 0, count: 1 } as never, one), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['read range { tokens }', () => c.read(seq, { layer: 0, kind: 'k', token: 0, count: 1, tokens: 1 } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['tensor { devices }', () => c.tensor(0, 'k', { devices: 0 } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['obtainableBytes { lookahead }', () => c.obtainableBytes({ lookahead: false } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['metrics { label }', () => c.metrics({ label: {} } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
   ];
 
   const asyncCalls: [string, () => Promise<unknown>, string, ('TypeError' | 'RangeError')?][] = [
@@ -140,6 +150,9 @@ describe('bad arguments to methods leave the cache unchanged', () => {
     ['growAsync stale', () => c.growAsync(stale, 1), 'ERR_SEQUENCE_RELEASED'],
     ['growAsync foreign', () => c.growAsync(foreign, 1), 'ERR_FOREIGN_SEQUENCE'],
     ['growAsync past maxTokens', () => c.growAsync(seq, 65), 'ERR_OUT_OF_RANGE'],
+    ['growAsync { signa }', () => c.growAsync(seq, 11, { signa: undefined } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['swapOut { strem }', () => c.swapOut(seq, { strem: 0n } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
+    ['suspend { keeep }', () => c.suspend({ keeep: 'host' } as never), 'ERR_INVALID_ARGUMENT', 'RangeError'],
   ];
   for (const [name, call, code, kind] of asyncCalls) {
     it(`${name}: rejects with ${code}${kind ? ` (${kind})` : ''}, state unchanged`, async () => {
