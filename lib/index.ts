@@ -4,6 +4,7 @@ export type {
   CallStats,
   DeviceOption,
   DeviceStats,
+  ForkOptions,
   HostMemoryStats,
   GrowAsyncOptions,
   KVCacheEvents,
@@ -21,7 +22,7 @@ export type {
 export { DTYPE_BYTES } from './options.js';
 export { formatPrometheus } from './metrics.js';
 export type { MetricsOptions } from './metrics.js';
-export type { BackendChoice, DType, KVCacheOptions, KVKind, KVLayoutChoice } from './options.js';
+export type { BackendChoice, DType, KVCacheOptions, KVKind, KVLayoutChoice, NormalizedOptions } from './options.js';
 export { driverInfo, autoBackend } from './info.js';
 export type { DeviceInfo, DriverInfo } from './info.js';
 export {
