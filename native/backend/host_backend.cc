@@ -12,6 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <optional>
+#include <string>
+#include <utility>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -343,11 +346,54 @@ void HostBackend::destroyFence(FenceHandle fence) {
   liveResources().fences--;
 }
 
+namespace {
+
+// A number from a cgroup file ("max" or missing: none).
+std::optional<uint64_t> cgroupValue(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return std::nullopt;
+  char text[64] = {};
+  bool read = std::fgets(text, sizeof text, f) != nullptr;
+  std::fclose(f);
+  if (!read || std::strncmp(text, "max", 3) == 0) return std::nullopt;
+  char* end = nullptr;
+  unsigned long long v = std::strtoull(text, &end, 10);
+  if (end == text) return std::nullopt;
+  return static_cast<uint64_t>(v);
+}
+
+// The memory limit of this process's cgroup and what it uses (v2, then v1),
+// so that in a container the default budget is taken from what the
+// container may use, not the host's RAM (past it the process is killed,
+// not refused). VATTENTION_CGROUP_ROOT points elsewhere (tests).
+std::optional<std::pair<uint64_t, uint64_t>> cgroupMemory() {
+  const char* root = std::getenv("VATTENTION_CGROUP_ROOT");
+  std::string base = root ? root : "/sys/fs/cgroup";
+  auto limit = cgroupValue(base + "/memory.max");
+  auto used = cgroupValue(base + "/memory.current");
+  if (!limit) {
+    limit = cgroupValue(base + "/memory/memory.limit_in_bytes");
+    used = cgroupValue(base + "/memory/memory.usage_in_bytes");
+    // v1 reports "no limit" as a huge number (a page-rounded 2^63)
+    if (limit && *limit >= (uint64_t{1} << 60)) limit.reset();
+  }
+  if (!limit) return std::nullopt;
+  return std::make_pair(*limit, used.value_or(0));
+}
+
+}  // namespace
+
 MemoryInfo HostBackend::memoryInfo() {
   struct sysinfo si {};
   if (sysinfo(&si) != 0) osFail("sysinfo", errno);
   uint64_t unit = si.mem_unit ? si.mem_unit : 1;
-  return {(static_cast<uint64_t>(si.freeram) + si.bufferram) * unit, static_cast<uint64_t>(si.totalram) * unit};
+  MemoryInfo m{(static_cast<uint64_t>(si.freeram) + si.bufferram) * unit, static_cast<uint64_t>(si.totalram) * unit};
+  if (auto cg = cgroupMemory()) {
+    auto [limit, used] = *cg;
+    m.totalBytes = std::min(m.totalBytes, limit);
+    m.freeBytes = std::min(m.freeBytes, limit > used ? limit - used : 0);
+  }
+  return m;
 }
 
 }  // namespace vat
