@@ -1,5 +1,5 @@
 // N-API entry point: the module's exports and its per-environment state.
-// The cache object is in native_cache.h, growAsync in grow_task.h, errors and
+// The cache object is in native_cache.h, every async operation in cache_task.h, errors and
 // conversions in js_values.h, test-only exports in test_hooks.h.
 #include <napi.h>
 

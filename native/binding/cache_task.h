@@ -6,15 +6,19 @@
 #include <memory>
 
 #include "binding/js_values.h"
-#include "cache/kv_cache.h"
+#include "core/kv_cache.h"
 
 namespace vat {
 
-// swapOut, swapIn, suspend, resume: the work runs on a libuv pool thread
-// (it copies and makes driver calls for milliseconds), the promise settles on
-// the JS thread with up to two numbers (a handle, or a slot and generation).
-// Settling gives up quietly when the environment is being torn down, as
-// GrowTask does.
+// Every asynchronous operation (growAsync, stepAsync, shareAsync, swapOut,
+// swapIn, suspend, resume) is one of these: the work runs on a libuv pool
+// thread (it maps, copies and makes driver calls for milliseconds; a cancel
+// flag, where the operation takes one, is captured by the work), the promise
+// settles on the JS thread with up to two numbers (a handle, or a slot and
+// generation). The settling uses raw Node-API calls and gives up quietly
+// when the environment is being torn down (a worker thread ending, the
+// process exiting): then no one is left to settle for, and throwing there
+// would abort the process.
 class CacheTask : public Napi::AsyncWorker {
  public:
   struct Result {

@@ -10,10 +10,9 @@
 #include <vector>
 
 #include "binding/cache_task.h"
-#include "binding/grow_task.h"
 #include "binding/js_values.h"
 #include "binding/test_hooks.h"
-#include "cache/sharded_cache.h"
+#include "core/kv_cache.h"
 
 namespace vat {
 
@@ -73,14 +72,14 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.shape.maxSequences = u32(o.Get("maxSequences"));
     opts.shape.maxTokens = u32(o.Get("maxTokens"));
     opts.backend = o.Get("backend").As<Napi::String>().Utf8Value() == "cuda" ? BackendKind::Cuda : BackendKind::Host;
-    // devices: ordinals, one KVCache each (kvHeads split over them);
-    // memoryBudgets: bytes per device (0: that device's default).
-    std::vector<int> devices;
-    std::vector<uint64_t> budgets;
+    // devices: ordinals (kvHeads split over them); memoryBudgets: bytes per
+    // device (0: that device's default).
+    opts.devices.clear();
+    opts.memoryBudgets.clear();
     Napi::Array ds = o.Get("devices").As<Napi::Array>();
     Napi::Array bs = o.Get("memoryBudgets").As<Napi::Array>();
-    for (uint32_t i = 0; i < ds.Length(); ++i) devices.push_back(static_cast<int>(u32(ds.Get(i))));
-    for (uint32_t i = 0; i < bs.Length(); ++i) budgets.push_back(u64(bs.Get(i)));
+    for (uint32_t i = 0; i < ds.Length(); ++i) opts.devices.push_back(static_cast<int>(u32(ds.Get(i))));
+    for (uint32_t i = 0; i < bs.Length(); ++i) opts.memoryBudgets.push_back(u64(bs.Get(i)));
     opts.pageSize = static_cast<size_t>(u64(o.Get("pageSize")));
     opts.prefillBytes = u64(o.Get("prefillBytes"));
     opts.prefetchTokens = u32(o.Get("prefetchTokens"));
@@ -88,7 +87,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.idleGroups = u32(o.Get("idlePageGroups"));
     opts.hostMemoryBudget = u64(o.Get("hostMemoryBudget"));
     opts.hostMemoryPrefill = u64(o.Get("hostMemoryPrefill"));
-    cache_ = guarded(env, [&] { return std::make_shared<ShardedCache>(opts, devices, budgets); });
+    cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
   }
@@ -261,11 +260,15 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
   Napi::Value GrowAsync(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     auto cancel = std::make_shared<std::atomic<bool>>(false);
-    auto* task = new GrowTask(env, cache_, seq(info), u64(info[2]), cancel);
-    napi_value promise = task->promise();
-    task->Queue();
+    auto cache = cache_;
+    SequenceRef s = seq(info);
+    uint64_t tokens = u64(info[2]);
+    Napi::Value promise = queue(env, "vattention.growAsync", [cache, s, tokens, cancel] {
+      cache->growDetached(s, tokens, cancel.get());
+      return CacheTask::Result{};
+    });
     Napi::Array out = Napi::Array::New(env, 2);
-    out.Set(0u, Napi::Value(env, promise));
+    out.Set(0u, promise);
     out.Set(1u, Napi::Function::New(env, [cancel](const Napi::CallbackInfo&) { cancel->store(true); }));
     return out;
   }
@@ -302,7 +305,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     Napi::Uint8Array data = info[5].As<Napi::Uint8Array>();
     size_t d = deviceArg(info, 6);
     guarded(info.Env(), [&] {
-      cache_->shard(d).write(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), data.Data(),
+      cache_->write(d, seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), data.Data(),
                     data.ByteLength());
     });
   }
@@ -311,7 +314,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     Napi::Uint8Array out = info[5].As<Napi::Uint8Array>();
     size_t d = deviceArg(info, 6);
     guarded(info.Env(), [&] {
-      cache_->shard(d).read(seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), out.Data(),
+      cache_->read(d, seq(info), u32(info[2]), static_cast<KVKind>(u32(info[3])), u64(info[4]), out.Data(),
                    out.ByteLength());
     });
   }
@@ -329,7 +332,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     size_t d = deviceArg(info, 0);
-    CacheStats st = guarded(env, [&] { return cache_->shard(d).stats(); });
+    CacheStats st = guarded(env, [&] { return cache_->stats(d); });
     Napi::Object o = Napi::Object::New(env);
     o.Set("backend", st.backend);
     o.Set("pageSize", num(env, st.pageSize));
@@ -408,12 +411,12 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     const KVLayout& l = cache_->layout();
     const ModelShape& shape = l.shape();
     Napi::Object o = Napi::Object::New(env);
-    const CacheDescription& d = cache_->shard(0).description();
-    o.Set("base", big(env, d.base));
+    const CacheDescription& d = cache_->description();
+    o.Set("base", big(env, d.bases[0]));
     Napi::Array bases = Napi::Array::New(env, cache_->deviceCount());
     Napi::Array ordinals = Napi::Array::New(env, cache_->deviceCount());
     for (uint32_t i = 0; i < cache_->deviceCount(); ++i) {
-      bases.Set(i, big(env, cache_->shard(i).description().base));
+      bases.Set(i, big(env, d.bases[i]));
       ordinals.Set(i, cache_->deviceOrdinal(i));
     }
     o.Set("bases", bases);
@@ -459,10 +462,10 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
   void InjectFault(const Napi::CallbackInfo& info) {
     Fault fault = faultFrom(info, 0);
     size_t d = deviceArg(info, 4);
-    guarded(info.Env(), [&] { cache_->shard(d).armFault(fault); });
+    guarded(info.Env(), [&] { cache_->armFault(d, fault); });
   }
 
-  std::shared_ptr<ShardedCache> cache_;  // shared with GrowTasks in flight
+  std::shared_ptr<KVCache> cache_;  // shared with the async tasks in flight
   std::vector<GrowRequest> batch_;  // reused by step() to avoid an allocation per call
   AddonData* data_ = nullptr;
 };

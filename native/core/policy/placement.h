@@ -4,7 +4,7 @@
 #include <cstddef>
 #include <optional>
 
-#include "cache/slot_table.h"
+#include "core/slot_table.h"
 
 namespace vat {
 

@@ -1,4 +1,4 @@
-#include "cache/fence_list.h"
+#include "device/fence_list.h"
 
 namespace vat {
 

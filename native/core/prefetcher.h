@@ -1,4 +1,5 @@
-// The prefetcher: one worker thread per cache that maps, while the GPU
+// The prefetcher: one worker thread per cache (whatever the number of
+// devices: the driver serialises mapping across the GPUs of a process) that maps, while the GPU
 // computes, the look-ahead step() asks for (tokens + lookAhead of each
 // stepped sequence), one page group at a time, and keeps `idleGroups` page
 // groups idle in the pool: creating pages within the budget, or — when the
@@ -19,15 +20,10 @@
 #include <thread>
 #include <vector>
 
-#include "cache/cache_core.h"
-#include "cache/page_mapper.h"
+#include "core/page_mapper.h"
+#include "core/state.h"
 
 namespace vat {
-
-struct GrowRequest {
-  SequenceRef seq;
-  uint64_t tokens = 0;
-};
 
 class Prefetcher {
  public:

@@ -1,4 +1,4 @@
-#include "cache/placement.h"
+#include "core/policy/placement.h"
 
 #include <string>
 
@@ -16,7 +16,7 @@ uint32_t placeSequence(const SlotTable& slots, std::optional<size_t> expectedGro
       best = static_cast<int>(i);
       continue;
     }
-    size_t have = slots.groupsOf(s), bestHave = slots.groupsOf(slots[best]);
+    size_t have = s.groups, bestHave = slots[best].groups;
     bool covers = have >= need, bestCovers = bestHave >= need;
     if (covers != bestCovers ? covers : (covers ? have < bestHave : have > bestHave)) best = static_cast<int>(i);
   }

@@ -1,4 +1,4 @@
-#include "cache/prefetcher.h"
+#include "core/prefetcher.h"
 
 #include <algorithm>
 #include <system_error>
@@ -16,7 +16,7 @@ Prefetcher::~Prefetcher() {
 
 void Prefetcher::start() {
   if (lookAhead_ == 0) return;
-  core_.backend().injectFault(BackendOp::StartWorker, "std::thread", ErrorCode::Os);
+  core_.shard(0).backend().injectFault(BackendOp::StartWorker, "std::thread", ErrorCode::Os);
   try {
     worker_ = std::thread([this] { run(); });
   } catch (const std::system_error& e) {
@@ -46,7 +46,7 @@ void Prefetcher::wake() {
 bool Prefetcher::raiseTarget(Slot& s, uint64_t tokens) {
   uint64_t maxTokens = core_.layout->shape().maxTokens;
   s.prefetchTarget = std::max(s.prefetchTarget, std::min<uint64_t>(maxTokens, tokens + lookAhead_));
-  return core_.layout->tokensInGroups(core_.groupsOf(s)) < s.prefetchTarget;
+  return core_.layout->tokensInGroups(s.groups) < s.prefetchTarget;
 }
 
 bool Prefetcher::afterStep(const std::vector<GrowRequest>& batch) {
@@ -86,9 +86,9 @@ bool Prefetcher::plan(Extension& ext) {
   uint64_t bestRoom = UINT64_MAX;
   for (uint32_t i = 0; i < core_.slots.size(); ++i) {
     const Slot& s = core_.slots[i];
-    if (!s.active() || s.extendingNow() || s.prefetchTarget == 0) continue;
-    uint64_t backed = layout.tokensInGroups(core_.groupsOf(s));
-    if (backed >= s.prefetchTarget || core_.groupsOf(s) >= layout.maxGroups()) continue;
+    if (!s.active || s.extendingNow() || s.prefetchTarget == 0) continue;
+    uint64_t backed = layout.tokensInGroups(s.groups);
+    if (backed >= s.prefetchTarget || s.groups >= layout.maxGroups()) continue;
     uint64_t room = backed > s.tokens ? backed - s.tokens : 0;
     if (room < bestRoom) {
       bestRoom = room;
@@ -98,7 +98,7 @@ bool Prefetcher::plan(Extension& ext) {
   starved_ = false;
   if (best < 0) return false;
   uint32_t slot = static_cast<uint32_t>(best);
-  if (mapper_.beginExtension(ext, slot, core_.groupsOf(core_.slots[slot]) + 1, false, Extending::Ahead)) return true;
+  if (mapper_.beginExtension(ext, slot, core_.slots[slot].groups + 1, false, Extending::Ahead)) return true;
   starved_ = true;  // memory is full: reclaimAhead may free a group for it
   return false;
 }
@@ -109,9 +109,14 @@ bool Prefetcher::plan(Extension& ext) {
 // reclaims for itself when it gets there first (and waits for a retirement
 // in progress when it needs its pages: waitForIdle).
 bool Prefetcher::reclaimAhead(Lock& lk) {
-  PagePool& pool = core_.pool();
-  if (!active_ || lowWater_ == 0 || demandWaiting_ > 0 || pool.headroom() > 0) return false;
-  if (!starved_ && pool.idleCount() >= lowWater_) return false;
+  if (!active_ || lowWater_ == 0 || demandWaiting_ > 0) return false;
+  // (a device with room in its budget creates instead: topUpPool)
+  bool short_ = starved_;
+  for (auto& sh : core_.shards) {
+    if (sh->pool().headroom() > 0) return false;
+    short_ = short_ || sh->pool().idleCount() < lowWater_;
+  }
+  if (!short_) return false;
   Retirement r;
   if (!mapper_.beginRetirement(r)) return false;
   ++inFlight_;
@@ -136,15 +141,23 @@ bool Prefetcher::dropShared(Lock& lk) {
 
 // Keeps a group's worth of idle pages ready while prefetch is in use, so that
 // demand growth rarely pays for page creation.
+// One page on the device with the fewest idle pages below the mark.
 bool Prefetcher::topUpPool(Lock& lk) {
-  PagePool& pool = core_.pool();
-  if (!active_ || demandWaiting_ > 0 || pool.idleCount() >= lowWater_ || !pool.reserveCreation()) return false;
+  if (!active_ || demandWaiting_ > 0) return false;
+  DeviceShard* low = nullptr;
+  for (auto& sh : core_.shards)
+    if (sh->pool().idleCount() < lowWater_ && sh->pool().headroom() > 0 &&
+        (!low || sh->pool().idleCount() < low->pool().idleCount()))
+      low = sh.get();
+  if (!low) return false;
+  PagePool& pool = low->pool();
+  if (!pool.reserveCreation()) return false;
   ++inFlight_;
   lk.unlock();
   PageHandle handle = 0;
   bool ok = true;
   try {
-    handle = core_.backend().createPage();
+    handle = low->backend().createPage();
   } catch (...) {
     ok = false;
   }
@@ -163,8 +176,10 @@ bool Prefetcher::topUpPool(Lock& lk) {
 void Prefetcher::run() {
   bool bound = true;
   try {
-    core_.backend().injectFault(BackendOp::StartWorker, "binding the prefetch thread", core_.backend().ordinaryError());
-    core_.backend().bindThread();
+    for (auto& sh : core_.shards) {
+      sh->backend().injectFault(BackendOp::StartWorker, "binding the prefetch thread", sh->backend().ordinaryError());
+      sh->backend().bindThread();
+    }
   } catch (const std::exception& e) {
     bound = false;
     Lock lk(core_.lock);

@@ -1,0 +1,165 @@
+// suspend / resume of the whole cache, on every device: every physical page
+// back to the backends, every address kept (see moves.cc for the host side
+// and pool/page_pool.h for a page's Suspended state).
+#include <algorithm>
+
+#include "common/errors.h"
+#include "core/kv_cache.h"
+#include "core/transfer_stream.h"
+
+namespace vat {
+
+// Waits until no extension, retirement, copy or worker task runs off the lock.
+void KVCache::waitForQuiet(Lock& lk) {
+  core_->changed.wait(lk, [&] {
+    return core_->closing.load() || (!core_->slots.anyExtending() && prefetcher_->idle());
+  });
+  checkOpen();
+}
+
+// What a suspended cache does not keep: released slots' pages (deferred
+// reclamation: no live token), active sequences' pages past their tokens
+// (look-ahead), idle pages. Fences have passed.
+void KVCache::dropUnkeptPages() {
+  const KVLayout& layout = *core_->layout;
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    Slot& s = core_->slots[i];
+    if (!s.active) {
+      mapper_->dropMappings(i);
+      continue;
+    }
+    size_t keep = layout.groupsForTokens(s.tokens);
+    if (s.groups <= keep) continue;
+    for (auto& sh : core_->shards) {
+      std::vector<PageId>& list = sh->slot(i).pages;
+      while (list.size() > keep * core_->pagesPerGroup()) {
+        size_t k = list.size() - 1;
+        if (sh->pool().unmapAt(list[k], sh->pageAt(i, k))) sh->pool().putIdle(list[k]);
+        list.pop_back();
+      }
+    }
+    s.groups = keep;
+    s.prefetchTarget = 0;
+  }
+  for (auto& sh : core_->shards) sh->pool().trim(UINT64_MAX);
+}
+
+// Each physical page of device d in `state` mapped by a slot, once (a shared
+// page is in several slots' lists).
+std::vector<PageId> KVCache::distinctMappedPages(size_t device, PageState state) {
+  DeviceShard& sh = core_->shard(device);
+  std::vector<PageId> out;
+  for (uint32_t i = 0; i < core_->slots.size(); ++i)
+    for (PageId id : sh.slot(i).pages)
+      if (sh.pool().page(id).state == state) out.push_back(id);
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+// The suspended pages' bytes to the host copy (suspend: every page) or back
+// (resume: pages `only[d]`, indexes into suspendedPages_[d]), every device's
+// copies queued before any is waited for. Page k is at byte k × page size.
+void KVCache::copySuspended(bool toHost, const std::vector<std::vector<size_t>>* only) {
+  std::vector<std::unique_ptr<TransferStream>> streams(core_->deviceCount());
+  core_->onEachDevice([&](size_t d) {
+    DeviceShard& sh = core_->shard(d);
+    if (suspendedCopy_[d].blocks.empty()) return;
+    streams[d] = std::make_unique<TransferStream>(sh.backend());
+    uint64_t ps = sh.pool().pageSize();
+    auto copy = [&](size_t k) {
+      transferBlocks(sh.backend(), toHost, sh.pool().page(suspendedPages_[d][k]).address, suspendedCopy_[d], k * ps,
+                     ps, sh.host().blockBytes(), streams[d]->get());
+    };
+    if (only) {
+      for (size_t k : (*only)[d]) copy(k);
+    } else {
+      for (size_t k = 0; k < suspendedPages_[d].size(); ++k) copy(k);
+    }
+  });
+  core_->onEachDevice([&](size_t d) {
+    if (streams[d]) streams[d]->finish();
+  });
+}
+
+void KVCache::suspend(bool keepHost) {
+  Lock lk(core_->lock);
+  checkOpen();
+  checkNotSuspended();
+  core_->suspended = true;  // from here growth fails and the worker idles
+  bool pagesGoing = false;
+  try {
+    waitForQuiet(lk);
+    for (uint32_t i = 0; i < core_->slots.size(); ++i) core_->waitFences(i);
+    mapper_->retryStranded();
+    dropUnkeptPages();
+    for (size_t d = 0; d < core_->deviceCount(); ++d) suspendedPages_[d] = distinctMappedPages(d, PageState::Accessible);
+    if (keepHost) {
+      core_->onEachDevice([&](size_t d) {
+        DeviceShard& sh = core_->shard(d);
+        if (!suspendedPages_[d].empty())
+          suspendedCopy_[d] = sh.host().take(suspendedPages_[d].size() * sh.pool().pageSize(), "suspend({ keep: 'host' })");
+      });
+      copySuspended(true, nullptr);
+    }
+    // Failing from here leaves the cache suspended in part: resume() backs
+    // what went (and restores it from the host copy).
+    pagesGoing = true;
+    core_->onEachDevice([&](size_t d) {
+      for (PageId id : suspendedPages_[d]) core_->shard(d).pool().suspendPage(id);
+    });
+  } catch (...) {
+    if (!pagesGoing) {
+      giveHost(suspendedCopy_);
+      for (auto& pages : suspendedPages_) pages.clear();
+      core_->suspended = false;
+      prefetcher_->wake();
+    }
+    core_->changed.notify_all();
+    throw;
+  }
+}
+
+void KVCache::resume() {
+  Lock lk(core_->lock);
+  checkOpen();
+  if (!core_->suspended) return;
+  mapper_->retryStranded();  // a mapping an earlier resume's undo left where this one maps
+  std::vector<std::vector<size_t>> resumed(core_->deviceCount());  // indexes into suspendedPages_[d]
+  try {
+    core_->onEachDevice([&](size_t d) {
+      PagePool& pool = core_->shard(d).pool();
+      for (size_t k = 0; k < suspendedPages_[d].size(); ++k) {
+        // A page whose sequences were all released while suspended is gone.
+        if (!pool.isSuspended(suspendedPages_[d][k])) continue;
+        pool.resumePage(suspendedPages_[d][k]);
+        resumed[d].push_back(k);
+      }
+    });
+    copySuspended(false, &resumed);
+  } catch (...) {
+    for (size_t d = resumed.size(); d-- > 0;)
+      for (size_t j = resumed[d].size(); j-- > 0;) {
+        try {
+          core_->shard(d).pool().suspendPage(suspendedPages_[d][resumed[d][j]]);
+        } catch (...) {
+        }
+      }
+    throw;
+  }
+  giveHost(suspendedCopy_);
+  for (auto& pages : suspendedPages_) pages.clear();
+  core_->suspended = false;
+  prefetcher_->wake();
+  core_->changed.notify_all();
+}
+
+// Teardown (under the lock): the records of host memory go; the blocks
+// themselves go back with each shard's host pool.
+void KVCache::freeHostMemory() {
+  swapped_.clear();
+  for (HostBlocks& b : suspendedCopy_) b = {};
+  for (auto& pages : suspendedPages_) pages.clear();
+}
+
+}  // namespace vat
