@@ -45,6 +45,17 @@ class Error : public std::runtime_error {
   ErrorCode code_;
 };
 
+// `e` with another message, every figure kept.
+inline Error withMessage(const Error& e, const std::string& message) {
+  Error out(e.code(), message);
+  out.status = e.status;
+  out.statusName = e.statusName;
+  out.requestedBytes = e.requestedBytes;
+  out.availableBytes = e.availableBytes;
+  out.device = e.device;
+  return out;
+}
+
 [[noreturn]] inline void fail(ErrorCode code, const std::string& message) {
   throw Error(code, message);
 }

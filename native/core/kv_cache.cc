@@ -200,8 +200,11 @@ uint64_t KVCache::reclaim(uint64_t bytes) {
   Lock lk(core_->lock);
   checkOpen();
   if (core_->suspended) return 0;  // nothing is backed
+  // `bytes` counts the whole cache: every group taken frees a page on each
+  // device, so each device gives up its share of them.
   uint64_t ps = description_.pageSize;
-  uint64_t pages = bytes == UINT64_MAX ? UINT64_MAX : bytes / ps + (bytes % ps != 0);
+  uint64_t perPage = ps * core_->deviceCount();
+  uint64_t pages = bytes == UINT64_MAX ? UINT64_MAX : bytes / perPage + (bytes % perPage != 0);
   // reclaim() takes only from released slots (not prefetched tails): every
   // active slot is left out of the order.
   std::vector<uint32_t> active;

@@ -207,6 +207,7 @@ class KVCache {
   std::vector<PageId> distinctMappedPages(size_t device, PageState state);
   void copySuspended(bool toHost, const std::vector<std::vector<size_t>>* only);
   void freeHostMemory();
+  void undoSuspend();
   // stats.cc
   void checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
 

@@ -12,11 +12,7 @@ namespace vat {
 Error CacheCore::named(const Error& e, size_t d) const {
   if (e.device >= 0) return e;  // named already
   int ordinal = shards[d]->ordinal();
-  Error out(e.code(), "device " + std::to_string(ordinal) + ": " + e.what());
-  out.status = e.status;
-  out.statusName = e.statusName;
-  out.requestedBytes = e.requestedBytes;
-  out.availableBytes = e.availableBytes;
+  Error out = withMessage(e, "device " + std::to_string(ordinal) + ": " + e.what());
   out.device = ordinal;
   return out;
 }

@@ -108,16 +108,30 @@ void KVCache::suspend(bool keepHost) {
     core_->onEachDevice([&](size_t d) {
       for (PageId id : suspendedPages_[d]) core_->shard(d).pool().suspendPage(id);
     });
-  } catch (...) {
-    if (!pagesGoing) {
-      giveHost(suspendedCopy_);
-      for (auto& pages : suspendedPages_) pages.clear();
-      core_->suspended = false;
-      prefetcher_->wake();
-    }
+  } catch (const Error& e) {
     core_->changed.notify_all();
+    if (!pagesGoing) {
+      undoSuspend();
+      throw;
+    }
+    // Some pages went (with their bytes, under keep: 'none'): resuming as if
+    // whole would hand back memory whose contents are gone.
+    throw withMessage(e, std::string(e.what()) + "; the cache is suspended in part" +
+                             (keepHost ? "" : " (pages that went dropped their KV)") +
+                             ": resume() backs every device again");
+  } catch (...) {
+    core_->changed.notify_all();
+    if (!pagesGoing) undoSuspend();
     throw;
   }
+}
+
+// A suspend refused before any page went: the cache is as it was.
+void KVCache::undoSuspend() {
+  giveHost(suspendedCopy_);
+  for (auto& pages : suspendedPages_) pages.clear();
+  core_->suspended = false;
+  prefetcher_->wake();
 }
 
 void KVCache::resume() {
