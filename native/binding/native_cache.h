@@ -11,6 +11,7 @@
 
 #include "binding/cache_task.h"
 #include "binding/js_values.h"
+#include "binding/stats_object.h"
 #include "binding/test_hooks.h"
 #include "core/kv_cache.h"
 
@@ -330,80 +331,8 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
 
   // stats(device): that device's figures (the TypeScript side adds them up).
   Napi::Value Stats(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
     size_t d = deviceArg(info, 0);
-    CacheStats st = guarded(env, [&] { return cache_->stats(d); });
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("backend", st.backend);
-    o.Set("pageSize", num(env, st.pageSize));
-    o.Set("budgetBytes", num(env, st.budgetBytes));
-    o.Set("pagesCreated", num(env, st.pages.created));
-    o.Set("pagesMapped", num(env, st.pages.mapped));
-    o.Set("pagesPooled", num(env, st.pages.idle));
-    o.Set("pagesStranded", num(env, st.pages.stranded));
-    o.Set("bytesBacked", num(env, st.bytesBacked));
-    o.Set("bytesUsed", num(env, st.bytesUsed));
-    o.Set("bytesBeyondTokens", num(env, st.bytesBeyondTokens));
-    o.Set("bytesPageRounding", num(env, st.bytesPageRounding));
-    o.Set("bytesSpareGroups", num(env, st.bytesSpareGroups));
-    o.Set("bytesInReleasedSlots", num(env, st.bytesInReleasedSlots));
-    o.Set("bytesPooled", num(env, st.bytesPooled));
-    o.Set("activeSequences", num(env, st.activeSequences));
-    o.Set("reservedVirtualBytes", num(env, st.reservedVirtualBytes));
-    o.Set("pagesReclaimed", num(env, st.reclaimedPages));
-    o.Set("pagesReused", num(env, st.reusedPages));
-    o.Set("pagesShared", num(env, st.sharedPages));
-    o.Set("bytesSavedBySharing", num(env, st.bytesSavedBySharing));
-    o.Set("driverCallsOnJsThread", num(env, st.callsOnOwnerThread));
-    o.Set("suspended", st.suspended);
-    o.Set("bytesSuspended", num(env, st.bytesSuspended));
-    o.Set("pagesSuspended", num(env, st.pages.suspended));
-    Napi::Object host = Napi::Object::New(env);
-    host.Set("budgetBytes", num(env, st.host.budgetBytes));
-    host.Set("bytesHeld", num(env, st.host.bytesHeld));
-    host.Set("bytesIdle", num(env, st.host.bytesIdle));
-    host.Set("bytesSwapped", num(env, st.host.bytesSwapped));
-    host.Set("swappedSequences", num(env, st.host.swappedSequences));
-    host.Set("bytesSuspendCopy", num(env, st.host.bytesSuspendCopy));
-    host.Set("swapOuts", num(env, st.host.swapOuts));
-    host.Set("swapIns", num(env, st.host.swapIns));
-    o.Set("host", host);
-    Napi::Object pf = Napi::Object::New(env);
-    pf.Set("tokens", cache_->prefetchTokens());
-    pf.Set("hits", num(env, st.prefetch.hits));
-    pf.Set("misses", num(env, st.prefetch.misses));
-    pf.Set("pagesAhead", num(env, st.prefetch.pagesAhead));
-    pf.Set("pagesReclaimedAhead", num(env, st.prefetch.pagesReclaimedAhead));
-    pf.Set("pagesOnDemand", num(env, st.prefetch.pagesOnDemand));
-    pf.Set("stallNanoseconds", num(env, st.prefetch.stallNanos));
-    pf.Set("lockWaits", num(env, st.prefetch.lockWaits));
-    pf.Set("lockWaitNanoseconds", num(env, st.prefetch.lockWaitNanos));
-    pf.Set("steps", num(env, st.prefetch.steps));
-    pf.Set("stepNanoseconds", num(env, st.prefetch.stepNanos));
-    pf.Set("errors", num(env, st.prefetch.errors));
-    pf.Set("workerError", st.prefetch.workerError.empty() ? env.Null() : Napi::String::New(env, st.prefetch.workerError));
-    o.Set("prefetch", pf);
-    Napi::Array slots = Napi::Array::New(env, st.slots.size());
-    for (size_t i = 0; i < st.slots.size(); ++i) {
-      const SlotStats& s = st.slots[i];
-      Napi::Object so = Napi::Object::New(env);
-      so.Set("slot", s.slot);
-      so.Set("active", s.active);
-      so.Set("tokens", num(env, s.tokens));
-      so.Set("backedTokens", num(env, s.backedTokens));
-      so.Set("mappedPages", num(env, s.mappedPages));
-      slots.Set(static_cast<uint32_t>(i), so);
-    }
-    o.Set("slots", slots);
-    Napi::Object calls = Napi::Object::New(env);
-    for (size_t i = 0; i < kBackendOpCount; ++i) {
-      Napi::Object c = Napi::Object::New(env);
-      c.Set("calls", num(env, st.calls[i].calls));
-      c.Set("nanoseconds", num(env, st.calls[i].nanos));
-      calls.Set(backendOpName(static_cast<BackendOp>(i)), c);
-    }
-    o.Set("driverCalls", calls);
-    return o;
+    return StatsObject::of(info.Env(), guarded(info.Env(), [&] { return cache_->stats(d); }));
   }
 
   Napi::Value Layout(const Napi::CallbackInfo& info) {

@@ -106,7 +106,7 @@ class KVCache {
   // tokens - 1 is copied even when whole (fork's default: the token a step
   // backed may not be written yet). `from` may be released when
   // allowReleased and its slot still holds its pages. All or nothing.
-  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, const std::vector<uint64_t>& streams,
+  SequenceRef share(SequenceRef from, uint64_t tokens, bool allowReleased, std::vector<uint64_t> streams,
                     bool copyLast = false);
   // Moving KV out of device memory and back (moves.cc). Each runs on the
   // caller's thread with the lock released during the copies, so it
@@ -185,6 +185,7 @@ class KVCache {
   bool makeRoomOffLock(Lock& lk, uint32_t slot, uint64_t missing);
   // sharing.cc
   Slot& shareSource(SequenceRef from, uint64_t tokens, bool allowReleased);
+  SharePlan planShare(Lock& lk, SequenceRef from, uint64_t tokens, bool allowReleased, bool copyLast);
   void chooseShareSlots(Lock& lk, SharePlan& plan, SequenceRef from, bool allowReleased);
   int freeSlotForShare(uint32_t source);
   bool mapsPrefix(uint32_t slot, uint32_t source, size_t sharedPages);

@@ -125,14 +125,39 @@ void commitOn(DeviceShard& sh, const SharePlan& p, ShareOnDevice& x) noexcept {
   sh.counters.pagesOnDemand += x.fresh.pages.size();
 }
 
+// Copies already queued must run before their pages go anywhere (the undo
+// that follows gives them back).
+void finishQueuedCopies(CacheCore& core, const std::vector<ShareOnDevice>& on, const std::vector<uint64_t>& streams) {
+  for (size_t d = 0; d < on.size() && d < streams.size(); ++d) {
+    if (on[d].copiesQueued == 0 || streams[d] == 0) continue;
+    try {
+      core.shard(d).backend().syncStream(streams[d]);
+    } catch (...) {
+      // the device is lost: nothing it runs reads the pages again
+    }
+  }
+}
+
+// Under the lock, after every device mapped: cannot fail.
+void commitAll(CacheCore& core, const SharePlan& p, std::vector<ShareOnDevice>& on) noexcept {
+  bool copyFenced = false;
+  for (size_t d = 0; d < on.size(); ++d) {
+    commitOn(core.shard(d), p, on[d]);
+    copyFenced = copyFenced || on[d].sourceFence != 0;
+  }
+  Slot& source = core.slots[p.src];
+  Slot& child = core.slots[p.dst];
+  source.copyFenced = source.copyFenced || copyFenced;
+  child.copyFenced = child.copyFenced || copyFenced;
+  child.groups = std::max(p.kept, p.needPages) / core.pagesPerGroup();
+}
+
 }  // namespace
 
-SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, const std::vector<uint64_t>& streams,
-                           bool copyLast) {
-  Lock lk(core_->lock);
+// Decided before touching anything: the slots, what is shared, kept, made.
+SharePlan KVCache::planShare(Lock& lk, SequenceRef from, uint64_t tokens, bool allowReleased, bool copyLast) {
   const KVLayout& layout = *core_->layout;
-  size_t per = layout.pagesPerGroup(), n = core_->deviceCount();
-  auto streamOf = [&](size_t d) { return d < streams.size() ? streams[d] : uint64_t{0}; };
+  size_t per = layout.pagesPerGroup();
   SharePlan p;
   p.tokens = tokens;
   p.sharedPages = layout.groupsBefore(copyLast && tokens > 0 ? tokens - 1 : tokens) * per;
@@ -142,10 +167,19 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   p.toShare = p.reuse ? 0 : p.sharedPages;
   p.firstFresh = std::max(p.kept, p.toShare);
   p.freshCount = p.needPages > p.firstFresh ? p.needPages - p.firstFresh : 0;
-  // Decided before touching anything: the child's own pages came back when
-  // it was cleared, the rest from the pools or others (not the source).
+  // The child's own pages came back when it was cleared, the rest come from
+  // the pools or others (not the source).
   uint64_t obtainable = mapper_->obtainablePages({p.src, p.dst});
   if (p.freshCount > obtainable) throw outOfMemory(*core_, p.freshCount, obtainable);
+  return p;
+}
+
+SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased, std::vector<uint64_t> streams,
+                           bool copyLast) {
+  Lock lk(core_->lock);
+  size_t n = core_->deviceCount();
+  streams.resize(n, 0);
+  SharePlan p = planShare(lk, from, tokens, allowReleased, copyLast);
   mapper_->retryStranded();
   std::vector<TakenPages> fresh = mapper_->obtainPages(p.freshCount, {p.src, p.dst});
   std::vector<ShareOnDevice> on(n);
@@ -159,35 +193,19 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   };
   source.extending = child.extending = Extending::Copying;  // nothing unmaps, places or reclaims them
   try {
-    for (size_t d = 0; d < n; ++d) prepareOn(core_->shard(d), p, on[d], streamOf(d) != 0 && p.needPages > p.sharedPages);
+    for (size_t d = 0; d < n; ++d) prepareOn(core_->shard(d), p, on[d], streams[d] != 0 && p.needPages > p.sharedPages);
+    lk.unlock();
+    for (size_t d = 0; d < n; ++d) core_->onDevice(d, [&] { mapOn(core_->shard(d), p, on[d], streams[d]); });
   } catch (...) {
-    undo();
-    throw;
-  }
-  lk.unlock();
-  size_t d = 0;
-  try {
-    for (; d < n; ++d) core_->onDevice(d, [&] { mapOn(core_->shard(d), p, on[d], streamOf(d)); });
-  } catch (...) {
-    // Copies already queued must run before their pages go anywhere.
-    for (size_t u = 0; u <= d && u < n; ++u)
-      if (on[u].copiesQueued > 0 && streamOf(u) != 0) {
-        try {
-          core_->shard(u).backend().syncStream(streamOf(u));
-        } catch (...) {
-        }
-      }
-    lk.lock();
+    if (!lk.owns_lock()) {
+      finishQueuedCopies(*core_, on, streams);
+      lk.lock();
+    }
     undo();
     throw;
   }
   lk.lock();
-  for (size_t u = 0; u < n; ++u) commitOn(core_->shard(u), p, on[u]);
-  bool copyFenced = on[0].sourceFence != 0;
-  for (size_t u = 0; u < n; ++u) copyFenced = copyFenced || on[u].sourceFence != 0;
-  source.copyFenced = source.copyFenced || copyFenced;
-  child.copyFenced = child.copyFenced || copyFenced;
-  child.groups = std::max(p.kept, p.needPages) / per;
+  commitAll(*core_, p, on);
   SequenceRef ref = core_->slots.occupy(p.dst);
   child.tokens = tokens;
   source.extending = child.extending = Extending::No;

@@ -107,6 +107,7 @@ CacheStats KVCache::stats(size_t device) {
   st.prefetch.pagesReclaimedAhead = sh.counters.reclaimedAheadPages;
   st.prefetch.errors = prefetcher_->errors();
   st.prefetch.workerError = prefetcher_->workerError();
+  st.prefetch.tokens = prefetcher_->lookAhead();
   st.suspended = core_->suspended;
   st.bytesSuspended = st.pages.suspended * st.pageSize;
   st.host = hostStats_;

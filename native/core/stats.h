@@ -24,6 +24,17 @@ struct HostStats {
   uint64_t bytesSuspendCopy = 0; // a suspended cache's pages kept on the host (keep: 'host')
   uint64_t swapOuts = 0;         // completed, ever
   uint64_t swapIns = 0;
+
+  template <class F> void fields(F&& f) const {
+    f("budgetBytes", budgetBytes);
+    f("bytesHeld", bytesHeld);
+    f("bytesIdle", bytesIdle);
+    f("bytesSwapped", bytesSwapped);
+    f("swappedSequences", swappedSequences);
+    f("bytesSuspendCopy", bytesSuspendCopy);
+    f("swapOuts", swapOuts);
+    f("swapIns", swapIns);
+  }
 };
 
 struct SlotStats {
@@ -32,6 +43,14 @@ struct SlotStats {
   uint64_t tokens;        // grown length (active) or 0
   uint64_t backedTokens;  // tokens the mapped pages hold
   uint64_t mappedPages;
+
+  template <class F> void fields(F&& f) const {
+    f("slot", slot);
+    f("active", active);
+    f("tokens", tokens);
+    f("backedTokens", backedTokens);
+    f("mappedPages", mappedPages);
+  }
 };
 
 // The callers' side of growth, once per cache.
@@ -41,6 +60,14 @@ struct DemandStats {
   uint64_t stallNanos = 0;     // caller time spent mapping or waiting in grow/step
   uint64_t lockWaits = 0;      // step() calls that found the cache's lock held by another thread
   uint64_t lockWaitNanos = 0;  // and the time they waited for it
+
+  template <class F> void fields(F&& f) const {
+    f("hits", hits);
+    f("misses", misses);
+    f("stallNanoseconds", stallNanos);
+    f("lockWaits", lockWaits);
+    f("lockWaitNanoseconds", lockWaitNanos);
+  }
 };
 
 struct PrefetchStats : DemandStats {
@@ -51,6 +78,19 @@ struct PrefetchStats : DemandStats {
   uint64_t stepNanos = 0;            // and the time they took in the library, lock and mapping included
   uint64_t errors = 0;               // worker extensions that failed (retried at the next step)
   std::string workerError;           // why the worker could not start (prefetch off), or empty
+  uint32_t tokens = 0;               // the look-ahead (prefetchTokens)
+
+  template <class F> void fields(F&& f) const {
+    DemandStats::fields(f);
+    f("tokens", tokens);
+    f("pagesAhead", pagesAhead);
+    f("pagesReclaimedAhead", pagesReclaimedAhead);
+    f("pagesOnDemand", pagesOnDemand);
+    f("steps", steps);
+    f("stepNanoseconds", stepNanos);
+    f("errors", errors);
+    f("workerError", workerError.empty() ? nullptr : &workerError);
+  }
 };
 
 struct CacheStats {
@@ -80,6 +120,39 @@ struct CacheStats {
   HostStats host;
   bool suspended = false;
   uint64_t bytesSuspended = 0;  // physical pages suspend() gave back, that resume() backs again
+
+  // Every figure with the name the API reports it under: the one list of
+  // names (the binding walks it; lib/stats.ts types it).
+  template <class F> void fields(F&& f) const {
+    f("backend", backend);
+    f("pageSize", pageSize);
+    f("budgetBytes", budgetBytes);
+    f("pagesCreated", pages.created);
+    f("pagesMapped", pages.mapped);
+    f("pagesPooled", pages.idle);
+    f("pagesStranded", pages.stranded);
+    f("pagesSuspended", pages.suspended);
+    f("bytesBacked", bytesBacked);
+    f("bytesUsed", bytesUsed);
+    f("bytesBeyondTokens", bytesBeyondTokens);
+    f("bytesPageRounding", bytesPageRounding);
+    f("bytesSpareGroups", bytesSpareGroups);
+    f("bytesInReleasedSlots", bytesInReleasedSlots);
+    f("bytesPooled", bytesPooled);
+    f("activeSequences", activeSequences);
+    f("reservedVirtualBytes", reservedVirtualBytes);
+    f("pagesReclaimed", reclaimedPages);
+    f("pagesReused", reusedPages);
+    f("pagesShared", sharedPages);
+    f("bytesSavedBySharing", bytesSavedBySharing);
+    f("driverCallsOnJsThread", callsOnOwnerThread);
+    f("suspended", suspended);
+    f("bytesSuspended", bytesSuspended);
+    f("host", host);
+    f("prefetch", prefetch);
+    f("slots", slots);
+    f("driverCalls", calls);
+  }
 };
 
 }  // namespace vat

@@ -69,76 +69,26 @@ __device__ __forceinline__ long long rowOffset(const AttentionParams& p, int b, 
   return row * p.rowStride + static_cast<long long>(t) * p.tokenStride + head * p.headStride;
 }
 
-// One split of one (entry, KV head): grid (splits, kvHeads, batch).
-// Lanes: a token's row of D elements is read by D / 8 lanes (16 bytes each);
-// a warp reads 32 / (D / 8) tokens at once, U times over, before using them.
-template <typename T, int D, int G, bool Paged>
-__device__ void partialAttention(const AttentionParams& p) {
-  constexpr int kLanes = D / 8;
-  constexpr int kTokensPerWarp = 32 / kLanes;
-  constexpr int kUnroll = 4;
-  constexpr int kWarps = kAttentionThreads / 32;
-  static_assert(D % 8 == 0 && kLanes <= 32 && 32 % kLanes == 0, "head dim must be 64, 128 or 256");
-
-  const int split = blockIdx.x, kvHead = blockIdx.y, b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane / kLanes, chunk = lane % kLanes;
-  const int length = __ldg(reinterpret_cast<const int*>(p.lengths) + b);
-  const int begin = split * p.tokensPerSplit;
-  const int end = min(length, begin + p.tokensPerSplit);
-  const T* kBase = reinterpret_cast<const T*>(p.k);
-  const T* vBase = reinterpret_cast<const T*>(p.v);
-
-  float q[G][8];
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    const T* qRow = reinterpret_cast<const T*>(p.q) + (static_cast<long long>(b) * p.qHeads + kvHead * G + g) * D;
-    toFloats(__ldg(reinterpret_cast<const uint4*>(qRow) + chunk), q[g], T());
-#pragma unroll
-    for (int i = 0; i < 8; i++) q[g][i] *= p.scaleLog2;
-  }
-
+// One lane's share of the G query heads' online softmax: running max m,
+// sum l and unnormalised output acc over its 8 elements of the head.
+template <int G>
+struct SoftmaxState {
   float m[G], l[G], acc[G][8];
+
+  __device__ __forceinline__ void clear() {
 #pragma unroll
-  for (int g = 0; g < G; g++) {
-    m[g] = kNegInf;
-    l[g] = 0.f;
+    for (int g = 0; g < G; g++) {
+      m[g] = kNegInf;
+      l[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
+      for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
+    }
   }
 
-  for (int first = begin + warp * kTokensPerWarp * kUnroll; first < end; first += kWarps * kTokensPerWarp * kUnroll) {
-    uint4 kRaw[kUnroll], vRaw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; u++) {
-      int t = first + u * kTokensPerWarp + sub;
-      if (t < end) {
-        long long at = rowOffset<Paged>(p, b, t, kvHead) + chunk * 8;
-        kRaw[u] = __ldg(reinterpret_cast<const uint4*>(kBase + at));
-        vRaw[u] = __ldg(reinterpret_cast<const uint4*>(vBase + at));
-      } else {
-        kRaw[u] = vRaw[u] = make_uint4(0, 0, 0, 0);
-      }
-    }
-    // Scores of the kUnroll tokens, then one online-softmax update for all of
-    // them: one rescale of the accumulator per pass, not per token.
-    float s[kUnroll][G];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; u++) {
-      valid[u] = first + u * kTokensPerWarp + sub < end;
-      float kf[8];
-      toFloats(kRaw[u], kf, T());
-#pragma unroll
-      for (int g = 0; g < G; g++) {
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) dot = fmaf(q[g][i], kf[i], dot);
-#pragma unroll
-        for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        s[u][g] = dot;
-      }
-    }
+  // The G maxima raised over the valid scores of kUnroll tokens: one rescale
+  // of the accumulator per pass, not per token.
+  template <int kUnroll>
+  __device__ __forceinline__ void raiseMax(const float (&s)[kUnroll][G], const bool (&valid)[kUnroll]) {
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float mNew = m[g];
@@ -151,24 +101,20 @@ __device__ void partialAttention(const AttentionParams& p) {
       for (int i = 0; i < 8; i++) acc[g][i] *= old;
       m[g] = mNew;
     }
+  }
+
+  __device__ __forceinline__ void addValue(float (&s)[G], const float (&vf)[8]) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; u++) {
-      if (!valid[u]) continue;
-      float vf[8];
-      toFloats(vRaw[u], vf, T());
+    for (int g = 0; g < G; g++) {
+      const float w = exp2f(s[g] - m[g]);
+      l[g] += w;
 #pragma unroll
-      for (int g = 0; g < G; g++) {
-        const float w = exp2f(s[u][g] - m[g]);
-        l[g] += w;
-#pragma unroll
-        for (int i = 0; i < 8; i++) acc[g][i] = fmaf(w, vf[i], acc[g][i]);
-      }
+      for (int i = 0; i < 8; i++) acc[g][i] = fmaf(w, vf[i], acc[g][i]);
     }
   }
 
-  // Merge the tokens-at-once groups of the warp (lanes kLanes apart).
-#pragma unroll
-  for (int off = kLanes; off < 32; off *= 2) {
+  // Merges the states of lanes `off` apart (another token group of the warp).
+  __device__ __forceinline__ void mergeLanes(int off) {
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float mo = __shfl_xor_sync(0xffffffffu, m[g], off), lo = __shfl_xor_sync(0xffffffffu, l[g], off);
@@ -180,18 +126,51 @@ __device__ void partialAttention(const AttentionParams& p) {
       m[g] = mNew;
     }
   }
+};
 
-  // Merge the warps through shared memory.
+// This lane's 8 elements of the G query heads, scaled by log2(e) / sqrt(D).
+template <typename T, int D, int G>
+__device__ __forceinline__ void loadQuery(const AttentionParams& p, int b, int kvHead, int chunk, float (&q)[G][8]) {
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    const T* qRow = reinterpret_cast<const T*>(p.q) + (static_cast<long long>(b) * p.qHeads + kvHead * G + g) * D;
+    toFloats(__ldg(reinterpret_cast<const uint4*>(qRow) + chunk), q[g], T());
+#pragma unroll
+    for (int i = 0; i < 8; i++) q[g][i] *= p.scaleLog2;
+  }
+}
+
+// The G scores of one token: a dot product over the kLanes lanes of its row.
+template <typename T, int G, int kLanes>
+__device__ __forceinline__ void scoreToken(const float (&q)[G][8], const uint4& kRaw, float (&s)[G]) {
+  float kf[8];
+  toFloats(kRaw, kf, T());
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) dot = fmaf(q[g][i], kf[i], dot);
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    s[g] = dot;
+  }
+}
+
+// Merges the warps' states through shared memory and writes the split's
+// result: the output itself with one split, else its partial state.
+template <typename T, int D, int G, int kWarps>
+__device__ __forceinline__ void storeSplit(const AttentionParams& p, const SoftmaxState<G>& st, int warp, int sub,
+                                           int chunk, int b, int kvHead, int split) {
   __shared__ float sAcc[kWarps][G][D];
   __shared__ float sMax[kWarps][G], sSum[kWarps][G];
   if (sub == 0) {
 #pragma unroll
     for (int g = 0; g < G; g++) {
 #pragma unroll
-      for (int i = 0; i < 8; i++) sAcc[warp][g][chunk * 8 + i] = acc[g][i];
+      for (int i = 0; i < 8; i++) sAcc[warp][g][chunk * 8 + i] = st.acc[g][i];
       if (chunk == 0) {
-        sMax[warp][g] = m[g];
-        sSum[warp][g] = l[g];
+        sMax[warp][g] = st.m[g];
+        sSum[warp][g] = st.l[g];
       }
     }
   }
@@ -216,6 +195,65 @@ __device__ void partialAttention(const AttentionParams& p) {
       if (d == 0) reinterpret_cast<float2*>(p.partialMaxSum)[head * p.splits + split] = make_float2(mAll, sum);
     }
   }
+}
+
+// One split of one (entry, KV head): grid (splits, kvHeads, batch).
+// Lanes: a token's row of D elements is read by D / 8 lanes (16 bytes each);
+// a warp reads 32 / (D / 8) tokens at once, U times over, before using them.
+template <typename T, int D, int G, bool Paged>
+__device__ void partialAttention(const AttentionParams& p) {
+  constexpr int kLanes = D / 8;
+  constexpr int kTokensPerWarp = 32 / kLanes;
+  constexpr int kUnroll = 4;
+  constexpr int kWarps = kAttentionThreads / 32;
+  static_assert(D % 8 == 0 && kLanes <= 32 && 32 % kLanes == 0, "head dim must be 64, 128 or 256");
+
+  const int split = blockIdx.x, kvHead = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane / kLanes, chunk = lane % kLanes;
+  const int length = __ldg(reinterpret_cast<const int*>(p.lengths) + b);
+  const int begin = split * p.tokensPerSplit;
+  const int end = min(length, begin + p.tokensPerSplit);
+  const T* kBase = reinterpret_cast<const T*>(p.k);
+  const T* vBase = reinterpret_cast<const T*>(p.v);
+
+  float q[G][8];
+  loadQuery<T, D, G>(p, b, kvHead, chunk, q);
+  SoftmaxState<G> st;
+  st.clear();
+
+  for (int first = begin + warp * kTokensPerWarp * kUnroll; first < end; first += kWarps * kTokensPerWarp * kUnroll) {
+    uint4 kRaw[kUnroll], vRaw[kUnroll];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      int t = first + u * kTokensPerWarp + sub;
+      valid[u] = t < end;
+      if (valid[u]) {
+        long long at = rowOffset<Paged>(p, b, t, kvHead) + chunk * 8;
+        kRaw[u] = __ldg(reinterpret_cast<const uint4*>(kBase + at));
+        vRaw[u] = __ldg(reinterpret_cast<const uint4*>(vBase + at));
+      } else {
+        kRaw[u] = vRaw[u] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float s[kUnroll][G];
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) scoreToken<T, G, kLanes>(q, kRaw[u], s[u]);
+    st.template raiseMax<kUnroll>(s, valid);
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+      if (!valid[u]) continue;
+      float vf[8];
+      toFloats(vRaw[u], vf, T());
+      st.addValue(s[u], vf);
+    }
+  }
+
+  // Merge the tokens-at-once groups of the warp (lanes kLanes apart).
+#pragma unroll
+  for (int off = kLanes; off < 32; off *= 2) st.mergeLanes(off);
+  storeSplit<T, D, G, kWarps>(p, st, warp, sub, chunk, b, kvHead, split);
 }
 
 // Combines the splits of one (entry, query head): grid (qHeads, batch), D threads.
