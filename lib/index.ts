@@ -1,24 +1,19 @@
-export { KVCache, Sequence, SwappedSequence } from './kv-cache.js';
+export { KVCache } from './kv-cache.js';
+export { Sequence, SwappedSequence } from './sequence.js';
 export type {
-  CacheStats,
-  CallStats,
   DeviceOption,
-  DeviceStats,
   ForkOptions,
-  HostMemoryStats,
   GrowAsyncOptions,
   KVCacheEvents,
-  LayoutStats,
-  PrefetchStats,
   ReadRange,
   ReleaseOptions,
   ReserveOptions,
   SuspendOptions,
   SwapOutOptions,
-  SlotStats,
   TensorInfo,
   TokenRange,
-} from './kv-cache.js';
+} from './call-options.js';
+export type { CacheStats, CallStats, DeviceStats, HostMemoryStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
 export { DTYPE_BYTES } from './options.js';
 export { formatPrometheus } from './metrics.js';
 export type { MetricsOptions } from './metrics.js';

@@ -5,7 +5,7 @@
  */
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 import { checkObject, describe } from './options.js';
-import type { CacheStats } from './kv-cache.js';
+import type { CacheStats } from './stats.js';
 
 export interface MetricsOptions {
   /** Prefix of every metric name. Default 'vattention'. */

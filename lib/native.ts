@@ -1,6 +1,6 @@
 /**
  * The native addon, loaded once. Its objects never leave the library: the
- * public classes in kv-cache.ts wrap them.
+ * public classes in kv-cache.ts and sequence.ts wrap them.
  */
 import type { CacheStats } from './stats.js';
 

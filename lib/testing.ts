@@ -9,7 +9,7 @@ import { fromNative } from './errors.js';
 import { addon, type FaultKind } from './native.js';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 import { checkInteger, checkObject, describe } from './options.js';
-import type { TensorInfo } from './kv-cache.js';
+import type { TensorInfo } from './call-options.js';
 
 interface NativeTesting {
   deviceMemory(device: number): { freeBytes: number; totalBytes: number };

@@ -159,6 +159,21 @@ for (const b of cases) {
       expect(slotsOf(c)[1]).toEqual(slotsOf(c)[0]);
     });
 
+    it('a two-device step that device 1 cannot back refuses before any device makes a driver call, and changes nothing', () => {
+      const group = (pages: number) => pages * (b.name === 'host' ? 4096 : 2 << 20);
+      const c = make({ memoryBudget: [Number(b.options.memoryBudget), group(b.layoutName === 'per-layer' ? 2 * b.options.layers : 2)] });
+      const s = c.reserve();
+      c.step([s], [1]); // one page group: all device 1 can back
+      const before = stateOf(c);
+      const calls = () =>
+        c.stats().devices.map((d) => Object.values(d.driverCalls).reduce((sum, op) => sum + op.calls, 0));
+      const callsBefore = calls();
+      expect(() => c.step([s], [perGroup(c) + 1])).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY', device: 1 }));
+      expect(calls()).toEqual(callsBefore); // decided before touching device 0
+      expect(stateOf(c)).toEqual(before);
+      expect(s.tokens).toBe(1);
+    });
+
     for (const op of ['createPage', 'map', 'setAccess'] as const) {
       it(`all or nothing across devices: ${op} failing on device 1 only undoes device 0 (grow, step, growAsync)`, async () => {
         const c = make();

@@ -5,7 +5,9 @@
 #include <napi.h>
 
 #include <exception>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "common/errors.h"
 
@@ -44,5 +46,29 @@ inline uint64_t u64(const Napi::Value& v) {
 }
 inline Napi::Value num(Napi::Env env, uint64_t v) { return Napi::Number::New(env, static_cast<double>(v)); }
 inline Napi::Value big(Napi::Env env, uint64_t v) { return Napi::BigInt::New(env, v); }
+
+// The copy streams of share: one bigint, or an array with one per device.
+inline std::vector<uint64_t> shareStreams(const Napi::Value& v) {
+  std::vector<uint64_t> out;
+  if (v.IsBigInt()) out.push_back(u64(v));
+  if (v.IsArray()) {
+    Napi::Array a = v.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) out.push_back(a.Get(i).IsBigInt() ? u64(a.Get(i)) : 0);
+  }
+  return out;
+}
+
+// An optional array of per-device streams (undefined entries: none there).
+inline std::vector<std::optional<uint64_t>> streamList(const Napi::CallbackInfo& info, size_t at) {
+  std::vector<std::optional<uint64_t>> streams;
+  if (info.Length() > at && info[at].IsArray()) {
+    Napi::Array a = info[at].As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i) {
+      Napi::Value v = a.Get(i);
+      streams.push_back(v.IsBigInt() ? std::optional<uint64_t>(u64(v)) : std::nullopt);
+    }
+  }
+  return streams;
+}
 
 }  // namespace vat

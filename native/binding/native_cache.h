@@ -118,17 +118,6 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return out;
   }
 
-  // The copy streams of share: one bigint, or an array with one per device.
-  static std::vector<uint64_t> shareStreams(const Napi::Value& v) {
-    std::vector<uint64_t> out;
-    if (v.IsBigInt()) out.push_back(u64(v));
-    if (v.IsArray()) {
-      Napi::Array a = v.As<Napi::Array>();
-      for (uint32_t i = 0; i < a.Length(); ++i) out.push_back(a.Get(i).IsBigInt() ? u64(a.Get(i)) : 0);
-    }
-    return out;
-  }
-
   // share(slot, gen, tokens, allowReleased, stream | streams, copyLast) -> [slot, generation]
   Napi::Value Share(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -174,19 +163,6 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
       uint64_t handle = cache->swapOut(s, streams);
       return CacheTask::Result{handle, cache->swappedTokens(handle), 2};
     });
-  }
-
-  // An optional array of per-device streams (undefined entries: none there).
-  static std::vector<std::optional<uint64_t>> streamList(const Napi::CallbackInfo& info, size_t at) {
-    std::vector<std::optional<uint64_t>> streams;
-    if (info.Length() > at && info[at].IsArray()) {
-      Napi::Array a = info[at].As<Napi::Array>();
-      for (uint32_t i = 0; i < a.Length(); ++i) {
-        Napi::Value v = a.Get(i);
-        streams.push_back(v.IsBigInt() ? std::optional<uint64_t>(u64(v)) : std::nullopt);
-      }
-    }
-    return streams;
   }
 
   // swapIn(handle) -> Promise<[slot, generation]>

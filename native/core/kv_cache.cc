@@ -3,6 +3,7 @@
 #include "core/kv_cache.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "backend/cuda_backend.h"
 #include "backend/host_backend.h"
@@ -47,6 +48,8 @@ KVCache::KVCache(const CacheOptions& o) : ordinals_(o.devices) {
   description_.granularity = first->granularity();
   description_.backend = first->name();
   core_ = std::make_unique<CacheCore>(std::move(layout));
+  const char* parallel = std::getenv("VATTENTION_PARALLEL_DEVICES");  // see CacheCore::parallelDevices
+  core_->parallelDevices = parallel != nullptr && parallel[0] == '1';
   core_->shards.push_back(std::make_unique<DeviceShard>(std::move(first), o.devices[0], *core_->layout));
   mapper_ = std::make_unique<PageMapper>(*core_);
   prefetcher_ = std::make_unique<Prefetcher>(*core_, *mapper_, o.prefetchTokens, o.idleGroups);
@@ -87,7 +90,7 @@ void KVCache::openShards(const CacheOptions& o) {
       sh.open(budget, o.prefillBytes, o.hostMemoryBudget / n, o.hostMemoryPrefill / n);
       description_.bases.push_back(sh.base());
     } catch (const Error& e) {
-      Error named = n > 1 ? core_->named(e, d) : e;
+      Error named = core_->named(e, d);
       teardown();  // (a shard whose open failed gave back what it took: only its backend is left)
       throw named;
     } catch (...) {

@@ -10,7 +10,7 @@
 namespace vat {
 
 Error CacheCore::named(const Error& e, size_t d) const {
-  if (e.device >= 0) return e;  // named already
+  if (e.device >= 0 || shards.size() == 1) return e;  // named already, or nothing to tell apart
   int ordinal = shards[d]->ordinal();
   Error out = withMessage(e, "device " + std::to_string(ordinal) + ": " + e.what());
   out.device = ordinal;
@@ -35,7 +35,7 @@ Error outOfMemory(CacheCore& core, uint64_t neededPages, uint64_t obtainablePage
               " created, " + std::to_string(c.idle) + " idle in the pool, the rest mapped to active sequences)");
   e.requestedBytes = neededPages * pageSize;
   e.availableBytes = obtainablePages * pageSize;
-  return core.deviceCount() > 1 ? core.named(e, d) : e;
+  return core.named(e, d);
 }
 
 uint64_t PageMapper::freePages() const {
@@ -75,17 +75,16 @@ void PageMapper::growOnLock(const std::vector<std::pair<uint32_t, size_t>>& targ
   retryStranded();
   std::vector<TakenPages> taken = obtainPages(missing, exclude);
   size_t per = core_.pagesPerGroup();
-  size_t d = 0;
   try {
-    for (; d < core_.deviceCount(); ++d) {
+    core_.onAllDevices([&](size_t d) {
       size_t next = 0;
-      core_.onDevice(d, [&] {
-        for (const auto& [i, need] : targets)
-          if (need > core_.slots[i].groups) core_.shard(d).mapInto(i, need * per, taken[d].pages, next);
-      });
-    }
+      for (const auto& [i, need] : targets)
+        if (need > core_.slots[i].groups) core_.shard(d).mapInto(i, need * per, taken[d].pages, next);
+    });
   } catch (...) {
-    for (size_t u = std::min(d + 1, core_.deviceCount()); u-- > 0;)
+    // Every device, last first: each mapped what it could (unlistBeyond
+    // leaves a device that mapped nothing as it is).
+    for (size_t u = core_.deviceCount(); u-- > 0;)
       for (const auto& [i, need] : targets) core_.shard(u).unlistBeyond(i, core_.pagesOf(core_.slots[i]));
     giveBack(taken);
     throw;
@@ -107,10 +106,8 @@ std::vector<TakenPages> PageMapper::obtainPages(uint64_t count, const std::vecto
     }
     for (;;) {
       uint64_t least = count;
-      for (size_t d = 0; d < taken.size(); ++d) {
-        core_.onDevice(d, [&] { core_.shard(d).take(taken[d], count); });
-        least = std::min<uint64_t>(least, taken[d].pages.size());
-      }
+      core_.onAllDevices([&](size_t d) { core_.shard(d).take(taken[d], count); });
+      for (const TakenPages& t : taken) least = std::min<uint64_t>(least, t.pages.size());
       if (least == count) return taken;
       if (reclaim(count - least, exclude) == 0) throw outOfMemory(core_, count, least);
     }

@@ -6,8 +6,10 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "common/errors.h"
@@ -34,6 +36,14 @@ struct CacheCore {
   std::unique_ptr<KVLayout> layout;  // fixed for the cache's life
   std::vector<std::unique_ptr<DeviceShard>> shards;  // one per device, in the order of options.devices
   SlotTable slots;
+  // Demand growth maps every device one after the other on the calling
+  // thread: the driver serialises virtual-memory calls across the GPUs (and
+  // threads) of a process, so a thread per device only adds contention
+  // (bench/mapping.mjs --devices: on 2 H200s, two raw loops at once take
+  // 2.07x one loop, one after the other 2.05x; grow() with a thread per
+  // device 2.15x, serially 2.01x). VATTENTION_PARALLEL_DEVICES=1, read when
+  // the cache is made, brings the threads back, to measure that again.
+  bool parallelDevices = false;
 
   size_t deviceCount() const { return shards.size(); }
   DeviceShard& shard(size_t d) { return *shards[d]; }
@@ -60,11 +70,44 @@ struct CacheCore {
     try {
       return fn();
     } catch (const Error& e) {
-      if (shards.size() == 1) throw;
       throw named(e, d);
     }
   }
-  // The error of device d, saying so (the code and figures kept).
+  // Runs fn(d) for every device, each even when another failed (one after
+  // the other, or with parallelDevices the others on threads of their own),
+  // then rethrows the first device's error, named. For steps each device
+  // can take apart and its caller undoes on every device.
+  template <class F>
+  void onAllDevices(F&& fn) {
+    std::vector<std::exception_ptr> errors(shards.size());
+    auto run = [&](size_t d) {
+      try {
+        onDevice(d, [&] { fn(d); });
+      } catch (...) {
+        errors[d] = std::current_exception();
+      }
+    };
+    if (shards.empty()) return;
+    std::vector<std::thread> threads;
+    std::vector<size_t> here{0};
+    for (size_t d = 1; d < shards.size(); ++d) {
+      if (parallelDevices) {
+        try {
+          threads.emplace_back(run, d);
+          continue;
+        } catch (...) {
+          // no thread could start: that device's part runs here
+        }
+      }
+      here.push_back(d);
+    }
+    for (size_t d : here) run(d);
+    for (std::thread& t : threads) t.join();
+    for (const std::exception_ptr& e : errors)
+      if (e) std::rethrow_exception(e);
+  }
+  // The error of device d, saying so when the cache has several (the code
+  // and figures kept); over one device the error as it is.
   Error named(const Error& e, size_t d) const;
 };
 
