@@ -43,7 +43,7 @@ export interface PrefetchStats {
   lockWaits: number;
   /** The time those calls waited for it. */
   lockWaitNanoseconds: number;
-  /** Native step calls, done or failed: each step(); each stepAsync() one, two when it maps on a pool thread. Per device, added up. */
+  /** Native step calls, done or failed: each step(); each stepAsync() one, two when it maps on a pool thread. */
   steps: number;
   /** The time those calls spent in the native library (lock waits and mapping included; the JS wrapper and the N-API crossing not). */
   stepNanoseconds: number;
@@ -176,8 +176,12 @@ export interface CacheStats {
   /**
    * Each device's own figures, in the order of `options.devices` (one entry
    * for a single device). The figures above add them up: bytes, pages and
-   * calls are summed; a slot's `tokens` and `activeSequences` are the same on
-   * every device, its `backedTokens` is the least any device backs.
+   * calls are summed; what is decided once for every device is the same on
+   * every device and counted once: a slot's `tokens`, `activeSequences`, the
+   * swap counts (`host.swappedSequences`, `swapOuts`, `swapIns`) and the
+   * callers' side of prefetch (`hits`, `misses`, `steps`, their times, lock
+   * waits, worker `errors`); a slot's `backedTokens` is the least any device
+   * backs.
    */
   devices: DeviceStats[];
 }
@@ -211,8 +215,24 @@ export function sumDeviceStats<T extends Summable>(perDevice: readonly T[]): T {
     pageSize: first.pageSize,
     activeSequences: first.activeSequences,
     suspended: perDevice.some((d) => d.suspended),
+    // decisions, made once for every device: counted once
+    host: {
+      ...total.host,
+      swappedSequences: first.host.swappedSequences,
+      swapOuts: first.host.swapOuts,
+      swapIns: first.host.swapIns,
+    },
     prefetch: {
       ...total.prefetch,
+      // decisions, made once for every device: counted once (pages are per device: added up)
+      hits: first.prefetch.hits,
+      misses: first.prefetch.misses,
+      stallNanoseconds: first.prefetch.stallNanoseconds,
+      lockWaits: first.prefetch.lockWaits,
+      lockWaitNanoseconds: first.prefetch.lockWaitNanoseconds,
+      steps: first.prefetch.steps,
+      stepNanoseconds: first.prefetch.stepNanoseconds,
+      errors: first.prefetch.errors,
       tokens: first.prefetch.tokens,
       workerError: perDevice.find((d) => d.prefetch.workerError !== null)?.prefetch.workerError ?? null,
     },

@@ -4,6 +4,8 @@ import { driverInfo, type KVCacheOptions, type KVLayoutChoice } from '../lib/ind
 
 export interface BackendCase {
   name: 'host' | 'cuda';
+  /** Devices the cache spans: 1, or 2 (the host backend's logical devices on CI; two GPUs on a cuda machine). */
+  deviceCount: number;
   /** Why the backend's tests are skipped on this machine, or null. */
   skip: string | null;
   /** The layout's name in stats(). */
@@ -34,7 +36,7 @@ export const layouts: { name: string; layout: KVLayoutChoice }[] = [
 // cuda: 2 MiB pages (the granularity), 4 KiB tokens per layer -> 512, 256 or
 // 128 tokens a page. Either budget holds one whole sequence in every layout,
 // not two.
-const backendOptions: Omit<BackendCase, 'layoutName'>[] = [
+const backendOptions: Omit<BackendCase, 'layoutName' | 'deviceCount'>[] = [
   {
     name: 'host',
     skip: null,
@@ -66,16 +68,40 @@ const backendOptions: Omit<BackendCase, 'layoutName'>[] = [
   },
 ];
 
-/** Every backend under every layout: parametrize a suite with `for (const b of backends)`. */
+/** Every backend under every layout, on one device: parametrize a suite with `for (const b of backends)`. */
 export const backends: BackendCase[] = backendOptions.flatMap((b) =>
-  layouts.map(({ name, layout }) => ({ ...b, layoutName: name, options: { ...b.options, layout } })),
+  layouts.map(({ name, layout }) => ({ ...b, deviceCount: 1, layoutName: name, options: { ...b.options, layout } })),
 );
+
+function twoDeviceSkip(b: BackendCase): string | null {
+  if (b.skip || b.name === 'host') return b.skip;
+  const vmm = driverInfo().devices.filter((d) => d.vmmSupported);
+  return vmm.length < 2 ? `${vmm.length} VMM-capable CUDA device(s): two-device cases need 2` : null;
+}
+
+/**
+ * {@link backends} on one device and on two (kvHeads split over them; every
+ * decision made once for both): the matrix of the behaviour suites. Over two
+ * devices a figure of stats() is the sum of the devices', `tokenBytes` and
+ * `tensor()` one device's shard.
+ */
+export const deviceBackends: BackendCase[] = backends.flatMap((b) => [
+  b,
+  {
+    ...b,
+    deviceCount: 2,
+    skip: twoDeviceSkip(b),
+    // Twice the heads, split over the two: each device holds the shard a
+    // single-device case holds (same token bytes, page groups and budget).
+    options: { ...b.options, devices: [0, 1], kvHeads: 2 * b.options.kvHeads },
+  },
+]);
 
 /** One case per backend (per-layer layout), for tests about the backend rather than the layout. */
 export const perLayerBackends: BackendCase[] = backends.filter((b) => b.layoutName === 'per-layer');
 
 export function label(b: BackendCase): string {
-  const name = `${b.name} backend, ${b.layoutName} layout`;
+  const name = `${b.name} backend, ${b.layoutName} layout${b.deviceCount > 1 ? `, ${b.deviceCount} devices` : ''}`;
   return b.skip ? `${name} (skipped: ${b.skip})` : name;
 }
 
@@ -128,4 +154,9 @@ export function groupPagesOf(b: BackendCase): number {
 /** Whole tokens a page group holds under the case's layout. */
 export function tokensPerGroupOf(b: BackendCase, pageSize: number, tokenBytes: number): number {
   return Math.floor(pageSize / (tokenBytes * (b.options.layers / layerGroupsOf(b))));
+}
+
+/** `{ stream }` on one device, `{ streams }` with that stream on every device of the case. */
+export function streamOf(b: BackendCase, stream: bigint): { stream: bigint } | { streams: bigint[] } {
+  return b.deviceCount > 1 ? { streams: Array.from({ length: b.deviceCount }, () => stream) } : { stream };
 }

@@ -10,7 +10,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, Sequence } from '../lib/index.js';
 import { addon } from '../lib/native.js';
 import { finishHostStream, holdHostStream, injectNextCacheFault, liveResources } from '../lib/testing.js';
-import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { deviceBackends as backends, groupPagesOf, label, pattern, stateOf, streamOf, tokensPerGroupOf } from './backends.js';
 
 const noLeaks = { ranges: 0, pages: 0, mappings: 0, fences: 0, contexts: 0 };
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -37,7 +37,8 @@ for (const b of backends) {
       return c;
     };
     const tokensPerPage = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
-    const perGroup = groupPagesOf(b);
+    const perGroup = groupPagesOf(b); // one device's pages of a page group (budgets are per device)
+    const allGroup = perGroup * b.deviceCount; // on every device: what stats() and reclaim() add up
     const mappedIn = (c: KVCache, seq: { slot: number }) => c.stats().slots[seq.slot]!.mappedPages;
     const calls = (c: KVCache, op: string) => c.stats().driverCalls[op]!.calls;
     const hostOnly = b.name !== 'host';
@@ -56,19 +57,19 @@ for (const b of backends) {
         const d = c.reserve();
         c.grow(d, tpp); // 1 group, released without a fence: free to take
         c.release(d);
-        c.release(a, { stream }); // GPU work still reads A
+        c.release(a, streamOf(b, stream)); // GPU work still reads A
         const reused = c.reserve({ expectedTokens: 2 * tpp });
         expect(reused.slot).toBe(a.slot); // deferred reclamation: A's pages, no driver call
         c.grow(reused, 1); // needs 1 group; its 2nd group is a spare tail, still fenced
         const other = c.reserve({ expectedTokens: 0 });
         const waits = calls(c, 'fenceWait');
         c.grow(other, 2 * tpp); // 1 group from the budget, 1 reclaimed: D's, not the fenced tail
-        expect(mappedIn(c, reused)).toBe(2 * perGroup);
+        expect(mappedIn(c, reused)).toBe(2 * allGroup);
         expect(mappedIn(c, d)).toBe(0);
         expect(calls(c, 'fenceWait')).toBe(waits);
         c.grow(other, 3 * tpp); // only the fenced tail is left: wait for the fence, then take it
-        expect(calls(c, 'fenceWait')).toBe(waits + 1);
-        expect(mappedIn(c, reused)).toBe(perGroup);
+        expect(calls(c, 'fenceWait')).toBe(waits + b.deviceCount); // one fence on each device
+        expect(mappedIn(c, reused)).toBe(allGroup);
         expect(other.tokens).toBe(3 * tpp);
       } finally {
         finishHostStream(stream);
@@ -83,13 +84,13 @@ for (const b of backends) {
       try {
         const a = c.reserve();
         c.grow(a, 2 * tpp);
-        c.release(a, { stream });
+        c.release(a, streamOf(b, stream));
         const b2 = c.reserve({ expectedTokens: 2 * tpp });
         expect(b2.slot).toBe(a.slot);
         c.release(b2); // no stream of its own; A's fence still stands
         const waits = calls(c, 'fenceWait');
-        expect(c.reclaim()).toBe(2 * perGroup * c.pageSize);
-        expect(calls(c, 'fenceWait')).toBe(waits + 1);
+        expect(c.reclaim()).toBe(2 * allGroup * c.pageSize);
+        expect(calls(c, 'fenceWait')).toBe(waits + b.deviceCount); // one fence on each device
       } finally {
         finishHostStream(stream);
       }
@@ -103,7 +104,7 @@ for (const b of backends) {
       try {
         const a = c.reserve();
         c.grow(a, 2 * tpp);
-        c.release(a, { stream });
+        c.release(a, streamOf(b, stream));
         const other = c.reserve({ expectedTokens: 0 });
         const before = stateOf(c);
         expect(() => c.grow(other, 3 * tpp)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_MEMORY' }));
@@ -145,14 +146,15 @@ for (const b of backends) {
       try {
         const a = c.reserve();
         c.grow(a, tpp);
-        c.release(a, { stream });
+        c.release(a, streamOf(b, stream));
         const again = c.reserve({ expectedTokens: tpp });
-        c.release(again, { stream }); // the slot now holds two pending fences
-        expect(liveResources().fences).toBe(2);
-        c._injectFault('fenceWait', 1, false); // the second wait fails
+        c.release(again, streamOf(b, stream)); // the slot now holds two pending fences
+        expect(liveResources().fences).toBe(2 * b.deviceCount); // two on each device
+        c._injectFault('fenceWait', 1, false); // the second wait fails (on the first device)
         expect(() => c.reclaim()).toThrow(expect.objectContaining({ code: 'ERR_OS' }));
-        expect(liveResources().fences).toBe(1);
-        expect(c.reclaim()).toBe(perGroup * c.pageSize);
+        // the first device's first fence went; the other devices were not reached
+        expect(liveResources().fences).toBe(1 + 2 * (b.deviceCount - 1));
+        expect(c.reclaim()).toBe(allGroup * c.pageSize);
         expect(liveResources().fences).toBe(0);
       } finally {
         finishHostStream(stream);
@@ -172,7 +174,7 @@ for (const b of backends) {
       const listed = s.slots.reduce((n, slot) => n + slot.mappedPages, 0);
       expect(s.pagesMapped).toBe(listed);
       expect(listed + s.pagesStranded).toBe(liveResources().mappings);
-      expect(mappedIn(c, a)).toBe(perGroup); // shrunk to its whole groups
+      expect(mappedIn(c, a)).toBe(allGroup); // shrunk to its whole groups
       // every token the slot reports as backed is really there
       const again = c.reserve({ expectedTokens: tpp });
       expect(again.slot).toBe(a.slot);
@@ -200,7 +202,7 @@ for (const b of backends) {
       expect(a.tokens).toBe(tpp);
       const s = c.stats();
       expect(s.pagesStranded).toBe(1);
-      expect(s.pagesMapped).toBe(perGroup);
+      expect(s.pagesMapped).toBe(allGroup);
       c.grow(a, 3 * tpp); // maps over the stranded page's address: retried first
       expect(a.tokens).toBe(3 * tpp);
       expect(c.stats().pagesStranded).toBe(0);
@@ -212,7 +214,7 @@ for (const b of backends) {
       const a = c.reserve();
       c.grow(a, 1);
       c._injectFault('fenceQuery', 0, false);
-      c.release(a, { stream: 0n });
+      c.release(a, streamOf(b, 0n));
       expect(a.released).toBe(true);
       expect(c.stats().activeSequences).toBe(0);
       expect(() => c.release(a)).toThrow(expect.objectContaining({ code: 'ERR_SEQUENCE_RELEASED' }));
@@ -335,7 +337,7 @@ for (const b of backends) {
       expect(seq.tokens).toBe(1);
       expect(after.slots[seq.slot]!.mappedPages).toBe(before.slots[seq.slot]!.mappedPages);
       const reclaimed = after.pagesReclaimed - before.pagesReclaimed;
-      expect(reclaimed).toBe(perGroup);
+      expect(reclaimed).toBe(allGroup);
       expect(after.pagesPooled - before.pagesPooled).toBe(reclaimed);
       expect(after.pagesCreated).toBe(before.pagesCreated); // pages it created went back to the driver
       // a growth refused up front (the budget) changes nothing at all

@@ -3,7 +3,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
 import { injectNextCacheFault, liveResources } from '../lib/testing.js';
-import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { deviceBackends as backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 for (const b of backends) {
   describe.skipIf(b.skip !== null)(`fault injection, ${label(b)}`, () => {

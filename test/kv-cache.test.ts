@@ -2,7 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, OutOfMemoryError, type Sequence } from '../lib/index.js';
-import { backends, groupPagesOf, label, layerGroupsOf, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { deviceBackends as backends, groupPagesOf, label, layerGroupsOf, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 for (const b of backends) {
   describe.skipIf(b.skip !== null)(label(b), () => {
@@ -17,7 +17,9 @@ for (const b of backends) {
     });
     // Tokens of one page group (whole ones), from the option, not the cache.
     const tokensPerPage = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
-    const groupPages = groupPagesOf(b);
+    // Pages of one page group on one device, and on all of them (what stats() adds up).
+    const devicePages = groupPagesOf(b);
+    const groupPages = devicePages * b.deviceCount;
 
     it("exposes every layer's K and V as a view of shape [maxSequences, maxTokens, kvHeads, headDim] whose token rows never overlap another view's", () => {
       const c = make();
@@ -31,8 +33,9 @@ for (const b of backends) {
       expect(slotStride % c.pageSize).toBe(0);
       expect(slotStride).toBeGreaterThanOrEqual(o.maxTokens * c.tokenBytes * layersPerTensor);
       for (const v of views) {
-        expect(v.shape).toEqual([o.maxSequences, o.maxTokens, o.kvHeads, o.headDim]);
-        expect(v.strides).toEqual([slotStride / 2, o.kvHeads * o.headDim * layersPerTensor, o.headDim, 1]);
+        const heads = o.kvHeads / b.deviceCount; // one device's shard
+        expect(v.shape).toEqual([o.maxSequences, o.maxTokens, heads, o.headDim]);
+        expect(v.strides).toEqual([slotStride / 2, heads * o.headDim * layersPerTensor, o.headDim, 1]);
         expect(typeof v.address).toBe('bigint');
       }
       // the first layer of each tensor is page aligned
@@ -57,8 +60,8 @@ for (const b of backends) {
       expect(c.stats().layout).toEqual({
         name: b.layoutName,
         layerGroups: layerGroupsOf(b),
-        pagesPerPageGroup: groupPages,
-        bytesPerPageGroup: groupPages * c.pageSize,
+        pagesPerPageGroup: devicePages,
+        bytesPerPageGroup: devicePages * c.pageSize,
         tokensPerPageGroup: c.pageSize / (c.tokenBytes * (b.options.layers / layerGroupsOf(b))),
       });
     });
@@ -325,7 +328,7 @@ for (const b of backends) {
     });
 
     it('pool prefill creates pages up front and growth uses them without creating', () => {
-      const c = make({ poolPrefill: 2 * groupPages * (b.name === 'host' ? 4096 : 2 * 1024 * 1024) });
+      const c = make({ poolPrefill: 2 * devicePages * (b.name === 'host' ? 4096 : 2 * 1024 * 1024) });
       const s0 = c.stats();
       expect(s0.pagesPooled).toBe(2 * groupPages);
       const seq = c.reserve();
@@ -375,7 +378,7 @@ for (const b of backends) {
       const seq = c.reserve();
       c.grow(seq, 1);
       const s = c.stats();
-      expect(s.driverCalls.reserveRange!.calls).toBe(1);
+      expect(s.driverCalls.reserveRange!.calls).toBe(b.deviceCount); // one range on each device
       expect(s.driverCalls.createPage!.calls).toBe(groupPages);
       expect(s.driverCalls.map!.calls).toBe(groupPages);
       expect(s.driverCalls.setAccess!.calls).toBe(groupPages);

@@ -2,7 +2,7 @@
 // and closing while either is busy. Run against every backend present.
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
-import { backends, groupPagesOf, label, layerGroupsOf, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { deviceBackends as backends, groupPagesOf, label, layerGroupsOf, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 const until = async (what: () => boolean, ms = 5000) => {
   const end = Date.now() + ms;
@@ -60,7 +60,7 @@ for (const b of backends) {
       const s = c.stats();
       expect(s.driverCallsOnJsThread).toBeGreaterThan(js0);
       expect(s.prefetch.pagesAhead).toBe(0);
-      expect(s.prefetch.pagesOnDemand).toBe(2 * 2 * groupPagesOf(b));
+      expect(s.prefetch.pagesOnDemand).toBe(2 * 2 * groupPagesOf(b) * b.deviceCount);
     });
 
     it('step() is all or nothing across the batch', () => {
@@ -90,7 +90,7 @@ for (const b of backends) {
       expect(prefetched).toBeGreaterThan(groupPagesOf(b)); // more than x's one token needs
       // y needs every page the budget has left, and some of x's look-ahead
       const budgetPages = c.stats().budgetBytes / c.pageSize;
-      const group = groupPagesOf(b);
+      const group = groupPagesOf(b) * b.deviceCount; // on every device: what stats() adds up
       const yGroups = Math.floor((budgetPages - group) / group);
       c.grow(y, Math.min(yGroups * tpp(c), c.options.maxTokens));
       const s = c.stats();
@@ -101,7 +101,7 @@ for (const b of backends) {
 
     /** Fills the whole budget with three sequences and releases them, oldest first. */
     const fillAndRelease = (c: KVCache) => {
-      const per = tpp(c), group = groupPagesOf(b);
+      const per = tpp(c), group = groupPagesOf(b) * b.deviceCount; // on every device: what stats() adds up
       const groups = c.stats().budgetBytes / c.pageSize / group;
       const shares = [Math.ceil(groups / 3), Math.ceil(groups / 3), groups - 2 * Math.ceil(groups / 3)];
       const fillers = shares.map((g) => {
@@ -116,8 +116,8 @@ for (const b of backends) {
     };
 
     it('memory full of released slots: the worker reclaims ahead of need (least recently released first), so steps that cross page groups make no backend call on the JS thread', async () => {
-      const c = make({ prefetchTokens: tokensPerGroupOf(b, b.name === 'host' ? 4096 : 2 << 20, b.options.kvHeads * b.options.headDim * 2) });
-      const per = tpp(c), group = groupPagesOf(b);
+      const c = make({ prefetchTokens: tokensPerGroupOf(b, pageSizeOf(b), tokenBytesOf(b)) });
+      const per = tpp(c), group = groupPagesOf(b) * b.deviceCount; // on every device: what stats() adds up
       const { slots, shares } = fillAndRelease(c);
       const seq = c.reserve({ expectedTokens: 0 }); // the empty slot
       c.step([seq], [1]); // its first group: mapped (and room made) on demand
@@ -141,12 +141,12 @@ for (const b of backends) {
       // least recently released first (demand and worker alike): the newest released slot is untouched
       expect(s.slots[slots[0]!]!.mappedPages).toBeLessThan(shares[0]! * group);
       expect(s.slots[slots[2]!]!.mappedPages).toBe(shares[2]! * group);
-      expect(c.metrics()).toMatch(/vattention_pages_reclaimed_total\{by="ahead"\} [1-9]/);
+      expect(c.metrics()).toMatch(/vattention_pages_reclaimed_total\{by="ahead"(,device="0")?\} [1-9]/);
     });
 
     it('a growth that needs room takes released slots before the look-ahead of running sequences (which the next steps would need back)', async () => {
       const c = make({ prefetchTokens: tpp(c0ForStress(b)), idlePageGroups: 0 });
-      const per = tpp(c), group = groupPagesOf(b);
+      const per = tpp(c), group = groupPagesOf(b) * b.deviceCount; // on every device: what stats() adds up
       const total = c.stats().budgetBytes / c.pageSize / group; // page groups the budget holds
       const a = c.reserve();
       c.step([a], [1]);
@@ -170,7 +170,7 @@ for (const b of backends) {
 
     it('obtainableBytes({ lookAhead: false }) leaves out the look-ahead the worker mapped for running sequences', async () => {
       const c = make({ prefetchTokens: tpp(c0ForStress(b)), idlePageGroups: 0 });
-      const per = tpp(c), group = groupPagesOf(b);
+      const per = tpp(c), group = groupPagesOf(b) * b.deviceCount; // on every device: what stats() adds up
       const a = c.reserve();
       c.step([a], [1]);
       await until(() => c.stats().slots[a.slot]!.backedTokens >= 1 + per); // its tokens' group and one ahead
@@ -254,8 +254,8 @@ for (const b of backends) {
       await c.growAsync(seq, 2 * tpp(c));
       const s = c.stats();
       expect(s.driverCallsOnJsThread).toBe(js0);
-      expect(s.pagesReclaimed).toBe(2 * groupPagesOf(b));
-      expect(s.slots[seq.slot]!.mappedPages).toBe(2 * groupPagesOf(b));
+      expect(s.pagesReclaimed).toBe(2 * groupPagesOf(b) * b.deviceCount);
+      expect(s.slots[seq.slot]!.mappedPages).toBe(2 * groupPagesOf(b) * b.deviceCount);
       expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
     });
 
@@ -410,9 +410,10 @@ for (const b of backends) {
 }
 
 /** A stand-in with the case's page and token size, for tpp() before a cache exists. */
-const c0ForStress = (b: (typeof backends)[number]) => ({ pageSize: b.name === 'host' ? 4096 : 2 << 20, tokenBytes: b.options.kvHeads * b.options.headDim * 2 }) as KVCache;
+const c0ForStress = (b: (typeof backends)[number]) => ({ pageSize: b.name === 'host' ? 4096 : 2 << 20, tokenBytes: tokenBytesOf(b) }) as KVCache;
 const pageSizeOf = (b: (typeof backends)[number]) => (b.name === 'host' ? 4096 : 2 << 20);
-const tokenBytesOf = (b: (typeof backends)[number]) => b.options.kvHeads * b.options.headDim * 2;
+/** One device's share of a token in one tensor (kvHeads split over the devices). */
+const tokenBytesOf = (b: (typeof backends)[number]) => (b.options.kvHeads / b.deviceCount) * b.options.headDim * 2;
 
 function c0Tokens(b: (typeof backends)[number]): number {
   // three page groups ahead

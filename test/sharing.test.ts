@@ -4,7 +4,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
 import { finishHostStream, holdHostStream } from '../lib/testing.js';
-import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { deviceBackends as backends, groupPagesOf, label, pattern, stateOf, streamOf, tokensPerGroupOf } from './backends.js';
 
 const kinds = ['k', 'v'] as const;
 
@@ -20,7 +20,7 @@ for (const b of backends) {
       for (const c of open.splice(0)) c.close();
     });
     const per = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
-    const group = groupPagesOf(b);
+    const group = groupPagesOf(b) * b.deviceCount; // a page group on every device: what stats() adds up
     // A distinct pattern per (sequence id, layer, kind), token by token.
     const data = (c: KVCache, id: number, layer: number, kind: number, from: number, count: number) =>
       pattern(count * c.tokenBytes, id * 1_000_003 + layer * 7919 + kind * 104_729 + from);
@@ -274,7 +274,7 @@ for (const b of backends) {
       c.grow(a, n + per(c)); // a page group of its own past the copied one
       const stream = 0x5eedn + 7n;
       holdHostStream(stream);
-      c.release(a, { stream }); // its fence keeps the worker from dropping its mappings
+      c.release(a, streamOf(b, stream)); // its fence keeps the worker from dropping its mappings
       const maps = c.stats().driverCalls.map!.calls;
       const reused = c.stats().pagesReused;
       const b2 = c.reserve({ prefix: { from: system, tokens: n } });
@@ -360,7 +360,7 @@ for (const b of backends) {
       const child = c.fork(p, { tokens: n });
       const stream = 0x5eedn;
       holdHostStream(stream);
-      c.release(child, { stream }); // GPU work may still read the child's addresses
+      c.release(child, streamOf(b, stream)); // GPU work may still read the child's addresses
       expect(c.stats().pagesShared).toBe(group);
       const q = c.reserve(); // never placed in the child's slot: its pages are the parent's too
       expect(q.slot).not.toBe(child.slot);

@@ -4,7 +4,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence, SwappedSequence } from '../lib/index.js';
 import { deviceMemory, liveResources } from '../lib/testing.js';
-import { backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
+import { deviceBackends as backends, groupPagesOf, label, pattern, stateOf, tokensPerGroupOf } from './backends.js';
 
 const kinds = ['k', 'v'] as const;
 const code = (c: string) => expect.objectContaining({ code: c });
@@ -21,7 +21,7 @@ for (const b of backends) {
       for (const c of open.splice(0)) c.close();
     });
     const per = (c: KVCache) => tokensPerGroupOf(b, c.pageSize, c.tokenBytes);
-    const group = groupPagesOf(b);
+    const group = groupPagesOf(b) * b.deviceCount; // a page group on every device: what stats() adds up
     const data = (c: KVCache, id: number, layer: number, kind: number, count: number) =>
       pattern(count * c.tokenBytes, id * 1_000_003 + layer * 7919 + kind * 104_729);
     const fill = (c: KVCache, seq: Sequence, id: number, count: number) => {
@@ -75,8 +75,10 @@ for (const b of backends) {
         const copies = s.driverCalls.copyToHost!.calls;
         expect(copies).toBeGreaterThanOrEqual(group);
         expect(copies).toBeLessThanOrEqual(group + Math.ceil(swapped.bytes / (16 << 20)));
-        expect(c.metrics()).toContain('vattention_swaps_total{direction="out"} 1');
-        expect(c.metrics()).toContain(`vattention_host_bytes{kind="swapped"} ${n * c.bytesPerToken}`);
+        // over several devices a series per device, each with its share of the bytes
+        const dev = b.deviceCount > 1 ? ',device="0"' : '';
+        expect(c.metrics()).toContain(`vattention_swaps_total{direction="out"${dev}} 1`);
+        expect(c.metrics()).toContain(`vattention_host_bytes{kind="swapped"${dev}} ${(n * c.bytesPerToken) / b.deviceCount}`);
         identity(c);
         const q = await c.swapIn(swapped);
         expect(q.tokens).toBe(n);
@@ -123,7 +125,8 @@ for (const b of backends) {
         c.grow(p, n);
         fill(c, p, 1, n);
         const before = stateOf(c);
-        await expect(c.swapOut(p)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY', requestedBytes: n * c.bytesPerToken, availableBytes: 0 });
+        // over several devices the budget is split evenly and the error is the first device's, for its share
+        await expect(c.swapOut(p)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY', requestedBytes: (n * c.bytesPerToken) / b.deviceCount, availableBytes: 0 });
         expect(stateOf(c)).toEqual(before);
         expect(p.released).toBe(false);
         expectData(c, p, 1, n);
@@ -147,7 +150,8 @@ for (const b of backends) {
         expectData(c, p, 1, n);
         const swapped = await c.swapOut(p);
         const out = stateOfKept(c);
-        c._injectFault('copyFromHost', group - 1, false); // the last tensor's copy fails
+        // the last tensor's copy fails, on the last device (the others have copied theirs)
+        c._injectFault('copyFromHost', groupPagesOf(b) - 1, false, 0, b.deviceCount - 1);
         await expect(c.swapIn(swapped)).rejects.toMatchObject({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' });
         const after = stateOfKept(c);
         // the slot tried (the released one holding the old pages) is released again

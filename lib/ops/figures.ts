@@ -12,13 +12,10 @@ import type { CacheContext } from './context.js';
 export function stats(ctx: CacheContext): CacheStats {
   const native = ctx.open();
   const l = layout(ctx);
-  const perDevice: DeviceStats[] = ctx.options.devices.map((device, i) => ({
-    ...ctx.call(() => native.stats(i)),
-    layout: l,
-    device,
-  }));
-  const { device: _first, ...total } = sumDeviceStats(perDevice);
-  return { ...total, devices: perDevice };
+  const own = ctx.options.devices.map((_, i) => ctx.call(() => native.stats(i)));
+  // The layout is the same on every device: attached after the sum, not added up.
+  const perDevice: DeviceStats[] = own.map((st, i) => ({ ...st, layout: l, device: ctx.options.devices[i]! }));
+  return { ...sumDeviceStats(own), layout: l, devices: perDevice };
 }
 
 export function layout(ctx: CacheContext): LayoutStats {
