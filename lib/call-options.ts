@@ -38,6 +38,25 @@ export interface ReserveOptions {
   stream?: bigint;
   /** With `prefix`, over several devices: a stream per device, instead of `stream`. */
   streams?: readonly (bigint | undefined)[];
+  /**
+   * Automatic prefix caching: the prompt's token ids. The new sequence starts
+   * with the longest prefix of them that a sequence published
+   * ({@link KVCache.publish}) and the cache still holds, mapped shared from
+   * the pages that hold it (whole page groups, no copy):
+   * `seq.cachedTokens` says how many (possibly 0); prefill the rest. Not
+   * with `prefix`.
+   */
+  tokens?: TokenIds;
+  /** With `tokens`: only what was published under the same salt is found (per-tenant isolation). Default 0. */
+  salt?: number | bigint;
+}
+
+/** Token ids: integers in [0, 2^32). */
+export type TokenIds = Int32Array | Uint32Array | readonly number[];
+
+export interface PublishOptions {
+  /** The salt later `reserve({ tokens, salt })` calls must give to find these tokens. Default 0. */
+  salt?: number | bigint;
 }
 
 export interface ForkOptions {

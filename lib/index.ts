@@ -5,15 +5,17 @@ export type {
   ForkOptions,
   GrowAsyncOptions,
   KVCacheEvents,
+  PublishOptions,
   ReadRange,
   ReleaseOptions,
   ReserveOptions,
   SuspendOptions,
   SwapOutOptions,
   TensorInfo,
+  TokenIds,
   TokenRange,
 } from './call-options.js';
-export type { CacheStats, CallStats, DeviceStats, HostMemoryStats, LayoutStats, PrefetchStats, SlotStats } from './stats.js';
+export type { CacheStats, CallStats, DeviceStats, HostMemoryStats, LayoutStats, PrefetchStats, PrefixCacheStats, SlotStats } from './stats.js';
 export { DTYPE_BYTES } from './options.js';
 export { formatPrometheus } from './metrics.js';
 export type { MetricsOptions } from './metrics.js';

@@ -10,12 +10,14 @@ import type {
   ForkOptions,
   GrowAsyncOptions,
   KVCacheEvents,
+  PublishOptions,
   ReadRange,
   ReleaseOptions,
   ReserveOptions,
   SuspendOptions,
   SwapOutOptions,
   TensorInfo,
+  TokenIds,
   TokenRange,
 } from './call-options.js';
 import { fromNative } from './errors.js';
@@ -122,6 +124,21 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   /** {@link fork} with the mapping done on a worker thread (see {@link reserveAsync}). */
   forkAsync(seq: Sequence, options?: ForkOptions): Promise<Sequence> {
     return placement.forkAsync(this.#ctx, seq, options);
+  }
+
+  /**
+   * Automatic prefix caching: declares that the first `tokens.length` tokens
+   * of `seq` hold the KV of these token ids (call it once that KV is written:
+   * after the prefill, and again as decoding goes on, each time with every id
+   * from the first). From then on its whole page groups are found by later
+   * `reserve({ tokens })` calls, while it runs and after it is released, until
+   * their pages are reclaimed (least recently used first, when memory is
+   * needed). Ids past `seq.tokens` are ERR_OUT_OF_RANGE; ids that contradict
+   * what the sequence published or got from the cache before are
+   * ERR_INVALID_ARGUMENT.
+   */
+  publish(seq: Sequence, tokens: TokenIds, options?: PublishOptions): void {
+    placement.publish(this.#ctx, seq, tokens, options);
   }
 
   /** Frees the sequence's slot. Its pages stay mapped for the next sequence placed there. */
@@ -348,6 +365,12 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     this.close();
   }
 
+  /** @internal Test-only: every prefix hash collides (the ids must still tell prefixes apart). */
+  _forcePrefixCollisions(): void {
+    const native = this.#ctx.open();
+    native.prefixHashMask(0n);
+  }
+
   /**
    * @internal Test-only: make the nth next backend call of `op` fail
    * (`true`/'outOfMemory', `false`/'error', or 'hostAlloc'), after `delayMs`,
@@ -380,6 +403,8 @@ function openNative(o: NormalizedOptions, backend: 'cuda' | 'host'): NativeCache
       idlePageGroups: o.idlePageGroups,
       hostMemoryBudget: o.hostMemoryBudget,
       hostMemoryPrefill: o.hostMemoryPrefill,
+      prefixCache: o.prefixCache,
+      prefixCacheMaxBytes: o.prefixCacheMaxBytes,
     });
   } catch (e) {
     throw fromNative(e);

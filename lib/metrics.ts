@@ -117,6 +117,17 @@ function familiesOf(stats: CacheStats): MetricFamily[] {
   metric('steps_total', 'counter', 'step() calls (stepAsync included).', [[{}, stats.prefetch.steps]]);
   metric('step_seconds_total', 'counter', 'Time step() calls spent in the native library.', [[{}, stats.prefetch.stepNanoseconds / 1e9]]);
   metric('prefetch_errors_total', 'counter', 'Prefetch mappings that failed.', [[{}, stats.prefetch.errors]]);
+  const pc = stats.prefixCache;
+  metric('prefix_cache_queries_total', 'counter', 'reserve({ tokens }) calls.', [[{}, pc.queries]]);
+  metric('prefix_cache_hits_total', 'counter', 'Of them, those that got a cached prefix.', [[{}, pc.hits]]);
+  metric('prefix_cache_query_tokens_total', 'counter', 'Prompt tokens asked for.', [[{}, pc.queryTokens]]);
+  metric('prefix_cache_hit_tokens_total', 'counter', 'Prompt tokens found in the cache (no prefill).', [[{}, pc.hitTokens]]);
+  metric('prefix_cache_groups', 'gauge', 'Published page groups findable, kept by released sequences or held by running ones.', [
+    [{ held_by: 'released' }, pc.cachedGroups],
+    [{ held_by: 'running' }, pc.publishedGroups],
+  ]);
+  metric('prefix_cache_bytes', 'gauge', 'Bytes of the page groups released sequences keep for later hits.', [[{}, pc.cachedBytes]]);
+  metric('prefix_cache_evictions_total', 'counter', 'Published page groups lost to reclaim or to a new sequence in their slot.', [[{}, pc.evictions]]);
   return families;
 }
 

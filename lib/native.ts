@@ -26,6 +26,9 @@ export interface NativeCacheOptions {
   idlePageGroups: number;
   hostMemoryBudget: bigint;
   hostMemoryPrefill: bigint;
+  prefixCache: boolean;
+  /** Bytes per device; undefined: no bound but the budget. */
+  prefixCacheMaxBytes: bigint | undefined;
 }
 
 export type NativeStats = Omit<CacheStats, 'layout' | 'devices'>;
@@ -51,6 +54,12 @@ export interface NativeLayout {
 
 export interface NativeCache {
   reserve(expectedTokens?: number): [slot: number, generation: number];
+  /** Prefix caching: the sequence's tokens() are the cached ones it got. */
+  reserveCached(ids: Uint32Array, salt: bigint, expectedTokens?: number): [slot: number, generation: number];
+  reserveCachedAsync(ids: Uint32Array, salt: bigint, expectedTokens?: number): Promise<[slot: number, generation: number]>;
+  publish(slot: number, generation: number, ids: Uint32Array, salt: bigint): void;
+  /** Test-only: prefix hashes ANDed with `mask`. */
+  prefixHashMask(mask: bigint): void;
   grow(slot: number, generation: number, tokens: number): number;
   step(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): number;
   stepIfBacked(slots: Uint32Array, generations: Uint32Array, tokens: Uint32Array, count: number): boolean;

@@ -104,6 +104,16 @@ export interface KVCacheOptions {
    * 2-3 GB/s, about twenty times slower than the copy itself).
    */
   hostMemoryPrefill?: number | bigint;
+  /**
+   * Automatic prefix caching ({@link KVCache.publish}, `reserve({ tokens })`):
+   * on by default, bounded by the memory budget (cached groups live in
+   * released sequences' pages and are reclaimed, least recently used first,
+   * when memory is needed). `false` turns it off (`reserve({ tokens })` then
+   * never hits and `publish` keeps nothing). `maxBytes`: of released
+   * sequences' pages (per device), the most kept findable; beyond it the
+   * least recently released stop being cached.
+   */
+  prefixCache?: boolean | { maxBytes?: number | bigint };
 }
 
 export interface NormalizedOptions {
@@ -131,6 +141,10 @@ export interface NormalizedOptions {
   idlePageGroups: number;
   hostMemoryBudget: bigint;
   hostMemoryPrefill: bigint;
+  /** Whether prefix caching is on. */
+  prefixCache: boolean;
+  /** Its bound in bytes per device (undefined: the memory budget's). */
+  prefixCacheMaxBytes: bigint | undefined;
 }
 
 export const DEFAULT_PREFETCH_TOKENS = 64;
@@ -207,6 +221,7 @@ const KNOWN = new Set([
   'idlePageGroups',
   'hostMemoryBudget',
   'hostMemoryPrefill',
+  'prefixCache',
 ]);
 
 /** The number of K (and V) tensors a layout choice asks for. */
@@ -315,7 +330,17 @@ export function normalizeOptions(input: unknown): NormalizedOptions {
     idlePageGroups: o.idlePageGroups === undefined ? 1 : checkInteger('options.idlePageGroups', o.idlePageGroups, 0, 1024),
     hostMemoryBudget,
     hostMemoryPrefill,
+    ...prefixCacheOf(o.prefixCache),
   };
+}
+
+/** options.prefixCache: a boolean, or { maxBytes }. */
+function prefixCacheOf(value: unknown): { prefixCache: boolean; prefixCacheMaxBytes: bigint | undefined } {
+  if (value === undefined || value === true) return { prefixCache: true, prefixCacheMaxBytes: undefined };
+  if (value === false) return { prefixCache: false, prefixCacheMaxBytes: undefined };
+  const o = checkObject('options.prefixCache', value, false, ['maxBytes']);
+  const maxBytes = o.maxBytes === undefined ? undefined : checkBytes('options.prefixCache.maxBytes', o.maxBytes, 0n);
+  return { prefixCache: true, prefixCacheMaxBytes: maxBytes };
 }
 
 /** options.devices: distinct ordinals, 1 to 16 of them; `device`, when given too, must be the first. */

@@ -20,6 +20,12 @@ export class Sequence {
     readonly cache: KVCache,
     readonly slot: number,
     generation: number,
+    /**
+     * Tokens it started with from the prefix cache (`reserve({ tokens })`):
+     * backed and holding the KV of the first `cachedTokens` ids already, so
+     * the prefill starts there. 0 for any other sequence.
+     */
+    readonly cachedTokens = 0,
   ) {
     this.#generation = generation;
   }

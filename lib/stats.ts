@@ -53,6 +53,26 @@ export interface PrefetchStats {
   workerError: string | null;
 }
 
+/** Automatic prefix caching (see {@link KVCache.publish}). */
+export interface PrefixCacheStats {
+  /** `reserve({ tokens })` calls. */
+  queries: number;
+  /** Of them, those that got at least one page group from the cache. */
+  hits: number;
+  /** Prompt tokens asked for; `hitTokens / queryTokens` is the token hit rate. */
+  queryTokens: number;
+  /** Tokens the hits got without a prefill. */
+  hitTokens: number;
+  /** Published page groups findable in released sequences' slots: memory kept for later hits (reclaimable). */
+  cachedGroups: number;
+  /** Their bytes. */
+  cachedBytes: number;
+  /** Published page groups findable in running sequences. */
+  publishedGroups: number;
+  /** Published page groups lost: reclaimed for memory, or their slot given to a new sequence. */
+  evictions: number;
+}
+
 export interface HostMemoryStats {
   /** The `hostMemoryBudget` option. */
   budgetBytes: number;
@@ -169,6 +189,8 @@ export interface CacheStats {
   driverCallsOnJsThread: number;
   /** The prefetch worker and the callers' side of it. */
   prefetch: PrefetchStats;
+  /** Automatic prefix caching. */
+  prefixCache: PrefixCacheStats;
   /** One entry per slot, in slot order. */
   slots: SlotStats[];
   /** Backend calls by kind: reserveRange, createPage, map, setAccess, unmap, releasePage, copyIn, ... */
@@ -236,6 +258,8 @@ export function sumDeviceStats<T extends Summable>(perDevice: readonly T[]): T {
       tokens: first.prefetch.tokens,
       workerError: perDevice.find((d) => d.prefetch.workerError !== null)?.prefetch.workerError ?? null,
     },
+    // decided once; only the bytes are each device's
+    prefixCache: { ...first.prefixCache, cachedBytes: total.prefixCache.cachedBytes },
     slots: first.slots.map((slot, i) => ({
       ...slot,
       backedTokens: Math.min(...perDevice.map((d) => d.slots[i]!.backedTokens)),

@@ -11,6 +11,7 @@
 
 #include "binding/cache_task.h"
 #include "binding/js_values.h"
+#include "binding/layout_object.h"
 #include "binding/stats_object.h"
 #include "binding/test_hooks.h"
 #include "core/kv_cache.h"
@@ -35,6 +36,9 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return DefineClass(env, "NativeCache",
                        {
                            InstanceMethod<&NativeCache::Reserve>("reserve"),
+                           InstanceMethod<&NativeCache::ReserveCached>("reserveCached"),
+                           InstanceMethod<&NativeCache::ReserveCachedAsync>("reserveCachedAsync"),
+                           InstanceMethod<&NativeCache::Publish>("publish"),
                            InstanceMethod<&NativeCache::Grow>("grow"),
                            InstanceMethod<&NativeCache::Step>("step"),
                            InstanceMethod<&NativeCache::StepIfBacked>("stepIfBacked"),
@@ -59,6 +63,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
                            InstanceMethod<&NativeCache::Close>("close"),
                            InstanceMethod<&NativeCache::WorkerError>("workerError"),
                            InstanceMethod<&NativeCache::InjectFault>("injectFault"),
+                           InstanceMethod<&NativeCache::PrefixHashMask>("prefixHashMask"),
                        });
   }
 
@@ -88,6 +93,10 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     opts.idleGroups = u32(o.Get("idlePageGroups"));
     opts.hostMemoryBudget = u64(o.Get("hostMemoryBudget"));
     opts.hostMemoryPrefill = u64(o.Get("hostMemoryPrefill"));
+    // prefixCacheMaxBytes: a number, or undefined for no bound
+    opts.prefixCache = o.Get("prefixCache").ToBoolean().Value();
+    if (o.Get("prefixCacheMaxBytes").IsNumber() || o.Get("prefixCacheMaxBytes").IsBigInt())
+      opts.prefixCacheMaxBytes = u64(o.Get("prefixCacheMaxBytes"));
     cache_ = guarded(env, [&] { return std::make_shared<KVCache>(opts); });
     data_ = env.GetInstanceData<AddonData>();
     data_->live.insert(this);
@@ -111,7 +120,40 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     Napi::Env env = info.Env();
     std::optional<uint64_t> expected;
     if (info.Length() > 0 && info[0].IsNumber()) expected = u64(info[0]);
-    SequenceRef r = guarded(env, [&] { return cache_->reserve(expected); });
+    return pair(env, guarded(env, [&] { return cache_->reserve(expected); }));
+  }
+
+  // reserveCached(ids: Uint32Array, salt: bigint, expectedTokens?) -> [slot, generation]
+  Napi::Value ReserveCached(const Napi::CallbackInfo& info) {
+    std::vector<uint32_t> ids = idList(info[0]);
+    std::optional<uint64_t> expected;
+    if (info.Length() > 2 && info[2].IsNumber()) expected = u64(info[2]);
+    return pair(info.Env(), guarded(info.Env(), [&] { return cache_->reserveCached(ids, u64(info[1]), expected); }));
+  }
+
+  // reserveCachedAsync(ids, salt, expectedTokens?) -> Promise<[slot, generation]>
+  Napi::Value ReserveCachedAsync(const Napi::CallbackInfo& info) {
+    std::optional<uint64_t> expected;
+    if (info.Length() > 2 && info[2].IsNumber()) expected = u64(info[2]);
+    auto cache = cache_;
+    return queue(info.Env(), "vattention.reserveCached", [cache, ids = idList(info[0]), salt = u64(info[1]), expected] {
+      SequenceRef r = cache->reserveCached(ids, salt, expected);
+      return CacheTask::Result{r.slot, r.generation, 2};
+    });
+  }
+
+  // publish(slot, gen, ids: Uint32Array, salt: bigint)
+  void Publish(const Napi::CallbackInfo& info) {
+    std::vector<uint32_t> ids = idList(info[2]);
+    guarded(info.Env(), [&] { cache_->publish(seq(info), ids, u64(info[3])); });
+  }
+
+  static std::vector<uint32_t> idList(const Napi::Value& v) {
+    Napi::Uint32Array a = v.As<Napi::Uint32Array>();
+    return std::vector<uint32_t>(a.Data(), a.Data() + a.ElementLength());
+  }
+
+  static Napi::Array pair(Napi::Env env, SequenceRef r) {
     Napi::Array out = Napi::Array::New(env, 2);
     out.Set(0u, r.slot);
     out.Set(1u, r.generation);
@@ -124,12 +166,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     bool allowReleased = info[3].ToBoolean().Value();
     std::vector<uint64_t> streams = shareStreams(info[4]);
     bool copyLast = info.Length() > 5 && info[5].ToBoolean().Value();
-    SequenceRef r =
-        guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, streams, copyLast); });
-    Napi::Array out = Napi::Array::New(env, 2);
-    out.Set(0u, r.slot);
-    out.Set(1u, r.generation);
-    return out;
+    return pair(env, guarded(env, [&] { return cache_->share(seq(info), u64(info[2]), allowReleased, streams, copyLast); }));
   }
 
   Napi::Value queue(Napi::Env env, const char* name, std::function<CacheTask::Result()> work) {
@@ -311,47 +348,7 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     return StatsObject::of(info.Env(), guarded(info.Env(), [&] { return cache_->stats(d); }));
   }
 
-  Napi::Value Layout(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    const KVLayout& l = cache_->layout();
-    const ModelShape& shape = l.shape();
-    Napi::Object o = Napi::Object::New(env);
-    const CacheDescription& d = cache_->description();
-    o.Set("base", big(env, d.bases[0]));
-    Napi::Array bases = Napi::Array::New(env, cache_->deviceCount());
-    Napi::Array ordinals = Napi::Array::New(env, cache_->deviceCount());
-    for (uint32_t i = 0; i < cache_->deviceCount(); ++i) {
-      bases.Set(i, big(env, d.bases[i]));
-      ordinals.Set(i, cache_->deviceOrdinal(i));
-    }
-    o.Set("bases", bases);
-    o.Set("devices", ordinals);
-    o.Set("pageSize", num(env, d.pageSize));
-    o.Set("granularity", num(env, d.granularity));
-    o.Set("backend", d.backend);
-    o.Set("tokenBytes", num(env, l.tokenBytes()));
-    o.Set("bytesPerToken", num(env, l.bytesPerToken()));
-    o.Set("pagesPerGroup", num(env, l.pagesPerGroup()));
-    o.Set("layout", l.name());
-    o.Set("layerGroups", num(env, l.layerGroups()));
-    o.Set("tokenPitch", num(env, l.tokenPitch()));
-    o.Set("rangeBytes", num(env, l.rangeBytes()));
-    Napi::Array tensors = Napi::Array::New(env);
-    uint32_t n = 0;
-    for (uint32_t layer = 0; layer < shape.layers; ++layer) {
-      for (KVKind kind : {KVKind::K, KVKind::V}) {
-        TensorView v = l.tensor(layer, kind);
-        Napi::Object t = Napi::Object::New(env);
-        t.Set("offset", big(env, v.offset));
-        Napi::Array strides = Napi::Array::New(env, 4);
-        for (uint32_t d = 0; d < 4; ++d) strides.Set(d, num(env, v.strideElements[d]));
-        t.Set("strideElements", strides);
-        tensors.Set(n++, t);
-      }
-    }
-    o.Set("tensors", tensors);
-    return o;
-  }
+  Napi::Value Layout(const Napi::CallbackInfo& info) { return layoutObject(info.Env(), *cache_); }
 
   void Close(const Napi::CallbackInfo&) {
     if (cache_) cache_->close();
@@ -369,6 +366,9 @@ class NativeCache : public Napi::ObjectWrap<NativeCache> {
     size_t d = deviceArg(info, 4);
     guarded(info.Env(), [&] { cache_->armFault(d, fault); });
   }
+
+  // Test-only: prefixHashMask(mask: bigint), 0n forces every hash to collide.
+  void PrefixHashMask(const Napi::CallbackInfo& info) { cache_->setPrefixHashMask(u64(info[0])); }
 
   std::shared_ptr<KVCache> cache_;  // shared with the async tasks in flight
   std::vector<GrowRequest> batch_;  // reused by step() to avoid an allocation per call

@@ -48,6 +48,9 @@ KVCache::KVCache(const CacheOptions& o) : ordinals_(o.devices) {
   description_.granularity = first->granularity();
   description_.backend = first->name();
   core_ = std::make_unique<CacheCore>(std::move(layout));
+  uint64_t groupBytes = core_->layout->pagesPerGroup() * description_.pageSize;
+  uint64_t maxGroups = o.prefixCacheMaxBytes == UINT64_MAX ? UINT64_MAX : o.prefixCacheMaxBytes / groupBytes;
+  core_->prefix = std::make_unique<PrefixCache>(core_->slots, *core_->layout, o.prefixCache, maxGroups);
   const char* parallel = std::getenv("VATTENTION_PARALLEL_DEVICES");  // see CacheCore::parallelDevices
   core_->parallelDevices = parallel != nullptr && parallel[0] == '1';
   core_->shards.push_back(std::make_unique<DeviceShard>(std::move(first), o.devices[0], *core_->layout));
@@ -133,7 +136,7 @@ SequenceRef KVCache::reserve(std::optional<uint64_t> expectedTokens) {
     sweepDropPending(false);
     settleCopyFences(false);
     try {
-      return occupy(placeSequence(core_->slots, groups));
+      return occupy(placeSequence(core_->slots, groups, core_->prefix->holders()));
     } catch (const Error& e) {
       // Slots still waiting to drop shared pages (a fence, the worker) or
       // for a share's queued copy: wait for them, then decide again.

@@ -61,6 +61,8 @@ struct CacheOptions {
   uint32_t idleGroups = 1;      // page groups the worker keeps idle (creating or reclaiming ahead); 0 = none
   uint64_t hostMemoryBudget = 0;  // bytes of host memory for swap and suspend (all devices); 0 = none may be used
   uint64_t hostMemoryPrefill = 0; // of it, page-locked at start (blocks kept for reuse)
+  bool prefixCache = true;        // publish / reserve({ tokens }) find cached prefixes
+  uint64_t prefixCacheMaxBytes = UINT64_MAX;  // of released slots' pages (per device), the most kept findable
 };
 
 // What the binding reads once at construction: fixed for the cache's life.
@@ -81,6 +83,15 @@ class KVCache {
   KVCache& operator=(const KVCache&) = delete;
 
   SequenceRef reserve(std::optional<uint64_t> expectedTokens);
+  // Prefix caching (prefix.cc): a new sequence starting with the longest
+  // cached prefix of `ids` (whole page groups, mapped shared; tokens() says
+  // how many), or an empty one as reserve() places it.
+  SequenceRef reserveCached(const std::vector<uint32_t>& ids, uint64_t salt, std::optional<uint64_t> expectedTokens);
+  // The first ids.size() tokens of `seq` hold the KV of these ids: findable
+  // by later reserveCached calls while the pages hold them.
+  void publish(SequenceRef seq, const std::vector<uint32_t>& ids, uint64_t salt);
+  // Test-only: prefix hashes ANDed with `mask` (0 forces collisions).
+  void setPrefixHashMask(uint64_t mask);
   // Synchronous growth on the caller's thread; all or nothing on every
   // device. Returns the pages (per device) it unmapped from other slots.
   uint64_t grow(SequenceRef seq, uint64_t tokens);
@@ -211,6 +222,7 @@ class KVCache {
   void undoSuspend();
   // stats.cc
   void checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
+  uint64_t cachedPages(size_t device);
 
   std::unique_ptr<CacheCore> core_;
   std::unique_ptr<PageMapper> mapper_;

@@ -174,6 +174,7 @@ bool PageMapper::beginDrop(Retirement& r) {
   for (uint32_t i = 0; i < core_.slots.size(); ++i) {
     Slot& s = core_.slots[i];
     if (!s.dropPending || s.active || s.extendingNow() || core_.fencesPending(i)) continue;
+    if (core_.prefix->holds(i)) continue;  // a cached prefix: dropped when a refusal needs it
     s.dropPending = false;  // no page left to share once detached: placeable again
     r.ahead = true;
     detachFrom(r, i, 0);

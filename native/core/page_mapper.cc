@@ -61,10 +61,12 @@ static std::vector<char> fencedSlots(CacheCore& core) {
 }
 
 std::vector<ReclaimCandidate> PageMapper::reclaimOrder(const std::vector<uint32_t>& exclude) {
-  return vat::reclaimOrder(core_.slots, *core_.layout, fencedSlots(core_), exclude);
+  return vat::reclaimOrder(core_.slots, *core_.layout, fencedSlots(core_), core_.prefix->holders(), exclude);
 }
 
-int PageMapper::reclaimAheadCandidate() { return vat::reclaimAheadCandidate(core_.slots, fencedSlots(core_)); }
+int PageMapper::reclaimAheadCandidate() {
+  return vat::reclaimAheadCandidate(core_.slots, fencedSlots(core_), core_.prefix->holders());
+}
 
 void PageMapper::retryStranded() {
   for (auto& d : core_.shards) d->retryStranded();

@@ -222,7 +222,9 @@ Slot& KVCache::shareSource(SequenceRef from, uint64_t tokens, bool allowReleased
   if (from.slot < slots.size() && allowReleased) {
     Slot& p = slots[from.slot];
     // released, and nothing placed there since: generation + 1 (release bumps it)
-    if (!p.active && p.generation == from.generation + 1 && !p.dropPending) {
+    // (a released sharer only while it holds a cached prefix: its mappings
+    // stay until a refusal needs them, see dropIfShared)
+    if (!p.active && p.generation == from.generation + 1 && (!p.dropPending || core_->prefix->holds(from.slot))) {
       if (tokens > 0 && p.releasedTokens == 0)
         fail(ErrorCode::SequenceReleased, "the released sequence's tokens are gone (its slot was written since)");
       if (tokens > p.releasedTokens)
@@ -328,6 +330,9 @@ void KVCache::dropIfShared(uint32_t slot) {
   s.dropPending = true;
   // Being shared from off the lock (Copying): dropped when that ends.
   if (s.extendingNow() || core_->fencesPending(slot)) return;
+  // A cached prefix (prefix_cache.h): kept for later hits until a refusal
+  // needs the slot or its pages (waitBeforeRefusing sweeps it then).
+  if (core_->prefix->holds(slot)) return;
   // The worker unmaps them off this thread (and a share of the same prefix
   // may take the slot as it is before that).
   if (prefetcher_->running()) return;
@@ -349,6 +354,7 @@ bool KVCache::sweepDropPending(bool wait, bool force) {
   for (uint32_t i = 0; i < core_->slots.size(); ++i) {
     Slot& s = core_->slots[i];
     if (!s.dropPending || s.extendingNow()) continue;
+    if (!force && core_->prefix->holds(i)) continue;  // a cached prefix: only when a refusal needs it
     if (core_->fencesPending(i)) {
       if (!wait) continue;
       core_->waitFences(i);

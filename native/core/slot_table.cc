@@ -25,6 +25,7 @@ SequenceRef SlotTable::occupy(uint32_t i) {
   s.active = true;
   s.dropPending = false;  // (a released sharer's slot taken as it is: its own sequence now)
   s.generation++;
+  s.contentEpoch++;
   s.tokens = 0;
   s.prefetchTarget = 0;
   return {i, s.generation};

@@ -57,6 +57,7 @@ struct Slot {
   uint64_t releasedAt = 0;       // SlotTable::releaseClock when last released (reclaim-ahead order)
   uint64_t releasedTokens = 0;   // tokens when last released (prefix sharing from a released sequence)
   size_t groups = 0;             // page groups mapped, on every device
+  uint32_t contentEpoch = 0;     // bumped when a sequence is placed: what the pages held before is gone
   // Released while holding pages another slot maps too: it must not be
   // reused (a new sequence would write into the other's pages) and its
   // mappings go as soon as its fences have passed.

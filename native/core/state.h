@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "core/prefix_cache.h"
 #include "core/slot_table.h"
 #include "device/device_shard.h"
 #include "layout/kv_layout.h"
@@ -36,6 +37,7 @@ struct CacheCore {
   std::unique_ptr<KVLayout> layout;  // fixed for the cache's life
   std::vector<std::unique_ptr<DeviceShard>> shards;  // one per device, in the order of options.devices
   SlotTable slots;
+  std::unique_ptr<PrefixCache> prefix;  // which slot holds which published token ids (prefix_cache.h)
   // Demand growth maps every device one after the other on the calling
   // thread: the driver serialises virtual-memory calls across the GPUs (and
   // threads) of a process, so a thread per device only adds contention

@@ -1,5 +1,7 @@
 // Statistics, and the synchronous copies of write/read (test and tooling
 // paths: the serving loop's kernels write the KV themselves).
+#include <algorithm>
+
 #include "common/errors.h"
 #include "core/kv_cache.h"
 
@@ -59,6 +61,21 @@ uint64_t KVCache::obtainableBytes(bool withLookAhead) {
   return pages * description_.pageSize * core_->deviceCount();
 }
 
+// Distinct pages of device d in the cached groups of released slots (a
+// group a hit mapped into several slots counts once).
+uint64_t KVCache::cachedPages(size_t device) {
+  std::vector<PageId> pages;
+  DeviceShard& sh = core_->shard(device);
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    if (!core_->prefix->holds(i)) continue;
+    const std::vector<PageId>& list = sh.slot(i).pages;
+    size_t n = std::min(list.size(), core_->prefix->findable(i) * core_->pagesPerGroup());
+    pages.insert(pages.end(), list.begin(), list.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+  std::sort(pages.begin(), pages.end());
+  return static_cast<uint64_t>(std::unique(pages.begin(), pages.end()) - pages.begin());
+}
+
 CacheStats KVCache::stats(size_t device) {
   Lock lk(core_->lock);
   checkOpen();
@@ -108,6 +125,9 @@ CacheStats KVCache::stats(size_t device) {
   st.prefetch.errors = prefetcher_->errors();
   st.prefetch.workerError = prefetcher_->workerError();
   st.prefetch.tokens = prefetcher_->lookAhead();
+  st.prefixCache = core_->prefix->stats();
+  st.prefixCache.cachedGroups = cachedPages(device) / core_->pagesPerGroup();
+  st.prefixCache.cachedBytes = cachedPages(device) * description_.pageSize;
   st.suspended = core_->suspended;
   st.bytesSuspended = st.pages.suspended * st.pageSize;
   st.host = hostStats_;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/prefix_cache.h"
 #include "pool/page_pool.h"
 
 namespace vat {
@@ -117,6 +118,7 @@ struct CacheStats {
   uint64_t bytesSavedBySharing = 0;  // mappings beyond a page's first, in bytes: the slots' mapped
                                      // bytes add up to bytesBacked + this
   PrefetchStats prefetch;
+  PrefixCacheStats prefixCache;
   HostStats host;
   bool suspended = false;
   uint64_t bytesSuspended = 0;  // physical pages suspend() gave back, that resume() backs again
@@ -150,6 +152,7 @@ struct CacheStats {
     f("bytesSuspended", bytesSuspended);
     f("host", host);
     f("prefetch", prefetch);
+    f("prefixCache", prefixCache);
     f("slots", slots);
     f("driverCalls", calls);
   }

@@ -105,6 +105,7 @@ void KVCache::suspend(bool keepHost) {
     // Failing from here leaves the cache suspended in part: resume() backs
     // what went (and restores it from the host copy).
     pagesGoing = true;
+    if (!keepHost) core_->prefix->clear();  // the KV goes: nothing published holds any more
     core_->onEachDevice([&](size_t d) {
       for (PageId id : suspendedPages_[d]) core_->shard(d).pool().suspendPage(id);
     });

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <optional>
+#include <vector>
 
 #include "core/slot_table.h"
 
@@ -12,7 +13,10 @@ namespace vat {
 // mapped groups best fit the expected length needs the fewest driver calls.
 // Best fit = the fewest groups that still cover it; failing that, the most.
 // Without an expected length, the slot with the most mapped groups.
+// Prefix caching: a slot holding cached prefix groups (cached[i], see
+// core/prefix_cache.h) is taken only when no other is placeable, and then the
+// least recently released of them: placing a sequence there evicts them.
 // Throws ERR_NO_SLOT when every slot holds a sequence.
-uint32_t placeSequence(const SlotTable& slots, std::optional<size_t> expectedGroups);
+uint32_t placeSequence(const SlotTable& slots, std::optional<size_t> expectedGroups, const std::vector<char>& cached);
 
 }  // namespace vat

@@ -21,7 +21,8 @@ std::pair<size_t, size_t> tierGroups(const Slot& s, const KVLayout& layout, Tier
 }  // namespace
 
 std::vector<ReclaimCandidate> reclaimOrder(const SlotTable& slots, const KVLayout& layout,
-                                           const std::vector<char>& fenced, const std::vector<uint32_t>& exclude) {
+                                           const std::vector<char>& fenced, const std::vector<char>& cached,
+                                           const std::vector<uint32_t>& exclude) {
   std::vector<ReclaimCandidate> order;
   auto excluded = [&](uint32_t i) { return std::find(exclude.begin(), exclude.end(), i) != exclude.end(); };
   // Active slots from the highest index down; released slots least recently
@@ -29,8 +30,10 @@ std::vector<ReclaimCandidate> reclaimOrder(const SlotTable& slots, const KVLayou
   std::vector<uint32_t> byIndex;
   for (uint32_t i = slots.size(); i-- > 0;) byIndex.push_back(i);
   std::vector<uint32_t> byRelease = byIndex;
-  std::stable_sort(byRelease.begin(), byRelease.end(),
-                   [&](uint32_t a, uint32_t b) { return slots[a].releasedAt < slots[b].releasedAt; });
+  std::stable_sort(byRelease.begin(), byRelease.end(), [&](uint32_t a, uint32_t b) {
+    if (cached[a] != cached[b]) return !cached[a];
+    return slots[a].releasedAt < slots[b].releasedAt;
+  });
   for (bool waits : {false, true}) {
     for (Tier tier : {Tier::PastLookAhead, Tier::Released, Tier::LookAhead}) {
       for (uint32_t i : tier == Tier::Released ? byRelease : byIndex) {
@@ -45,12 +48,15 @@ std::vector<ReclaimCandidate> reclaimOrder(const SlotTable& slots, const KVLayou
   return order;
 }
 
-int reclaimAheadCandidate(const SlotTable& slots, const std::vector<char>& fenced) {
+int reclaimAheadCandidate(const SlotTable& slots, const std::vector<char>& fenced, const std::vector<char>& cached) {
   int best = -1;
   for (uint32_t i = 0; i < slots.size(); ++i) {
     const Slot& s = slots[i];
     if (s.active || s.extendingNow() || s.dropPending || s.groups == 0 || fenced[i]) continue;
-    if (best >= 0 && s.releasedAt >= slots[best].releasedAt) continue;
+    if (best >= 0) {
+      bool sooner = cached[i] != cached[best] ? !cached[i] : s.releasedAt < slots[best].releasedAt;
+      if (!sooner) continue;
+    }
     best = static_cast<int>(i);
   }
   return best;

@@ -26,7 +26,10 @@ struct ReclaimCandidate {
 //   1. groups of active sequences past their look-ahead (a tail inherited
 //      from a longer sequence that held the slot before): no step needs them;
 //   2. released slots, least recently released first (those released last
-//      are the likeliest to be reused by the next sequences);
+//      are the likeliest to be reused by the next sequences), those holding
+//      cached prefix groups (cached[i], core/prefix_cache.h) after all the
+//      others: eviction of the prefix cache, least recently used first, a
+//      slot's tail (leaf) groups before the groups its chain depends on;
 //   3. the look-ahead of active sequences (groups past the tokens, up to the
 //      prefetch target): taking it only moves the mapping to the next steps,
 //      and the worker would map it again at once, so it goes last.
@@ -35,11 +38,13 @@ struct ReclaimCandidate {
 // (dropPending) and those in `exclude` are left alone. fenced[i]: slot i's
 // fences have not all passed, on some device.
 std::vector<ReclaimCandidate> reclaimOrder(const SlotTable& slots, const KVLayout& layout,
-                                           const std::vector<char>& fenced, const std::vector<uint32_t>& exclude);
+                                           const std::vector<char>& fenced, const std::vector<char>& cached,
+                                           const std::vector<uint32_t>& exclude);
 
 // Reclaim ahead of need (the prefetch worker, memory full): the released slot
-// least recently released that is not fenced (never waited for), or -1.
-int reclaimAheadCandidate(const SlotTable& slots, const std::vector<char>& fenced);
+// least recently released that is not fenced (never waited for), one without
+// cached prefix groups first, or -1.
+int reclaimAheadCandidate(const SlotTable& slots, const std::vector<char>& fenced, const std::vector<char>& cached);
 
 // Pages (per device) the order could give back; without the running
 // sequences' look-ahead unless `withLookAhead`.
