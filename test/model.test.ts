@@ -17,6 +17,10 @@ interface SeqModel {
   // Tokens below this were shared with another sequence (fork, prefix): KV
   // is append-only, so no write goes there any more.
   frozen: number;
+  // Placed by reserve({ tokens }) for prompt PROMPTS[p] (its first len ids):
+  // while clean, every byte it holds is the prompt's own (promptSeed), so it
+  // may publish them.
+  prompt?: { p: number; len: number; clean: boolean; upTo: number };
 }
 interface Model {
   live: { seq: Sequence; m: SeqModel }[];
@@ -43,6 +47,12 @@ function tokenBytesFor(seed: number, tokenBytes: number): Uint8Array {
   }
   return out;
 }
+
+// Prompts for the prefix cache: they differ from their first id on, so
+// equal ids mean an equal prompt, whose KV bytes the model knows (promptSeed).
+const PROMPT_COUNT = 3;
+const promptIds = (p: number, len: number) => Array.from({ length: len }, (_, t) => p * 100_000 + t * 7);
+const promptSeed = (p: number, t: number) => 5_000_000 + p * 100_000 + t;
 
 let operations = 0;
 const HELD_STREAM = 0xfe0cen;
@@ -182,6 +192,7 @@ for (const b of backends) {
             }
             expect(code).toBe(null);
             for (let t = 0; t < count; t++) e.m.written.set(`${layer}:${kind}:${token + t}`, s + t);
+            if (count > 0 && e.m.prompt) e.m.prompt.clean = false; // its bytes are no longer the prompt's
           },
         }),
       ),
@@ -263,6 +274,58 @@ for (const b of backends) {
           e.m.frozen = Math.max(e.m.frozen, tokens);
           m.live.push({ seq: child!, m: { tokens, written, frozen: tokens } });
           expect(child!.tokens).toBe(tokens);
+        },
+      })),
+      fc.tuple(fc.nat({ max: PROMPT_COUNT - 1 }), tokenCount).map(([p, n]) => ({
+        toString: () => `reserveTokens(prompt ${p}, ${n})`,
+        check: () => true,
+        run: (m: Model, r: Real) => {
+          const len = Math.min(n, maxTokens);
+          if (m.live.length === o.maxSequences) {
+            expect(codeOf(() => r.cache.reserve({ tokens: promptIds(p, len) }))).toBe('ERR_NO_SLOT');
+            return;
+          }
+          const seq = r.cache.reserve({ tokens: promptIds(p, len) });
+          const got = seq.cachedTokens;
+          expect(got).toBeLessThanOrEqual(len);
+          // whole page groups (the last group of a slot ends at maxTokens)
+          expect(got % tpp === 0 || got === maxTokens).toBe(true);
+          expect(seq.tokens).toBe(got);
+          const written = new Map<string, number>();
+          for (let t = 0; t < got; t++)
+            for (let layer = 0; layer < o.layers; layer++) for (const k of KINDS) written.set(`${layer}:${k}:${t}`, promptSeed(p, t));
+          m.live.push({ seq, m: { tokens: got, written, frozen: got, prompt: { p, len, clean: true, upTo: got } } });
+        },
+      })),
+      pick.map((i) => ({
+        toString: () => `prefillAndPublish(#${i})`,
+        check: (m: Model) => m.live.some((e) => e.m.prompt?.clean),
+        run: (m: Model, r: Real) => {
+          const candidates = m.live.filter((e) => e.m.prompt?.clean);
+          const e = candidates[i % candidates.length]!;
+          const { p, len, upTo } = e.m.prompt!;
+          const c = r.cache;
+          // tokens shared (a fork) before the prompt's bytes were written there: they can never be
+          if (e.m.frozen > upTo) {
+            e.m.prompt!.clean = false;
+            return;
+          }
+          if (codeOf(() => c.grow(e.seq, len)) !== null) return; // out of memory: nothing changed
+          e.m.tokens = Math.max(e.m.tokens, len);
+          const from = upTo;
+          if (len > from)
+            for (let layer = 0; layer < o.layers; layer++)
+              for (const k of KINDS) {
+                const data = new Uint8Array((len - from) * c.tokenBytes);
+                for (let t = from; t < len; t++) {
+                  data.set(tokenBytesFor(promptSeed(p, t), c.tokenBytes), (t - from) * c.tokenBytes);
+                  e.m.written.set(`${layer}:${k}:${t}`, promptSeed(p, t));
+                }
+                c.write(e.seq, { layer, kind: k, token: from }, data);
+              }
+          c.publish(e.seq, promptIds(p, len));
+          e.m.prompt!.upTo = Math.max(upTo, len);
+          e.m.frozen = Math.max(e.m.frozen, len); // published KV is not written again
         },
       })),
       fc.constant({

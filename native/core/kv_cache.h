@@ -223,6 +223,10 @@ class KVCache {
   // stats.cc
   void checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
   uint64_t cachedPages(size_t device);
+  void prefetchFigures(size_t device, CacheStats& st);
+  // prefix.cc
+  bool inPlace(const PrefixCache::Hit& hit, bool lastResort);
+  SequenceRef takeInPlace(const PrefixCache::Hit& hit, const std::vector<uint32_t>& ids, uint64_t salt);
 
   std::unique_ptr<CacheCore> core_;
   std::unique_ptr<PageMapper> mapper_;

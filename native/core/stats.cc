@@ -76,6 +76,24 @@ uint64_t KVCache::cachedPages(size_t device) {
   return static_cast<uint64_t>(std::unique(pages.begin(), pages.end()) - pages.begin());
 }
 
+// The callers' side of growth and the worker's (decisions, the same on every
+// device, but for the pages), and the prefix cache's.
+void KVCache::prefetchFigures(size_t device, CacheStats& st) {
+  DeviceShard& sh = core_->shard(device);
+  static_cast<DemandStats&>(st.prefetch) = demand_;
+  st.prefetch.pagesOnDemand = sh.counters.pagesOnDemand;
+  st.prefetch.steps = stepCalls_.load(std::memory_order_relaxed);
+  st.prefetch.stepNanos = stepNanos_.load(std::memory_order_relaxed);
+  st.prefetch.pagesAhead = sh.counters.pagesMappedOffLock;
+  st.prefetch.pagesReclaimedAhead = sh.counters.reclaimedAheadPages;
+  st.prefetch.errors = prefetcher_->errors();
+  st.prefetch.workerError = prefetcher_->workerError();
+  st.prefetch.tokens = prefetcher_->lookAhead();
+  st.prefixCache = core_->prefix->stats();
+  st.prefixCache.cachedGroups = cachedPages(device) / core_->pagesPerGroup();
+  st.prefixCache.cachedBytes = cachedPages(device) * description_.pageSize;
+}
+
 CacheStats KVCache::stats(size_t device) {
   Lock lk(core_->lock);
   checkOpen();
@@ -116,18 +134,7 @@ CacheStats KVCache::stats(size_t device) {
   st.reusedPages = sh.counters.reusedPages;
   st.sharedPages = pool.sharedPages();
   st.bytesSavedBySharing = pool.extraMappings() * st.pageSize;
-  static_cast<DemandStats&>(st.prefetch) = demand_;
-  st.prefetch.pagesOnDemand = sh.counters.pagesOnDemand;
-  st.prefetch.steps = stepCalls_.load(std::memory_order_relaxed);
-  st.prefetch.stepNanos = stepNanos_.load(std::memory_order_relaxed);
-  st.prefetch.pagesAhead = sh.counters.pagesMappedOffLock;
-  st.prefetch.pagesReclaimedAhead = sh.counters.reclaimedAheadPages;
-  st.prefetch.errors = prefetcher_->errors();
-  st.prefetch.workerError = prefetcher_->workerError();
-  st.prefetch.tokens = prefetcher_->lookAhead();
-  st.prefixCache = core_->prefix->stats();
-  st.prefixCache.cachedGroups = cachedPages(device) / core_->pagesPerGroup();
-  st.prefixCache.cachedBytes = cachedPages(device) * description_.pageSize;
+  prefetchFigures(device, st);
   st.suspended = core_->suspended;
   st.bytesSuspended = st.pages.suspended * st.pageSize;
   st.host = hostStats_;
