@@ -27,15 +27,18 @@ const COMMANDS = {
   },
   demo: {
     usage:
-      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto] [--layout per-layer|all-layers|groups:N] [--compare-layouts] [--shared-prefix N]\n' +
+      'vattention demo [--json] [--requests N] [--seed N] [--backend cuda|host|auto] [--layout per-layer|all-layers|groups:N] [--compare-layouts] [--shared-prefix N] [--prefix-cache]\n' +
       '  a simulated serving loop on this machine, and what it cost (N: positive integers; defaults 300 requests, seed 42);\n' +
       '  --shared-prefix N: every prompt starts with the same N-token system prompt, shared with reserve({ prefix });\n' +
+      '  --prefix-cache: prompts carry token ids, found with reserve({ tokens }) and published after their prefill\n' +
+      '    (with --shared-prefix: the system prompt is found that way instead of shared by hand);\n' +
       '  --compare-layouts runs the same trace under each layout and prints one table',
     options: {
       json: { type: 'boolean' },
       layout: { type: 'string' },
       'compare-layouts': { type: 'boolean' },
       'shared-prefix': { type: 'string' },
+      'prefix-cache': { type: 'boolean' },
       requests: { type: 'string' },
       seed: { type: 'string' },
       backend: { type: 'string' },
@@ -185,6 +188,8 @@ function printDemo(r: DemoReport): void {
   console.log(`  model KV: ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}; ${r.maxSequences} slots x ${r.maxTokens} tokens; budget ${bytes(r.memoryBudget)}`);
   console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions, ${r.preemptionsAhead} of them ahead of need), ${r.wallSeconds.toFixed(2)} s`);
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
+  if (r.prefixCache)
+    console.log(`  prefix cache: token hit rate ${(100 * r.prefixCacheHitRate).toFixed(1)}%, ${r.prefillTokensSkipped} of ${r.prefillTokens} prompt tokens found cached (no prefill)`);
   if (r.sharedPrefix > 0)
     console.log(`  shared system prompt of ${r.sharedPrefix} tokens: memory saved by sharing its pages mean ${bytes(r.meanBytesSavedBySharing)}, peak ${bytes(r.peakBytesSavedBySharing)} (${(100 * r.meanBytesSavedBySharing / (r.meanBytesBacked + r.meanBytesSavedBySharing)).toFixed(1)}% of what the slots map)`);
   console.log(`  waste (mapped in slots, not holding tokens): mean ${bytes(r.meanWasteBytes)} = ${(100 * r.wasteFraction).toFixed(1)}% of it:`);
@@ -210,12 +215,13 @@ async function demo(values: Values): Promise<number> {
   const layout = layoutOption(values.layout as string | undefined);
   const sharedPrefix = values['shared-prefix'] === undefined ? 0 : positiveInteger(values, 'shared-prefix', 0);
   if (sharedPrefix >= 4096) throw new UsageError(`--shared-prefix must be less than 4096 tokens (half of maxTokens), got ${sharedPrefix}`);
+  const prefixCache = Boolean(values['prefix-cache']);
   if (values['compare-layouts']) {
     if (layout !== undefined) throw new UsageError('--compare-layouts runs every layout: leave out --layout');
     const reports: DemoReport[] = [];
     for (const l of LAYOUTS_COMPARED) {
       const bar = progressBar(requests);
-      reports.push(await runDemo({ backend, requests, seed, layout: l, sharedPrefix, onProgress: (done) => bar.update(done) }));
+      reports.push(await runDemo({ backend, requests, seed, layout: l, sharedPrefix, prefixCache, onProgress: (done) => bar.update(done) }));
       bar.end();
     }
     if (values.json) console.log(JSON.stringify(reports.map(({ trace: _trace, ...r }) => r), null, 2));
@@ -223,7 +229,7 @@ async function demo(values: Values): Promise<number> {
     return 0;
   }
   const bar = progressBar(requests);
-  const report = await runDemo({ backend, requests, seed, layout, sharedPrefix, onProgress: (done) => bar.update(done) });
+  const report = await runDemo({ backend, requests, seed, layout, sharedPrefix, prefixCache, onProgress: (done) => bar.update(done) });
   bar.end();
   if (values.json) console.log(JSON.stringify(report, null, 2));
   else printDemo(report);

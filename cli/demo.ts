@@ -48,6 +48,13 @@ export interface DemoOptions {
    */
   sharedPrefix?: number;
   /**
+   * Automatic prefix caching: prompts carry token ids (the system prompt's,
+   * when sharedPrefix is set, then the request's own), are placed with
+   * reserve({ tokens }) and published once prefilled, instead of sharing a
+   * system sequence held by the demo.
+   */
+  prefixCache?: boolean;
+  /**
    * Preempt the newest sequence before a step when the memory the worker can
    * still map ahead runs low (default true); false: only when step() runs out
    * of memory.
@@ -89,6 +96,11 @@ export interface DemoReport {
   meanBytesUsed: number;
   /** The sharedPrefix option (0: none). */
   sharedPrefix: number;
+  /** The prefixCache option, and with it stats().prefixCache at the end and the prompt tokens requests got from it. */
+  prefixCache: boolean;
+  prefixCacheHitRate: number;
+  prefillTokens: number;
+  prefillTokensSkipped: number;
   /** Mean and peak of stats().bytesSavedBySharing: memory the shared prefix did not need again. */
   meanBytesSavedBySharing: number;
   peakBytesSavedBySharing: number;
@@ -175,6 +187,8 @@ function rng(seed: number) {
 
 interface Request {
   prompt: number;
+  /** Token ids of the prompt (prefix caching only). */
+  ids?: number[];
   output: number;
   generated: number;
 }
@@ -241,14 +255,20 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
     }
   };
   try {
-    // The system prompt: held by one sequence for the whole run (as a prefix cache would).
-    const system = sharedPrefix > 0 ? timed(() => cache.reserve()) : null;
+    // The system prompt: held by one sequence for the whole run (sharing by
+    // hand), or found by its ids (prefix caching).
+    const prefixCache = options.prefixCache ?? false;
+    const system = sharedPrefix > 0 && !prefixCache ? timed(() => cache.reserve()) : null;
     if (system) timed(() => cache.grow(system, sharedPrefix));
-    const queue: Request[] = Array.from({ length: requests }, () => ({
-      prompt: sharedPrefix + Math.max(1, Math.min(Math.round(random.logNormal(500, 1.0)), maxTokens / 2 - sharedPrefix)),
-      output: Math.max(1, Math.min(Math.round(random.logNormal(180, 1.0)), maxTokens / 2)),
-      generated: 0,
-    }));
+    const systemIds = Array.from({ length: sharedPrefix }, (_, i) => i * 7 + 1);
+    let nextId = 1_000_000;
+    const queue: Request[] = Array.from({ length: requests }, () => {
+      const prompt = sharedPrefix + Math.max(1, Math.min(Math.round(random.logNormal(500, 1.0)), maxTokens / 2 - sharedPrefix));
+      const ids = prefixCache ? [...systemIds, ...Array.from({ length: prompt - sharedPrefix }, () => nextId++)] : undefined;
+      return { prompt, ids, output: Math.max(1, Math.min(Math.round(random.logNormal(180, 1.0)), maxTokens / 2)), generated: 0 };
+    });
+    let prefillTokens = 0;
+    let prefillTokensSkipped = 0;
     const waiting: Request[] = [];
     const running: { req: Request; seq: Sequence }[] = [];
     // Prompts being mapped off the serving thread: they join the batch when done.
@@ -332,16 +352,24 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
         // The slot (with the system prompt's pages shared, mapped on a worker
         // thread), then the rest of the prompt and the first generated
         // token's place: it joins the batch with no mapping left to do.
-        const placed = system
-          ? timed(() => cache.reserveAsync({ prefix: { from: system, tokens: sharedPrefix } }), 'reserve')
-          : Promise.resolve(timed(() => cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }), 'reserve'));
+        const placed = req.ids
+          ? timed(() => cache.reserveAsync({ tokens: req.ids!, expectedTokens: Math.min(maxTokens, req.prompt + 180) }), 'reserve')
+          : system
+            ? timed(() => cache.reserveAsync({ prefix: { from: system, tokens: sharedPrefix } }), 'reserve')
+            : Promise.resolve(timed(() => cache.reserve({ expectedTokens: Math.min(maxTokens, req.prompt + 180) }), 'reserve'));
         placed
           .then((seq) => {
             entry.seq = seq;
+            prefillTokens += req.prompt;
+            prefillTokensSkipped += seq.cachedTokens;
             return timed(() => cache.growAsync(seq, Math.min(maxTokens, req.prompt + 1)), 'growAsync');
           })
           .then(
-            () => (entry.state = 'done'),
+            () => {
+              // the prefill's kernels have written the prompt: later prompts find it
+              if (req.ids && entry.seq) timed(() => cache.publish(entry.seq!, req.ids!), 'publish');
+              entry.state = 'done';
+            },
             (e: unknown) => {
               if (!(e instanceof OutOfMemoryError)) throw e;
               entry.state = 'failed';
@@ -464,6 +492,10 @@ export async function runDemo(options: DemoOptions = {}): Promise<DemoReport> {
       meanBytesBacked: sumBacked / steps,
       meanBytesUsed: sumUsed / steps,
       sharedPrefix,
+      prefixCache,
+      prefixCacheHitRate: s.prefixCache.queryTokens ? s.prefixCache.hitTokens / s.prefixCache.queryTokens : 0,
+      prefillTokens,
+      prefillTokensSkipped,
       meanBytesSavedBySharing: sumSaved / steps,
       peakBytesSavedBySharing: peakSaved,
       meanWasteBytes: (sumBacked + sumSaved - sumUsed) / steps,

@@ -11,10 +11,12 @@ namespace {
 // Whether slot a is a better place than slot b (both placeable).
 bool better(const SlotTable& slots, uint32_t a, uint32_t b, size_t need, const std::vector<char>& cached) {
   if (cached[a] != cached[b]) return !cached[a];
-  if (cached[a]) return slots[a].releasedAt < slots[b].releasedAt;  // evict the least recently used
   size_t have = slots[a].groups, bestHave = slots[b].groups;
   bool covers = have >= need, bestCovers = bestHave >= need;
-  return covers != bestCovers ? covers : (covers ? have < bestHave : have > bestHave);
+  if (covers != bestCovers) return covers;
+  if (have != bestHave) return covers ? have < bestHave : have > bestHave;
+  // an equal fit among cached slots: evict the least recently used
+  return cached[a] && slots[a].releasedAt < slots[b].releasedAt;
 }
 
 }  // namespace
