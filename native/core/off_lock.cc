@@ -170,17 +170,25 @@ bool PageMapper::beginDemandRetirement(Retirement& r, const std::vector<uint32_t
   return false;
 }
 
-bool PageMapper::beginDrop(Retirement& r) {
+bool PageMapper::beginDrop(Retirement& r, bool cachedToo) {
+  int pick = -1;
   for (uint32_t i = 0; i < core_.slots.size(); ++i) {
     Slot& s = core_.slots[i];
     if (!s.dropPending || s.active || s.extendingNow() || core_.fencesPending(i)) continue;
-    if (core_.prefix->holds(i)) continue;  // a cached prefix: dropped when a refusal needs it
-    s.dropPending = false;  // no page left to share once detached: placeable again
-    r.ahead = true;
-    detachFrom(r, i, 0);
-    return true;
+    // A cached prefix: kept until memory is short, then the least recently used first.
+    bool cached = core_.prefix->holds(i);
+    if (cached && !cachedToo) continue;
+    if (!cached) {
+      pick = static_cast<int>(i);
+      break;
+    }
+    if (pick < 0 || s.releasedAt < core_.slots[pick].releasedAt) pick = static_cast<int>(i);
   }
-  return false;
+  if (pick < 0) return false;
+  core_.slots[pick].dropPending = false;  // no page left to share once detached: placeable again
+  r.ahead = true;
+  detachFrom(r, static_cast<uint32_t>(pick), 0);
+  return true;
 }
 
 bool PageMapper::waitForRetirements(Lock& lk) {

@@ -106,7 +106,9 @@ class PageMapper {
   // released; the pages go idle, or stranded where an unmap failed.
   bool beginRetirement(Retirement& r);
   bool beginDemandRetirement(Retirement& r, const std::vector<uint32_t>& exclude);
-  bool beginDrop(Retirement& r);
+  // (a released sharer holding a cached prefix only with `cachedToo`, the
+  // least recently released first: memory is short).
+  bool beginDrop(Retirement& r, bool cachedToo = false);
   void detachAll(Retirement& r, uint32_t slot) { detachFrom(r, slot, 0); }
   void runRetirement(Lock& lk, Retirement& r);
   // While pages are being retired: waits until they are idle and returns

@@ -118,7 +118,9 @@ bool Prefetcher::reclaimAhead(Lock& lk) {
   }
   if (!short_) return false;
   Retirement r;
-  if (!mapper_.beginRetirement(r)) return false;
+  // a released slot's tail group; else a released sharer holding a cached
+  // prefix (its mappings all go; it frees the pages no one else maps)
+  if (!mapper_.beginRetirement(r) && !mapper_.beginDrop(r, true)) return false;
   ++inFlight_;
   mapper_.runRetirement(lk, r);
   --inFlight_;
