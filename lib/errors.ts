@@ -51,6 +51,16 @@ export class VattentionError extends Error {
     super(message);
     this.name = 'VattentionError';
   }
+
+  /**
+   * Every error of the library is a VattentionError, the argument errors too:
+   * they extend TypeError and RangeError (what Node's own APIs throw for bad
+   * arguments), so `instanceof VattentionError` is answered for them here.
+   */
+  static [Symbol.hasInstance](value: unknown): boolean {
+    if (value instanceof InvalidArgumentTypeError || value instanceof InvalidArgumentRangeError) return this === VattentionError;
+    return Function.prototype[Symbol.hasInstance].call(this, value);
+  }
 }
 
 /** No CUDA driver, no such device, or a device without virtual memory management. */

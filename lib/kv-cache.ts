@@ -50,7 +50,9 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
     const backend = o.backend === 'auto' ? autoBackend(o.device) : o.backend;
     const native = openNative(o, backend);
     this.backend = backend;
-    this.options = Object.freeze({ ...o, backend });
+    // a defaulted budget (0n) as the figure the cache chose
+    const budgets = o.devices.map((_, i) => BigInt(native.stats(i).budgetBytes));
+    this.options = Object.freeze({ ...o, backend, memoryBudget: budgets[0]!, memoryBudgets: budgets });
     this.#ctx = new CacheContext(this, native, native.layout(), this.options);
     const workerError = native.workerError();
     if (workerError !== null) process.nextTick(() => this.#ctx.emitSafely('prefetchError', { message: workerError }));

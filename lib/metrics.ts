@@ -139,7 +139,8 @@ export function checkMetricsOptions(options: unknown): { prefix: string; labels:
   const prefix = (o.prefix as string | undefined) ?? 'vattention';
   if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(prefix))
     throw new InvalidArgumentRangeError('options.prefix', `'${prefix}' is not a valid Prometheus metric name prefix`);
-  return { prefix, labels: checkLabels(o.labels) };
+  // 'nc_' and 'nc' both name nc_budget_bytes
+  return { prefix: prefix.replace(/_+$/, '') || prefix, labels: checkLabels(o.labels) };
 }
 
 export function formatPrometheus(stats: CacheStats, options?: MetricsOptions): string {

@@ -129,9 +129,13 @@ export interface NormalizedOptions {
   /** CUDA ordinals the cache spans: `[device]` unless `devices` was given. */
   devices: number[];
   backend: BackendChoice;
-  /** The first device's budget (0n: the default). */
+  /**
+   * The first device's budget. In `cache.options` the default is resolved to
+   * its figure (what `stats().devices[0].budgetBytes` reports); from
+   * normalizeOptions alone, 0n stands for the default.
+   */
   memoryBudget: bigint;
-  /** Each device's budget, in the order of `devices` (0n: the default). */
+  /** Each device's budget, in the order of `devices` (resolved as `memoryBudget`). */
   memoryBudgets: bigint[];
   pageSize: number;
   poolPrefill: bigint;

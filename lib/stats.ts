@@ -185,7 +185,10 @@ export interface CacheStats {
   pagesSuspended: number;
   /** Host memory of swap and suspend. */
   host: HostMemoryStats;
-  /** Backend (driver or OS) calls made on the thread that created the cache: the serving loop's critical path. */
+  /**
+   * Backend (driver or OS) calls made on the thread that created the cache: the serving loop's critical path.
+   * `write()` and `read()` count too (each is a copy on that thread): they are for tests and tools, not the loop.
+   */
   driverCallsOnJsThread: number;
   /** The prefetch worker and the callers' side of it. */
   prefetch: PrefetchStats;

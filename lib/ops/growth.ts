@@ -29,6 +29,9 @@ export class StepBatch {
   generations = new Uint32Array(64);
   tokens = new Uint32Array(64);
   #filling = false;
+  // seen[slot] === pass: the slot is in this batch already (no clearing per call)
+  #seen = new Uint32Array(0);
+  #pass = 0;
 
   /**
    * Checks step()'s arguments into the arrays; returns the entries. A getter
@@ -53,9 +56,17 @@ export class StepBatch {
     if (Array.isArray(tokens) && tokens.length !== n)
       throw new InvalidArgumentRangeError('tokens', `has ${tokens.length} entries for ${n} sequences`);
     if (this.slots.length < n) this.#resize(Math.max(n, this.slots.length * 2));
+    if (this.#seen.length !== ctx.options.maxSequences) this.#seen = new Uint32Array(ctx.options.maxSequences);
+    if (++this.#pass === 0xffff_ffff) {
+      this.#seen.fill(0);
+      this.#pass = 1;
+    }
     for (let i = 0; i < n; i++) {
       const seq = seqs[i]!;
       const generation = ctx.check(seq);
+      if (this.#seen[seq.slot] === this.#pass)
+        throw new InvalidArgumentRangeError(`seqs[${i}]`, `is a sequence already in the batch (slot ${seq.slot}): each sequence once per step`);
+      this.#seen[seq.slot] = this.#pass;
       const t = typeof tokens === 'number' ? tokens : tokens[i];
       if (typeof t !== 'number') throw new InvalidArgumentTypeError(`tokens[${i}]`, `must be a number, got ${describe(t)}`);
       if (!Number.isInteger(t) || t < 0 || t > 0xffff_ffff)
