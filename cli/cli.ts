@@ -70,7 +70,9 @@ function parse(command: Command, args: string[]): Values {
   try {
     return parseArgs({ args, options: COMMANDS[command].options, strict: true, allowPositionals: false }).values as Values;
   } catch (e) {
-    throw new UsageError((e as Error).message.split('\n')[0]!); // one line
+    // one line; node's "argument is ambiguous" (a value starting with '-') said plainly
+    const line = (e as Error).message.split('\n')[0]!;
+    throw new UsageError(line.replace(/ argument is ambiguous\..*$/, " takes a value: one that starts with '-' must be written --option=value"));
   }
 }
 

@@ -79,7 +79,7 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
       [['demo', '--requests', '2.5'], /--requests must be a positive integer, got '2.5'/],
       [['demo', '--requests', 'abc'], /--requests must be a positive integer, got 'abc'/],
       [['demo', '--requests', '0'], /--requests must be a positive integer/],
-      [['demo', '--seed', '-1'], /'--seed' argument is ambiguous/],
+      [['demo', '--seed', '-1'], /'--seed' takes a value: one that starts with '-' must be written --option=value/],
       [['demo', '--seed=-1'], /--seed must be a positive integer, got '-1'/],
       [['demo', '--backend', 'tpu'], /--backend must be cuda, host or auto/],
       [['bench', '--out'], /argument missing/],
