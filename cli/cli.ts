@@ -256,7 +256,11 @@ function runStreaming(script: string, env: NodeJS.ProcessEnv, toStderr: boolean)
 async function bench(values: Values): Promise<number> {
   const out = resolve((values.out as string | undefined) ?? 'vattention-report');
   const json = values.json === true;
-  mkdirSync(out, { recursive: true });
+  try {
+    mkdirSync(out, { recursive: true });
+  } catch (e) {
+    throw new UsageError(`--out ${out}: cannot make the report directory (${(e as Error).message})`);
+  }
   const runner = join(packageRoot, 'bench', 'run.mjs');
   if (!existsSync(runner)) {
     console.error(`bench: ${runner} is missing from this installation`);
@@ -376,7 +380,10 @@ main(process.argv.slice(2)).then(
       return;
     }
     const err = e as { code?: string; message?: string };
-    console.error(`vattention: ${err.code ? `${err.code}: ` : ''}${err.message ?? String(e)}`);
+    // Node's system errors begin their message with their code already (EEXIST: ...)
+    const message = err.message ?? String(e);
+    const prefixed = err.code && !message.startsWith(`${err.code}:`) ? `${err.code}: ` : '';
+    console.error(`vattention: ${prefixed}${message}`);
     process.exitCode = 1;
   },
 );
