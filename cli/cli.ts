@@ -248,8 +248,20 @@ function runStreaming(script: string, env: NodeJS.ProcessEnv, toStderr: boolean)
       stdout += chunk;
       (toStderr ? process.stderr : process.stdout).write(chunk);
     });
+    // SIGTERM / SIGINT: passed to the runner, which stops its benchmark; then this exits with them
+    const signals: [NodeJS.Signals, number][] = [['SIGTERM', 15], ['SIGINT', 2]];
+    let stoppedBy = 0;
+    const stop = (signal: NodeJS.Signals, number: number) => () => {
+      stoppedBy = 128 + number;
+      child.kill(signal);
+    };
+    const handlers = signals.map(([signal, number]) => [signal, stop(signal, number)] as const);
+    for (const [signal, handler] of handlers) process.on(signal, handler);
     child.on('error', fail);
-    child.on('close', (code) => done({ status: code ?? 1, stdout }));
+    child.on('close', (code) => {
+      for (const [signal, handler] of handlers) process.off(signal, handler);
+      done({ status: stoppedBy || (code ?? 1), stdout });
+    });
   });
 }
 

@@ -1,7 +1,7 @@
 // The examples in examples/ run as they are, through the package's own
 // name (self-reference via the exports map), and the CLI answers.
-import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -91,6 +91,41 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
       expect(r.stderr, args.join(' ')).toMatch(message);
     }
   });
+
+  it.skipIf(process.platform !== 'linux')('SIGTERM to vattention bench stops the benchmark it runs, not only the CLI', async () => {
+    const out = mkdtempSync(join(tmpdir(), 'vat-bench-sigterm-'));
+    // the processes whose environment names this report directory: the CLI's runner and its benchmark
+    const alive = () =>
+      readdirSync('/proc').filter((pid) => {
+        if (!/^[0-9]+$/.test(pid)) return false;
+        try {
+          return readFileSync(`/proc/${pid}/environ`, 'utf8').includes(`BENCH_OUT=${out}\0`);
+        } catch {
+          return false; // gone, or not ours
+        }
+      });
+    try {
+      const child = spawn(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let seen = '';
+      await new Promise<void>((started) => {
+        const look = (chunk: Buffer) => {
+          seen += chunk.toString();
+          if (seen.includes('== overhead ==')) started();
+        };
+        child.stdout.on('data', look);
+        child.stderr.on('data', look);
+      });
+      await new Promise((r) => setTimeout(r, 200)); // the benchmark itself has started
+      expect(alive().length).toBeGreaterThan(0);
+      child.kill('SIGTERM');
+      const code = await new Promise<number | null>((done) => child.on('close', (c) => done(c)));
+      expect(code).toBe(143);
+      for (let i = 0; i < 50 && alive().length > 0; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(alive()).toEqual([]);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  }, 60_000);
 
   it('--help of every command prints its usage without running anything; --version the version', () => {
     for (const command of ['info', 'demo', 'bench']) {
