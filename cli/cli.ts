@@ -189,7 +189,7 @@ function printDemo(r: DemoReport): void {
   console.log(`Simulated serving loop on the ${r.backend} backend, ${r.layout.name} layout (page group ${bytes(r.layout.bytesPerPageGroup)} = ${r.layout.tokensPerPageGroup.toFixed(1)} tokens)`);
   console.log(`  model KV: ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}; ${r.maxSequences} slots x ${r.maxTokens} tokens; budget ${bytes(r.memoryBudget)}`);
   if (r.backend === 'host')
-    console.log('  (host backend: a quarter of the layers, a 1 GiB budget, mmap pages and a sleep for 1/10 of the GPU time, so preemptions, shares and the layouts\' ranking differ from a GPU run; the README's Performance section has the H100/H200 figures)');
+    console.log('  (host backend: a quarter of the layers, a 1 GiB budget, mmap pages and a sleep for 1/10 of the GPU time, so preemptions, shares and the layouts\' ranking differ from a GPU run; the README\'s Performance section has the H100/H200 figures)');
   console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions, ${r.preemptionsAhead} of them ahead of need), ${r.wallSeconds.toFixed(2)} s`);
   console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
   if (r.prefixCache)
