@@ -51,7 +51,8 @@ function workload(name) {
     const chats = Array.from({ length: 32 }, () => ({ history: randomIds(next, 256) }));
     return Array.from({ length: requests }, (_, i) => {
       const chat = chats[i % chats.length];
-      if (chat.history.length + 128 + decode > maxTokens) chat.history = randomIds(next, 256);
+      // (on host, histories up to half of maxTokens: the batch's prompts fit its 2 GiB budget)
+      if (chat.history.length + 128 + decode > (onGpu ? maxTokens : maxTokens / 2)) chat.history = randomIds(next, 256);
       const prompt = [...chat.history, ...randomIds(next, 64)];
       const answer = randomIds(next, decode);
       chat.history = [...prompt, ...answer];
@@ -79,15 +80,24 @@ function run(name, cacheOn) {
     const memory = [];
     let prefillTokens = 0;
     let skipped = 0;
+    let requeued = 0;
     const admit = () => {
       while (running.length < batch && queue.length > 0) {
         const r = queue.shift();
         const t0 = nowNs();
         const seq = cache.reserve({ tokens: r.prompt });
         reserveNs.push(Number(nowNs() - t0));
+        try {
+          cache.grow(seq, r.prompt.length); // the prefill of what was not cached
+        } catch (e) {
+          if (e.code !== 'ERR_OUT_OF_MEMORY') throw e;
+          cache.release(seq); // no room now: admitted again once a request ends
+          queue.unshift(r);
+          requeued++;
+          break;
+        }
         skipped += seq.cachedTokens;
         prefillTokens += r.prompt.length;
-        cache.grow(seq, r.prompt.length); // the prefill of what was not cached
         cache.publish(seq, r.prompt);
         running.push({ seq, r, left: decode, tokens: r.prompt.length });
         const s = cache.stats();
@@ -98,7 +108,16 @@ function run(name, cacheOn) {
     while (running.length > 0) {
       const lengths = running.map((e) => e.tokens + 1);
       const t0 = nowNs();
-      cache.step(running.map((e) => e.seq), lengths);
+      try {
+        cache.step(running.map((e) => e.seq), lengths);
+      } catch (e) {
+        if (e.code !== 'ERR_OUT_OF_MEMORY' || running.length === 1) throw e;
+        const newest = running.pop(); // preempted: its request starts again later
+        cache.release(newest.seq);
+        queue.unshift(newest.r);
+        requeued++;
+        continue;
+      }
       stepNs.push(Number(nowNs() - t0));
       for (const e of running) {
         e.tokens++;
@@ -125,6 +144,7 @@ function run(name, cacheOn) {
       prefillTokens,
       skipped,
       evictions: st.prefixCache.evictions,
+      requeued,
       memory,
       maxCachedBytes: Math.max(...memory.map((m) => m.cachedBytes)),
       step: summarize(stepNs),
@@ -156,6 +176,7 @@ console.log(
     { title: 'prefill skipped', value: (r) => `${fmt.int(r.skipped)} of ${fmt.int(r.prefillTokens)}` },
     { title: 'cache MiB max', value: (r) => (r.maxCachedBytes / 2 ** 20).toFixed(0) },
     { title: 'evicted groups', value: (r) => r.evictions },
+    { title: 'requeued', value: (r) => r.requeued },
     { title: 'step p50 µs', value: (r) => fmt.us(r.step.p50) },
     { title: 'step p99 µs', value: (r) => fmt.us(r.step.p99) },
     { title: 'reserve p50 µs', value: (r) => fmt.us(r.reserve.p50) },
