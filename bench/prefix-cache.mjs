@@ -81,6 +81,7 @@ function run(name, cacheOn) {
     let prefillTokens = 0;
     let skipped = 0;
     let requeued = 0;
+    let admitted = 0;
     const admit = () => {
       while (running.length < batch && queue.length > 0) {
         const r = queue.shift();
@@ -100,8 +101,11 @@ function run(name, cacheOn) {
         prefillTokens += r.prompt.length;
         cache.publish(seq, r.prompt);
         running.push({ seq, r, left: decode, tokens: r.prompt.length });
-        const s = cache.stats();
-        memory.push({ cachedBytes: s.prefixCache.cachedBytes, bytesBacked: s.bytesBacked });
+        // memory over time: one sample every requests / 50 admissions (a small JSON)
+        if (admitted++ % Math.max(1, Math.floor(requests / 50)) === 0) {
+          const s = cache.stats();
+          memory.push({ request: admitted, cachedBytes: s.prefixCache.cachedBytes, bytesBacked: s.bytesBacked });
+        }
       }
     };
     admit();

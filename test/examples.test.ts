@@ -52,11 +52,12 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
   it.skipIf(cudaSkip === null)(`vattention bench writes a report: tables, JSON and SVG plots${cudaSkip === null ? ' (skipped: on a GPU the full benchmark takes minutes and most of the device; run it by hand)' : ''}`, () => {
     const out = mkdtempSync(join(tmpdir(), 'vattention-report-'));
     try {
-      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out, '--json'], { encoding: 'utf8', timeout: 590_000 });
+      // (the JSON summary holds every result: about 1 MiB, spawnSync's default buffer)
+      const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'cli.js'), 'bench', '--out', out, '--json'], { encoding: 'utf8', timeout: 590_000, maxBuffer: 64 << 20 });
       expect(r.status, r.stderr).toBe(0);
       const summary = JSON.parse(r.stdout); // --json: one JSON object on stdout, the tables went to stderr
       expect(summary.out).toBe(out);
-      expect(Object.keys(summary.results)).toEqual(expect.arrayContaining(['overhead', 'decode', 'demo', 'fragmentation']));
+      expect(Object.keys(summary.results)).toEqual(expect.arrayContaining(['overhead', 'decode', 'demo', 'fragmentation', 'prefix-cache']));
       for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'fragmentation.json', 'memory.svg', 'memory-by-layout.svg', 'demo-timeline.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Memory a request holds past its tokens');
       expect(readFileSync(join(out, 'memory-by-layout.svg'), 'utf8')).toContain('all-layers');
