@@ -222,6 +222,7 @@ class KVCache {
   void undoSuspend();
   // stats.cc
   void checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
+  Address copyAddress(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, uint64_t bytes);
   uint64_t cachedPages(size_t device);
   void prefetchFigures(size_t device, CacheStats& st);
   // prefix.cc

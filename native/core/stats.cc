@@ -22,32 +22,33 @@ void KVCache::checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t
                                     ") are past the sequence's " + std::to_string(s.tokens) + " backed tokens");
 }
 
-void KVCache::write(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data,
-                    uint64_t bytes) {
-  Lock lk(core_->lock);
+// Under the lock: the checks a copy of whole tokens needs, and where its first
+// token is on `device`.
+Address KVCache::copyAddress(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token,
+                             uint64_t bytes) {
   checkDevice(device);
   Slot& s = activeSlot(seq);
   checkNotSuspended();
   checkRange(s, layer, token, bytes);
+  return core_->shard(device).base() + core_->layout->tokenOffset(seq.slot, layer, kind, token);
+}
+
+void KVCache::write(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, const void* data,
+                    uint64_t bytes) {
+  Lock lk(core_->lock);
+  Address at = copyAddress(device, seq, layer, kind, token, bytes);
   if (bytes == 0) return;
   const KVLayout& layout = *core_->layout;
-  DeviceShard& sh = core_->shard(device);
-  sh.backend().copyIn(sh.base() + layout.tokenOffset(seq.slot, layer, kind, token), layout.tokenPitch(), data,
-                      layout.tokenBytes(), bytes / layout.tokenBytes());
+  core_->shard(device).backend().copyIn(at, layout.tokenPitch(), data, layout.tokenBytes(), bytes / layout.tokenBytes());
 }
 
 void KVCache::read(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, void* out,
                    uint64_t bytes) {
   Lock lk(core_->lock);
-  checkDevice(device);
-  Slot& s = activeSlot(seq);
-  checkNotSuspended();
-  checkRange(s, layer, token, bytes);
+  Address at = copyAddress(device, seq, layer, kind, token, bytes);
   if (bytes == 0) return;
   const KVLayout& layout = *core_->layout;
-  DeviceShard& sh = core_->shard(device);
-  sh.backend().copyOut(out, sh.base() + layout.tokenOffset(seq.slot, layer, kind, token), layout.tokenPitch(),
-                       layout.tokenBytes(), bytes / layout.tokenBytes());
+  core_->shard(device).backend().copyOut(out, at, layout.tokenPitch(), layout.tokenBytes(), bytes / layout.tokenBytes());
 }
 
 // Pages being retired off the lock and released sharers' pages behind a

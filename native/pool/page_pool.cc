@@ -207,6 +207,11 @@ bool PagePool::unmapAt(PageId id, Address at) {
     return true;
   }
   backend_.unmap(at);  // throws: the mapping stays
+  dropSharedAddress(p, at);
+  return false;
+}
+
+void PagePool::dropSharedAddress(Page& p, Address at) {
   if (at == p.address) {
     p.address = p.sharedAt.back();
     p.sharedAt.pop_back();
@@ -215,7 +220,6 @@ bool PagePool::unmapAt(PageId id, Address at) {
   }
   --extraMappings_;
   if (p.sharedAt.empty()) --sharedPages_;
-  return false;
 }
 
 uint32_t PagePool::mappingsOf(PageId id) const {

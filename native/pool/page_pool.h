@@ -166,6 +166,9 @@ class PagePool {
 
  private:
   void forgetSuspendedAt(Page& p, PageId id, Address at);
+  // The record of one of a shared page's extra addresses goes (the page
+  // keeps its others).
+  void dropSharedAddress(Page& p, Address at);
   bool remapAll(PageHandle handle, const std::vector<Address>& all, size_t count);
 
   Backend& backend_;

@@ -15,14 +15,7 @@ void PagePool::forgetSuspendedAt(Page& p, PageId id, Address at) {
     --suspended_;
     return;
   }
-  if (at == p.address) {
-    p.address = p.sharedAt.back();
-    p.sharedAt.pop_back();
-  } else {
-    p.sharedAt.erase(std::find(p.sharedAt.begin(), p.sharedAt.end(), at));
-  }
-  --extraMappings_;
-  if (p.sharedAt.empty()) --sharedPages_;
+  dropSharedAddress(p, at);
 }
 
 // Every mapping goes, then the memory; a failure maps back what was unmapped.
