@@ -21,6 +21,12 @@
       "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
       "libraries": ["-ldl"],
       "conditions": [
+        # The prebuilt binary (npm run prebuild): loads on glibc >= 2.28 with
+        # any libstdc++ (docs/development.md, "The prebuilt binary").
+        ["'<!(node -p \"process.env.VATTENTION_PORTABLE || ''\")'=='1'", {
+          "sources": ["native/common/glibc_floor.cc"],
+          "ldflags": ["-static-libstdc++", "-Wl,--wrap=pthread_create", "-Wl,--wrap=pthread_join", "-Wl,--wrap=pthread_detach", "-Wl,--wrap=pthread_once", "-Wl,--wrap=pthread_key_create", "-Wl,--wrap=__pthread_key_create", "-Wl,--wrap=pthread_key_delete", "-Wl,--wrap=pthread_getspecific", "-Wl,--wrap=pthread_setspecific", "-Wl,--wrap=pthread_mutex_trylock", "-Wl,--wrap=dlopen", "-Wl,--wrap=dlsym", "-Wl,--wrap=dladdr", "-Wl,--wrap=dlerror", "-Wl,--wrap=arc4random"]
+        }],
         ["'<!(node -p \"process.env.VATTENTION_SANITIZE || ''\")'=='1'", {
           "cflags_cc": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
           "ldflags": ["-fsanitize=address,undefined"]

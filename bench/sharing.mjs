@@ -71,7 +71,7 @@ console.log(
     { title: 'layout', value: (r) => r.layout },
     { title: 'fork ms', value: (r) => fmt.ms(r.fork.p50) },
     { title: 'new sequence, mapped only ms', value: (r) => fmt.ms(r.growCopy.p50) },
-    { title: 'ratio', value: (r) => (r.growCopy.p50 / r.fork.p50).toFixed(1) },
+    { title: 'fork / new sequence', value: (r) => (r.fork.p50 / r.growCopy.p50).toFixed(2) },
     { title: 'mapped + bytes copied ms', value: (r) => (r.fullCopy ? fmt.ms(r.fullCopy.p50) : 'n/a (no GPU)') },
     { title: 'memory added by fork MiB', value: (r) => (r.extraForkBytes / 2 ** 20).toFixed(1) },
     { title: 'by a copy MiB', value: (r) => (r.extraCopyBytes / 2 ** 20).toFixed(1) },

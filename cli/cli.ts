@@ -6,7 +6,7 @@
  *   bench  the benchmarks that apply here, with a report and SVG plots
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { runDemo, type DemoReport } from './demo.js';
@@ -101,10 +101,19 @@ const bytes = (n: number) => {
 };
 
 function info(values: Values): number {
-  const d = driverInfo();
+  let d: ReturnType<typeof driverInfo>;
+  try {
+    d = driverInfo();
+  } catch (e) {
+    // The diagnostic must work when the addon does not load: that is when it is needed most.
+    if ((e as { code?: string }).code !== 'ERR_ADDON_LOAD') throw e;
+    if (values.json) console.log(JSON.stringify({ addonLoaded: false, problem: (e as Error).message }, null, 2));
+    else console.log(`native addon: did not load.\n${(e as Error).message}`);
+    return 1;
+  }
   const backend = autoBackend();
   if (values.json) {
-    console.log(JSON.stringify({ ...d, autoBackend: backend, hostBackend: true }, null, 2));
+    console.log(JSON.stringify({ addonLoaded: true, ...d, autoBackend: backend, hostBackend: true }, null, 2));
     return 0;
   }
   if (!d.loaded) {
@@ -155,10 +164,10 @@ function layoutOption(raw: string | undefined): KVLayoutChoice | undefined {
 
 const LAYOUTS_COMPARED: KVLayoutChoice[] = ['per-layer', { layerGroups: 4 }, 'all-layers'];
 
-function printComparison(reports: DemoReport[]): void {
+function printComparison(reports: DemoReport[], print: (line: string) => void = console.log): void {
   const r0 = reports[0]!;
   const m = r0.model;
-  console.log(`The same trace (${r0.requests} requests) under each layout, ${r0.backend} backend, ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}, budget ${bytes(r0.memoryBudget)}`);
+  print(`The same trace (${r0.requests} requests) under each layout, ${r0.backend} backend, ${m.layers} layers x ${m.kvHeads} KV heads x ${m.headDim} dims ${m.dtype}, budget ${bytes(r0.memoryBudget)}`);
   const rows = reports.map((r) => [
     r.layout.name,
     bytes(r.layout.bytesPerPageGroup),
@@ -178,10 +187,10 @@ function printComparison(reports: DemoReport[]): void {
   const head = ['layout', 'page group', 'tokens/group', 'backed', 'tokens', 'page rounding', 'rounding/request', 'spare groups', 'released slots', 'pooled', 'no-token share', 'steps', 'preemptions', 'serving-thread mapping ms'];
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ');
-  console.log(line(head));
-  console.log(widths.map((w) => '-'.repeat(w)).join('  '));
-  for (const r of rows) console.log(line(r));
-  console.log('(means over the steps. page rounding: the unfilled part of each running sequence\'s last page group; spare groups: whole groups mapped past a sequence\'s tokens (look-ahead, inherited from the slot); released slots: kept for the next sequence, reclaimable)');
+  print(line(head));
+  print(widths.map((w) => '-'.repeat(w)).join('  '));
+  for (const r of rows) print(line(r));
+  print('(means over the steps. page rounding: the unfilled part of each running sequence\'s last page group; spare groups: whole groups mapped past a sequence\'s tokens (look-ahead, inherited from the slot); released slots: kept for the next sequence, reclaimable)');
 }
 
 function printDemo(r: DemoReport): void {
@@ -191,7 +200,7 @@ function printDemo(r: DemoReport): void {
   if (r.backend === 'host')
     console.log('  (host backend: a quarter of the layers, a 1 GiB budget, mmap pages and a sleep for 1/10 of the GPU time, so preemptions, shares and the layouts\' ranking differ from a GPU run; the README\'s Performance section has the H100/H200 figures)');
   console.log(`  served ${r.served}/${r.requests} requests in ${r.steps} steps (${r.tokensGenerated} tokens generated, ${r.preemptions} preemptions, ${r.preemptionsAhead} of them ahead of need), ${r.wallSeconds.toFixed(2)} s`);
-  console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}`);
+  console.log(`  memory backed: peak ${bytes(r.peakBytesBacked)}, mean ${bytes(r.meanBytesBacked)}; holding tokens: mean ${bytes(r.meanBytesUsed)}${r.sharedPrefix || r.prefixCache ? ' (every sequence\'s tokens, a shared page counted in each sequence that reads it: it can exceed what is backed)' : ''}`);
   if (r.prefixCache)
     console.log(`  prefix cache: token hit rate ${(100 * r.prefixCacheHitRate).toFixed(1)}%, ${r.prefillTokensSkipped} of ${r.prefillTokens} prompt tokens found cached (no prefill)`);
   if (r.sharedPrefix > 0)
@@ -293,45 +302,42 @@ async function bench(values: Values): Promise<number> {
     traces.push(await runDemo({ layout, onProgress: (d) => bar.update(d) }));
     bar.end();
   }
-  const trace = traces[0]!;
+  // The default layout's run is the main one; the others are for comparison.
+  const main = traces.find((t) => t.layout.name === 'all-layers') ?? traces[0]!;
   writeFileSync(join(out, 'demo.json'), JSON.stringify(traces, null, 2));
+  const report = [''];
+  printComparison(traces, (line) => report.push(line));
+  appendFileSync(join(out, 'report.txt'), `${report.join('\n')}\n`);
+  const MiB = (b: number) => b / 2 ** 20;
+  const budget = { name: `budget ${bytes(main.memoryBudget)}`, y: MiB(main.memoryBudget) };
   writeFileSync(
     join(out, 'memory-by-layout.svg'),
     lineChart({
-      title: `Demo serving loop (${trace.backend}): memory backed by active sequences, per layout`,
+      title: `Demo serving loop (${main.backend}): memory backed by active sequences (solid) and holding tokens (dashed), per layout`,
       xLabel: 'step',
       yLabel: 'MiB',
-      series: [
-        ...traces.map((t) => ({ name: `backed, ${t.layout.name}`, points: t.trace.map((p) => [p.step, (p.bytesBacked - p.bytesInReleasedSlots) / 2 ** 20] as [number, number]) })),
-        { name: `holding tokens, ${trace.layout.name}`, points: trace.trace.map((p) => [p.step, p.bytesUsed / 2 ** 20] as [number, number]) },
-      ],
+      series: traces.flatMap((t, i) => [
+        { name: `backed, ${t.layout.name}`, color: i, points: t.trace.map((p) => [p.step, MiB(p.bytesBacked - p.bytesInReleasedSlots)] as [number, number]) },
+        { name: `holding tokens, ${t.layout.name}`, color: i, dashed: true, points: t.trace.map((p) => [p.step, MiB(p.bytesUsed)] as [number, number]) },
+      ]),
+      hLines: [budget],
     }),
   );
   writeFileSync(
     join(out, 'memory.svg'),
     lineChart({
-      title: `Demo serving loop (${trace.backend}, ${trace.layout.name}): where the backed memory is`,
+      title: `Demo serving loop (${main.backend}, ${main.layout.name}): where the backed memory is`,
       xLabel: 'step',
       yLabel: 'MiB',
       series: [
-        { name: 'holding tokens', points: trace.trace.map((p) => [p.step, p.bytesUsed / 2 ** 20]) },
-        { name: 'backed by active sequences', points: trace.trace.map((p) => [p.step, (p.bytesBacked - p.bytesInReleasedSlots) / 2 ** 20]) },
-        { name: 'kept by released slots', points: trace.trace.map((p) => [p.step, p.bytesInReleasedSlots / 2 ** 20]) },
+        { name: 'holding tokens', points: main.trace.map((p) => [p.step, MiB(p.bytesUsed)]) },
+        { name: 'backed by active sequences', points: main.trace.map((p) => [p.step, MiB(p.bytesBacked - p.bytesInReleasedSlots)]) },
+        { name: 'kept by released slots', points: main.trace.map((p) => [p.step, MiB(p.bytesInReleasedSlots)]) },
       ],
+      hLines: [budget],
     }),
   );
   // The timeline of the default layout's run: the serving thread's time in the library per step.
-  const main = traces.find((t) => t.layout.name === 'all-layers') ?? trace;
-  writeFileSync(
-    join(out, 'demo-timeline.svg'),
-    lineChart({
-      title: `Demo serving loop (${main.backend}, ${main.layout.name}): serving-thread time in the library per step`,
-      xLabel: 'step',
-      yLabel: 'µs (log)',
-      logY: true,
-      series: [{ name: 'library time per step (reserve, growAsync call, step, release)', points: main.trace.map((p) => [p.step, Math.max(0.1, p.libraryMicros)] as [number, number]) }],
-    }),
-  );
   const plots = ['memory.svg', 'memory-by-layout.svg', 'demo-timeline.svg'];
   const decodePath = join(out, 'decode.json');
   if (existsSync(decodePath)) {

@@ -2,6 +2,15 @@
 export interface ChartSeries {
   name: string;
   points: [number, number][];
+  /** Index into the palette (default: the series' own index), so that related series share a colour. */
+  color?: number;
+  dashed?: boolean;
+}
+
+/** A horizontal reference line (a budget, a ceiling). */
+export interface ChartLine {
+  name: string;
+  y: number;
 }
 
 export interface ChartOptions {
@@ -10,6 +19,7 @@ export interface ChartOptions {
   yLabel: string;
   series: ChartSeries[];
   logY?: boolean;
+  hLines?: ChartLine[];
   width?: number;
   height?: number;
 }
@@ -44,9 +54,12 @@ export function niceTicks(min: number, max: number, count = 5): number[] {
 
 export function lineChart(o: ChartOptions): string {
   const width = o.width ?? 900;
-  const height = o.height ?? 420;
-  const m = { left: 70, right: 20, top: 40, bottom: 50 };
-  const all = o.series.flatMap((s) => s.points);
+  const lines = o.hLines ?? [];
+  // The legend: one row per entry above the plot, so that no two names overlap.
+  const legendRows = o.series.length + lines.length;
+  const height = (o.height ?? 420) + 16 * legendRows;
+  const m = { left: 70, right: 20, top: 40 + 16 * legendRows, bottom: 50 };
+  const all = [...o.series.flatMap((s) => s.points), ...lines.map((l) => [0, l.y] as [number, number])];
   const ty = (y: number) => (o.logY ? Math.log10(Math.max(y, 1e-3)) : y);
   const xs = all.map((p) => p[0]);
   const ys = all.map((p) => ty(p[1]));
@@ -74,12 +87,22 @@ export function lineChart(o: ChartOptions): string {
   for (const x of xTicks) parts.push(`<text x="${px(x)}" y="${height - m.bottom + 18}" text-anchor="middle">${x}</text>`);
   parts.push(`<text x="${width / 2}" y="${height - 12}" text-anchor="middle">${esc(o.xLabel)}</text>`);
   parts.push(`<text x="16" y="${height / 2}" text-anchor="middle" transform="rotate(-90 16 ${height / 2})">${esc(o.yLabel)}</text>`);
+  const legend = (row: number, color: string, dash: string, name: string) => {
+    const y = 34 + 16 * row;
+    parts.push(`<line x1="${m.left + 10}" y1="${y}" x2="${m.left + 34}" y2="${y}" stroke="${color}" stroke-width="2"${dash}/>`);
+    parts.push(`<text x="${m.left + 40}" y="${y + 4}">${esc(name)}</text>`);
+  };
   o.series.forEach((s, i) => {
-    const color = COLORS[i % COLORS.length];
+    const color = COLORS[(s.color ?? i) % COLORS.length]!;
+    const dash = s.dashed ? ' stroke-dasharray="6 4"' : '';
     const d = s.points.map((p, k) => `${k ? 'L' : 'M'}${px(p[0]).toFixed(1)},${py(p[1]).toFixed(1)}`).join('');
-    parts.push(`<path d="${d}" fill="none" stroke="${color}" stroke-width="1.5"/>`);
-    parts.push(`<rect x="${m.left + 10 + i * 200}" y="${m.top - 2}" width="12" height="12" fill="${color}"/>`);
-    parts.push(`<text x="${m.left + 28 + i * 200}" y="${m.top + 8}">${esc(s.name)}</text>`);
+    parts.push(`<path d="${d}" fill="none" stroke="${color}" stroke-width="1.5"${dash}/>`);
+    legend(i, color, dash, s.name);
+  });
+  lines.forEach((l, i) => {
+    const y = py(l.y).toFixed(1);
+    parts.push(`<line x1="${m.left}" y1="${y}" x2="${width - m.right}" y2="${y}" stroke="black" stroke-dasharray="2 3"/>`);
+    legend(o.series.length + i, 'black', ' stroke-dasharray="2 3"', l.name);
   });
   parts.push('</svg>');
   return parts.join('\n');

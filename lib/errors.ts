@@ -18,6 +18,7 @@ export type ErrorCode =
   | 'ERR_ABORTED'
   | 'ERR_REENTRANT'
   | 'ERR_SUSPENDED'
+  | 'ERR_ADDON_LOAD'
   | 'ERR_INTERNAL';
 
 /** A wrong type for an option or argument. */
@@ -69,6 +70,18 @@ export class CudaUnavailableError extends VattentionError {
   constructor(message: string) {
     super('ERR_CUDA_UNAVAILABLE', message);
     this.name = 'CudaUnavailableError';
+  }
+}
+
+/**
+ * The native addon could not be loaded (thrown by the first call that needs
+ * it). The message names the reason and the command that fixes it.
+ */
+export class AddonLoadError extends VattentionError {
+  declare readonly code: 'ERR_ADDON_LOAD';
+  constructor(message: string) {
+    super('ERR_ADDON_LOAD', message);
+    this.name = 'AddonLoadError';
   }
 }
 
@@ -198,7 +211,7 @@ interface NativeErrorShape {
  * its ordinal as `device` (the message starts with "device N: ").
  */
 export function fromNative(error: unknown): unknown {
-  if (!(error instanceof Error)) return error;
+  if (!(error instanceof Error) || error instanceof AddonLoadError) return error;
   const converted = convert(error as NativeErrorShape);
   const device = (error as NativeErrorShape).device;
   if (typeof device === 'number' && converted instanceof Error) Object.assign(converted, { device });

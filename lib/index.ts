@@ -27,6 +27,7 @@ export {
   SuspendedError,
   ClosedError,
   CudaError,
+  AddonLoadError,
   CudaUnavailableError,
   ForeignSequenceError,
   InvalidArgumentRangeError,

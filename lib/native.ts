@@ -4,8 +4,12 @@
  */
 import type { CacheStats } from './stats.js';
 
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { AddonLoadError } from './errors.js';
+
 // eslint-disable-next-line @typescript-eslint/no-require-imports
-const bindingsWith = require('bindings') as (options: { bindings: string; try: string[][] }) => NativeAddon;
+const bindingsWith = require('bindings') as (options: { bindings: string; module_root: string; try: string[][] }) => NativeAddon;
 
 export interface NativeCacheOptions {
   layers: number;
@@ -123,36 +127,92 @@ function glibcVersion(): string | null {
   return report?.header?.glibcVersionRuntime ?? null;
 }
 
+/** `a` >= `b` for versions such as "2.28". */
+function atLeast(a: string, b: string): boolean {
+  const [x, y] = [a.split('.').map(Number), b.split('.').map(Number)];
+  for (let i = 0; i < Math.max(x.length, y.length); i++)
+    if ((x[i] ?? 0) !== (y[i] ?? 0)) return (x[i] ?? 0) > (y[i] ?? 0);
+  return true;
+}
+
+/** The package's folder: the nearest one above this file with the package's package.json (dist/cjs, or lib/ under vitest). */
+function findPackageRoot(): string {
+  for (let d = __dirname; ; d = dirname(d)) {
+    const manifest = join(d, 'package.json');
+    if (existsSync(manifest) && (JSON.parse(readFileSync(manifest, 'utf8')) as { name?: string }).name === 'vattention') return d;
+    if (dirname(d) === d) return join(__dirname, '..', '..');
+  }
+}
+const packageRoot = findPackageRoot();
+const FIX = 'Build it from source: `npm rebuild vattention --build-from-source` (needs a C++17 compiler, Python 3 and make; no CUDA toolkit).';
+
 /**
  * Where the addon may be, in order: a build from source (build/Release, made
  * by the install script where no prebuild fits, or by `npm rebuild`), then the
  * prebuild shipped in the package for this platform (made with prebuildify:
  * one Node-API binary serves every Node >= 20 and, since libcuda is loaded at
- * run time, every GPU). Found at run time, so `npm install --ignore-scripts`
- * works where a prebuild fits.
+ * run time, every GPU; it needs glibc >= package.json's `prebuildGlibcFloor`).
+ * Found at run time, so `npm install --ignore-scripts` works where a prebuild
+ * fits.
  */
 function loadAddon(): NativeAddon {
+  const built = loadBuilt();
+  if (built) return built;
+  const prebuild = join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`, 'vattention.glibc.node');
+  const glibc = glibcVersion();
+  const floor = prebuildGlibcFloor();
+  const platform = `${process.platform}-${process.arch}${glibc ? `, glibc ${glibc}` : ''}`;
+  if (!existsSync(prebuild) || process.platform !== 'linux' || glibc === null)
+    throw new AddonLoadError(`vattention: no prebuilt addon for this platform (${platform}) and none built from source. ${FIX}`);
+  if (floor && !atLeast(glibc, floor))
+    throw new AddonLoadError(`vattention: the prebuilt addon needs glibc >= ${floor}; this system has glibc ${glibc}. ${FIX}`);
+  return loadFile(prebuild, `the prebuilt addon for ${platform}`);
+}
+
+/** The build from source, if there is one (`bindings` looks where node-gyp and cmake-js put it). */
+function loadBuilt(): NativeAddon | undefined {
   const tries = [
     ['module_root', 'build', 'Release', 'bindings'],
     ['module_root', 'build', 'Debug', 'bindings'],
   ];
-  if (process.platform === 'linux' && glibcVersion() !== null)
-    tries.push(['module_root', 'prebuilds', `${process.platform}-${process.arch}`, 'vattention.glibc.node']);
   try {
-    return bindingsWith({ bindings: 'vattention.node', try: tries });
+    return bindingsWith({ bindings: 'vattention.node', module_root: packageRoot, try: tries });
   } catch (e) {
-    const libc = glibcVersion() ? `glibc ${glibcVersion()}` : 'not glibc';
-    throw new Error(
-      `vattention: no native addon for ${process.platform}-${process.arch} (${libc}). ` +
-        'Prebuilt binaries ship for linux-x64 with glibc; elsewhere the addon is compiled at install ' +
-        '(`npm rebuild vattention`; needs a C++17 compiler, Python 3 and make). ' +
-        (e as Error).message,
-    );
+    if (/Could not locate the bindings file/.test((e as Error).message)) return undefined;
+    throw new AddonLoadError(`vattention: the addon built from source (build/) did not load: ${(e as Error).message}. ${FIX}`);
+  }
+}
+
+function prebuildGlibcFloor(): string | undefined {
+  try {
+    return (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { prebuildGlibcFloor?: string }).prebuildGlibcFloor;
+  } catch {
+    return undefined;
+  }
+}
+
+function loadFile(file: string, what: string): NativeAddon {
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(file) as NativeAddon;
+  } catch (e) {
+    throw new AddonLoadError(`vattention: ${what} (${file}) did not load: ${(e as Error).message}. ${FIX}`);
   }
 }
 
 // VATTENTION_ADDON names another build of the addon (the sanitizer build of
-// `npm run test:sanitize`); normally `loadAddon` finds it.
-const override = process.env.VATTENTION_ADDON;
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-export const addon: NativeAddon = override ? (require(override) as NativeAddon) : loadAddon();
+// `npm run test:sanitize`); normally `loadAddon` finds it. Loaded on first
+// use, so that importing the package never throws (`npx vattention info`
+// reports a load failure); the first call that needs it throws
+// AddonLoadError instead.
+let loaded: NativeAddon | undefined;
+function theAddon(): NativeAddon {
+  if (!loaded) {
+    const override = process.env.VATTENTION_ADDON;
+    loaded = override ? loadFile(override, 'VATTENTION_ADDON') : loadAddon();
+  }
+  return loaded;
+}
+export const addon: NativeAddon = new Proxy({} as NativeAddon, {
+  get: (_target, key) => Reflect.get(theAddon(), key),
+});

@@ -7,6 +7,7 @@
  */
 import { fromNative } from './errors.js';
 import { addon, type FaultKind } from './native.js';
+export type { FaultKind } from './native.js';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 import { checkInteger, checkObject, describe } from './options.js';
 import type { TensorInfo } from './call-options.js';
@@ -83,7 +84,10 @@ export interface RawVmmTimes {
   releaseNs: number;
 }
 
-const native = (addon as unknown as { testing: NativeTesting }).testing;
+// Looked up on use: importing the module must not load the addon (lib/native.ts).
+const native = new Proxy({} as NativeTesting, {
+  get: (_target, key) => Reflect.get((addon as unknown as { testing: NativeTesting }).testing, key),
+});
 
 function call<T>(fn: () => T): T {
   try {

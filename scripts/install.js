@@ -16,9 +16,19 @@ const glibc = process.report && process.report.getReport().header.glibcVersionRu
 const prebuild = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'vattention.glibc.node');
 // A clone of the repository (binding.gyp beside a .git) builds from source: its developers change the C++.
 const isClone = existsSync(path.join(root, '.git'));
+// The prebuild needs this glibc or newer (docs/development.md, "The prebuilt binary").
+const floor = require(path.join(root, 'package.json')).prebuildGlibcFloor;
+const atLeast = (a, b) => {
+  const [x, y] = [a.split('.').map(Number), b.split('.').map(Number)];
+  for (let i = 0; i < Math.max(x.length, y.length); i++) if ((x[i] || 0) !== (y[i] || 0)) return (x[i] || 0) > (y[i] || 0);
+  return true;
+};
 if (!forced && !isClone && process.platform === 'linux' && glibc && existsSync(prebuild)) {
-  console.log(`vattention: using the prebuilt addon for ${process.platform}-${process.arch} (glibc ${glibc}); no compiler needed`);
-  process.exit(0);
+  if (!floor || atLeast(glibc, floor)) {
+    console.log(`vattention: using the prebuilt addon for ${process.platform}-${process.arch} (glibc ${glibc} >= ${floor}); no compiler needed`);
+    process.exit(0);
+  }
+  console.log(`vattention: the prebuilt addon needs glibc >= ${floor} and this system has ${glibc}: building from source`);
 }
 
 // npm hands lifecycle scripts its bundled node-gyp; fall back to ours, then PATH.

@@ -71,8 +71,12 @@ if (!(new CudaUnavailableError('x') instanceof Error)) throw new Error('classes'
 if (typeof liveResources().pages !== 'number') throw new Error('testing entry');
 console.log('esm typescript consumer: ok');
 TS
+# The README's quick start, pasted as it is.
+node -e "const r=require('fs').readFileSync('$root/README.md','utf8'); const q=r.slice(r.indexOf('## Quick start')); process.stdout.write(/\`\`\`ts\n([\s\S]*?)\`\`\`/.exec(q)[1])" > quick-start.ts
 "$root/node_modules/.bin/tsc" -p .
 node out/index.js
+[ "$(node out/quick-start.js)" = "$(printf '600 true\nrefused, nothing changed: 2 sequences')" ] || { echo "the README's quick start did not run as it says" >&2; exit 1; }
+echo "the README's quick start: ok"
 [ ! -e node_modules/vattention/build ] || { echo "the ESM consumer compiled although a prebuild fits" >&2; exit 1; }
 
 # Consumers that cannot compile: (1) no make, compiler or python on PATH and
@@ -102,4 +106,43 @@ npm init -y >/dev/null
 npm install --ignore-scripts --no-audit --no-fund "$tgz" >/dev/null
 [ ! -e node_modules/vattention/build ] || { echo "something was compiled" >&2; exit 1; }
 cp "$work/smoke.cjs" . && node smoke.cjs
+
+# The prebuild's glibc floor (package.json prebuildGlibcFloor): no symbol
+# version newer than it and no libstdc++ symbol at all (it is linked in).
+floor=$(node -p "require('$root/package.json').prebuildGlibcFloor")
+prebuilt=node_modules/vattention/prebuilds/linux-x64/vattention.glibc.node
+newest=$(objdump -T "$prebuilt" | grep -oE 'GLIBC_[0-9]+(\.[0-9]+)*' | sed 's/GLIBC_//' | sort -V | tail -1)
+[ "$(printf '%s\n%s\n' "$newest" "$floor" | sort -V | tail -1)" = "$floor" ] || { echo "the prebuild needs GLIBC_$newest, newer than its floor $floor" >&2; exit 1; }
+if objdump -T "$prebuilt" | grep -E 'GLIBCXX|CXXABI'; then echo "the prebuild needs the system's libstdc++ (above)" >&2; exit 1; fi
+echo "prebuild: newest glibc symbol $newest (floor $floor), no GLIBCXX"
+# Below the floor the loader says so and names the fix; install.js builds from source instead.
+cp -r "$work/noscripts" "$work/oldglibc" && cd "$work/oldglibc"
+node -e "const f='node_modules/vattention/package.json',p=require('./'+f);p.prebuildGlibcFloor='99.0';require('fs').writeFileSync(f,JSON.stringify(p))"
+node -e "try { new (require('vattention').KVCache)({ backend: 'host', layers: 1, kvHeads: 1, headDim: 64, dtype: 'float16', maxSequences: 1, maxTokens: 64 }); process.exit(1) } catch (e) { if (e.code !== 'ERR_ADDON_LOAD' || !/needs glibc >= 99.0/.test(e.message) || !/--build-from-source/.test(e.message)) throw e; }"
+out=$(cd node_modules/vattention && PATH="$fake:$PATH" CXX=false CC=false node scripts/install.js 2>&1) && { echo "install.js used the prebuild below its floor" >&2; exit 1; }
+echo "$out" | grep -q 'needs glibc >= 99.0 and this system has .*: building from source' || { echo "install.js: $out" >&2; exit 1; }
+echo "below the floor: the loader refuses with ERR_ADDON_LOAD, install.js builds from source"
+
+# An older userland: Debian 11 (glibc 2.31, libstdc++ of gcc 10), made with
+# debootstrap; Node's own binary runs there (it needs glibc 2.28). The
+# prebuild loads and works, and `vattention info` reports; the addon built
+# from source on this machine (the CJS consumer's) does not load there, which
+# shows the check can fail.
+if [ "$(id -u)" != 0 ] || ! command -v debootstrap >/dev/null; then
+  reason="needs root and debootstrap (apt-get install debootstrap)"
+  [ "${VATTENTION_REQUIRE_OLD_USERLAND:-}" != 1 ] || { echo "older userland: $reason" >&2; exit 1; }
+  echo "older userland: SKIPPED ($reason)"
+else
+  old=$work/bullseye
+  unset NODE_EXTRA_CA_CERTS  # a path of this machine's, absent there
+  debootstrap --variant=minbase bullseye "$old" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
+  cp "$(command -v node)" "$old/usr/local/bin/node"
+  cp -r "$work/noscripts" "$old/prebuilt" && cp -r "$work/cjs" "$old/fromsource"
+  chroot "$old" /usr/local/bin/node --version >/dev/null
+  echo "older userland: $(chroot "$old" ldd --version | head -1)"
+  chroot "$old" /bin/sh -c 'cd /prebuilt && node smoke.cjs && node node_modules/vattention/dist/cli/cli.js info >/dev/null'
+  chroot "$old" /bin/sh -c "cd /fromsource && node -e \"try { require('vattention').driverInfo(); process.exit(1) } catch (e) { if (e.code !== 'ERR_ADDON_LOAD' || !/GLIBC/.test(e.message)) throw e; console.log('  (the addon built on this machine does not load there: ' + /GLIBC[A-Z]*_[0-9.]+/.exec(e.message)[0] + ' not found)') }\""
+  report=$(chroot "$old" /bin/sh -c 'cd /fromsource && node node_modules/vattention/dist/cli/cli.js info' 2>&1) && { echo "vattention info exited 0 with no addon" >&2; exit 1; }
+  echo "$report" | grep -q 'native addon: did not load' || { echo "vattention info did not report the load failure: $report" >&2; exit 1; }
+fi
 echo "package: ok"

@@ -2,6 +2,8 @@
 // process's cgroup still allows, not half of the host's free RAM (past the
 // cgroup's limit the process is killed, not refused). A fake cgroup folder
 // (VATTENTION_CGROUP_ROOT) stands in for /sys/fs/cgroup, v2 and v1 layouts.
+// Caches alive in one process that take the default share it (one account
+// per device) instead of each counting the same memory.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -43,6 +45,57 @@ describe.skipIf(!built)(`the host default budget respects the cgroup's memory li
       writeFileSync(join(none, 'memory.max'), 'max\n');
       const unlimited = budgetIn(none);
       expect(unlimited).toBeGreaterThan(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+function runIn(cgroup: string, body: string): Record<string, unknown> {
+  const script = `const { KVCache } = require(${JSON.stringify(join(root, 'dist', 'cjs', 'index.js'))});
+    const shape = { backend: 'host', layers: 2, kvHeads: 2, headDim: 64, dtype: 'float16', maxSequences: 4, maxTokens: 4096, pageSize: 4096, prefetchTokens: 0 };
+    const code = (f) => { try { f(); return 'ok'; } catch (e) { return e.code; } };
+    const out = {};
+    ${body}
+    console.log(JSON.stringify(out));`;
+  const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', env: { ...process.env, VATTENTION_CGROUP_ROOT: cgroup } });
+  expect(r.status, r.stderr).toBe(0);
+  return JSON.parse(r.stdout.trim()) as Record<string, unknown>;
+}
+
+describe.skipIf(!built)(`caches in one process share the default budget${built ? '' : ' (skipped: dist/ not built)'}`, () => {
+  it('two caches with the default draw on one 8 MiB account; a cache with its own memoryBudget does not; a closed cache gives its share back', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vattention-cgroup-'));
+    try {
+      writeFileSync(join(dir, 'memory.max'), `${16 * MiB}\n`); // default: half of 16 MiB
+      writeFileSync(join(dir, 'memory.current'), '0\n');
+      // A sequence of 4096 tokens is 4 MiB (1 KiB a token over 2 layers, K and V).
+      const out = runIn(
+        dir,
+        `const a = new KVCache(shape), b = new KVCache(shape), own = new KVCache({ ...shape, memoryBudget: 4 << 20 });
+        out.budgets = [a.stats().budgetBytes, b.stats().budgetBytes, own.stats().budgetBytes];
+        const [a1, a2, a3] = [a.reserve(), a.reserve(), a.reserve()];
+        out.aFirstTwo = [code(() => a.grow(a1, 4096)), code(() => a.grow(a2, 4096))];
+        out.aThird = code(() => a.grow(a3, 1));
+        const b1 = b.reserve();
+        out.bWhileAHoldsAll = code(() => b.grow(b1, 1));
+        out.bTokens = b1.tokens;
+        out.own = code(() => own.grow(own.reserve(), 4096));
+        a.close();
+        out.bAfterAClosed = code(() => b.grow(b1, 8192 - 4096));
+        out.bSecond = code(() => b.grow(b.reserve(), 4096));
+        b.close(); own.close();`,
+      );
+      expect(out).toEqual({
+        budgets: [8 * MiB, 8 * MiB, 4 * MiB],
+        aFirstTwo: ['ok', 'ok'],
+        aThird: 'ERR_OUT_OF_MEMORY',
+        bWhileAHoldsAll: 'ERR_OUT_OF_MEMORY',
+        bTokens: 0,
+        own: 'ok',
+        bAfterAClosed: 'ok',
+        bSecond: 'ok',
+      });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -83,14 +83,14 @@ void KVCache::openShards(const CacheOptions& o) {
           fail(ErrorCode::InvalidArgument, "the devices' page sizes differ");
       }
       DeviceShard& sh = core_->shard(d);
-      uint64_t budget = o.memoryBudgets[d] ? o.memoryBudgets[d] : defaultBudget(sh.backend());
-      if (o.memoryBudgets[d] && budget < groupPages * description_.pageSize)
+      uint64_t budget = o.memoryBudgets[d];
+      if (budget && budget < groupPages * description_.pageSize)
         fail(ErrorCode::InvalidArgument, "options.memoryBudget: " + std::to_string(budget) +
                                              " bytes is less than one page group (" + std::to_string(groupPages) +
                                              " pages of " + std::to_string(description_.pageSize) +
                                              " bytes): no sequence could ever grow");
       // Host memory (swap, suspend with keep: 'host') is one budget for the cache, split evenly.
-      sh.open(budget, o.prefillBytes, o.hostMemoryBudget / n, o.hostMemoryPrefill / n);
+      sh.open(budgetAccount(sh, budget), o.prefillBytes, o.hostMemoryBudget / n, o.hostMemoryPrefill / n);
       description_.bases.push_back(sh.base());
     } catch (const Error& e) {
       Error named = core_->named(e, d);

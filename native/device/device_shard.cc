@@ -16,11 +16,19 @@ uint64_t defaultBudget(Backend& backend) {
   return m.freeBytes / 2;
 }
 
+std::shared_ptr<BudgetAccount> budgetAccount(DeviceShard& shard, uint64_t bytes) {
+  uint64_t pageSize = shard.backend().pageSize();
+  if (bytes) return std::make_shared<BudgetAccount>(bytes / pageSize);
+  std::string device = std::string(shard.backend().name()) + ":" + std::to_string(shard.ordinal());
+  return defaultBudgetAccount(device, [&] { return defaultBudget(shard.backend()) / pageSize; });
+}
+
 DeviceShard::DeviceShard(std::unique_ptr<Backend> backend, int ordinal, const KVLayout& layout)
     : backend_(std::move(backend)), ordinal_(ordinal), layout_(layout), slots_(layout.shape().maxSequences) {}
 
-void DeviceShard::open(uint64_t budgetBytes, uint64_t prefillBytes, uint64_t hostBudget, uint64_t hostPrefill) {
-  pool_ = std::make_unique<PagePool>(*backend_, budgetBytes);
+void DeviceShard::open(std::shared_ptr<BudgetAccount> budget, uint64_t prefillBytes, uint64_t hostBudget,
+                       uint64_t hostPrefill) {
+  pool_ = std::make_unique<PagePool>(*backend_, std::move(budget));
   base_ = backend_->reserveRange(layout_.rangeBytes());
   rangeBytes_ = layout_.rangeBytes();
   // Host blocks of a 16th of the budget, 4 KiB to 16 MiB: few page-lockings

@@ -53,7 +53,7 @@ class DeviceShard {
   // Creates the pool, reserves the range, prefills the pool and the host
   // memory. On failure gives back what it took (the backend stays, for
   // teardown or the destructor).
-  void open(uint64_t budgetBytes, uint64_t prefillBytes, uint64_t hostBudget, uint64_t hostPrefill);
+  void open(std::shared_ptr<BudgetAccount> budget, uint64_t prefillBytes, uint64_t hostBudget, uint64_t hostPrefill);
   // Reverse order of setup: fences drained, host memory, pages (unmapped,
   // destroyed), range, backend. Best effort: a failing step does not stop
   // the ones after it. Never throws.
@@ -125,7 +125,11 @@ class DeviceShard {
 };
 
 // Budget when none is given: cuda, the device's free memory less 5% of its
-// total; host, half of the free RAM.
+// total; host, half of the free RAM (or of the cgroup's limit).
 uint64_t defaultBudget(Backend& backend);
+// The account a shard's pool charges: a budget of its own (`bytes`), or with
+// 0 the default budget of its device, shared by every cache of the process
+// that took it (budget_account.h).
+std::shared_ptr<BudgetAccount> budgetAccount(DeviceShard& shard, uint64_t bytes);
 
 }  // namespace vat

@@ -6,11 +6,11 @@
 
 namespace vat {
 
-PagePool::PagePool(Backend& backend, uint64_t budgetBytes)
-    : backend_(backend), pageSize_(backend.pageSize()), budgetPages_(budgetBytes / backend.pageSize()) {}
+PagePool::PagePool(Backend& backend, std::shared_ptr<BudgetAccount> budget)
+    : backend_(backend), pageSize_(backend.pageSize()), budget_(std::move(budget)) {}
 
 PoolCounts PagePool::counts() const {
-  return {budgetPages_, created_.load(), idle_.size(), mapped_.load(), stranded_.size(), suspended_};
+  return {budgetPages(), created_.load(), idle_.size(), mapped_.load(), stranded_.size(), suspended_};
 }
 
 PageId PagePool::takeIdle() {
@@ -22,7 +22,7 @@ PageId PagePool::takeIdle() {
 
 PageId PagePool::create() {
   if (!reserveCreation()) {
-    Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages_) + " pages of " +
+    Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages()) + " pages of " +
                                         std::to_string(pageSize_) + " bytes)");
     e.requestedBytes = pageSize_;
     throw e;
@@ -38,7 +38,6 @@ PageId PagePool::create() {
 }
 
 bool PagePool::reserveCreation() {
-  if (headroom() == 0) return false;
   // The record is allocated now, so that adopt() cannot fail with a page
   // created and nowhere to keep it.
   // The idle and stranded lists get room for every record, so putting a
@@ -52,6 +51,7 @@ bool PagePool::reserveCreation() {
     pages_.push_back(std::make_unique<Page>());
     vacant_.push_back(static_cast<PageId>(records - 1));
   }
+  if (!budget_->tryCharge()) return false;  // (the vacant record stays for the next creation)
   ++pendingCreations_;
   return true;
 }
@@ -111,6 +111,7 @@ void PagePool::destroy(PageId id) {
   p = Page{};
   vacant_.push_back(id);
   --created_;
+  budget_->refund();
 }
 
 void PagePool::map(Page& p, Address at) {
@@ -286,6 +287,10 @@ void PagePool::teardown() {
   idle_.clear();
   stranded_.clear();
   sharedPages_ = extraMappings_ = suspended_ = 0;
+  // What is still charged (memory whose release failed, pending creations)
+  // goes back too: the pool is gone, and a shared account outlives it.
+  budget_->refund(created_.exchange(0) + pendingCreations_);
+  pendingCreations_ = 0;
 }
 
 }  // namespace vat

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "pool/budget_account.h"
 
 namespace vat {
 
@@ -65,14 +66,17 @@ struct PoolCounts {
 // without it: page records never move and the counters are atomic.
 class PagePool {
  public:
-  PagePool(Backend& backend, uint64_t budgetBytes);
+  // `budget`: the account its page creations are charged to (its own, or
+  // one shared with other caches: budget_account.h).
+  PagePool(Backend& backend, std::shared_ptr<BudgetAccount> budget);
   PagePool(const PagePool&) = delete;
   PagePool& operator=(const PagePool&) = delete;
 
   size_t pageSize() const { return pageSize_; }
-  uint64_t budgetPages() const { return budgetPages_; }
-  // Pages that can still be created without passing the budget.
-  uint64_t headroom() const { return budgetPages_ - created_ - pendingCreations_; }
+  uint64_t budgetPages() const { return budget_->limitPages(); }
+  // Pages that can still be created without passing the budget (less when
+  // other caches share it).
+  uint64_t headroom() const { return budget_->availablePages(); }
   uint64_t idleCount() const { return idle_.size(); }
   PoolCounts counts() const;
   // Sharing: pages mapped at more than one address, and the mappings beyond
@@ -152,7 +156,10 @@ class PagePool {
   // it (under the lock; never allocates, never throws) or cancel the
   // reservation.
   bool reserveCreation();
-  void cancelCreation() { --pendingCreations_; }
+  void cancelCreation() {
+    --pendingCreations_;
+    budget_->refund();
+  }
   PageId adopt(PageHandle handle);
 
   // Creates pages until `pages` are idle or created (bounded by the budget).
@@ -173,7 +180,7 @@ class PagePool {
 
   Backend& backend_;
   size_t pageSize_;
-  uint64_t budgetPages_;
+  std::shared_ptr<BudgetAccount> budget_;  // charged for each created or pending page
   std::atomic<uint64_t> created_{0};
   std::atomic<uint64_t> mapped_{0};
   uint64_t pendingCreations_ = 0;

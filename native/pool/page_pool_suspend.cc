@@ -44,6 +44,7 @@ void PagePool::suspendPage(PageId id) {
   p.state = PageState::Suspended;
   --mapped_;
   --created_;
+  budget_->refund();
   ++suspended_;
 }
 
@@ -87,16 +88,22 @@ bool PagePool::remapAll(PageHandle handle, const std::vector<Address>& all, size
 void PagePool::resumePage(PageId id) {
   Page& p = *pages_[id];
   if (p.state != PageState::Suspended) fail(ErrorCode::Internal, "only a suspended page can be resumed");
-  if (p.handle == 0 && headroom() == 0) {
-    Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages_) + " pages of " +
+  bool kept = p.handle != 0;  // a failed suspension kept the memory (suspendPage)
+  if (!kept && !budget_->tryCharge()) {
+    Error e(ErrorCode::OutOfMemory, "page pool budget reached (" + std::to_string(budgetPages()) + " pages of " +
                                         std::to_string(pageSize_) + " bytes)");
     e.requestedBytes = pageSize_;
     throw e;
   }
   std::vector<Address> all{p.address};
   all.insert(all.end(), p.sharedAt.begin(), p.sharedAt.end());
-  bool kept = p.handle != 0;  // a failed suspension kept the memory (suspendPage)
-  PageHandle handle = kept ? p.handle : backend_.createPage();
+  PageHandle handle = 0;
+  try {
+    handle = kept ? p.handle : backend_.createPage();
+  } catch (...) {
+    if (!kept) budget_->refund();
+    throw;
+  }
   size_t mapped = 0;
   try {
     for (; mapped < all.size(); ++mapped) {
@@ -119,9 +126,10 @@ void PagePool::resumePage(PageId id) {
     if (!kept) {
       try {
         backend_.releasePage(handle);
+        budget_->refund();
       } catch (...) {
         // the memory would be owned by nothing: kept in the record instead
-        // (the next resume maps it; close releases it)
+        // (the next resume maps it; close releases it), still charged
         p.handle = handle;
         ++created_;
       }
