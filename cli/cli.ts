@@ -338,6 +338,16 @@ async function bench(values: Values): Promise<number> {
     }),
   );
   // The timeline of the default layout's run: the serving thread's time in the library per step.
+  writeFileSync(
+    join(out, 'demo-timeline.svg'),
+    lineChart({
+      title: `Demo serving loop (${main.backend}, ${main.layout.name}): serving-thread time in the library per step`,
+      xLabel: 'step',
+      yLabel: 'µs (log)',
+      logY: true,
+      series: [{ name: 'library time per step (reserve, growAsync call, step, release)', points: main.trace.map((p) => [p.step, Math.max(0.1, p.libraryMicros)] as [number, number]) }],
+    }),
+  );
   const plots = ['memory.svg', 'memory-by-layout.svg', 'demo-timeline.svg'];
   const decodePath = join(out, 'decode.json');
   if (existsSync(decodePath)) {

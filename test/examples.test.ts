@@ -61,6 +61,10 @@ describe.skipIf(!built)(`examples and CLI${built ? '' : ' (skipped: dist/ not bu
       for (const f of ['report.txt', 'overhead.json', 'decode.json', 'demo.json', 'fragmentation.json', 'memory.svg', 'memory-by-layout.svg', 'demo-timeline.svg', 'decode-latency.svg']) expect(existsSync(join(out, f)), f).toBe(true);
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Memory a request holds past its tokens');
       expect(readFileSync(join(out, 'memory-by-layout.svg'), 'utf8')).toContain('all-layers');
+      // each layout's own tokens line, the budget line, and the demo's layout table in the report
+      expect(readFileSync(join(out, 'memory-by-layout.svg'), 'utf8').match(/holding tokens, /g)?.length).toBe(3);
+      expect(readFileSync(join(out, 'memory.svg'), 'utf8')).toMatch(/all-layers.*[\s\S]*budget /);
+      expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('The same trace');
       expect(readFileSync(join(out, 'report.txt'), 'utf8')).toContain('Decode loop');
       const svg = readFileSync(join(out, 'decode-latency.svg'), 'utf8');
       expect(svg).toMatch(/^<svg[^>]*xmlns="http:\/\/www.w3.org\/2000\/svg"/);
