@@ -294,7 +294,7 @@ for (const b of backends) {
       const r = runChild(['terminate-in-call', b.name, '24'], 60_000);
       expect(r.stderr).not.toMatch(/terminate called|Napi::Error|FATAL ERROR/);
       expect(r.signal).toBe(null);
-      expect(r.stdout).toMatch(/main thread ok \(24 workers terminated inside calls\)/);
+      expect(r.stdout, `status ${r.status}, stderr: ${r.stderr.slice(0, 4000)}`).toMatch(/main thread ok \(24 workers terminated inside calls\)/);
       expect(r.status).toBe(0);
     });
 
