@@ -20,6 +20,11 @@
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
       "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Wno-unused-parameter"],
       "libraries": ["-ldl"],
+      # Never unloaded: Node unloads an addon when the last worker thread
+      # that loaded it exits, but the addon keeps process-wide state (the
+      # driver library it opened, the shared default budgets, leaked
+      # singletons that threads still running may touch).
+      "ldflags": ["-Wl,-z,nodelete"],
       "conditions": [
         # The prebuilt binary (npm run prebuild): loads on glibc >= 2.28 with
         # any libstdc++ (docs/development.md, "The prebuilt binary").
