@@ -135,15 +135,22 @@ function atLeast(a: string, b: string): boolean {
   return true;
 }
 
-/** The package's folder: the nearest one above this file with the package's package.json (dist/cjs, or lib/ under vitest). */
-function findPackageRoot(): string {
-  for (let d = __dirname; ; d = dirname(d)) {
-    const manifest = join(d, 'package.json');
-    if (existsSync(manifest) && (JSON.parse(readFileSync(manifest, 'utf8')) as { name?: string }).name === 'vattention') return d;
-    if (dirname(d) === d) return join(__dirname, '..', '..');
-  }
+interface Manifest {
+  name?: string;
+  /** The oldest glibc the prebuilt binary loads on (docs/development.md). */
+  prebuildGlibcFloor?: string;
 }
-const packageRoot = findPackageRoot();
+
+/** The package's folder and manifest: the nearest folder above this file with the package's package.json (dist/cjs, or lib/ under vitest). */
+function findPackage(): { root: string; manifest: Manifest } {
+  for (let d = __dirname; dirname(d) !== d; d = dirname(d)) {
+    const file = join(d, 'package.json');
+    const manifest = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as Manifest) : undefined;
+    if (manifest?.name === 'vattention') return { root: d, manifest };
+  }
+  return { root: join(__dirname, '..', '..'), manifest: {} };
+}
+const { root: packageRoot, manifest } = findPackage();
 const FIX = 'Build it from source: `npm rebuild vattention --build-from-source` (needs a C++17 compiler, Python 3 and make; no CUDA toolkit).';
 
 /**
@@ -160,7 +167,7 @@ function loadAddon(): NativeAddon {
   if (built) return built;
   const prebuild = join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`, 'vattention.glibc.node');
   const glibc = glibcVersion();
-  const floor = prebuildGlibcFloor();
+  const floor = manifest.prebuildGlibcFloor;
   const platform = `${process.platform}-${process.arch}${glibc ? `, glibc ${glibc}` : ''}`;
   if (!existsSync(prebuild) || process.platform !== 'linux' || glibc === null)
     throw new AddonLoadError(`vattention: no prebuilt addon for this platform (${platform}) and none built from source. ${FIX}`);
@@ -180,14 +187,6 @@ function loadBuilt(): NativeAddon | undefined {
   } catch (e) {
     if (/Could not locate the bindings file/.test((e as Error).message)) return undefined;
     throw new AddonLoadError(`vattention: the addon built from source (build/) did not load: ${(e as Error).message}. ${FIX}`);
-  }
-}
-
-function prebuildGlibcFloor(): string | undefined {
-  try {
-    return (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { prebuildGlibcFloor?: string }).prebuildGlibcFloor;
-  } catch {
-    return undefined;
   }
 }
 

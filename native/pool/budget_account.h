@@ -21,7 +21,6 @@ class BudgetAccount {
   BudgetAccount& operator=(const BudgetAccount&) = delete;
 
   uint64_t limitPages() const { return limit_; }
-  uint64_t chargedPages() const { return charged_.load(); }
   uint64_t availablePages() const {
     uint64_t c = charged_.load();
     return c < limit_ ? limit_ - c : 0;
