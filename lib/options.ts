@@ -5,7 +5,7 @@
 import { totalmem } from 'node:os';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 
-export type DType = 'float16' | 'bfloat16' | 'float32' | 'int8' | 'float8';
+export type DType = 'float16' | 'bfloat16' | 'float32' | 'int8' | 'float8_e4m3';
 export type BackendChoice = 'cuda' | 'host' | 'auto';
 export type KVKind = 'k' | 'v';
 /**
@@ -24,7 +24,7 @@ export const DTYPE_BYTES: Readonly<Record<DType, number>> = Object.freeze({
   bfloat16: 2,
   float32: 4,
   int8: 1,
-  float8: 1,
+  float8_e4m3: 1,
 });
 
 export interface KVCacheOptions {
@@ -197,6 +197,13 @@ export function checkObject(name: string, value: unknown, optional: boolean, key
     for (const key of Object.keys(value))
       if (!keys.includes(key)) throw new InvalidArgumentRangeError(`${name}.${key}`, `is not a known option (known: ${keys.join(', ')})`);
   return value as Record<string, unknown>;
+}
+
+/** A device address: a positive bigint below 2^64. */
+export function checkAddress(name: string, value: unknown): bigint {
+  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 64n)
+    throw new InvalidArgumentTypeError(name, `must be a device address (bigint), got ${describe(value)}`);
+  return value;
 }
 
 export function describe(value: unknown): string {

@@ -9,7 +9,7 @@ import { fromNative } from './errors.js';
 import { addon, type FaultKind } from './native.js';
 export type { FaultKind } from './native.js';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
-import { checkInteger, checkObject, describe } from './options.js';
+import { checkAddress, checkInteger, checkObject, describe } from './options.js';
 import type { TensorInfo } from './call-options.js';
 
 interface NativeTesting {
@@ -53,7 +53,6 @@ interface NativeTesting {
   elapsedMilliseconds(device: number, start: bigint, end: bigint): number;
   destroyEvent(device: number, event: bigint): void;
   deviceProperties(device: number): DeviceProperties;
-  decodeAttention(device: number, call: Record<string, unknown>): AttentionPlan;
 }
 
 /** Device attributes the benchmarks need. */
@@ -65,12 +64,6 @@ export interface DeviceProperties {
   l2Bytes: number;
   /** PCI address, e.g. '0000:1b:00.0' (the sysfs name of the device's link). */
   pciBusId: string;
-}
-
-/** How a decodeAttention call split the KV length. */
-export interface AttentionPlan {
-  splits: number;
-  tokensPerSplit: number;
 }
 
 /** Whole-loop times (ns) of the raw driver calls over `pages` pages of `pageSize` bytes. */
@@ -346,12 +339,6 @@ export function writeRowsU32(
 
 // ---- device memory, copies, events ----------------------------------------
 
-function checkAddress(name: string, value: unknown): bigint {
-  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 64n)
-    throw new InvalidArgumentTypeError(name, `must be a device address (bigint), got ${describe(value)}`);
-  return value;
-}
-
 function checkView(name: string, value: unknown): ArrayBufferView {
   if (!ArrayBuffer.isView(value)) throw new InvalidArgumentTypeError(name, `must be a TypedArray or DataView, got ${describe(value)}`);
   if ((value.buffer as ArrayBuffer & { detached?: boolean }).detached === true) throw new InvalidArgumentTypeError(name, 'is detached');
@@ -418,102 +405,6 @@ export function deviceProperties(device = 0): DeviceProperties {
 export function peakBandwidth(device = 0): number {
   const p = deviceProperties(device);
   return 2 * p.memoryClockKHz * 1000 * (p.busWidthBits / 8);
-}
-
-// ---- decode attention --------------------------------------------------------
-
-/** Where a decode-attention call finds K and V: element strides, shared by K and V. */
-export interface KVStrides {
-  /** Strided mode: a sequence's (row's) stride. Paged mode: a block's. */
-  row: number;
-  /** A token's stride (within a block in paged mode). */
-  token: number;
-  /** A KV head's stride. */
-  head: number;
-}
-
-export interface DecodeAttentionArgs {
-  dtype: 'float16' | 'bfloat16';
-  batch: number;
-  /** Query heads; qHeads / kvHeads must be 1, 2, 4 or 8. */
-  qHeads: number;
-  kvHeads: number;
-  /** 64, 128 or 256. */
-  headDim: number;
-  /** [batch, qHeads, headDim] query, contiguous, in `dtype`. */
-  q: bigint;
-  /** [batch, qHeads, headDim] output, contiguous, in `dtype`. */
-  out: bigint;
-  /** int32[batch] device array: tokens of each entry. */
-  lengths: bigint;
-  /** At least every entry's length (plans the split of the KV length). */
-  maxLength: number;
-  /** K and V base addresses (16-byte aligned). */
-  k: bigint;
-  v: bigint;
-  strides: KVStrides;
-  /** Strided mode: int32[batch] device array, the row (cache slot) of each entry; default entry i is row i. */
-  rows?: bigint;
-  /** Paged mode (vLLM-style blocks): an int32 [batch, maxBlocksPerSequence] block table. */
-  paged?: { blockTable: bigint; maxBlocksPerSequence: number; blockSize: number };
-  /** Softmax scale; default 1 / sqrt(headDim). */
-  scale?: number;
-  /** Splits of the KV length; default planned from the device's multiprocessors. */
-  splits?: number;
-  stream?: bigint;
-  device?: number;
-}
-
-function checkStride(name: string, value: unknown): number {
-  return checkInteger(name, value, 0, Number.MAX_SAFE_INTEGER);
-}
-
-/**
- * Queues decode attention (one query token per entry, grouped-query) over
- * K/V at any strides (every layout of a cache; a plain [B, T, H, D] tensor)
- * or in paged blocks: out = softmax(q·Kᵀ × scale)·V per query head, fp32
- * accumulation, the KV length split over blocks (flash-decoding) plus a
- * reduce. The kernels are this package's own (native/kernels), loaded from
- * PTX on first use.
- */
-export function decodeAttention(args: DecodeAttentionArgs): AttentionPlan {
-  const a = checkObject('args', args, false) as unknown as DecodeAttentionArgs;
-  if (a.dtype !== 'float16' && a.dtype !== 'bfloat16')
-    throw new InvalidArgumentRangeError('args.dtype', `must be 'float16' or 'bfloat16', got ${describe(a.dtype)}`);
-  const strides = checkObject('args.strides', a.strides, false) as unknown as KVStrides;
-  const paged = a.paged === undefined ? undefined : (checkObject('args.paged', a.paged, false) as unknown as NonNullable<DecodeAttentionArgs['paged']>);
-  const call_ = {
-    dtype: a.dtype,
-    batch: checkInteger('args.batch', a.batch, 1, 65_535),
-    qHeads: checkInteger('args.qHeads', a.qHeads, 1, 65_535),
-    kvHeads: checkInteger('args.kvHeads', a.kvHeads, 1, 65_535),
-    headDim: checkInteger('args.headDim', a.headDim, 1, 65_535),
-    maxLength: checkInteger('args.maxLength', a.maxLength, 0, 0x7fff_ffff),
-    splits: a.splits === undefined ? 0 : checkInteger('args.splits', a.splits, 1, 65_535),
-    scale: a.scale === undefined ? 0 : a.scale,
-    stream: a.stream ?? 0n,
-    q: checkAddress('args.q', a.q),
-    k: checkAddress('args.k', a.k),
-    v: checkAddress('args.v', a.v),
-    out: checkAddress('args.out', a.out),
-    lengths: checkAddress('args.lengths', a.lengths),
-    rows: paged ? checkAddress('args.paged.blockTable', paged.blockTable) : a.rows === undefined ? 0n : checkAddress('args.rows', a.rows),
-    rowStride: checkStride('args.strides.row', strides.row),
-    tokenStride: checkStride('args.strides.token', strides.token),
-    headStride: checkStride('args.strides.head', strides.head),
-    paged: paged !== undefined,
-    maxBlocksPerSequence: paged ? checkInteger('args.paged.maxBlocksPerSequence', paged.maxBlocksPerSequence, 1, 0x7fff_ffff) : 0,
-    blockSize: paged ? checkInteger('args.paged.blockSize', paged.blockSize, 1, 0x7fff_ffff) : 0,
-  };
-  if (typeof call_.scale !== 'number' || !(call_.scale >= 0) || !Number.isFinite(call_.scale))
-    throw new InvalidArgumentRangeError('args.scale', `must be a positive number, got ${describe(a.scale)}`);
-  return call(() => native.decodeAttention(a.device ?? 0, call_));
-}
-
-/** K/V addresses and strides of one layer of a cache, for {@link decodeAttention} (rows: the slots). */
-export function cacheKV(k: TensorInfo, v: TensorInfo): { k: bigint; v: bigint; strides: KVStrides } {
-  if (k.strides.some((s, i) => s !== v.strides[i])) throw new InvalidArgumentRangeError('v', 'K and V must have the same strides');
-  return { k: k.address, v: v.address, strides: { row: k.strides[0], token: k.strides[1], head: k.strides[2] } };
 }
 
 // ---- 16-bit floats (Node has no Float16Array before 22) ---------------------

@@ -32,5 +32,6 @@ function esmWrapper(entry) {
 
 esmWrapper('index');
 esmWrapper('testing');
+esmWrapper('kernels');
 esmWrapper('prom-client');
 console.log('built dist/cjs and dist/esm');

@@ -6,6 +6,7 @@
 #include "backend/cuda_backend.h"
 #include "binding/js_values.h"
 #include "binding/native_cache.h"
+#include "binding/kernels_binding.h"
 #include "binding/test_hooks.h"
 #include "common/lifetime.h"
 #include "driver/cuda_driver.h"
@@ -50,6 +51,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   napi_add_env_cleanup_hook(env, closeAllInEnv, data);
   exports.Set("NativeCache", NativeCache::Define(env));
   exports.Set("driverInfo", Napi::Function::New<DriverInfo>(env, "driverInfo"));
+  addKernels(env, exports);
   addTestHooks(env, exports);
   return exports;
 }

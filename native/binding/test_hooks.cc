@@ -170,41 +170,6 @@ Napi::Value TestingDeviceProperties(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// decodeAttention(device, call): the TS layer (lib/testing.ts) validated and
-// flattened the arguments into one object of numbers and bigints.
-Napi::Value TestingDecodeAttention(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Napi::Object o = info[1].As<Napi::Object>();
-  kernels::DecodeAttentionCall c;
-  c.dtype = o.Get("dtype").As<Napi::String>().Utf8Value() == "bfloat16" ? kernels::KVDtype::BFloat16
-                                                                          : kernels::KVDtype::Float16;
-  c.addressing = o.Get("paged").ToBoolean() ? kernels::Addressing::Paged : kernels::Addressing::Strided;
-  c.batch = u32(o.Get("batch"));
-  c.qHeads = u32(o.Get("qHeads"));
-  c.kvHeads = u32(o.Get("kvHeads"));
-  c.headDim = u32(o.Get("headDim"));
-  c.maxLength = u32(o.Get("maxLength"));
-  c.splits = u32(o.Get("splits"));
-  c.scale = o.Get("scale").As<Napi::Number>().FloatValue();
-  c.stream = u64(o.Get("stream"));
-  c.q = u64(o.Get("q"));
-  c.k = u64(o.Get("k"));
-  c.v = u64(o.Get("v"));
-  c.out = u64(o.Get("out"));
-  c.lengths = u64(o.Get("lengths"));
-  c.rows = u64(o.Get("rows"));
-  c.rowStride = static_cast<int64_t>(u64(o.Get("rowStride")));
-  c.tokenStride = static_cast<int64_t>(u64(o.Get("tokenStride")));
-  c.headStride = static_cast<int64_t>(u64(o.Get("headStride")));
-  c.maxBlocksPerSequence = u32(o.Get("maxBlocksPerSequence"));
-  c.blockSize = u32(o.Get("blockSize"));
-  kernels::DecodeAttentionPlan plan = guarded(env, [&] { return testing::decodeAttention(dev(info), c); });
-  Napi::Object r = Napi::Object::New(env);
-  r.Set("splits", plan.splits);
-  r.Set("tokensPerSplit", plan.tokensPerSplit);
-  return r;
-}
-
 Napi::Value TestingCreateContext(const Napi::CallbackInfo& info) {
   return big(info.Env(), guarded(info.Env(), [&] { return testing::createContext(dev(info)); }));
 }
@@ -302,7 +267,6 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("elapsedMilliseconds", Napi::Function::New<TestingElapsedMilliseconds>(env));
   t.Set("destroyEvent", Napi::Function::New<TestingDestroyEvent>(env));
   t.Set("deviceProperties", Napi::Function::New<TestingDeviceProperties>(env));
-  t.Set("decodeAttention", Napi::Function::New<TestingDecodeAttention>(env));
   return t;
 }
 

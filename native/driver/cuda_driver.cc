@@ -71,7 +71,8 @@ bool resolveAll(void* lib, DriverApi& a, std::string* p) {
          VAT_RESOLVE(cuEventQuery) && VAT_RESOLVE(cuEventSynchronize) && VAT_RESOLVE(cuEventDestroy) && VAT_RESOLVE(cuEventElapsedTime) &&
          VAT_RESOLVE(cuStreamCreate) && VAT_RESOLVE(cuStreamDestroy) && VAT_RESOLVE(cuStreamSynchronize) &&
          VAT_RESOLVE(cuModuleLoadData) && VAT_RESOLVE(cuModuleUnload) && VAT_RESOLVE(cuModuleGetFunction) &&
-         VAT_RESOLVE(cuLaunchKernel);
+         VAT_RESOLVE(cuFuncSetAttribute) && VAT_RESOLVE(cuOccupancyMaxActiveBlocksPerMultiprocessor) &&
+         VAT_RESOLVE(cuStreamIsCapturing) && VAT_RESOLVE(cuLaunchKernel);
 #undef VAT_RESOLVE
 }
 

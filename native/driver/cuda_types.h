@@ -50,6 +50,8 @@ enum CUmemAccess_flags { CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 0x3 };
 enum CUmemAllocationGranularity_flags { CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0x0 };
 
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
+constexpr int CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
+constexpr int CU_STREAM_CAPTURE_STATUS_NONE = 0;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr uint64_t CU_GET_PROC_ADDRESS_DEFAULT = 0;
 constexpr int CU_GET_PROC_ADDRESS_SUCCESS = 0;

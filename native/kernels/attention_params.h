@@ -1,37 +1,114 @@
-// The one argument of the decode-attention kernels, shared by the CUDA source
-// (decode_attention.cu) and the host launcher (decode_attention.cc): plain
-// fixed-width fields only, so both compilers lay it out the same way.
+// The arguments of the attention kernels, shared by the CUDA sources
+// (decode_attention.cu) and the host launchers (decode_attention.cc,
+// append_kv.cc): plain fixed-width fields only, so both compilers lay them out
+// the same way; and the tiling of the decode kernel, which the host needs for
+// its shared-memory size and its plan.
 #pragma once
+
+#ifdef __CUDACC__
+#define VAT_HOST_DEVICE __host__ __device__
+#else
+#define VAT_HOST_DEVICE
+#endif
 
 namespace vat::kernels {
 
 struct AttentionParams {
-  unsigned long long q;              // [batch, qHeads, headDim], contiguous, K/V's dtype
+  unsigned long long q;              // [batch, qHeads, headDim], contiguous, in the query type
   unsigned long long k;              // K base address
   unsigned long long v;              // V base address (same strides as K)
-  unsigned long long out;            // [batch, qHeads, headDim], contiguous
+  unsigned long long out;            // [batch, qHeads, headDim], contiguous, in the query type
   unsigned long long partialAcc;     // float [batch, qHeads, splits, headDim] (splits > 1)
   unsigned long long partialMaxSum;  // float2 [batch, qHeads, splits]: running max (log2 units) and sum
   unsigned long long lengths;        // int32 [batch]: tokens of each entry
   // strided: int32 [batch], the row (cache slot) of each entry; 0 = entry i is row i.
   // paged: int32 [batch, maxBlocksPerSequence] block table.
   unsigned long long rows;
+  unsigned long long kScales;  // float [kvHeads] per-head dequantisation scales of K (fp8), 0 = none
+  unsigned long long vScales;  // the same for V
   // Element strides. strided: rowStride = a sequence's, tokenStride = a
   // token's. paged: rowStride = a block's, tokenStride = a token's in a block.
   long long rowStride;
   long long tokenStride;
   long long headStride;
+  int paged;
   int maxBlocksPerSequence;  // paged
   int blockSize;             // paged
   int qHeads;
   int kvHeads;
+  int group;        // qHeads / kvHeads
+  int queryChunks;  // blocks per KV head: ceil(group / the kernel's heads per block)
   int splits;
-  int tokensPerSplit;
-  float scaleLog2;  // softmax scale × log2(e): scores are taken in base 2
+  int window;       // attend the last `window` tokens only; 0 = all
+  float scale;      // softmax scale
+  float softcap;    // logits = softcap × tanh(logits / softcap); 0 = none
+  float kScale;     // per-tensor dequantisation scales (fp8; 1 otherwise)
+  float vScale;
+  int queryBf16;  // q and out: 1 = bf16, 0 = fp16
+};
+
+struct AppendParams {
+  unsigned long long kNew;       // [batch, newTokens, kvHeads, headDim], contiguous, in the query type
+  unsigned long long vNew;
+  unsigned long long k;          // cache bases, as in AttentionParams
+  unsigned long long v;
+  unsigned long long positions;  // int32 [batch]: where entry b's first new token goes
+  unsigned long long counts;     // int32 [batch]: new tokens of entry b (≤ newTokens); 0 = all newTokens
+  unsigned long long rows;       // as in AttentionParams
+  unsigned long long kScales;    // as in AttentionParams (the cache's dequantisation scales)
+  unsigned long long vScales;
+  long long rowStride;
+  long long tokenStride;
+  long long headStride;
+  long long chunks;  // batch × newTokens × kvHeads × headDim / 8
+  int paged;
+  int maxBlocksPerSequence;
+  int blockSize;
+  int newTokens;
+  int kvHeads;
+  int maxLength;  // no token is written at or past it
+  float kScale;
+  float vScale;
+  int queryBf16;  // kNew and vNew: 1 = bf16, 0 = fp16
   int pad;
 };
 
-// Threads per block of the partial kernel (4 warps).
+// Threads per block of the decode kernel (4 warps) and of the append kernel.
 constexpr int kAttentionThreads = 128;
+constexpr int kAttentionWarps = kAttentionThreads / 32;
+constexpr int kAppendThreads = 256;
+// Pipeline depth: stages of K/V tiles in flight per warp (cp.async groups).
+constexpr int kAttentionStages = 4;
+// Query heads one block computes: 1, 2, 4 or 8 (the kernel variants);
+// larger groups take several blocks per KV head.
+constexpr int kMaxHeadsPerBlock = 8;
+
+// How a warp of the decode kernel walks the cache for head dimension D and
+// elements of `elementBytes`: each lane holds 8 elements of a row, a row
+// takes `lanes` lanes (D / 8 rounded up to a power of two), a warp scores
+// `tokensAtOnce` tokens per pass and loads `warpTokens` per pipeline stage.
+struct Tiling {
+  int lanes, tokensAtOnce, unroll, warpTokens, blockTokens, rowBytes, stageBytes, pipelineBytes;
+};
+
+VAT_HOST_DEVICE constexpr Tiling tilingFor(int headDim, int elementBytes) {
+  const int used = headDim / 8;
+  const int lanes = used <= 8 ? 8 : used <= 16 ? 16 : 32;
+  const int tokensAtOnce = 32 / lanes;
+  const int unroll = elementBytes == 1 ? 8 : 4;
+  const int warpTokens = tokensAtOnce * unroll;
+  const int rowBytes = headDim * elementBytes;
+  const int stageBytes = warpTokens * rowBytes;  // of K (and again of V), one warp
+  return {lanes, tokensAtOnce, unroll, warpTokens, kAttentionWarps * warpTokens, rowBytes, stageBytes,
+          kAttentionWarps * kAttentionStages * 2 * stageBytes};
+}
+
+// Dynamic shared memory of the decode kernel: the pipeline's buffers, reused
+// at the end to merge the warps' states.
+VAT_HOST_DEVICE constexpr int attentionSharedBytes(int headDim, int elementBytes, int headsPerBlock) {
+  const int merge = kAttentionWarps * headsPerBlock * (headDim + 2) * 4;
+  const int pipeline = tilingFor(headDim, elementBytes).pipelineBytes;
+  return pipeline > merge ? pipeline : merge;
+}
 
 }  // namespace vat::kernels

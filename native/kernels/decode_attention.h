@@ -1,9 +1,9 @@
-// Host side of the decode-attention kernels (decode_attention.cu): checks the
-// arguments, plans the split of the KV length, loads the module for the
-// element type and head dimension (once per context), and launches the
-// partial kernel and, with more than one split, the reduce kernel. The
-// caller makes the device's context current. Used by `vattention/testing`
-// and the benchmarks; the cache itself never launches kernels.
+// Host side of the attention kernels (decode_attention.cu), the
+// `vattention/kernels` entry point: checks the arguments (every check before
+// any driver call), plans the split of the KV length from the live lengths,
+// loads the module for the cache's element type and head dimension (once per
+// context), and launches. The caller makes the device's context current
+// (useDevice). The cache itself never launches kernels.
 #pragma once
 
 #include <cstdint>
@@ -12,34 +12,83 @@
 
 namespace vat::kernels {
 
-enum class KVDtype { Float16, BFloat16 };
-enum class Addressing { Strided, Paged };
+enum class KVDtype { Float16, BFloat16, Float8E4M3 };
+enum class QueryDtype { Float16, BFloat16 };
+
+// Where K and V rows are; shared by decode and append.
+struct CacheAddressing {
+  bool paged = false;
+  uint64_t k = 0, v = 0;
+  uint64_t rows = 0;  // strided: int32 [batch] rows (0 = entry i is row i); paged: the block table
+  int64_t rowStride = 0, tokenStride = 0, headStride = 0;  // elements
+  uint32_t maxBlocksPerSequence = 0, blockSize = 0;        // paged
+  // fp8: dequantisation scales (stored × scale = value): per tensor, and
+  // optionally per KV head (float32 [kvHeads] device arrays, 0 = none).
+  float kScale = 1.f, vScale = 1.f;
+  uint64_t kScales = 0, vScales = 0;
+};
+
+// A device buffer the caller owns for the splits' partial results.
+struct Workspace {
+  uint64_t address = 0;
+  uint64_t bytes = 0;
+};
 
 struct DecodeAttentionCall {
   KVDtype dtype = KVDtype::Float16;
-  Addressing addressing = Addressing::Strided;
+  QueryDtype queryDtype = QueryDtype::Float16;
   uint32_t batch = 0, qHeads = 0, kvHeads = 0, headDim = 0;
-  uint32_t maxLength = 0;   // at least every entry's length
-  uint32_t splits = 0;      // 0 = planned from the device's multiprocessors
-  float scale = 0.f;        // 0 = 1 / sqrt(headDim)
+  uint32_t maxLength = 0;       // at least every entry's length
+  uint32_t longestLength = 0;   // the longest live length, for the plan (≤ maxLength)
+  uint32_t splits = 0;          // 0 = planned
+  uint32_t window = 0;          // 0 = attend every token
+  float scale = 0.f;            // 0 = 1 / sqrt(headDim)
+  float softcap = 0.f;          // 0 = none
   uint64_t stream = 0;
-  // Addresses and strides: AttentionParams's fields of the same names.
-  uint64_t q = 0, k = 0, v = 0, out = 0, lengths = 0, rows = 0;
-  int64_t rowStride = 0, tokenStride = 0, headStride = 0;
-  uint32_t maxBlocksPerSequence = 0, blockSize = 0;
+  uint64_t q = 0, out = 0, lengths = 0;
+  CacheAddressing cache;
+  Workspace workspace;  // address 0: the stream's own (grown on first need)
 };
 
 struct DecodeAttentionPlan {
   uint32_t splits = 0;
-  uint32_t tokensPerSplit = 0;
+  uint32_t tokensPerSplit = 0;   // of the longest entry
+  uint32_t headsPerBlock = 0;
+  uint64_t workspaceBytes = 0;
+};
+
+struct AppendKVCall {
+  KVDtype dtype = KVDtype::Float16;
+  QueryDtype queryDtype = QueryDtype::Float16;
+  uint32_t batch = 0, newTokens = 0, kvHeads = 0, headDim = 0;
+  uint32_t maxLength = 0;  // no token is written at or past it
+  uint64_t stream = 0;
+  uint64_t kNew = 0, vNew = 0, positions = 0, counts = 0;
+  CacheAddressing cache;
 };
 
 // Throws ERR_INVALID_ARGUMENT for arguments the kernels cannot take (head
-// dimension not 64/128/256, qHeads / kvHeads not 1, 2, 4 or 8, misaligned
-// addresses or strides), ERR_CUDA for a failed launch.
+// dimension outside the set, misaligned addresses or strides, a block table
+// shorter than maxLength, a workspace too small, ...) before any driver
+// call; ERR_INVALID_STATE when the stream's workspace must grow while the
+// stream is being captured; ERR_CUDA for a failed launch.
 DecodeAttentionPlan decodeAttention(const DecodeAttentionCall& call);
 
-// The plan decodeAttention would use, without launching.
-DecodeAttentionPlan planDecodeAttention(const DecodeAttentionCall& call, int multiprocessors);
+// The plan decodeAttention would use on the current device, without launching.
+DecodeAttentionPlan planDecodeAttention(const DecodeAttentionCall& call);
+
+// Checks a decode call as decodeAttention does, without the driver.
+void checkDecodeAttention(const DecodeAttentionCall& call);
+
+void appendKV(const AppendKVCall& call);
+void checkAppendKV(const AppendKVCall& call);
+
+// Makes the primary context of `device` current on this thread (retained
+// once for the process).
+void useDevice(int device);
+
+// Device buffers for caller-owned workspaces.
+uint64_t allocateWorkspace(uint64_t bytes);
+void freeWorkspace(uint64_t address);
 
 }  // namespace vat::kernels

@@ -272,11 +272,6 @@ DeviceProperties deviceProperties(int device) {
   return p;
 }
 
-kernels::DecodeAttentionPlan decodeAttention(int device, const kernels::DecodeAttentionCall& call) {
-  kernels(device);
-  return kernels::decodeAttention(call);
-}
-
 RawVmmTimes rawVmmLoop(int device, uint64_t pages) {
   kernels(device);
   const DriverApi& d = driver();
