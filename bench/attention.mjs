@@ -1,22 +1,24 @@
-// Decode attention over the cache against plain and paged memory (vAttention
-// paper, Figures 6-7; kvcached's layout measurements). One layer of a
-// Llama-3-8B-shaped model (32 query heads, 8 KV heads, 128 dims, fp16), one
-// query token per sequence, every sequence `context` tokens long. For each
-// batch × context, the same kernel (native/kernels/decode_attention.cu) reads
-// K and V from:
-//   (a) per-layer    a cuda cache, per-layer layout (the tensor of one layer)
-//   (b) cuMemAlloc   one plain [B, T, H, D] buffer for K and one for V
-//   (c) all-layers   a cuda cache, all 32 layers in one K and one V tensor
-//   (c') all-layers with 32 MiB pages (larger handles: a mitigation)
-//   (d) 4 groups     a cuda cache, { layerGroups: 4 } (8 layers per tensor)
-//   (e) paged        vLLM-style blocks of 16 tokens in cuMemAlloc memory, the
-//                    block table shuffled as an allocator leaves it
-// Time per call: median of --iters calls after warm-up, CUDA events around
-// each. Bandwidth: K and V bytes read / time; peak from the driver's memory
-// clock and bus width. A variant that does not fit in 60% of free memory is
-// skipped (the all-layers caches back every layer's memory).
+// Decode attention (vattention/kernels) over the cache against plain and paged
+// memory (vAttention paper, Figures 6-7). One layer of a Llama-3-8B-shaped
+// model (32 query heads, 8 KV heads, 128 dims), one query token per
+// sequence, every sequence `context` tokens long. For each batch × context
+// the kernel reads K and V from:
+//   (a) per-layer    a cuda cache, per-layer layout (the tensor of one layer), fp16
+//   (b) cuMemAlloc   one plain [B, T, H, D] buffer for K and one for V, fp16
+//   (c) all-layers   a cuda cache, all 32 layers in one K and one V tensor, fp16
+//   (e) paged 16     vLLM-style blocks of 16 tokens in cuMemAlloc memory, the
+//                    block table shuffled as an allocator leaves it, fp16
+//   (f) fp8          (a) with a float8_e4m3 cache (fp16 queries)
+// Time per call: median of --iters calls (≥ 20), CUDA events around each,
+// L2 flushed before each (a read of 2 × L2 of other memory). Bandwidth: K
+// and V bytes read / time, against the driver's peak (memory clock × bus
+// width) and against the streaming-read ceiling measured in the same run
+// (testing.streamRead over 1 GiB). A variant that does not fit in 60% of
+// free memory is skipped. Then two calls on two streams at once against the
+// same two on one stream, one after the other.
 //   node bench/attention.mjs [--batches 1,8,32,128] [--contexts 1024,4096,16384] [--iters 30]
 import { KVCache } from '../dist/esm/index.mjs';
+import * as kernels from '../dist/esm/kernels.mjs';
 import * as gpu from '../dist/esm/testing.mjs';
 import { cudaPresent, saveResult, summarize, table } from './common.mjs';
 
@@ -29,26 +31,25 @@ if (!cudaPresent()) {
 }
 const batches = (args.batches ?? '1,8,32,128').split(',').map(Number);
 const contexts = (args.contexts ?? '1024,4096,16384').split(',').map(Number);
-const iters = Number(args.iters ?? 30);
-const model = { layers: 32, qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'float16' };
+const iters = Math.max(20, Number(args.iters ?? 30));
+const model = { layers: 32, qHeads: 32, kvHeads: 8, headDim: 128 };
 const row = model.kvHeads * model.headDim; // elements of one token of one layer's K
-const rowBytes = row * 2;
 const peak = gpu.peakBandwidth();
 const props = gpu.deviceProperties();
 
 const variants = [
-  { id: 'a', name: 'per-layer', cache: { layers: 2, layout: 'per-layer' } },
-  { id: 'b', name: 'cuMemAlloc', plain: true },
-  { id: 'c', name: 'all-layers', cache: { layers: model.layers, layout: 'all-layers' } },
-  { id: "c'", name: 'all-layers 32 MiB pages', cache: { layers: model.layers, layout: 'all-layers', pageSize: 32 << 20 } },
-  { id: 'd', name: '4 layer groups', cache: { layers: model.layers, layout: { layerGroups: 4 } } },
-  { id: 'e', name: 'paged 16', paged: true },
+  { id: 'a', name: 'per-layer', cache: { layers: 2, layout: 'per-layer' }, dtype: 'float16' },
+  { id: 'b', name: 'cuMemAlloc', plain: true, dtype: 'float16' },
+  { id: 'c', name: 'all-layers', cache: { layers: model.layers, layout: 'all-layers' }, dtype: 'float16' },
+  { id: 'e', name: 'paged 16', paged: true, dtype: 'float16' },
+  { id: 'f', name: 'fp8 per-layer', cache: { layers: 2, layout: 'per-layer' }, dtype: 'float8_e4m3' },
 ];
+const bytesOf = (dtype) => (dtype === 'float8_e4m3' ? 1 : 2);
 
 /** Bytes of device memory a variant needs for B sequences of T tokens. */
 function footprint(v, B, T) {
   const layers = v.cache ? v.cache.layers : 1;
-  return 2 * B * T * rowBytes * layers;
+  return 2 * B * T * row * bytesOf(v.dtype) * layers;
 }
 
 const scratch = [];
@@ -63,16 +64,20 @@ function allocate(bytes) {
   scratch.push(at);
   return at;
 }
+function freeScratch() {
+  for (const at of scratch.splice(0)) gpu.free(at);
+}
 
 /** The K/V arguments of one variant; `close` frees what it made. */
 function setup(v, B, T) {
+  const rowBytes = row * bytesOf(v.dtype);
   if (v.cache) {
-    const cache = new KVCache({ backend: 'cuda', kvHeads: model.kvHeads, headDim: model.headDim, dtype: model.dtype, ...v.cache, maxSequences: B, maxTokens: T, prefetchTokens: 0 });
+    const cache = new KVCache({ backend: 'cuda', kvHeads: model.kvHeads, headDim: model.headDim, dtype: v.dtype, ...v.cache, maxSequences: B, maxTokens: T, prefetchTokens: 0 });
     const seqs = Array.from({ length: B }, () => cache.reserve());
     for (const s of seqs) cache.grow(s, T);
     const layer = v.cache.layers - 1;
     return {
-      kv: { ...gpu.cacheKV(cache.tensor(layer, 'k'), cache.tensor(layer, 'v')), rows: upload(Int32Array.from(seqs, (s) => s.slot)) },
+      kv: { ...kernels.cacheKV(cache.tensor(layer, 'k'), cache.tensor(layer, 'v')), rows: upload(Int32Array.from(seqs, (s) => s.slot)) },
       close: () => cache.close(),
     };
   }
@@ -90,34 +95,30 @@ function setup(v, B, T) {
   }
   const k = allocate(blocks * blockSize * rowBytes), vv = allocate(blocks * blockSize * rowBytes);
   return {
-    kv: {
-      k,
-      v: vv,
-      strides: { row: blockSize * row, token: row, head: model.headDim },
-      paged: { blockTable: upload(order), maxBlocksPerSequence: perSeq, blockSize },
-    },
+    kv: { k, v: vv, strides: { row: blockSize * row, token: row, head: model.headDim }, paged: { blockTable: upload(order), maxBlocksPerSequence: perSeq, blockSize } },
     close: () => {},
   };
 }
 
-function freeScratch() {
-  for (const at of scratch.splice(0)) gpu.free(at);
-}
+// L2 flush: reading this much other memory before each timed call leaves
+// none of the call's K/V in L2.
+const flushBytes = Math.max(2 * props.l2Bytes, 64 << 20);
+const flush = gpu.allocate(flushBytes);
 
-/** Median GPU time (ms) of one attention call, and its plan. */
-function time(call, stream) {
+/** Median GPU time (ms) of `launch`, L2 flushed before each call. */
+function medianMs(launch, stream) {
   const start = gpu.createEvent(), end = gpu.createEvent();
   try {
-    let plan;
-    for (let i = 0; i < 3; i++) plan = gpu.decodeAttention({ ...call, stream }); // warm-up (and JIT)
+    for (let i = 0; i < 3; i++) launch(); // warm-up (and JIT)
     const ms = [];
     for (let i = 0; i < iters; i++) {
+      gpu.streamRead(flush, flushBytes, { stream });
       gpu.recordEvent(start, stream);
-      gpu.decodeAttention({ ...call, stream });
+      launch();
       gpu.recordEvent(end, stream);
       ms.push(gpu.elapsedMilliseconds(start, end));
     }
-    return { ms: summarize(ms).p50, plan };
+    return summarize(ms).p50;
   } finally {
     gpu.destroyEvent(start);
     gpu.destroyEvent(end);
@@ -125,12 +126,41 @@ function time(call, stream) {
 }
 
 const stream = gpu.createStream();
+
+// The streaming-read ceiling: a plain read of 1 GiB, nothing else.
+const ceilingBytes = 1 << 30;
+const ceilingBuffer = gpu.allocate(ceilingBytes);
+const ceilingMs = medianMs(() => gpu.streamRead(ceilingBuffer, ceilingBytes, { stream }), stream);
+gpu.free(ceilingBuffer);
+const ceiling = ceilingBytes / (ceilingMs / 1e3);
+
+function callFor(v, B, T, kv) {
+  return {
+    dtype: v.dtype,
+    ...(v.dtype === 'float8_e4m3' ? { queryDtype: 'float16', kvScale: { k: 1, v: 1 } } : {}),
+    batch: B,
+    qHeads: model.qHeads,
+    kvHeads: model.kvHeads,
+    headDim: model.headDim,
+    q: allocate(B * model.qHeads * model.headDim * 2),
+    out: allocate(B * model.qHeads * model.headDim * 2),
+    lengths: upload(new Int32Array(B).fill(T)),
+    liveLengths: new Int32Array(B).fill(T),
+    maxLength: T,
+    stream,
+    ...kv,
+  };
+}
+
 const results = [];
-console.log(`decode attention, ${model.qHeads}/${model.kvHeads} heads × ${model.headDim}, fp16; device peak ${(peak / 1e12).toFixed(2)} TB/s, ${props.multiprocessors} SMs; median of ${iters}`);
+console.log(
+  `decode attention, ${model.qHeads}/${model.kvHeads} heads × ${model.headDim}; device peak ${(peak / 1e12).toFixed(2)} TB/s, ` +
+    `streaming-read ceiling ${(ceiling / 1e12).toFixed(2)} TB/s (${((ceiling / peak) * 100).toFixed(1)}% of peak), ${props.multiprocessors} SMs; median of ${iters}, L2 flushed`,
+);
 for (const B of batches) {
   for (const T of contexts) {
     const { freeBytes } = gpu.deviceMemory();
-    const r = { batch: B, context: T, tokens: B * T, bytes: 2 * B * T * rowBytes, us: {}, plan: null };
+    const r = { batch: B, context: T, tokens: B * T, us: {}, bytes: {}, plan: null };
     for (const v of variants) {
       if (footprint(v, B, T) > 0.6 * freeBytes) {
         r.us[v.id] = null;
@@ -138,11 +168,11 @@ for (const B of batches) {
       }
       const { kv, close } = setup(v, B, T);
       try {
-        const q = allocate(B * model.qHeads * model.headDim * 2), out = allocate(B * model.qHeads * model.headDim * 2);
-        const lengths = upload(new Int32Array(B).fill(T));
-        const t = time({ dtype: model.dtype, batch: B, qHeads: model.qHeads, kvHeads: model.kvHeads, headDim: model.headDim, q, out, lengths, maxLength: T, ...kv }, stream);
-        r.us[v.id] = t.ms * 1000;
-        r.plan ??= t.plan;
+        const call = callFor(v, B, T, kv);
+        const plan = kernels.planDecodeAttention(call);
+        r.us[v.id] = medianMs(() => kernels.decodeAttention(call), stream) * 1000;
+        r.bytes[v.id] = 2 * B * T * row * bytesOf(v.dtype);
+        if (v.id === 'a') r.plan = plan;
       } finally {
         close();
         freeScratch();
@@ -151,25 +181,76 @@ for (const B of batches) {
     results.push(r);
   }
 }
-gpu.destroyStream(stream);
 
 const us = (r, id) => (r.us[id] == null ? '—' : r.us[id].toFixed(1));
 const ratio = (r, a, b) => (r.us[a] == null || r.us[b] == null ? '—' : (r.us[a] / r.us[b]).toFixed(3));
-const share = (r, id) => (r.us[id] == null ? '—' : `${((r.bytes / (r.us[id] / 1e6) / peak) * 100).toFixed(0)}%`);
+const rate = (r, id) => r.bytes[id] / (r.us[id] / 1e6);
+const share = (r, id, of) => (r.us[id] == null ? '—' : `${((rate(r, id) / of) * 100).toFixed(0)}%`);
 console.log(
   table(results, [
     { title: 'B', value: (r) => r.batch },
     { title: 'context', value: (r) => r.context },
     ...variants.map((v) => ({ title: `(${v.id}) µs`, value: (r) => us(r, v.id) })),
-    { title: '(a)/(b)', value: (r) => ratio(r, 'a', 'b') },
-    { title: '(c)/(a)', value: (r) => ratio(r, 'c', 'a') },
-    { title: "(c')/(a)", value: (r) => ratio(r, "c'", 'a') },
-    { title: '(d)/(a)', value: (r) => ratio(r, 'd', 'a') },
+    { title: '(a) of peak', value: (r) => share(r, 'a', peak) },
+    { title: '(a) of ceiling', value: (r) => share(r, 'a', ceiling) },
+    { title: '(e) of peak', value: (r) => share(r, 'e', peak) },
+    { title: '(f) of peak', value: (r) => share(r, 'f', peak) },
     { title: '(e)/(a)', value: (r) => ratio(r, 'e', 'a') },
-    { title: '(a) of peak', value: (r) => share(r, 'a') },
-    { title: '(b) of peak', value: (r) => share(r, 'b') },
+    { title: '(c)/(a)', value: (r) => ratio(r, 'c', 'a') },
+    { title: '(a)/(f)', value: (r) => ratio(r, 'a', 'f') },
     { title: 'splits', value: (r) => r.plan?.splits ?? '—' },
   ]),
 );
 console.log(variants.map((v) => `(${v.id}) ${v.name}`).join('; '));
-saveResult('attention', { model, iters, peakBandwidth: peak, device: props, variants: variants.map(({ id, name }) => ({ id, name })), results });
+
+// Two calls on two streams at once against the same two on one stream.
+function twoStreams(B, T) {
+  const v = variants[1];
+  const other = gpu.createStream();
+  const made = [setup(v, B, T), setup(v, B, T)];
+  try {
+    const calls = made.map(({ kv }, i) => ({ ...callFor(v, B, T, kv), stream: i === 0 ? stream : other }));
+    for (const c of calls) gpu.fillU32(c.q, (B * model.qHeads * model.headDim) / 2, 7, { stream: c.stream });
+    const serialOut = calls.map(() => allocate(B * model.qHeads * model.headDim * 2));
+    const oneStream = medianMs(() => calls.forEach((c, i) => kernels.decodeAttention({ ...c, out: serialOut[i], stream })), stream);
+    gpu.synchronizeStream(stream);
+    const startA = gpu.createEvent(), endA = gpu.createEvent(), endB = gpu.createEvent();
+    const spans = [];
+    for (let i = 0; i < iters; i++) {
+      gpu.streamRead(flush, flushBytes, { stream });
+      gpu.synchronizeStream(stream);
+      gpu.recordEvent(startA, stream);
+      kernels.decodeAttention(calls[0]);
+      kernels.decodeAttention(calls[1]);
+      gpu.recordEvent(endA, stream);
+      gpu.recordEvent(endB, other);
+      gpu.synchronizeStream(other);
+      spans.push(Math.max(gpu.elapsedMilliseconds(startA, endA), gpu.elapsedMilliseconds(startA, endB)));
+    }
+    gpu.synchronizeStream(stream);
+    const same = calls.every((c, i) => {
+      const n = B * model.qHeads * model.headDim;
+      return Buffer.from(gpu.copyFromDevice(new Uint16Array(n), c.out).buffer).equals(Buffer.from(gpu.copyFromDevice(new Uint16Array(n), serialOut[i]).buffer));
+    });
+    for (const e of [startA, endA, endB]) gpu.destroyEvent(e);
+    return { batch: B, context: T, oneStreamUs: oneStream * 1000, twoStreamsUs: summarize(spans).p50 * 1000, sameOutputs: same };
+  } finally {
+    for (const m of made) m.close();
+    freeScratch();
+    gpu.destroyStream(other);
+  }
+}
+const concurrency = [twoStreams(8, 4096), twoStreams(1, 16384)];
+console.log(
+  table(concurrency, [
+    { title: 'B', value: (r) => r.batch },
+    { title: 'context', value: (r) => r.context },
+    { title: 'one stream, 2 calls µs', value: (r) => r.oneStreamUs.toFixed(1) },
+    { title: 'two streams at once µs', value: (r) => r.twoStreamsUs.toFixed(1) },
+    { title: 'ratio', value: (r) => (r.twoStreamsUs / r.oneStreamUs).toFixed(3) },
+    { title: 'same outputs', value: (r) => (r.sameOutputs ? 'yes' : 'NO') },
+  ]),
+);
+gpu.free(flush);
+gpu.destroyStream(stream);
+saveResult('attention', { model, iters, peakBandwidth: peak, streamingReadCeiling: ceiling, device: props, variants: variants.map(({ id, name }) => ({ id, name })), results, concurrency });

@@ -17,6 +17,7 @@ interface NativeTesting {
   fillU32(device: number, address: bigint, count: number, seed: number, stream: bigint): void;
   spinThenFillU32(device: number, address: bigint, count: number, value: number, nanos: number, stream: bigint): void;
   spinThenReadU32(device: number, address: bigint, count: number, nanos: number, stream: bigint): void;
+  streamRead(device: number, address: bigint, bytes: number, stream: bigint): void;
   writeTokens(
     device: number,
     base: bigint,
@@ -112,6 +113,15 @@ export function fillU32(address: bigint, count: number, seed: number, options: {
  * If the memory is unmapped before it reads, the stream faults
  * (CUDA_ERROR_ILLEGAL_ADDRESS at the next synchronisation).
  */
+/**
+ * Queues a plain read of `bytes` at `address` (16-byte aligned) as fast as
+ * the GPU can, nothing written: the streaming-read ceiling that bandwidth
+ * figures compare against (bench/attention.mjs).
+ */
+export function streamRead(address: bigint, bytes: number, options: { device?: number; stream?: bigint } = {}): void {
+  call(() => native.streamRead(options.device ?? 0, address, bytes, options.stream ?? 0n));
+}
+
 export function spinThenReadU32(address: bigint, count: number, nanoseconds: number, options: { device?: number; stream?: bigint } = {}): void {
   call(() => native.spinThenReadU32(options.device ?? 0, address, count, nanoseconds, options.stream ?? 0n));
 }
@@ -456,4 +466,33 @@ export function toBFloat16Bits(x: number): number {
 export function fromBFloat16Bits(h: number): number {
   u32[0] = h << 16;
   return f32[0]!;
+}
+
+// ---- fp8 e4m3 ("fn": no infinities, NaN = 0x7f, largest ±448) ---------------
+
+function roundHalfEven(x: number): number {
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** e4m3 bits of `x`, rounded to nearest even and saturated to ±448 (as CUDA's __NV_SATFINITE). */
+export function toFloat8E4M3Bits(x: number): number {
+  if (Number.isNaN(x)) return 0x7f;
+  const sign = x < 0 || Object.is(x, -0) ? 0x80 : 0;
+  const a = Math.abs(x);
+  if (a >= 448) return sign | 0x7e;
+  if (a < 2 ** -6) return sign | roundHalfEven(a * 2 ** 9); // subnormals; 8 is the smallest normal
+  let e = Math.floor(Math.log2(a));
+  if (2 ** e > a) e--;
+  else if (2 ** (e + 1) <= a) e++;
+  const bits = ((e + 7) << 3) + roundHalfEven((a / 2 ** e - 1) * 8); // a mantissa of 8 carries into the exponent
+  return sign | Math.min(bits, 0x7e);
+}
+
+export function fromFloat8E4M3Bits(b: number): number {
+  const sign = b & 0x80 ? -1 : 1;
+  const e = (b >>> 3) & 0xf, m = b & 7;
+  if (e === 0xf && m === 7) return NaN;
+  if (e === 0) return sign * m * 2 ** -9;
+  return sign * (1 + m / 8) * 2 ** (e - 7);
 }

@@ -1,63 +1,104 @@
-// Decode attention (native/kernels) over K/V written through the cache, on
-// every layout and in paged blocks holding the same data, against a CPU
-// reference; and a sequence released while the kernel still reads it.
+// vattention/kernels on the GPU: decode attention over K/V written through
+// the cache, on every layout and in paged blocks holding the same data,
+// against a CPU reference in float64 (every dtype, head dim and group ratio
+// of the supported set, window, soft-cap, fp8 scales, lengths 0, 1 and a page
+// group ± 1, ragged batches); appendKV for each cache type and addressing;
+// concurrent calls on several streams; a sequence released while the kernel
+// still reads it. The argument checks that need no GPU are in kernels.test.ts.
 import { afterAll, describe, expect, it } from 'vitest';
 import { KVCache, type Sequence } from '../lib/index.js';
+import * as kernels from '../lib/kernels.js';
 import * as gpu from '../lib/testing.js';
 import { cudaSkip, layouts } from './backends.js';
 
-type Dtype = 'float16' | 'bfloat16';
-const toBits = (dtype: Dtype) => (dtype === 'float16' ? gpu.toFloat16Bits : gpu.toBFloat16Bits);
-const fromBits = (dtype: Dtype) => (dtype === 'float16' ? gpu.fromFloat16Bits : gpu.fromBFloat16Bits);
+type KVDtype = kernels.KVDtype;
+type QueryDtype = kernels.QueryDtype;
+type Stored = Uint16Array | Uint8Array;
 
-/** Deterministic values in (-1, 1), stored as 16-bit floats. */
-function randomHalves(count: number, seed: number, dtype: Dtype): Uint16Array {
-  const out = new Uint16Array(count);
+const encoders: Record<KVDtype, (x: number) => number> = {
+  float16: gpu.toFloat16Bits,
+  bfloat16: gpu.toBFloat16Bits,
+  float8_e4m3: gpu.toFloat8E4M3Bits,
+};
+const decoders: Record<KVDtype, (b: number) => number> = {
+  float16: gpu.fromFloat16Bits,
+  bfloat16: gpu.fromBFloat16Bits,
+  float8_e4m3: gpu.fromFloat8E4M3Bits,
+};
+
+function storage(dtype: KVDtype, count: number): Stored {
+  return dtype === 'float8_e4m3' ? new Uint8Array(count) : new Uint16Array(count);
+}
+
+/** Deterministic values in (-range, range) stored in `dtype`. */
+function randomValues(count: number, seed: number, dtype: KVDtype, range = 1): Stored {
+  const out = storage(dtype, count);
   let x = (seed * 2654435761) >>> 0 || 1;
-  const bits = toBits(dtype);
+  const encode = encoders[dtype];
   for (let i = 0; i < count; i++) {
     x ^= x << 13;
     x >>>= 0;
     x ^= x >>> 17;
     x ^= x << 5;
     x >>>= 0;
-    out[i] = bits((x / 2 ** 32) * 2 - 1);
+    out[i] = encode(((x / 2 ** 32) * 2 - 1) * range);
   }
   return out;
 }
 
 interface Shape {
-  dtype: Dtype;
+  dtype: KVDtype;
+  queryDtype: QueryDtype;
   qHeads: number;
   kvHeads: number;
   headDim: number;
+  window?: number;
+  softcap?: number;
+  /** fp8: per-tensor scales, and per-head ones (multiplied) when perHead. */
+  kvScale?: { k: number; v: number; perHead?: boolean };
+}
+
+/** Per-head dequantisation scales of a shape: [k, v] per KV head. */
+function headScales(s: Shape): { k: Float32Array; v: Float32Array } | null {
+  if (!s.kvScale?.perHead) return null;
+  return {
+    k: Float32Array.from({ length: s.kvHeads }, (_, h) => 0.5 + h / s.kvHeads),
+    v: Float32Array.from({ length: s.kvHeads }, (_, h) => 1.5 - h / (2 * s.kvHeads)),
+  };
 }
 
 /** softmax(q·Kᵀ/√D)·V per query head, in float64 over the stored values. kv[b]: [len, kvHeads, headDim]. */
-function reference(s: Shape, q: Uint16Array, k: Uint16Array[], v: Uint16Array[], lengths: number[]): Float64Array {
-  const f = fromBits(s.dtype), D = s.headDim, G = s.qHeads / s.kvHeads, scale = 1 / Math.sqrt(D);
+function reference(s: Shape, q: Uint16Array, k: Stored[], v: Stored[], lengths: number[]): Float64Array {
+  const f = decoders[s.dtype], fq = decoders[s.queryDtype];
+  const D = s.headDim, G = s.qHeads / s.kvHeads, scale = 1 / Math.sqrt(D);
+  const perHead = headScales(s);
   const out = new Float64Array(lengths.length * s.qHeads * D);
   for (let b = 0; b < lengths.length; b++) {
     const kf = Float64Array.from(k[b]!, f), vf = Float64Array.from(v[b]!, f);
+    const len = lengths[b]!, first = s.window ? Math.max(0, len - s.window) : 0;
     for (let h = 0; h < s.qHeads; h++) {
-      const kvh = Math.floor(h / G), len = lengths[b]!;
+      const kvh = Math.floor(h / G);
       if (len === 0) continue;
-      const qh = Array.from(q.subarray((b * s.qHeads + h) * D, (b * s.qHeads + h + 1) * D), f);
+      const ks = (s.kvScale?.k ?? 1) * (perHead ? perHead.k[kvh]! : 1);
+      const vs = (s.kvScale?.v ?? 1) * (perHead ? perHead.v[kvh]! : 1);
+      const qh = Array.from(q.subarray((b * s.qHeads + h) * D, (b * s.qHeads + h + 1) * D), fq);
       const scores = new Float64Array(len);
       let max = -Infinity;
-      for (let t = 0; t < len; t++) {
+      for (let t = first; t < len; t++) {
         let dot = 0;
         const at = (t * s.kvHeads + kvh) * D;
-        for (let d = 0; d < D; d++) dot += qh[d]! * kf[at + d]!;
-        scores[t] = dot * scale;
-        max = Math.max(max, scores[t]!);
+        for (let d = 0; d < D; d++) dot += qh[d]! * kf[at + d]! * ks;
+        let logit = dot * scale;
+        if (s.softcap) logit = s.softcap * Math.tanh(logit / s.softcap);
+        scores[t] = logit;
+        max = Math.max(max, logit);
       }
       let sum = 0;
-      for (let t = 0; t < len; t++) sum += scores[t] = Math.exp(scores[t]! - max);
+      for (let t = first; t < len; t++) sum += scores[t] = Math.exp(scores[t]! - max);
       const o = (b * s.qHeads + h) * D;
-      for (let t = 0; t < len; t++) {
+      for (let t = first; t < len; t++) {
         const at = (t * s.kvHeads + kvh) * D, w = scores[t]! / sum;
-        for (let d = 0; d < D; d++) out[o + d] += w * vf[at + d]!;
+        for (let d = 0; d < D; d++) out[o + d] += w * vf[at + d]! * vs;
       }
     }
   }
@@ -65,8 +106,8 @@ function reference(s: Shape, q: Uint16Array, k: Uint16Array[], v: Uint16Array[],
 }
 
 /** The largest error beyond tolerance (≤ 0 when every element is within it). */
-function worstExcess(dtype: Dtype, got: Uint16Array, want: Float64Array): number {
-  const f = fromBits(dtype);
+function worstExcess(dtype: QueryDtype, got: Uint16Array, want: Float64Array): number {
+  const f = decoders[dtype];
   const [abs, rel] = dtype === 'float16' ? [2e-3, 1e-2] : [1e-2, 2e-2];
   let worst = -Infinity;
   for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(f(got[i]!) - want[i]!) - (abs + rel * Math.abs(want[i]!)));
@@ -82,21 +123,34 @@ function upload(data: ArrayBufferView): bigint {
   return at;
 }
 
-/** K and V of every entry in vLLM-style blocks of 16, blocks shuffled across the pool. */
-function pagedCopy(s: Shape, k: Uint16Array[], v: Uint16Array[], lengths: number[], seed: number) {
-  const blockSize = 16, row = s.kvHeads * s.headDim;
-  const blocksOf = lengths.map((n) => Math.ceil(n / blockSize));
-  const total = blocksOf.reduce((a, b) => a + b, 0) || 1;
-  const order = Array.from({ length: total }, (_, i) => i);
+/** The kvScale argument of a shape (device arrays uploaded). */
+function kvScaleArg(s: Shape): kernels.KVScale | undefined {
+  if (!s.kvScale) return undefined;
+  const perHead = headScales(s);
+  return { k: s.kvScale.k, v: s.kvScale.v, ...(perHead ? { kPerHead: upload(perHead.k), vPerHead: upload(perHead.v) } : {}) };
+}
+
+/** A shuffled order of `n` items (a pool after an allocator's churn). */
+function shuffled(n: number, seed: number): number[] {
+  const order = Array.from({ length: n }, (_, i) => i);
   let x = seed >>> 0 || 1;
   for (let i = order.length - 1; i > 0; i--) {
     x = (Math.imul(x, 1103515245) + 12345) >>> 0;
     const j = x % (i + 1);
     [order[i], order[j]] = [order[j]!, order[i]!];
   }
-  const maxBlocks = Math.max(1, ...blocksOf);
+  return order;
+}
+
+/** K and V of every entry in vLLM-style blocks of 16, blocks shuffled across the pool. */
+function pagedCopy(s: Shape, k: Stored[], v: Stored[], lengths: number[], seed: number, maxLength: number) {
+  const blockSize = 16, row = s.kvHeads * s.headDim;
+  const blocksOf = lengths.map((n) => Math.ceil(n / blockSize));
+  const total = blocksOf.reduce((a, b) => a + b, 0) || 1;
+  const order = shuffled(total, seed);
+  const maxBlocks = Math.max(1, Math.ceil(maxLength / blockSize));
   const table = new Int32Array(lengths.length * maxBlocks);
-  const kPool = new Uint16Array(total * blockSize * row), vPool = new Uint16Array(total * blockSize * row);
+  const kPool = storage(s.dtype, total * blockSize * row), vPool = storage(s.dtype, total * blockSize * row);
   let next = 0;
   lengths.forEach((n, b) => {
     for (let i = 0; i < blocksOf[b]!; i++) {
@@ -115,68 +169,264 @@ function pagedCopy(s: Shape, k: Uint16Array[], v: Uint16Array[], lengths: number
   };
 }
 
-describe.skipIf(cudaSkip !== null)(`decode attention on the GPU${cudaSkip ? ` (skipped: ${cudaSkip})` : ''}`, () => {
+const tag = (s: Shape, lengths: number[]) =>
+  `${s.dtype}${s.dtype === 'float8_e4m3' ? ` (q ${s.queryDtype}${s.kvScale?.perHead ? ', per-head scales' : ''})` : ''}, ${s.qHeads}/${s.kvHeads} heads × ${s.headDim}` +
+  `${s.window ? `, window ${s.window}` : ''}${s.softcap ? `, soft-cap ${s.softcap}` : ''}, lengths ${lengths.join(' ')}`;
+
+describe.skipIf(cudaSkip !== null)(`attention kernels on the GPU${cudaSkip ? ` (skipped: ${cudaSkip})` : ''}`, () => {
   afterAll(() => {
     for (const b of buffers.splice(0)) gpu.free(b);
   });
 
   // 4 layers; per-layer rows of 8 KV heads × 128 fp16 = 2 KiB: 1024 tokens a
   // page per-layer, 256 with all layers in one tensor: lengths around both.
+  const f16 = { dtype: 'float16', queryDtype: 'float16' } as const;
+  const bf16 = { dtype: 'bfloat16', queryDtype: 'bfloat16' } as const;
   const cases: { shape: Shape; lengths: number[] }[] = [
-    { shape: { dtype: 'float16', qHeads: 32, kvHeads: 8, headDim: 128 }, lengths: [1, 255, 257, 1023, 1025, 3000] },
-    { shape: { dtype: 'bfloat16', qHeads: 32, kvHeads: 8, headDim: 128 }, lengths: [1024, 17, 2049] },
-    { shape: { dtype: 'float16', qHeads: 8, kvHeads: 8, headDim: 64 }, lengths: [4095, 4097] },
-    { shape: { dtype: 'float16', qHeads: 16, kvHeads: 2, headDim: 256 }, lengths: [0, 600, 1] },
+    { shape: { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 }, lengths: [1, 255, 257, 1023, 1025, 3000] },
+    { shape: { ...bf16, qHeads: 28, kvHeads: 4, headDim: 128 }, lengths: [1024, 17, 2049] },
+    { shape: { ...f16, qHeads: 8, kvHeads: 8, headDim: 64 }, lengths: [4095, 4097] },
+    { shape: { ...f16, qHeads: 16, kvHeads: 1, headDim: 256 }, lengths: [0, 600, 1] },
+    { shape: { ...bf16, qHeads: 10, kvHeads: 2, headDim: 80 }, lengths: [333, 1, 2048] },
+    { shape: { ...f16, qHeads: 16, kvHeads: 4, headDim: 96 }, lengths: [500, 129] },
+    { shape: { ...bf16, qHeads: 32, kvHeads: 2, headDim: 192 }, lengths: [200, 64, 0] },
+    { shape: { ...f16, qHeads: 32, kvHeads: 8, headDim: 128, window: 512, softcap: 30 }, lengths: [3000, 10, 1025] },
+    { shape: { ...bf16, qHeads: 8, kvHeads: 1, headDim: 64, softcap: 5 }, lengths: [1500, 2] },
+    { shape: { dtype: 'float8_e4m3', queryDtype: 'float16', qHeads: 32, kvHeads: 8, headDim: 128, kvScale: { k: 0.05, v: 0.03 } }, lengths: [1000, 1, 2050] },
+    { shape: { dtype: 'float8_e4m3', queryDtype: 'bfloat16', qHeads: 12, kvHeads: 2, headDim: 256, kvScale: { k: 0.02, v: 0.1, perHead: true } }, lengths: [300, 4097] },
+    { shape: { dtype: 'float8_e4m3', queryDtype: 'float16', qHeads: 4, kvHeads: 4, headDim: 80, kvScale: { k: 0.5, v: 0.25 }, window: 100 }, lengths: [1, 700] },
   ];
 
   for (const { shape: s, lengths } of cases) {
-    const tag = `${s.dtype}, ${s.qHeads}/${s.kvHeads} heads × ${s.headDim}, lengths ${lengths.join(' ')}`;
+    const batch = lengths.length, maxLength = Math.max(...lengths), row = s.kvHeads * s.headDim;
+    const range = s.dtype === 'float8_e4m3' ? 20 : 1; // fp8 stores value / scale: use its range
+    const k = lengths.map((n, b) => randomValues(n * row, 100 + b, s.dtype, range));
+    const v = lengths.map((n, b) => randomValues(n * row, 200 + b, s.dtype, range));
+    const q = randomValues(batch * s.qHeads * s.headDim, 7, s.queryDtype) as Uint16Array;
+    let want: Float64Array | undefined;
+    const expected = () => (want ??= reference(s, q, k, v, lengths));
+    const args = (out: bigint) => ({
+      dtype: s.dtype,
+      queryDtype: s.queryDtype,
+      batch,
+      qHeads: s.qHeads,
+      kvHeads: s.kvHeads,
+      headDim: s.headDim,
+      q: upload(q),
+      out,
+      lengths: upload(Int32Array.from(lengths)),
+      maxLength,
+      ...(s.window ? { window: s.window } : {}),
+      ...(s.softcap ? { softcap: s.softcap } : {}),
+      ...(s.kvScale ? { kvScale: kvScaleArg(s) } : {}),
+    });
+    const result = (out: bigint) => gpu.copyFromDevice(new Uint16Array(q.length), out);
+
     for (const { name, layout } of layouts) {
-      it(`matches the CPU reference on the ${name} layout and in paged blocks over the same data (${tag})`, () => {
-        const layers = 4, layer = 2, batch = lengths.length;
+      it(`matches the CPU reference on the ${name} layout, with any split (${tag(s, lengths)})`, () => {
+        const layers = 4, layer = 2;
         using c = new KVCache({ backend: 'cuda', layers, kvHeads: s.kvHeads, headDim: s.headDim, dtype: s.dtype, maxSequences: batch + 2, maxTokens: 4200, layout, prefetchTokens: 0 });
         // a released sequence first, so entries do not sit in slots 0..batch-1
         c.release(c.reserve());
         const seqs: Sequence[] = [];
-        const k: Uint16Array[] = [], v: Uint16Array[] = [];
         lengths.forEach((n, b) => {
           const seq = c.reserve();
           seqs.push(seq);
           c.grow(seq, n);
-          k.push(randomHalves(n * s.kvHeads * s.headDim, 100 + b, s.dtype));
-          v.push(randomHalves(n * s.kvHeads * s.headDim, 200 + b, s.dtype));
           for (let l = 0; l < layers; l++) {
             if (n === 0) continue;
             // other layers get other data: a kernel reading the wrong view fails
-            c.write(seq, { layer: l, kind: 'k', token: 0 }, l === layer ? k[b]! : randomHalves(k[b]!.length, 1000 * l + b, s.dtype));
-            c.write(seq, { layer: l, kind: 'v', token: 0 }, l === layer ? v[b]! : randomHalves(v[b]!.length, 2000 * l + b, s.dtype));
+            c.write(seq, { layer: l, kind: 'k', token: 0 }, l === layer ? k[b]! : randomValues(k[b]!.length, 1000 * l + b, s.dtype, range));
+            c.write(seq, { layer: l, kind: 'v', token: 0 }, l === layer ? v[b]! : randomValues(v[b]!.length, 2000 * l + b, s.dtype, range));
           }
         });
-        const q = randomHalves(batch * s.qHeads * s.headDim, 7, s.dtype);
-        const want = reference(s, q, k, v, lengths);
-        const common = {
-          ...s,
-          batch,
-          q: upload(q),
-          lengths: upload(Int32Array.from(lengths)),
-          maxLength: Math.max(...lengths),
-        };
+        const kv = { ...kernels.cacheKV(c.tensor(layer, 'k'), c.tensor(layer, 'v')), rows: upload(Int32Array.from(seqs, (x) => x.slot)) };
         const out = upload(new Uint16Array(q.length));
-        const kv = gpu.cacheKV(c.tensor(layer, 'k'), c.tensor(layer, 'v'));
-        const plan = gpu.decodeAttention({ ...common, ...kv, out, rows: upload(Int32Array.from(seqs, (x) => x.slot)) });
-        const got = gpu.copyFromDevice(new Uint16Array(q.length), out);
-        expect(worstExcess(s.dtype, got, want)).toBeLessThanOrEqual(0);
-        // one split (no reduce kernel) gives the same answer
-        const single = upload(new Uint16Array(q.length));
-        gpu.decodeAttention({ ...common, ...kv, out: single, rows: upload(Int32Array.from(seqs, (x) => x.slot)), splits: 1 });
-        expect(worstExcess(s.dtype, gpu.copyFromDevice(new Uint16Array(q.length), single), want)).toBeLessThanOrEqual(0);
+        const plan = kernels.decodeAttention({ ...args(out), ...kv, liveLengths: lengths });
+        expect(worstExcess(s.queryDtype, result(out), expected())).toBeLessThanOrEqual(0);
         expect(plan.splits).toBeGreaterThanOrEqual(1);
-        // paged blocks of 16 holding the same K and V
-        const pagedOut = upload(new Uint16Array(q.length));
-        gpu.decodeAttention({ ...common, ...pagedCopy(s, k, v, lengths, 11), out: pagedOut });
-        expect(worstExcess(s.dtype, gpu.copyFromDevice(new Uint16Array(q.length), pagedOut), want)).toBeLessThanOrEqual(0);
+        // one split (no reduce kernel) and an odd number of splits give the same answer
+        for (const splits of [1, 7]) {
+          const other = upload(new Uint16Array(q.length));
+          expect(kernels.decodeAttention({ ...args(other), ...kv, splits }).splits).toBe(splits);
+          expect(worstExcess(s.queryDtype, result(other), expected()), `${splits} splits`).toBeLessThanOrEqual(0);
+        }
       });
     }
+
+    it(`matches the CPU reference in paged blocks of 16 with a shuffled table (${tag(s, lengths)})`, () => {
+      const out = upload(new Uint16Array(q.length));
+      kernels.decodeAttention({ ...args(out), ...pagedCopy(s, k, v, lengths, 11, maxLength) });
+      expect(worstExcess(s.queryDtype, result(out), expected())).toBeLessThanOrEqual(0);
+    });
+  }
+
+  it('runs on a plain [B, T, H, D] tensor in cuMemAlloc memory (rows default to the entry index)', () => {
+    const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
+    const lengths = [300, 77], T = 512, row = s.kvHeads * s.headDim;
+    const k = lengths.map((n, b) => randomValues(n * row, 30 + b, s.dtype));
+    const v = lengths.map((n, b) => randomValues(n * row, 40 + b, s.dtype));
+    const kAll = new Uint16Array(lengths.length * T * row), vAll = new Uint16Array(lengths.length * T * row);
+    lengths.forEach((_, b) => {
+      kAll.set(k[b]!, b * T * row);
+      vAll.set(v[b]!, b * T * row);
+    });
+    const q = randomValues(lengths.length * s.qHeads * s.headDim, 9, s.dtype) as Uint16Array;
+    const out = upload(new Uint16Array(q.length));
+    kernels.decodeAttention({ ...s, batch: 2, q: upload(q), out, lengths: upload(Int32Array.from(lengths)), maxLength: 300, k: upload(kAll), v: upload(vAll), strides: { row: T * row, token: row, head: s.headDim } });
+    expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), out), reference(s, q, k, v, lengths))).toBeLessThanOrEqual(0);
+  });
+
+  it('plans from the live lengths: a batch of short sequences in long reservations gets the plan of its live length', () => {
+    const base = { dtype: 'float16' as const, batch: 4, qHeads: 32, kvHeads: 8, headDim: 128, maxLength: 131_072 };
+    const at = upload(new Uint8Array(64));
+    const addresses = { q: at, out: at, lengths: at, k: at, v: at, strides: { row: 131_072 * 1024, token: 1024, head: 128 } };
+    const full = kernels.planDecodeAttention({ ...base, ...addresses });
+    const live = kernels.planDecodeAttention({ ...base, ...addresses, liveLengths: [100, 37, 250, 1] });
+    expect(full.tokensPerSplit * full.splits).toBeGreaterThanOrEqual(131_072);
+    expect(live.tokensPerSplit * live.splits).toBeLessThan(1024);
+    expect(live.workspaceBytes).toBeLessThan(full.workspaceBytes);
+  });
+
+  it('concurrent calls on several streams give bit-identical results to the same calls on one stream', () => {
+    const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
+    const row = s.kvHeads * s.headDim, streams = [gpu.createStream(), gpu.createStream(), gpu.createStream()];
+    try {
+      // Three calls of different shapes (different splits and workspace sizes),
+      // each needing a workspace; on one stream first, then all at once.
+      const calls = [
+        { batch: 1, length: 16_384 },
+        { batch: 6, length: 3000 },
+        { batch: 2, length: 9000 },
+      ].map(({ batch, length }, i) => {
+        const k = randomValues(batch * length * row, 50 + i, s.dtype), v = randomValues(batch * length * row, 60 + i, s.dtype);
+        const q = randomValues(batch * s.qHeads * s.headDim, 70 + i, s.dtype);
+        return {
+          length: q.length,
+          args: { ...s, batch, q: upload(q), lengths: upload(new Int32Array(batch).fill(length)), maxLength: length, k: upload(k), v: upload(v), strides: { row: length * row, token: row, head: s.headDim } },
+        };
+      });
+      const serial = calls.map((c) => {
+        const out = upload(new Uint16Array(c.length));
+        kernels.decodeAttention({ ...c.args, out, stream: streams[0]! });
+        return out;
+      });
+      gpu.synchronizeStream(streams[0]!);
+      const spin = upload(new Uint32Array(4));
+      const outs = calls.map(() => [] as bigint[]);
+      for (let round = 0; round < 5; round++)
+        calls.forEach((c, i) => {
+          // each stream is held busy a moment so that the rounds overlap across streams
+          if (round === 0) gpu.spinThenFillU32(spin, 4, 1, 20e6, { stream: streams[i]! });
+          const out = upload(new Uint16Array(c.length));
+          outs[i]!.push(out);
+          expect(kernels.decodeAttention({ ...c.args, out, stream: streams[i]! }).splits).toBeGreaterThan(1);
+        });
+      for (const st of streams) gpu.synchronizeStream(st);
+      calls.forEach((c, i) => {
+        const want = gpu.copyFromDevice(new Uint16Array(c.length), serial[i]!);
+        for (const out of outs[i]!) expect(Buffer.from(gpu.copyFromDevice(new Uint16Array(c.length), out).buffer).equals(Buffer.from(want.buffer)), `call ${i}`).toBe(true);
+      });
+    } finally {
+      for (const st of streams) gpu.destroyStream(st);
+    }
+  });
+
+  it('a caller-owned workspace: too small is refused before anything is queued, large enough gives the same result', () => {
+    const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
+    const length = 8192, row = s.kvHeads * s.headDim;
+    const q = randomValues(s.qHeads * s.headDim, 3, s.dtype) as Uint16Array;
+    const k = randomValues(length * row, 4, s.dtype), v = randomValues(length * row, 5, s.dtype);
+    const call = { ...s, batch: 1, q: upload(q), lengths: upload(Int32Array.of(length)), maxLength: length, k: upload(k), v: upload(v), strides: { row: length * row, token: row, head: s.headDim } };
+    const plan = kernels.planDecodeAttention({ ...call, out: call.q });
+    expect(plan.workspaceBytes).toBeGreaterThan(0);
+    using small = new kernels.AttentionWorkspace({ bytes: plan.workspaceBytes - 1 });
+    const out = upload(new Uint16Array(q.length).fill(0x1234));
+    expect(() => kernels.decodeAttention({ ...call, out, workspace: small })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringContaining(String(plan.workspaceBytes)) }));
+    expect(gpu.copyFromDevice(new Uint16Array(q.length), out).every((x) => x === 0x1234)).toBe(true);
+    using enough = new kernels.AttentionWorkspace({ bytes: plan.workspaceBytes });
+    kernels.decodeAttention({ ...call, out, workspace: enough });
+    expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), out), reference(s, q, [k], [v], [length]))).toBeLessThanOrEqual(0);
+    enough.close();
+    enough.close(); // idempotent
+    expect(() => kernels.decodeAttention({ ...call, out, workspace: enough })).toThrow(expect.objectContaining({ code: 'ERR_CLOSED' }));
+  });
+
+  for (const [dtype, queryDtype] of [['float16', 'float16'], ['bfloat16', 'bfloat16'], ['float8_e4m3', 'float16'], ['float8_e4m3', 'bfloat16']] as const) {
+    it(`appendKV writes new tokens at each entry's position, strided on a cache and paged (${dtype}, new tokens ${queryDtype})`, () => {
+      const s: Shape = { dtype, queryDtype, qHeads: 8, kvHeads: 4, headDim: 128, ...(dtype === 'float8_e4m3' ? { kvScale: { k: 0.04, v: 0.02, perHead: true } } : {}) };
+      const row = s.kvHeads * s.headDim, newTokens = 5, positions = [0, 1023, 3000], counts = [5, 2, 5], maxLength = 3003;
+      const batch = positions.length;
+      const range = dtype === 'float8_e4m3' ? 8 : 1;
+      const kNew = randomValues(batch * newTokens * row, 80, queryDtype, range) as Uint16Array;
+      const vNew = randomValues(batch * newTokens * row, 81, queryDtype, range) as Uint16Array;
+      // What the cache must hold: each new element converted to the cache's type.
+      const perHead = headScales(s);
+      const fq = decoders[queryDtype], enc = encoders[dtype];
+      const stored = (src: Uint16Array, b: number, n: number, kind: 'k' | 'v'): Stored => {
+        const outRow = storage(dtype, row);
+        for (let h = 0; h < s.kvHeads; h++) {
+          const scale = Math.fround((kind === 'k' ? s.kvScale?.k : s.kvScale?.v) ?? 1) * (perHead ? perHead[kind][h]! : 1);
+          const inverse = Math.fround(1 / Math.fround(scale));
+          for (let d = 0; d < s.headDim; d++) {
+            const x = fq(src[((b * newTokens + n) * s.kvHeads + h) * s.headDim + d]!);
+            outRow[h * s.headDim + d] = enc(dtype === 'float8_e4m3' ? Math.fround(Math.fround(x) * inverse) : x);
+          }
+        }
+        return outRow;
+      };
+      const common = {
+        dtype,
+        queryDtype,
+        batch,
+        newTokens,
+        kvHeads: s.kvHeads,
+        headDim: s.headDim,
+        kNew: upload(kNew),
+        vNew: upload(vNew),
+        positions: upload(Int32Array.from(positions)),
+        counts: upload(Int32Array.from(counts)),
+        maxLength,
+        ...(s.kvScale ? { kvScale: kvScaleArg(s) } : {}),
+      };
+      // strided: a per-layer cache's layer 1, sequences grown past their appends
+      using c = new KVCache({ backend: 'cuda', layers: 2, kvHeads: s.kvHeads, headDim: s.headDim, dtype, maxSequences: 4, maxTokens: 4096, prefetchTokens: 0 });
+      const seqs = positions.map(() => c.reserve());
+      seqs.forEach((seq) => c.grow(seq, 3008));
+      const before = seqs.map((seq) => c.read(seq, { layer: 1, kind: 'k', token: 0, count: 3008 }));
+      kernels.appendKV({ ...common, ...kernels.cacheKV(c.tensor(1, 'k'), c.tensor(1, 'v')), rows: upload(Int32Array.from(seqs, (x) => x.slot)) });
+      seqs.forEach((seq, b) => {
+        for (const kind of ['k', 'v'] as const) {
+          const got = c.read(seq, { layer: 1, kind, token: 0, count: 3008 });
+          const bytesPerRow = row * (dtype === 'float8_e4m3' ? 1 : 2);
+          for (let t = 0; t < 3008; t++) {
+            const n = t - positions[b]!;
+            const written = n >= 0 && n < counts[b]! && t < maxLength;
+            const want = written ? new Uint8Array(stored(kind === 'k' ? kNew : vNew, b, n, kind).buffer) : kind === 'k' ? before[b]!.subarray(t * bytesPerRow, (t + 1) * bytesPerRow) : null;
+            if (want) expect(Buffer.from(got.subarray(t * bytesPerRow, (t + 1) * bytesPerRow)).equals(Buffer.from(want)), `${kind} entry ${b} token ${t}`).toBe(true);
+          }
+        }
+      });
+      // paged: blocks of 16, a shuffled table; compare the blocks' bytes
+      const blockSize = 16, maxBlocks = Math.ceil(maxLength / blockSize), order = shuffled(batch * maxBlocks, 5);
+      const table = Int32Array.from(order);
+      const bytesPerRow = row * (dtype === 'float8_e4m3' ? 1 : 2), poolBytes = batch * maxBlocks * blockSize * bytesPerRow;
+      const kPool = upload(new Uint8Array(poolBytes)), vPool = upload(new Uint8Array(poolBytes));
+      kernels.appendKV({ ...common, k: kPool, v: vPool, strides: { row: blockSize * row, token: row, head: s.headDim }, paged: { blockTable: upload(table), maxBlocksPerSequence: maxBlocks, blockSize } });
+      for (const [kind, pool] of [['k', kPool], ['v', vPool]] as const) {
+        const got = gpu.copyFromDevice(new Uint8Array(poolBytes), pool);
+        const want = new Uint8Array(poolBytes);
+        positions.forEach((p, b) => {
+          for (let n = 0; n < counts[b]!; n++) {
+            const t = p + n;
+            if (t >= maxLength) continue;
+            const block = table[b * maxBlocks + Math.floor(t / blockSize)]!;
+            want.set(new Uint8Array(stored(kind === 'k' ? kNew : vNew, b, n, kind).buffer), (block * blockSize + (t % blockSize)) * bytesPerRow);
+          }
+        });
+        expect(Buffer.from(got).equals(Buffer.from(want)), `paged ${kind}`).toBe(true);
+      }
+    });
   }
 
   it('a kernel writing through every layer\'s strided view of an all-layers cache writes exactly the bytes read() returns for that layer', () => {
@@ -198,48 +448,25 @@ describe.skipIf(cudaSkip !== null)(`decode attention on the GPU${cudaSkip ? ` (s
       }
   });
 
-  it('runs on a plain [B, T, H, D] tensor in cuMemAlloc memory (rows default to the entry index)', () => {
-    const s: Shape = { dtype: 'float16', qHeads: 32, kvHeads: 8, headDim: 128 };
-    const lengths = [300, 77], T = 512, row = s.kvHeads * s.headDim;
-    const k = lengths.map((n, b) => randomHalves(n * row, 30 + b, s.dtype));
-    const v = lengths.map((n, b) => randomHalves(n * row, 40 + b, s.dtype));
-    const kAll = new Uint16Array(lengths.length * T * row), vAll = new Uint16Array(lengths.length * T * row);
-    lengths.forEach((_, b) => {
-      kAll.set(k[b]!, b * T * row);
-      vAll.set(v[b]!, b * T * row);
-    });
-    const q = randomHalves(lengths.length * s.qHeads * s.headDim, 9, s.dtype);
-    const out = upload(new Uint16Array(q.length));
-    gpu.decodeAttention({ ...s, batch: 2, q: upload(q), out, lengths: upload(Int32Array.from(lengths)), maxLength: 300, k: upload(kAll), v: upload(vAll), strides: { row: T * row, token: row, head: s.headDim } });
-    expect(worstExcess(s.dtype, gpu.copyFromDevice(new Uint16Array(q.length), out), reference(s, q, k, v, lengths))).toBeLessThanOrEqual(0);
-  });
-
-  it('refuses what the kernels cannot take with ERR_INVALID_ARGUMENT', () => {
-    const at = upload(new Uint8Array(64));
-    const base = { dtype: 'float16' as const, batch: 1, qHeads: 8, kvHeads: 8, headDim: 128, q: at, out: at, lengths: at, maxLength: 1, k: at, v: at, strides: { row: 1024, token: 1024, head: 128 } };
-    for (const bad of [{ headDim: 96 }, { qHeads: 24, kvHeads: 8 }, { q: at + 2n }, { strides: { row: 1024, token: 1020, head: 128 } }, { dtype: 'float32' }, { paged: { blockTable: at, maxBlocksPerSequence: 0, blockSize: 16 } }])
-      expect(() => gpu.decodeAttention({ ...base, ...bad } as never)).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
-  });
-
   it("a sequence released with { stream } while attention still reads it keeps its pages until the kernel is done", () => {
-    const s: Shape = { dtype: 'float16', qHeads: 32, kvHeads: 8, headDim: 128 };
+    const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
     // Budget for one sequence: growing the second needs the first one's pages.
     const layers = 2, n = 4096;
-    using c = new KVCache({ backend: 'cuda', layers, kvHeads: s.kvHeads, headDim: s.headDim, dtype: s.dtype, maxSequences: 2, maxTokens: n, memoryBudget: 2 * layers * 4 * 2 ** 21, prefetchTokens: 0 });
+    using c = new KVCache({ backend: 'cuda', layers, kvHeads: s.kvHeads, headDim: s.headDim, dtype: 'float16', maxSequences: 2, maxTokens: n, memoryBudget: 2 * layers * 4 * 2 ** 21, prefetchTokens: 0 });
     const stream = gpu.createStream();
     try {
       const a = c.reserve();
       c.grow(a, n);
       const row = s.kvHeads * s.headDim;
-      const k = randomHalves(n * row, 5, s.dtype), v = randomHalves(n * row, 6, s.dtype);
+      const k = randomValues(n * row, 5, s.dtype), v = randomValues(n * row, 6, s.dtype);
       c.write(a, { layer: 1, kind: 'k', token: 0 }, k);
       c.write(a, { layer: 1, kind: 'v', token: 0 }, v);
-      const q = randomHalves(s.qHeads * s.headDim, 8, s.dtype);
+      const q = randomValues(s.qHeads * s.headDim, 8, s.dtype) as Uint16Array;
       const out = upload(new Uint16Array(q.length));
       const spin = upload(new Uint32Array(4));
       // the stream is busy for 300 ms before attention reads a's pages
       gpu.spinThenFillU32(spin, 4, 1, 300e6, { stream });
-      gpu.decodeAttention({ ...s, batch: 1, q: upload(q), out, lengths: upload(Int32Array.of(n)), maxLength: n, ...gpu.cacheKV(c.tensor(1, 'k'), c.tensor(1, 'v')), rows: upload(Int32Array.of(a.slot)), stream });
+      kernels.decodeAttention({ ...s, batch: 1, q: upload(q), out, lengths: upload(Int32Array.of(n)), maxLength: n, ...kernels.cacheKV(c.tensor(1, 'k'), c.tensor(1, 'v')), rows: upload(Int32Array.of(a.slot)), stream });
       c.release(a, { stream });
       const other = c.reserve({ expectedTokens: 0 }); // an empty slot, not a's
       expect(other.slot).not.toBe(a.slot);
@@ -247,7 +474,7 @@ describe.skipIf(cudaSkip !== null)(`decode attention on the GPU${cudaSkip ? ` (s
       c.grow(other, n); // needs a's pages: must wait for the fence, not unmap under the kernel
       expect(c.stats().driverCalls.fenceWait!.calls).toBeGreaterThan(waits);
       gpu.synchronizeStream(stream); // a kernel that faulted would throw here
-      expect(worstExcess(s.dtype, gpu.copyFromDevice(new Uint16Array(q.length), out), reference(s, q, [k], [v], [n]))).toBeLessThanOrEqual(0);
+      expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), out), reference(s, q, [k], [v], [n]))).toBeLessThanOrEqual(0);
     } finally {
       gpu.destroyStream(stream);
     }

@@ -51,6 +51,10 @@ void TestingSpinThenFillU32(const Napi::CallbackInfo& info) {
   });
 }
 
+void TestingStreamRead(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::streamRead(dev(info), u64(info[1]), u64(info[2]), u64(info[3])); });
+}
+
 void TestingSpinThenReadU32(const Napi::CallbackInfo& info) {
   guarded(info.Env(), [&] { testing::spinThenReadU32(dev(info), u64(info[1]), u64(info[2]), u64(info[3]), u64(info[4])); });
 }
@@ -242,6 +246,7 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("spinThenFillU32", Napi::Function::New<TestingSpinThenFillU32>(env));
   t.Set("writeTokens", Napi::Function::New<TestingWriteTokens>(env));
   t.Set("spinThenReadU32", Napi::Function::New<TestingSpinThenReadU32>(env));
+  t.Set("streamRead", Napi::Function::New<TestingStreamRead>(env));
   t.Set("createStream", Napi::Function::New<TestingCreateStream>(env));
   t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));

@@ -77,36 +77,37 @@ struct AppendParams {
 constexpr int kAttentionThreads = 128;
 constexpr int kAttentionWarps = kAttentionThreads / 32;
 constexpr int kAppendThreads = 256;
-// Pipeline depth: stages of K/V tiles in flight per warp (cp.async groups).
-constexpr int kAttentionStages = 4;
-// Query heads one block computes: 1, 2, 4 or 8 (the kernel variants);
-// larger groups take several blocks per KV head.
-constexpr int kMaxHeadsPerBlock = 8;
+// Query heads one block computes: the 16 rows of a tensor-core tile (a
+// group of up to 16 reads each K/V row once; larger groups take several
+// blocks per KV head, adjacent so that the second read hits L2).
+constexpr int kHeadsPerBlock = 16;
+// Tokens one warp loads per pipeline stage: two 8-token tiles of the
+// score MMA, one 16-token step of the value MMA.
+constexpr int kWarpTokens = 16;
 
-// How a warp of the decode kernel walks the cache for head dimension D and
-// elements of `elementBytes`: each lane holds 8 elements of a row, a row
-// takes `lanes` lanes (D / 8 rounded up to a power of two), a warp scores
-// `tokensAtOnce` tokens per pass and loads `warpTokens` per pipeline stage.
+// How the decode kernel stages K and V in shared memory for head dimension D
+// and elements of `elementBytes`: rows padded by 16 bytes (so the 8 rows an
+// ldmatrix reads fall in different banks), `stages` tiles per warp in flight
+// (cp.async groups), as many as fit in 26 KiB per warp (two blocks of 4
+// warps to a multiprocessor's 227 KiB for head dim 128), 2 to 4.
 struct Tiling {
-  int lanes, tokensAtOnce, unroll, warpTokens, blockTokens, rowBytes, stageBytes, pipelineBytes;
+  int rowBytes, rowStride, stageBytes, stages, blockTokens, pipelineBytes;
 };
 
 VAT_HOST_DEVICE constexpr Tiling tilingFor(int headDim, int elementBytes) {
-  const int used = headDim / 8;
-  const int lanes = used <= 8 ? 8 : used <= 16 ? 16 : 32;
-  const int tokensAtOnce = 32 / lanes;
-  const int unroll = elementBytes == 1 ? 8 : 4;
-  const int warpTokens = tokensAtOnce * unroll;
   const int rowBytes = headDim * elementBytes;
-  const int stageBytes = warpTokens * rowBytes;  // of K (and again of V), one warp
-  return {lanes, tokensAtOnce, unroll, warpTokens, kAttentionWarps * warpTokens, rowBytes, stageBytes,
-          kAttentionWarps * kAttentionStages * 2 * stageBytes};
+  const int rowStride = rowBytes + 16;
+  const int stageBytes = kWarpTokens * rowStride;  // of K (and again of V), one warp
+  const int fit = 26624 / (2 * stageBytes);
+  const int stages = fit < 2 ? 2 : fit > 4 ? 4 : fit;
+  return {rowBytes, rowStride, stageBytes, stages, kAttentionWarps * kWarpTokens,
+          kAttentionWarps * stages * 2 * stageBytes};
 }
 
 // Dynamic shared memory of the decode kernel: the pipeline's buffers, reused
 // at the end to merge the warps' states.
-VAT_HOST_DEVICE constexpr int attentionSharedBytes(int headDim, int elementBytes, int headsPerBlock) {
-  const int merge = kAttentionWarps * headsPerBlock * (headDim + 2) * 4;
+VAT_HOST_DEVICE constexpr int attentionSharedBytes(int headDim, int elementBytes) {
+  const int merge = kAttentionWarps * kHeadsPerBlock * (headDim + 2) * 4;
   const int pipeline = tilingFor(headDim, elementBytes).pipelineBytes;
   return pipeline > merge ? pipeline : merge;
 }

@@ -48,18 +48,9 @@ const char* moduleSource(KVDtype dtype, uint32_t headDim) {
 
 int elementBytes(KVDtype dtype) { return dtype == KVDtype::Float8E4M3 ? 1 : 2; }
 
-// Query heads per block: the variant for a group (1, 2, 4 or 8).
-uint32_t headsPerBlock(uint32_t group) {
-  if (group >= 8) return 8;
-  uint32_t g = 1;
-  while (g < group) g *= 2;
-  return g;
-}
-int variantIndex(uint32_t heads) { return heads == 1 ? 0 : heads == 2 ? 1 : heads == 4 ? 2 : 3; }
-
 struct Functions {
-  CUfunction partial[4] = {};  // [variantIndex]
-  int blocksPerMultiprocessor[4] = {};
+  CUfunction partial = nullptr;
+  int blocksPerMultiprocessor = 0;
   CUfunction reduce = nullptr;
   CUfunction append = nullptr;
   int multiprocessors = 0;
@@ -82,17 +73,11 @@ Functions loadFunctions(KVDtype dtype, uint32_t headDim) {
   CUmodule module = nullptr;
   check(d.cuModuleLoadData(&module, moduleSource(dtype, headDim)), "cuModuleLoadData");
   Functions f;
-  for (int i = 0; i < 4; i++) {
-    const int heads = 1 << i;
-    std::string name = "vat_attention_g" + std::to_string(heads);
-    check(d.cuModuleGetFunction(&f.partial[i], module, name.c_str()), "cuModuleGetFunction");
-    const int shared = attentionSharedBytes(static_cast<int>(headDim), elementBytes(dtype), heads);
-    check(d.cuFuncSetAttribute(f.partial[i], CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared),
-          "cuFuncSetAttribute");
-    check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(&f.blocksPerMultiprocessor[i], f.partial[i],
-                                                        kAttentionThreads, shared),
-          "cuOccupancyMaxActiveBlocksPerMultiprocessor");
-  }
+  check(d.cuModuleGetFunction(&f.partial, module, "vat_attention_partial"), "cuModuleGetFunction");
+  const int shared = attentionSharedBytes(static_cast<int>(headDim), elementBytes(dtype));
+  check(d.cuFuncSetAttribute(f.partial, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared), "cuFuncSetAttribute");
+  check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(&f.blocksPerMultiprocessor, f.partial, kAttentionThreads, shared),
+        "cuOccupancyMaxActiveBlocksPerMultiprocessor");
   check(d.cuModuleGetFunction(&f.reduce, module, "vat_attention_reduce"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&f.append, module, "vat_append_kv"), "cuModuleGetFunction");
   CUdevice device = 0;
@@ -209,8 +194,8 @@ void checkTypes(const char* what, KVDtype dtype, QueryDtype query, uint32_t head
 DecodeAttentionPlan planFor(const DecodeAttentionCall& c, const Functions* f) {
   DecodeAttentionPlan plan;
   const uint32_t group = c.qHeads / c.kvHeads;
-  plan.headsPerBlock = headsPerBlock(group);
-  const uint64_t chunks = (group + plan.headsPerBlock - 1) / plan.headsPerBlock;
+  plan.headsPerBlock = std::min<uint32_t>(group, kHeadsPerBlock);
+  const uint64_t chunks = (group + kHeadsPerBlock - 1) / kHeadsPerBlock;
   const Tiling tiling = tilingFor(static_cast<int>(c.headDim), elementBytes(c.dtype));
   uint64_t live = c.longestLength ? c.longestLength : c.maxLength;
   if (c.window) live = std::min<uint64_t>(live, c.window);
@@ -218,7 +203,7 @@ DecodeAttentionPlan planFor(const DecodeAttentionCall& c, const Functions* f) {
   if (splits == 0) {
     splits = 1;
     const uint64_t blocks = uint64_t{c.batch} * c.kvHeads * chunks;
-    const uint64_t slots = f ? uint64_t(f->multiprocessors) * std::max(1, f->blocksPerMultiprocessor[variantIndex(plan.headsPerBlock)]) : 1;
+    const uint64_t slots = f ? uint64_t(f->multiprocessors) * std::max(1, f->blocksPerMultiprocessor) : 1;
     // No split shorter than 4 tiles (the pipeline's prologue), none past 64
     // (the reduce walks them one by one).
     const uint64_t most = std::min<uint64_t>(64, std::max<uint64_t>(1, live / (4 * tiling.blockTokens)));
@@ -265,7 +250,7 @@ AttentionParams paramsFor(const DecodeAttentionCall& c, const DecodeAttentionPla
   p.qHeads = static_cast<int>(c.qHeads);
   p.kvHeads = static_cast<int>(c.kvHeads);
   p.group = static_cast<int>(c.qHeads / c.kvHeads);
-  p.queryChunks = static_cast<int>((p.group + plan.headsPerBlock - 1) / plan.headsPerBlock);
+  p.queryChunks = (p.group + kHeadsPerBlock - 1) / kHeadsPerBlock;
   p.splits = static_cast<int>(plan.splits);
   p.window = static_cast<int>(c.window);
   p.scale = c.scale > 0.f ? c.scale : 1.f / std::sqrt(static_cast<float>(c.headDim));
@@ -285,8 +270,8 @@ void launch(const DecodeAttentionCall& c, const Functions& f, const DecodeAttent
   const DriverApi& d = driver();
   CUstream stream = reinterpret_cast<CUstream>(c.stream);
   void* args[] = {&p};
-  const int shared = attentionSharedBytes(static_cast<int>(c.headDim), elementBytes(c.dtype), static_cast<int>(plan.headsPerBlock));
-  check(d.cuLaunchKernel(f.partial[variantIndex(plan.headsPerBlock)], plan.splits * p.queryChunks, c.kvHeads, c.batch,
+  const int shared = attentionSharedBytes(static_cast<int>(c.headDim), elementBytes(c.dtype));
+  check(d.cuLaunchKernel(f.partial, plan.splits * p.queryChunks, c.kvHeads, c.batch,
                          kAttentionThreads, 1, 1, shared, stream, args, nullptr),
         "cuLaunchKernel");
   if (plan.splits > 1)

@@ -31,7 +31,6 @@
 using vat::kernels::AppendParams;
 using vat::kernels::AttentionParams;
 using vat::kernels::kAppendThreads;
-using vat::kernels::kAttentionStages;
 using vat::kernels::kAttentionThreads;
 using vat::kernels::kAttentionWarps;
 
@@ -161,83 +160,131 @@ __device__ __forceinline__ void waitCopies() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// ---- online softmax -------------------------------------------------------------
+// ---- tensor-core fragments (mma.sync m16n8k16, fp32 accumulation) ------------
+//
+// A block's query heads are the 16 rows of the MMA tiles (unused rows read
+// zeros): scores S = Q·Kᵀ as [16 heads × 8 tokens] tiles, output O += P·V as
+// [16 heads × 8 dims] tiles. In each thread: g = lane / 4 and t = lane % 4;
+// an accumulator holds rows g and g + 8, columns 2t and 2t + 1.
 
-// One lane's share of the G query heads' online softmax: running max m,
-// sum l and unnormalised output acc over its 8 elements of the head.
-template <int G>
-struct SoftmaxState {
-  float m[G], l[G], acc[G][8];
-
-  __device__ __forceinline__ void clear() {
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      m[g] = kNegInf;
-      l[g] = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; i++) acc[g][i] = 0.f;
-    }
-  }
-
-  // The G maxima raised over the valid scores of kCount tokens: one rescale
-  // of the accumulator per pass group, not per token.
-  template <int kCount>
-  __device__ __forceinline__ void raiseMax(const float (&s)[kCount][G], const bool (&valid)[kCount]) {
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      float mNew = m[g];
-#pragma unroll
-      for (int u = 0; u < kCount; u++)
-        if (valid[u]) mNew = fmaxf(mNew, s[u][g]);
-      const float old = rescale(m[g], mNew);
-      l[g] *= old;
-#pragma unroll
-      for (int i = 0; i < 8; i++) acc[g][i] *= old;
-      m[g] = mNew;
-    }
-  }
-
-  __device__ __forceinline__ void addValue(const float (&s)[G], const float (&vf)[8]) {
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      const float w = exp2f(s[g] - m[g]);
-      l[g] += w;
-#pragma unroll
-      for (int i = 0; i < 8; i++) acc[g][i] = fmaf(w, vf[i], acc[g][i]);
-    }
-  }
-
-  // Merges the states of lanes `off` apart (another token group of the warp).
-  __device__ __forceinline__ void mergeLanes(int off) {
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      float mo = __shfl_xor_sync(0xffffffffu, m[g], off), lo = __shfl_xor_sync(0xffffffffu, l[g], off);
-      float mNew = fmaxf(m[g], mo);
-      float a = rescale(m[g], mNew), c = rescale(mo, mNew);
-      l[g] = l[g] * a + lo * c;
-#pragma unroll
-      for (int i = 0; i < 8; i++) acc[g][i] = acc[g][i] * a + __shfl_xor_sync(0xffffffffu, acc[g][i], off) * c;
-      m[g] = mNew;
-    }
-  }
+// The MMA's input type: the cache's for 16-bit caches, fp16 for fp8 (its
+// values convert exactly).
+template <typename Kv>
+struct MmaType {
+  using Type = Kv;
 };
+template <>
+struct MmaType<Fp8E4M3> {
+  using Type = __half;
+};
+
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, __half) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, __nv_bfloat16) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8×8 matrices of 16-bit elements; lane i gives the address of row i % 8 of matrix i / 8.
+__device__ __forceinline__ void loadMatrices(unsigned (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(sharedAddress(row)));
+}
+__device__ __forceinline__ void loadMatricesTransposed(unsigned (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(sharedAddress(row)));
+}
+
+__device__ __forceinline__ unsigned pack(float lo, float hi, __half) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+__device__ __forceinline__ unsigned pack(float lo, float hi, __nv_bfloat16) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+// Two e4m3 bytes (lo, hi) as an fp16 pair.
+__device__ __forceinline__ unsigned fp8PairToHalves(unsigned short pair) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
+  return static_cast<unsigned>(h.x) | (static_cast<unsigned>(h.y) << 16);
+}
+
+// The B fragments of the score MMA for k-step ks (dims 16 ks..16 ks + 15):
+// b[nt][0..1] for the tiles of tokens 0-7 and 8-15 of the stage. K rows are
+// the columns of Kᵀ: an ldmatrix of the rows as stored.
+template <typename Kv>
+__device__ __forceinline__ void keyFragments(const unsigned char* rows, int rowStride, int ks, int lane,
+                                             unsigned (&b)[2][2]) {
+  if constexpr (Element<Kv>::kBytes == 2) {
+    unsigned r[4];
+    const int token = (lane % 8) + (lane / 16) * 8, chunk = ks * 2 + (lane / 8) % 2;
+    loadMatrices(r, rows + token * rowStride + chunk * 16);
+    b[0][0] = r[0];
+    b[0][1] = r[1];
+    b[1][0] = r[2];
+    b[1][1] = r[3];
+  } else {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++) {
+      const unsigned char* row = rows + (nt * 8 + g) * rowStride + ks * 16 + t * 2;
+      b[nt][0] = fp8PairToHalves(*reinterpret_cast<const unsigned short*>(row));
+      b[nt][1] = fp8PairToHalves(*reinterpret_cast<const unsigned short*>(row + 8));
+    }
+  }
+}
+
+// The B fragments of the value MMA for dim tiles nd and nd + 1 (k = the
+// stage's 16 tokens): b[j][0..1] for tile nd + j. V rows are the rows of
+// the B matrix: an ldmatrix.trans of the rows as stored.
+template <typename Kv>
+__device__ __forceinline__ void valueFragments(const unsigned char* rows, int rowStride, int nd, int lane,
+                                               unsigned (&b)[2][2]) {
+  if constexpr (Element<Kv>::kBytes == 2) {
+    unsigned r[4];
+    const int token = (lane % 8) + ((lane / 8) % 2) * 8, chunk = nd + lane / 16;
+    loadMatricesTransposed(r, rows + token * rowStride + chunk * 16);
+    b[0][0] = r[0];
+    b[0][1] = r[1];
+    b[1][0] = r[2];
+    b[1][1] = r[3];
+  } else {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const int dim = (nd + j) * 8 + g;
+#pragma unroll
+      for (int half = 0; half < 2; half++) {
+        const unsigned char* row = rows + (half * 8 + t * 2) * rowStride + dim;
+        const unsigned short pair = static_cast<unsigned short>(row[0] | (row[rowStride] << 8));
+        b[j][half] = fp8PairToHalves(pair);
+      }
+    }
+  }
+}
 
 // ---- decode -----------------------------------------------------------------------
 
 // What one block of the decode kernel works on.
 struct BlockWork {
-  int b, kvHead, firstHead, heads, split;  // heads: query heads of this block (≤ G)
+  int b, kvHead, firstHead, heads, split;  // heads: query heads of this block (≤ 16)
   int begin, end;                          // tokens of this split
 };
 
-__device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int headsPerBlock, int blockTokens) {
+__device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int blockTokens) {
   BlockWork w;
   const int queryChunk = blockIdx.x % p.queryChunks;
   w.split = blockIdx.x / p.queryChunks;
   w.kvHead = blockIdx.y;
   w.b = blockIdx.z;
-  w.firstHead = w.kvHead * p.group + queryChunk * headsPerBlock;
-  w.heads = min(headsPerBlock, p.group - queryChunk * headsPerBlock);
+  w.firstHead = w.kvHead * p.group + queryChunk * vat::kernels::kHeadsPerBlock;
+  w.heads = min(vat::kernels::kHeadsPerBlock, p.group - queryChunk * vat::kernels::kHeadsPerBlock);
   const int length = __ldg(reinterpret_cast<const int*>(p.lengths) + w.b);
   const int first = p.window > 0 ? max(0, length - p.window) : 0;
   // Each entry's tokens split evenly over the splits, in whole block tiles:
@@ -250,42 +297,28 @@ __device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int hea
   return w;
 }
 
-// This lane's 8 elements of the block's query heads, scaled so that a dot
-// product with a stored K row is the logit (soft-capped: in natural units,
-// else already in base 2). Heads past the block's count and idle lanes read 0.
-template <int D, int G>
-__device__ __forceinline__ void loadQuery(const AttentionParams& p, const BlockWork& w, int chunk, bool active,
-                                          float (&q)[G][8]) {
-  const float kScale = headScale(p.kScale, p.kScales, w.kvHead);
-  const float factor = p.scale * kScale * (p.softcap > 0.f ? 1.f : kLog2e);
+// The A fragments of Q (rows: the block's heads; unused rows zero), in the MMA's type.
+template <typename M, int D>
+__device__ __forceinline__ void queryFragments(const AttentionParams& p, const BlockWork& w, int lane,
+                                               unsigned (&a)[D / 16][4]) {
+  const int g = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (g < w.heads && active) {
-      const uint4* row = reinterpret_cast<const uint4*>(p.q) + (static_cast<long long>(w.b) * p.qHeads + w.firstHead + g) * (D / 8);
-      queryToFloats(__ldg(row + chunk), q[g], p.queryBf16);
+  for (int ks = 0; ks < D / 16; ks++) {
 #pragma unroll
-      for (int i = 0; i < 8; i++) q[g][i] *= factor;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; i++) q[g][i] = 0.f;
+    for (int i = 0; i < 4; i++) {
+      const int row = g + (i % 2) * 8, col = ks * 16 + (i / 2) * 8 + t * 2;
+      unsigned raw = 0;
+      if (row < w.heads) {
+        const long long at = (static_cast<long long>(w.b) * p.qHeads + w.firstHead + row) * D + col;
+        raw = __ldg(reinterpret_cast<const unsigned*>(p.q) + at / 2);
+        // fp8 caches compute in fp16: a bf16 query converts
+        if (sizeof(M) == 2 && p.queryBf16 && !__is_same(M, __nv_bfloat16)) {
+          float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw));
+          raw = pack(f.x, f.y, __half());
+        }
+      }
+      a[ks][i] = raw;
     }
-  }
-}
-
-// The G logits (base 2) of one token: a dot product over the kLanes lanes of its row.
-template <typename Kv, int G, int kLanes>
-__device__ __forceinline__ void scoreToken(const AttentionParams& p, const float (&q)[G][8],
-                                           const typename Element<Kv>::Lane& kRaw, float (&s)[G]) {
-  float kf[8];
-  toFloats(kRaw, kf, Kv());
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    float dot = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) dot = fmaf(q[g][i], kf[i], dot);
-#pragma unroll
-    for (int off = kLanes / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    s[g] = p.softcap > 0.f ? p.softcap * kLog2e * tanhf(dot / p.softcap) : dot;
   }
 }
 
@@ -296,97 +329,142 @@ __device__ __forceinline__ void loadStage(const AttentionParams& p, const BlockW
                                           unsigned char* kDst, unsigned char* vDst) {
   constexpr auto kT = vat::kernels::tilingFor(D, Element<Kv>::kBytes);
   constexpr int kRowChunks = kT.rowBytes / 16;
-  constexpr int kChunks = kT.warpTokens * kRowChunks;
+  constexpr int kChunks = vat::kernels::kWarpTokens * kRowChunks;
   // Lane i finds row i's offset once; the copies take it by shuffle.
   long long offset = 0;
   const int t = t0 + lane;
-  const bool mine = lane < kT.warpTokens && t < w.end;
+  const bool mine = lane < vat::kernels::kWarpTokens && t < w.end;
   if (mine) offset = rowOffset(p, w.b, t, w.kvHead) * Element<Kv>::kBytes;
   const unsigned char* kSrc = reinterpret_cast<const unsigned char*>(p.k);
   const unsigned char* vSrc = reinterpret_cast<const unsigned char*>(p.v);
 #pragma unroll
   for (int base = 0; base < kChunks; base += 32) {
     const int i = base + lane;
-    const int r = min(i / kRowChunks, kT.warpTokens - 1), c = i % kRowChunks;
+    const int r = min(i / kRowChunks, vat::kernels::kWarpTokens - 1), c = i % kRowChunks;
     const long long at = __shfl_sync(0xffffffffu, offset, r) + c * 16;
     const bool valid = __shfl_sync(0xffffffffu, mine, r);
     if (i < kChunks) {
       const int bytes = valid ? 16 : 0;
-      copy16(kDst + r * kT.rowBytes + c * 16, valid ? kSrc + at : kSrc, bytes);
-      copy16(vDst + r * kT.rowBytes + c * 16, valid ? vSrc + at : vSrc, bytes);
+      copy16(kDst + r * kT.rowStride + c * 16, valid ? kSrc + at : kSrc, bytes);
+      copy16(vDst + r * kT.rowStride + c * 16, valid ? vSrc + at : vSrc, bytes);
     }
   }
 }
 
-// Scores and accumulates one warp's stage of K/V rows (in shared memory).
-template <typename Kv, int D, int G>
-__device__ __forceinline__ void computeStage(const AttentionParams& p, SoftmaxState<G>& st, const float (&q)[G][8],
+// One warp's running softmax over its tokens: rows g and g + 8 of the
+// block's heads (max m and this thread's part of the sum l) and its
+// accumulator tiles of O.
+template <int D>
+struct WarpState {
+  float m[2], l[2], o[D / 8][4];
+};
+
+// Scores one warp's stage of 16 tokens (rows of K/V in shared memory) and
+// folds it into the state: S = Q·Kᵀ, online softmax, O += P·V.
+template <typename Kv, int D>
+__device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState<D>& st, const unsigned (&qa)[D / 16][4],
                                              const unsigned char* kRows, const unsigned char* vRows, int t0, int end,
-                                             int sub, int chunk, bool active) {
-  constexpr auto kT = vat::kernels::tilingFor(D, Element<Kv>::kBytes);
-  constexpr int kGroup = 4;  // tokens' passes per raise of the maxima
-  using Lane = typename Element<Kv>::Lane;
-  const int laneBytes = chunk * 8 * Element<Kv>::kBytes;
+                                             int lane, float scoreScale) {
+  using M = typename MmaType<Kv>::Type;
+  constexpr int kStride = vat::kernels::tilingFor(D, Element<Kv>::kBytes).rowStride;
+  const int t = lane % 4;
+  float s[2][4] = {};
 #pragma unroll
-  for (int first = 0; first < kT.unroll; first += kGroup) {
-    float s[kGroup][G];
-    bool valid[kGroup];
+  for (int ks = 0; ks < D / 16; ks++) {
+    unsigned b[2][2];
+    keyFragments<Kv>(kRows, kStride, ks, lane, b);
+    mma(s[0], qa[ks], b[0][0], b[0][1], M());
+    mma(s[1], qa[ks], b[1][0], b[1][1], M());
+  }
+  // Logits in base 2, masked past the split's end; the rows' maxima over the quad.
+  float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
-    for (int u = 0; u < kGroup; u++) {
-      const int row = (first + u) * kT.tokensAtOnce + sub;
-      valid[u] = t0 + row < end;
-      Lane raw{};
-      if (active) raw = *reinterpret_cast<const Lane*>(kRows + row * kT.rowBytes + laneBytes);
-      scoreToken<Kv, G, kT.lanes>(p, q, raw, s[u]);
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      float x = s[nt][i] * scoreScale;
+      if (p.softcap > 0.f) x = p.softcap * kLog2e * tanhf(x / p.softcap);
+      s[nt][i] = t0 + nt * 8 + t * 2 + (i % 2) < end ? x : kNegInf;
+      mx[i / 2] = fmaxf(mx[i / 2], s[nt][i]);
     }
-    st.template raiseMax<kGroup>(s, valid);
+  float alpha[2];
 #pragma unroll
-    for (int u = 0; u < kGroup; u++) {
-      if (!valid[u] || !active) continue;
-      const int row = (first + u) * kT.tokensAtOnce + sub;
-      float vf[8];
-      toFloats(*reinterpret_cast<const Lane*>(vRows + row * kT.rowBytes + laneBytes), vf, Kv());
-      st.addValue(s[u], vf);
+  for (int r = 0; r < 2; r++) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mNew = fmaxf(st.m[r], mx[r]);
+    alpha[r] = rescale(st.m[r], mNew);
+    st.m[r] = mNew;
+    st.l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nd = 0; nd < D / 8; nd++) {
+    st.o[nd][0] *= alpha[0];
+    st.o[nd][1] *= alpha[0];
+    st.o[nd][2] *= alpha[1];
+    st.o[nd][3] *= alpha[1];
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float m = st.m[i / 2];
+      const float e = m == kNegInf ? 0.f : exp2f(s[nt][i] - m);
+      st.l[i / 2] += e;
+      s[nt][i] = e;
     }
+  // P as the A fragment of the value MMA (k = the 16 tokens).
+  const unsigned pa[4] = {pack(s[0][0], s[0][1], M()), pack(s[0][2], s[0][3], M()), pack(s[1][0], s[1][1], M()),
+                          pack(s[1][2], s[1][3], M())};
+#pragma unroll
+  for (int nd = 0; nd < D / 8; nd += 2) {
+    unsigned b[2][2];
+    valueFragments<Kv>(vRows, kStride, nd, lane, b);
+    mma(st.o[nd], pa, b[0][0], b[0][1], M());
+    mma(st.o[nd + 1], pa, b[1][0], b[1][1], M());
   }
 }
 
 // Merges the warps' states through shared memory (the pipeline's, drained)
 // and writes the split's result: the output itself with one split, else its
 // partial state. V's dequantisation scale applies here (it is linear).
-template <int D, int G>
-__device__ __forceinline__ void storeSplit(const AttentionParams& p, const SoftmaxState<G>& st, const BlockWork& w,
-                                           int warp, int sub, int chunk, bool active, unsigned char* shared) {
-  float* sAcc = reinterpret_cast<float*>(shared);             // [kWarps][G][D]
-  float* sMax = sAcc + kAttentionWarps * G * D;                // [kWarps][G]
-  float* sSum = sMax + kAttentionWarps * G;                    // [kWarps][G]
-  if (sub == 0 && active) {
+template <int D>
+__device__ __forceinline__ void storeSplit(const AttentionParams& p, const WarpState<D>& st, const BlockWork& w,
+                                           int warp, int lane, unsigned char* shared) {
+  constexpr int R = vat::kernels::kHeadsPerBlock;
+  float* sAcc = reinterpret_cast<float*>(shared);  // [kWarps][R][D]
+  float* sMax = sAcc + kAttentionWarps * R * D;     // [kWarps][R]
+  float* sSum = sMax + kAttentionWarps * R;         // [kWarps][R]
+  const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int g = 0; g < G; g++) {
+  for (int r = 0; r < 2; r++) {
+    const int row = g + r * 8;
 #pragma unroll
-      for (int i = 0; i < 8; i++) sAcc[(warp * G + g) * D + chunk * 8 + i] = st.acc[g][i];
-      if (chunk == 0) {
-        sMax[warp * G + g] = st.m[g];
-        sSum[warp * G + g] = st.l[g];
-      }
+    for (int nd = 0; nd < D / 8; nd++) {
+      sAcc[(warp * R + row) * D + nd * 8 + t * 2] = st.o[nd][r * 2];
+      sAcc[(warp * R + row) * D + nd * 8 + t * 2 + 1] = st.o[nd][r * 2 + 1];
+    }
+    if (t == 0) {
+      sMax[warp * R + row] = st.m[r];
+      sSum[warp * R + row] = st.l[r];
     }
   }
   __syncthreads();
   const float vScale = headScale(p.vScale, p.vScales, w.kvHead);
   for (int idx = threadIdx.x; idx < w.heads * D; idx += kAttentionThreads) {
-    const int g = idx / D, d = idx % D;
+    const int row = idx / D, d = idx % D;
     float mAll = kNegInf;
 #pragma unroll
-    for (int k = 0; k < kAttentionWarps; k++) mAll = fmaxf(mAll, sMax[k * G + g]);
+    for (int k = 0; k < kAttentionWarps; k++) mAll = fmaxf(mAll, sMax[k * R + row]);
     float sum = 0.f, value = 0.f;
 #pragma unroll
     for (int k = 0; k < kAttentionWarps; k++) {
-      const float c = rescale(sMax[k * G + g], mAll);
-      sum += sSum[k * G + g] * c;
-      value += sAcc[(k * G + g) * D + d] * c;
+      const float c = rescale(sMax[k * R + row], mAll);
+      sum += sSum[k * R + row] * c;
+      value += sAcc[(k * R + row) * D + d] * c;
     }
     value *= vScale;
-    const long long head = static_cast<long long>(w.b) * p.qHeads + w.firstHead + g;
+    const long long head = static_cast<long long>(w.b) * p.qHeads + w.firstHead + row;
     if (p.splits == 1) {
       storeQueryType(reinterpret_cast<void*>(p.out), head * D + d, sum > 0.f ? value / sum : 0.f, p.queryBf16);
     } else {
@@ -396,60 +474,68 @@ __device__ __forceinline__ void storeSplit(const AttentionParams& p, const Softm
   }
 }
 
-// One split of one (entry, KV head, query-head chunk): grid (splits ×
-// queryChunks, kvHeads, batch), chunks of one split adjacent so that they
-// read the same rows close together (the second from L2).
-template <typename Kv, int D, int G>
+// One split of one (entry, KV head, 16-head chunk of its group): grid
+// (splits × queryChunks, kvHeads, batch), chunks of one split adjacent so
+// that they read the same rows close together (the second from L2). Each
+// warp streams its own 16-token stages (no block-wide barrier in the loop).
+template <typename Kv, int D>
 __device__ void partialAttention(const AttentionParams& p) {
+  using M = typename MmaType<Kv>::Type;
   constexpr auto kT = vat::kernels::tilingFor(D, Element<Kv>::kBytes);
-  static_assert(D % 16 == 0 && D / 8 <= 32, "head dim must be a multiple of 16, at most 256");
+  static_assert(D % 16 == 0 && D <= 256, "head dim must be a multiple of 16, at most 256");
   extern __shared__ __align__(16) unsigned char shared[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane / kT.lanes, chunk = lane % kT.lanes;
-  const bool active = chunk < D / 8;
-  const BlockWork w = blockWork(p, G, kT.blockTokens);
-
-  float q[G][8];
-  loadQuery<D, G>(p, w, chunk, active, q);
-  SoftmaxState<G> st;
-  st.clear();
-
-  unsigned char* kStages = shared + warp * kAttentionStages * 2 * kT.stageBytes;
-  unsigned char* vStages = kStages + kAttentionStages * kT.stageBytes;
-  const int tiles = (w.end - w.begin + kT.blockTokens - 1) / kT.blockTokens;
-  const int warpFirst = w.begin + warp * kT.warpTokens;  // this warp's first token of tile 0
-  // Prologue: kAttentionStages - 1 tiles in flight. A group is committed
-  // even when empty, so that wait_group counts the same in every warp.
+  const BlockWork w = blockWork(p, kT.blockTokens);
+  unsigned qa[D / 16][4];
+  queryFragments<M, D>(p, w, lane, qa);
+  // Scores come out of the MMA unscaled: scale (× K's fp8 scale) × log2(e),
+  // or natural units when soft-capped (the cap applies before base 2).
+  const float scoreScale = p.scale * headScale(p.kScale, p.kScales, w.kvHead) * (p.softcap > 0.f ? 1.f : kLog2e);
+  WarpState<D> st;
+  st.m[0] = st.m[1] = kNegInf;
+  st.l[0] = st.l[1] = 0.f;
 #pragma unroll
-  for (int s = 0; s < kAttentionStages - 1; s++) {
+  for (int nd = 0; nd < D / 8; nd++) st.o[nd][0] = st.o[nd][1] = st.o[nd][2] = st.o[nd][3] = 0.f;
+
+  unsigned char* kStages = shared + warp * kT.stages * 2 * kT.stageBytes;
+  unsigned char* vStages = kStages + kT.stages * kT.stageBytes;
+  const int tiles = (w.end - w.begin + kT.blockTokens - 1) / kT.blockTokens;
+  const int warpFirst = w.begin + warp * vat::kernels::kWarpTokens;  // this warp's first token of tile 0
+  // Prologue: stages - 1 tiles in flight. A group is committed even when
+  // empty, so that wait_group counts the same in every warp.
+#pragma unroll
+  for (int s = 0; s < kT.stages - 1; s++) {
     if (s < tiles)
       loadStage<Kv, D>(p, w, warpFirst + s * kT.blockTokens, lane, kStages + s * kT.stageBytes, vStages + s * kT.stageBytes);
     commitCopies();
   }
   for (int tile = 0; tile < tiles; tile++) {
-    waitCopies<kAttentionStages - 2>();
+    waitCopies<kT.stages - 2>();
     __syncwarp();
-    const int stage = tile % kAttentionStages;
+    const int stage = tile % kT.stages;
     const int t0 = warpFirst + tile * kT.blockTokens;
-    computeStage<Kv, D, G>(p, st, q, kStages + stage * kT.stageBytes, vStages + stage * kT.stageBytes, t0, w.end, sub,
-                           chunk, active);
+    if (t0 < w.end)
+      computeStage<Kv, D>(p, st, qa, kStages + stage * kT.stageBytes, vStages + stage * kT.stageBytes, t0, w.end, lane,
+                          scoreScale);
     __syncwarp();  // every lane is done with the stage the next copy overwrites
-    const int next = tile + kAttentionStages - 1;
+    const int next = tile + kT.stages - 1;
     if (next < tiles) {
-      const int ns = next % kAttentionStages;
+      const int ns = next % kT.stages;
       loadStage<Kv, D>(p, w, warpFirst + next * kT.blockTokens, lane, kStages + ns * kT.stageBytes,
                        vStages + ns * kT.stageBytes);
     }
     commitCopies();
   }
   waitCopies<0>();
-
-  // Merge the tokens-at-once groups of the warp (lanes kT.lanes apart).
+  // The rows' sums over the quad (each thread summed its own columns).
 #pragma unroll
-  for (int off = kT.lanes; off < 32; off *= 2) st.mergeLanes(off);
+  for (int r = 0; r < 2; r++) {
+    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 1);
+    st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
+  }
   __syncthreads();  // every warp is done with the pipeline's buffers
-  storeSplit<D, G>(p, st, w, warp, sub, chunk, active, shared);
+  storeSplit<D>(p, st, w, warp, lane, shared);
 }
 
 // Combines the splits of one (entry, query head): grid (qHeads, batch), D threads.
@@ -512,7 +598,7 @@ __device__ void appendTokens(const AppendParams& p) {
 }  // namespace vat_attention
 
 // Entry points with plain names for cuModuleGetFunction, per module:
-//   vat_attention_g<G>     G query heads per block (1, 2, 4, 8)
+//   vat_attention_partial  the partial (split) kernel
 //   vat_attention_reduce   the splits' combination
 //   vat_append_kv          appendKV
 #ifndef VAT_HEAD_DIM_VALUE
@@ -527,14 +613,9 @@ using KvType = __half;
 #endif
 constexpr int kHeadDim = VAT_HEAD_DIM_VALUE;
 
-#define VAT_PARTIAL(G)                                                                   \
-  extern "C" __global__ void __launch_bounds__(kAttentionThreads) vat_attention_g##G(AttentionParams p) { \
-    vat_attention::partialAttention<KvType, kHeadDim, G>(p);                  \
-  }
-VAT_PARTIAL(1)
-VAT_PARTIAL(2)
-VAT_PARTIAL(4)
-VAT_PARTIAL(8)
+extern "C" __global__ void __launch_bounds__(kAttentionThreads) vat_attention_partial(AttentionParams p) {
+  vat_attention::partialAttention<KvType, kHeadDim>(p);
+}
 
 extern "C" __global__ void vat_attention_reduce(AttentionParams p) { vat_attention::reduceSplits<kHeadDim>(p); }
 

@@ -53,7 +53,7 @@ struct DecodeAttentionCall {
 struct DecodeAttentionPlan {
   uint32_t splits = 0;
   uint32_t tokensPerSplit = 0;   // of the longest entry
-  uint32_t headsPerBlock = 0;
+  uint32_t headsPerBlock = 0;    // query heads one block computes (≤ 16)
   uint64_t workspaceBytes = 0;
 };
 

@@ -31,6 +31,8 @@ struct DeviceKernels {
   CUfunction spinRead = nullptr;
   CUfunction checkFill = nullptr;
   CUfunction writeRows = nullptr;
+  CUfunction streamRead = nullptr;
+  int multiprocessors = 0;
 };
 
 // Loaded once per device and kept for the process: the primary context stays
@@ -60,6 +62,8 @@ DeviceKernels& kernels(int device) {
   check(d.cuModuleGetFunction(&k.spinRead, readModule, "vat_spin_then_read_u32"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&k.checkFill, readModule, "vat_check_fill_u32"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&k.writeRows, readModule, "vat_write_rows_u32"), "cuModuleGetFunction");
+  check(d.cuModuleGetFunction(&k.streamRead, readModule, "vat_stream_read"), "cuModuleGetFunction");
+  check(d.cuDeviceGetAttribute(&k.multiprocessors, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
   return (*loaded)[device] = k;
 }
 
@@ -99,6 +103,16 @@ void spinThenReadU32(int device, uint64_t address, uint64_t count, uint64_t nano
   uint64_t sink = 0;
   void* args[] = {&address, &count, &nanoseconds, &sink};
   check(driver().cuLaunchKernel(k.spinRead, blocksFor(count), 1, 1, 256, 1, 1, 0, asStream(stream), args, nullptr),
+        "cuLaunchKernel");
+}
+
+void streamRead(int device, uint64_t address, uint64_t bytes, uint64_t stream) {
+  DeviceKernels& k = kernels(device);
+  uint64_t words = bytes / 16, sink = 0;
+  unsigned never = 0x9e3779b9u;
+  void* args[] = {&address, &words, &never, &sink};
+  // 4 blocks of 512 threads per multiprocessor: every thread slot filled.
+  check(driver().cuLaunchKernel(k.streamRead, 4 * k.multiprocessors, 1, 1, 512, 1, 1, 0, asStream(stream), args, nullptr),
         "cuLaunchKernel");
 }
 

@@ -8,7 +8,6 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "kernels/decode_attention.h"
 
 namespace vat::testing {
 
@@ -20,6 +19,8 @@ void spinThenFillU32(int device, uint64_t address, uint64_t count, uint32_t valu
                      uint64_t stream);
 // Spins for `nanoseconds`, then reads in[i] for i < count (u32): a late reader.
 void spinThenReadU32(int device, uint64_t address, uint64_t count, uint64_t nanoseconds, uint64_t stream);
+// Reads `bytes` (16-byte aligned) as fast as the GPU can: the streaming-read ceiling.
+void streamRead(int device, uint64_t address, uint64_t bytes, uint64_t stream);
 // Adds to the u32 at `counter` the words of in[0, count) that differ from
 // fillU32's pattern with `seed`.
 void checkFillU32(int device, uint64_t address, uint64_t count, uint32_t seed, uint64_t counter, uint64_t stream);
@@ -76,7 +77,6 @@ struct DeviceProperties {
 DeviceProperties deviceProperties(int device);
 
 // Decode attention (native/kernels) on `device`'s primary context.
-kernels::DecodeAttentionPlan decodeAttention(int device, const kernels::DecodeAttentionCall& call);
 
 // The raw driver loop the library is measured against: cuMemCreate,
 // cuMemMap, cuMemSetAccess, cuMemUnmap, cuMemRelease over `pages` pages of

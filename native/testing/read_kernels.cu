@@ -47,3 +47,25 @@ extern "C" __global__ void vat_write_rows_u32(unsigned char* base, unsigned long
     for (unsigned long long w = threadIdx.x; w < rowBytes / 4; w += blockDim.x) row[w] = key ^ static_cast<unsigned>(w);
   }
 }
+
+// The streaming-read ceiling the attention benchmark measures itself against:
+// reads in[0, count) (uint4 words, count a multiple of 4 × the grid's
+// threads is not needed) as fast as the GPU can, 4 independent 16-byte loads
+// in flight per thread and iteration, through L2 only. The xor of what it
+// read goes to *sink only if it equals `never` (it does not), so no load is
+// optimised away and nothing is written.
+extern "C" __global__ void __launch_bounds__(512) vat_stream_read(const uint4* in, unsigned long long count,
+                                                                  unsigned never, unsigned* sink) {
+  const unsigned long long threads = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  unsigned long long i = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  unsigned acc = 0;
+  for (; i + 3 * threads < count; i += 4 * threads) {
+    uint4 a = __ldcg(in + i), b = __ldcg(in + i + threads), c = __ldcg(in + i + 2 * threads), d = __ldcg(in + i + 3 * threads);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < count; i += threads) {
+    uint4 a = __ldcg(in + i);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == never) *sink = acc;
+}

@@ -203,6 +203,114 @@ $L__BB2_6:
 	ret;
 
 }
+	// .globl	vat_stream_read
+.visible .entry vat_stream_read(
+	.param .u64 vat_stream_read_param_0,
+	.param .u64 vat_stream_read_param_1,
+	.param .u32 vat_stream_read_param_2,
+	.param .u64 vat_stream_read_param_3
+)
+.maxntid 512, 1, 1
+{
+	.reg .pred 	%p<6>;
+	.reg .b32 	%r<57>;
+	.reg .b64 	%rd<36>;
+
+
+	ld.param.u64 	%rd14, [vat_stream_read_param_0];
+	ld.param.u64 	%rd15, [vat_stream_read_param_1];
+	ld.param.u32 	%r7, [vat_stream_read_param_2];
+	ld.param.u64 	%rd16, [vat_stream_read_param_3];
+	mov.u32 	%r9, %nctaid.x;
+	cvt.u64.u32 	%rd1, %r9;
+	mov.u32 	%r10, %ntid.x;
+	mul.wide.u32 	%rd2, %r9, %r10;
+	mov.u32 	%r11, %ctaid.x;
+	mul.wide.u32 	%rd17, %r11, %r10;
+	mov.u32 	%r12, %tid.x;
+	cvt.u64.u32 	%rd18, %r12;
+	add.s64 	%rd34, %rd17, %rd18;
+	mul.lo.s64 	%rd4, %rd2, 3;
+	add.s64 	%rd19, %rd34, %rd4;
+	setp.ge.u64 	%p1, %rd19, %rd15;
+	mov.u32 	%r56, 0;
+	@%p1 bra 	$L__BB3_3;
+
+	shl.b64 	%rd20, %rd34, 4;
+	add.s64 	%rd33, %rd14, %rd20;
+	cvt.u64.u32 	%rd21, %r10;
+	mul.lo.s64 	%rd22, %rd1, %rd21;
+	shl.b64 	%rd6, %rd22, 4;
+	mov.u32 	%r56, 0;
+
+$L__BB3_2:
+	// begin inline asm
+	ld.global.cg.v4.u32 {%r15,%r16,%r17,%r18}, [%rd33];
+	// end inline asm
+	add.s64 	%rd24, %rd33, %rd6;
+	// begin inline asm
+	ld.global.cg.v4.u32 {%r19,%r20,%r21,%r22}, [%rd24];
+	// end inline asm
+	add.s64 	%rd25, %rd24, %rd6;
+	// begin inline asm
+	ld.global.cg.v4.u32 {%r23,%r24,%r25,%r26}, [%rd25];
+	// end inline asm
+	add.s64 	%rd26, %rd25, %rd6;
+	add.s64 	%rd33, %rd26, %rd6;
+	// begin inline asm
+	ld.global.cg.v4.u32 {%r27,%r28,%r29,%r30}, [%rd26];
+	// end inline asm
+	xor.b32  	%r31, %r16, %r56;
+	xor.b32  	%r32, %r31, %r15;
+	xor.b32  	%r33, %r32, %r17;
+	xor.b32  	%r34, %r33, %r18;
+	xor.b32  	%r35, %r34, %r19;
+	xor.b32  	%r36, %r35, %r20;
+	xor.b32  	%r37, %r36, %r21;
+	xor.b32  	%r38, %r37, %r22;
+	xor.b32  	%r39, %r38, %r23;
+	xor.b32  	%r40, %r39, %r24;
+	xor.b32  	%r41, %r40, %r25;
+	xor.b32  	%r42, %r41, %r26;
+	xor.b32  	%r43, %r42, %r27;
+	xor.b32  	%r44, %r43, %r28;
+	xor.b32  	%r45, %r44, %r29;
+	xor.b32  	%r56, %r45, %r30;
+	add.s64 	%rd27, %rd34, %rd2;
+	add.s64 	%rd34, %rd4, %rd27;
+	add.s64 	%rd28, %rd34, %rd4;
+	setp.lt.u64 	%p2, %rd28, %rd15;
+	@%p2 bra 	$L__BB3_2;
+
+$L__BB3_3:
+	setp.ge.u64 	%p3, %rd34, %rd15;
+	@%p3 bra 	$L__BB3_5;
+
+$L__BB3_4:
+	shl.b64 	%rd30, %rd34, 4;
+	add.s64 	%rd29, %rd14, %rd30;
+	// begin inline asm
+	ld.global.cg.v4.u32 {%r46,%r47,%r48,%r49}, [%rd29];
+	// end inline asm
+	xor.b32  	%r50, %r47, %r56;
+	xor.b32  	%r51, %r50, %r46;
+	xor.b32  	%r52, %r51, %r48;
+	xor.b32  	%r56, %r52, %r49;
+	add.s64 	%rd34, %rd34, %rd2;
+	setp.lt.u64 	%p4, %rd34, %rd15;
+	@%p4 bra 	$L__BB3_4;
+
+$L__BB3_5:
+	setp.ne.s32 	%p5, %r56, %r7;
+	@%p5 bra 	$L__BB3_7;
+
+	cvta.to.global.u64 	%rd31, %rd16;
+	st.global.u32 	[%rd31], %r7;
+
+$L__BB3_7:
+	ret;
+
+}
 
 )PTX";
 }  // namespace vat::testing
