@@ -10,7 +10,8 @@
 //                    block table shuffled as an allocator leaves it, fp16
 //   (f) fp8          (a) with a float8_e4m3 cache (fp16 queries)
 // Time per call: median of --iters calls (≥ 20), CUDA events around each,
-// L2 flushed before each (a read of 2 × L2 of other memory). Bandwidth: K
+// L2 flushed before each (a read of 2 × L2 of other memory), the stream held
+// by a 200 µs spin so that launch time is not counted. Bandwidth: K
 // and V bytes read / time, against the driver's peak (memory clock × bus
 // width) and against the streaming-read ceiling measured in the same run
 // (testing.streamRead over 1 GiB). A variant that does not fit in 60% of
@@ -105,6 +106,12 @@ function setup(v, B, T) {
 const flushBytes = Math.max(2 * props.l2Bytes, 64 << 20);
 const flush = gpu.allocate(flushBytes);
 
+// Before each timed call the stream spins this long, so that the host has
+// queued the call before the start event runs: the figure is the GPU's
+// time, not the launch's (a call takes some µs of JS and driver time).
+const spin = gpu.allocate(16);
+const holdStream = (s) => gpu.spinThenFillU32(spin, 4, 1, 200e3, { stream: s });
+
 /** Median GPU time (ms) of `launch`, L2 flushed before each call. */
 function medianMs(launch, stream) {
   const start = gpu.createEvent(), end = gpu.createEvent();
@@ -113,6 +120,7 @@ function medianMs(launch, stream) {
     const ms = [];
     for (let i = 0; i < iters; i++) {
       gpu.streamRead(flush, flushBytes, { stream });
+      holdStream(stream);
       gpu.recordEvent(start, stream);
       launch();
       gpu.recordEvent(end, stream);
@@ -214,25 +222,30 @@ function twoStreams(B, T) {
     const serialOut = calls.map(() => allocate(B * model.qHeads * model.headDim * 2));
     const oneStream = medianMs(() => calls.forEach((c, i) => kernels.decodeAttention({ ...c, out: serialOut[i], stream })), stream);
     gpu.synchronizeStream(stream);
-    const startA = gpu.createEvent(), endA = gpu.createEvent(), endB = gpu.createEvent();
+    const startA = gpu.createEvent(), startB = gpu.createEvent(), endA = gpu.createEvent(), endB = gpu.createEvent();
     const spans = [];
     for (let i = 0; i < iters; i++) {
       gpu.streamRead(flush, flushBytes, { stream });
       gpu.synchronizeStream(stream);
+      // both streams held, then released at about the same time with both calls queued
+      holdStream(stream);
+      holdStream(other);
       gpu.recordEvent(startA, stream);
+      gpu.recordEvent(startB, other);
       kernels.decodeAttention(calls[0]);
       kernels.decodeAttention(calls[1]);
       gpu.recordEvent(endA, stream);
       gpu.recordEvent(endB, other);
+      gpu.synchronizeStream(stream);
       gpu.synchronizeStream(other);
-      spans.push(Math.max(gpu.elapsedMilliseconds(startA, endA), gpu.elapsedMilliseconds(startA, endB)));
+      const sB = gpu.elapsedMilliseconds(startA, startB);
+      spans.push(Math.max(gpu.elapsedMilliseconds(startA, endA), gpu.elapsedMilliseconds(startA, endB)) - Math.min(0, sB));
     }
-    gpu.synchronizeStream(stream);
     const same = calls.every((c, i) => {
       const n = B * model.qHeads * model.headDim;
       return Buffer.from(gpu.copyFromDevice(new Uint16Array(n), c.out).buffer).equals(Buffer.from(gpu.copyFromDevice(new Uint16Array(n), serialOut[i]).buffer));
     });
-    for (const e of [startA, endA, endB]) gpu.destroyEvent(e);
+    for (const e of [startA, startB, endA, endB]) gpu.destroyEvent(e);
     return { batch: B, context: T, oneStreamUs: oneStream * 1000, twoStreamsUs: summarize(spans).p50 * 1000, sameOutputs: same };
   } finally {
     for (const m of made) m.close();
@@ -252,5 +265,6 @@ console.log(
   ]),
 );
 gpu.free(flush);
+gpu.free(spin);
 gpu.destroyStream(stream);
 saveResult('attention', { model, iters, peakBandwidth: peak, streamingReadCeiling: ceiling, device: props, variants: variants.map(({ id, name }) => ({ id, name })), results, concurrency });

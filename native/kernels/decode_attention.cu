@@ -22,252 +22,15 @@
 // per (K/V type, head dimension): compute_80 for 16-bit caches,
 // compute_89 for fp8 (the hardware conversions); the driver JIT-compiles a
 // module for the GPU at hand the first time it is used.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#include "append_kv.cuh"
+#include "attention_elements.cuh"
+#include "attention_mma.cuh"
 
-#include "attention_params.h"
-
-using vat::kernels::AppendParams;
-using vat::kernels::AttentionParams;
-using vat::kernels::kAppendThreads;
-using vat::kernels::kAttentionThreads;
-using vat::kernels::kAttentionWarps;
 
 // A named namespace, not an anonymous one: nvcc names symbols of the
 // templates below after it, and an anonymous namespace's name hashes the
 // file's path, so the PTX would differ between checkouts (npm run check:kernels).
 namespace vat_attention {
-
-constexpr float kNegInf = -__builtin_huge_valf();
-constexpr float kLog2e = 1.4426950408889634f;
-
-// One byte per element, e4m3 ("fn": no infinities, ±448 at most).
-struct Fp8E4M3 {};
-
-template <typename T>
-struct Element {
-  static constexpr int kBytes = 2;
-  using Lane = uint4;  // the 8 elements one lane holds
-};
-template <>
-struct Element<Fp8E4M3> {
-  static constexpr int kBytes = 1;
-  using Lane = uint2;
-};
-
-__device__ __forceinline__ void toFloats(const uint4& raw, float (&out)[8], __half) {
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    float2 f = __half22float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
-__device__ __forceinline__ void toFloats(const uint4& raw, float (&out)[8], __nv_bfloat16) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    float2 f = __bfloat1622float2(h[i]);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
-__device__ __forceinline__ void toFloats(const uint2& raw, float (&out)[8], Fp8E4M3) {
-  const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    __half2 h(__nv_cvt_fp8x2_to_halfraw2(pairs[i], __NV_E4M3));
-    float2 f = __half22float2(h);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
-// Queries and outputs are fp16 or bf16, chosen per call (p.queryBf16): one
-// module per cache type, not per pair of types.
-__device__ __forceinline__ void queryToFloats(const uint4& raw, float (&out)[8], int bf16) {
-  if (bf16)
-    toFloats(raw, out, __nv_bfloat16());
-  else
-    toFloats(raw, out, __half());
-}
-__device__ __forceinline__ void storeQueryType(void* base, long long index, float f, int bf16) {
-  if (bf16)
-    reinterpret_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16_rn(f);
-  else
-    reinterpret_cast<__half*>(base)[index] = __float2half_rn(f);
-}
-
-// Eight floats in the cache's element type.
-__device__ __forceinline__ uint4 fromFloats(const float (&f)[8], __half) {
-  uint4 raw;
-  __half2* h = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; i++) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-  return raw;
-}
-__device__ __forceinline__ uint4 fromFloats(const float (&f)[8], __nv_bfloat16) {
-  uint4 raw;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; i++) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return raw;
-}
-__device__ __forceinline__ uint2 fromFloats(const float (&f)[8], Fp8E4M3) {
-  uint2 raw;
-  __nv_fp8x2_storage_t* pairs = reinterpret_cast<__nv_fp8x2_storage_t*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; i++) pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(f[2 * i], f[2 * i + 1]), __NV_SATFINITE, __NV_E4M3);
-  return raw;
-}
-
-// exp2(m - mNew), 0 for a state that has seen no token (m = -inf).
-__device__ __forceinline__ float rescale(float m, float mNew) { return m == kNegInf ? 0.f : exp2f(m - mNew); }
-
-// Element offset of token t's row of KV head `head` for batch entry b.
-template <typename P>
-__device__ __forceinline__ long long rowOffset(const P& p, int b, int t, int head) {
-  if (p.paged) {
-    const int* table = reinterpret_cast<const int*>(p.rows) + static_cast<long long>(b) * p.maxBlocksPerSequence;
-    long long block = __ldg(table + t / p.blockSize);
-    return block * p.rowStride + static_cast<long long>(t % p.blockSize) * p.tokenStride + head * p.headStride;
-  }
-  long long row = p.rows ? __ldg(reinterpret_cast<const int*>(p.rows) + b) : b;
-  return row * p.rowStride + static_cast<long long>(t) * p.tokenStride + head * p.headStride;
-}
-
-// The dequantisation scale of KV head `head`: per tensor × per head.
-__device__ __forceinline__ float headScale(float tensorScale, unsigned long long perHead, int head) {
-  return perHead ? tensorScale * __ldg(reinterpret_cast<const float*>(perHead) + head) : tensorScale;
-}
-
-// ---- cp.async -----------------------------------------------------------------
-
-__device__ __forceinline__ unsigned sharedAddress(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// 16 bytes global → shared through L2 only; `bytes` 0 writes zeros and reads nothing.
-__device__ __forceinline__ void copy16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sharedAddress(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void commitCopies() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void waitCopies() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// ---- tensor-core fragments (mma.sync m16n8k16, fp32 accumulation) ------------
-//
-// A block's query heads are the 16 rows of the MMA tiles (unused rows read
-// zeros): scores S = Q·Kᵀ as [16 heads × 8 tokens] tiles, output O += P·V as
-// [16 heads × 8 dims] tiles. In each thread: g = lane / 4 and t = lane % 4;
-// an accumulator holds rows g and g + 8, columns 2t and 2t + 1.
-
-// The MMA's input type: the cache's for 16-bit caches, fp16 for fp8 (its
-// values convert exactly).
-template <typename Kv>
-struct MmaType {
-  using Type = Kv;
-};
-template <>
-struct MmaType<Fp8E4M3> {
-  using Type = __half;
-};
-
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, __half) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1, __nv_bfloat16) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8×8 matrices of 16-bit elements; lane i gives the address of row i % 8 of matrix i / 8.
-__device__ __forceinline__ void loadMatrices(unsigned (&r)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(sharedAddress(row)));
-}
-__device__ __forceinline__ void loadMatricesTransposed(unsigned (&r)[4], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(sharedAddress(row)));
-}
-
-__device__ __forceinline__ unsigned pack(float lo, float hi, __half) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-__device__ __forceinline__ unsigned pack(float lo, float hi, __nv_bfloat16) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-// Two e4m3 bytes (lo, hi) as an fp16 pair.
-__device__ __forceinline__ unsigned fp8PairToHalves(unsigned short pair) {
-  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3);
-  return static_cast<unsigned>(h.x) | (static_cast<unsigned>(h.y) << 16);
-}
-
-// The B fragments of the score MMA for k-step ks (dims 16 ks..16 ks + 15):
-// b[nt][0..1] for the tiles of tokens 0-7 and 8-15 of the stage. K rows are
-// the columns of Kᵀ: an ldmatrix of the rows as stored.
-template <typename Kv>
-__device__ __forceinline__ void keyFragments(const unsigned char* rows, int rowStride, int ks, int lane,
-                                             unsigned (&b)[2][2]) {
-  if constexpr (Element<Kv>::kBytes == 2) {
-    unsigned r[4];
-    const int token = (lane % 8) + (lane / 16) * 8, chunk = ks * 2 + (lane / 8) % 2;
-    loadMatrices(r, rows + token * rowStride + chunk * 16);
-    b[0][0] = r[0];
-    b[0][1] = r[1];
-    b[1][0] = r[2];
-    b[1][1] = r[3];
-  } else {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
-      const unsigned char* row = rows + (nt * 8 + g) * rowStride + ks * 16 + t * 2;
-      b[nt][0] = fp8PairToHalves(*reinterpret_cast<const unsigned short*>(row));
-      b[nt][1] = fp8PairToHalves(*reinterpret_cast<const unsigned short*>(row + 8));
-    }
-  }
-}
-
-// The B fragments of the value MMA for dim tiles nd and nd + 1 (k = the
-// stage's 16 tokens): b[j][0..1] for tile nd + j. V rows are the rows of
-// the B matrix: an ldmatrix.trans of the rows as stored.
-template <typename Kv>
-__device__ __forceinline__ void valueFragments(const unsigned char* rows, int rowStride, int nd, int lane,
-                                               unsigned (&b)[2][2]) {
-  if constexpr (Element<Kv>::kBytes == 2) {
-    unsigned r[4];
-    const int token = (lane % 8) + ((lane / 8) % 2) * 8, chunk = nd + lane / 16;
-    loadMatricesTransposed(r, rows + token * rowStride + chunk * 16);
-    b[0][0] = r[0];
-    b[0][1] = r[1];
-    b[1][0] = r[2];
-    b[1][1] = r[3];
-  } else {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-      const int dim = (nd + j) * 8 + g;
-#pragma unroll
-      for (int half = 0; half < 2; half++) {
-        const unsigned char* row = rows + (half * 8 + t * 2) * rowStride + dim;
-        const unsigned short pair = static_cast<unsigned short>(row[0] | (row[rowStride] << 8));
-        b[j][half] = fp8PairToHalves(pair);
-      }
-    }
-  }
-}
 
 // ---- decode -----------------------------------------------------------------------
 
@@ -538,61 +301,40 @@ __device__ void partialAttention(const AttentionParams& p) {
   storeSplit<D>(p, st, w, warp, lane, shared);
 }
 
-// Combines the splits of one (entry, query head): grid (qHeads, batch), D threads.
+// Combines the splits of one (entry, query head): grid (qHeads, batch), D
+// threads. The splits' weights are computed once into shared memory, then
+// each thread sums its dimension over them with independent loads.
 template <int D>
 __device__ void reduceSplits(const AttentionParams& p) {
+  constexpr int kMaxSplits = 64;  // the plan's limit (≤ D threads); larger explicit splits go in chunks
+  __shared__ float sWeight[kMaxSplits];
+  __shared__ float sMax;
   const long long head = static_cast<long long>(blockIdx.y) * p.qHeads + blockIdx.x;
   const float2* ms = reinterpret_cast<const float2*>(p.partialMaxSum) + head * p.splits;
   const float* acc = reinterpret_cast<const float*>(p.partialAcc) + head * p.splits * D;
   const int d = threadIdx.x;
-  float mAll = kNegInf;
-  for (int s = 0; s < p.splits; s++) mAll = fmaxf(mAll, ms[s].x);
-  float sum = 0.f, value = 0.f;
-  for (int s = 0; s < p.splits; s++) {
-    float c = rescale(ms[s].x, mAll);
-    sum += ms[s].y * c;
-    value += acc[s * D + d] * c;
+  if (d < 32) {
+    float m = kNegInf;
+    for (int s = d; s < p.splits; s += 32) m = fmaxf(m, ms[s].x);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (d == 0) sMax = m;
+  }
+  __syncthreads();
+  const float mAll = sMax;
+  float value = 0.f, sum = 0.f;
+  for (int first = 0; first < p.splits; first += kMaxSplits) {
+    const int count = min(kMaxSplits, p.splits - first);
+    if (d < count) sWeight[d] = rescale(ms[first + d].x, mAll);
+    __syncthreads();
+#pragma unroll 8
+    for (int s = 0; s < count; s++) {
+      value += acc[(first + s) * D + d] * sWeight[s];
+      sum += ms[first + s].y * sWeight[s];
+    }
+    __syncthreads();
   }
   storeQueryType(reinterpret_cast<void*>(p.out), head * D + d, sum > 0.f ? value / sum : 0.f, p.queryBf16);
-}
-
-// ---- append -------------------------------------------------------------------------
-
-// Writes new tokens' K and V ([batch, newTokens, kvHeads, D], query type)
-// into the cache at each entry's position, converted to the cache's type
-// (fp8: divided by the dequantisation scale, saturated). One thread per 8
-// elements of K and the same 8 of V; grid (ceil(chunks / threads)).
-template <typename Kv, int D>
-__device__ void appendTokens(const AppendParams& p) {
-  constexpr int kChunksPerRow = D / 8;
-  const long long i = static_cast<long long>(blockIdx.x) * kAppendThreads + threadIdx.x;
-  if (i >= p.chunks) return;
-  const int c = static_cast<int>(i % kChunksPerRow);
-  const long long rowIndex = i / kChunksPerRow;  // (b, n, head)
-  const int head = static_cast<int>(rowIndex % p.kvHeads);
-  const long long token = rowIndex / p.kvHeads;
-  const int n = static_cast<int>(token % p.newTokens), b = static_cast<int>(token / p.newTokens);
-  const int count = p.counts ? __ldg(reinterpret_cast<const int*>(p.counts) + b) : p.newTokens;
-  if (n >= count) return;
-  const int t = __ldg(reinterpret_cast<const int*>(p.positions) + b) + n;
-  if (t < 0 || t >= p.maxLength) return;
-  const long long at = rowOffset(p, b, t, head) + c * 8;
-  const uint4* kIn = reinterpret_cast<const uint4*>(p.kNew) + i;
-  const uint4* vIn = reinterpret_cast<const uint4*>(p.vNew) + i;
-  using Lane = typename Element<Kv>::Lane;
-  Lane* kOut = reinterpret_cast<Lane*>(reinterpret_cast<unsigned char*>(p.k) + at * Element<Kv>::kBytes);
-  Lane* vOut = reinterpret_cast<Lane*>(reinterpret_cast<unsigned char*>(p.v) + at * Element<Kv>::kBytes);
-  float kf[8], vf[8];
-  queryToFloats(__ldg(kIn), kf, p.queryBf16);
-  queryToFloats(__ldg(vIn), vf, p.queryBf16);
-  const float kInv = 1.f / headScale(p.kScale, p.kScales, head), vInv = 1.f / headScale(p.vScale, p.vScales, head);
-#pragma unroll
-  for (int e = 0; e < 8; e++) {
-    kf[e] *= kInv;
-    vf[e] *= vInv;
-  }
-  *kOut = fromFloats(kf, Kv());
-  *vOut = fromFloats(vf, Kv());
 }
 
 }  // namespace vat_attention
