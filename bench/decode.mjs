@@ -15,6 +15,7 @@
 // (tensor parallel) in the per-layer layout, with and without prefetch.
 //   node bench/decode.mjs [--batches 1,16,64,256] [--steps 512] [--warmup 32] [--why-tail] [--prebacked] [--compute-us 2000] [--devices 0,1]
 import { KVCache } from '../dist/esm/index.mjs';
+import * as kernels from '../dist/esm/kernels.mjs';
 import * as gpu from '../dist/esm/testing.mjs';
 import { createStream, destroyStream, synchronizeStream, writeTokens } from '../dist/esm/testing.mjs';
 import { readFileSync } from 'node:fs';
@@ -103,7 +104,7 @@ function freeBuffers(bufs) {
 /** Every layer's attention for one decode step, queued on `stream` (of `device`, with its share of the heads). */
 function attendAllLayers(b, bufs, maxLength, kvOfLayer, stream, device = 0, shards = 1) {
   for (let layer = 0; layer < model.layers; layer++)
-    gpu.decodeAttention({ dtype: model.dtype, batch: b, qHeads: qHeads / shards, kvHeads: model.kvHeads / shards, headDim: model.headDim, q: bufs.q, out: bufs.out, lengths: bufs.lengths, maxLength, ...kvOfLayer[layer], stream, device });
+    kernels.decodeAttention({ dtype: model.dtype, batch: b, qHeads: qHeads / shards, kvHeads: model.kvHeads / shards, headDim: model.headDim, q: bufs.q, out: bufs.out, lengths: bufs.lengths, maxLength, ...kvOfLayer[layer], stream, device });
 }
 
 /**
@@ -140,7 +141,7 @@ function run(b, prefetch, layout, devices = [0], shards = devices.length) {
         slotStride: k0.strideBytes[0],
         tokenBytes: k0.strideBytes[1],
       };
-      d.kvOfLayer = cache.tensors({ device: d.device }).map(({ k, v }) => ({ ...gpu.cacheKV(k, v), rows: d.bufs?.rows }));
+      d.kvOfLayer = cache.tensors({ device: d.device }).map(({ k, v }) => ({ ...kernels.cacheKV(k, v), rows: d.bufs?.rows }));
     }
     const seqs = Array.from({ length: b }, () => cache.reserve());
     // the same lengths in every configuration; one per-layer page of the model (of a shard: 2x the tokens)

@@ -18,6 +18,10 @@ interface NativeTesting {
   spinThenFillU32(device: number, address: bigint, count: number, value: number, nanos: number, stream: bigint): void;
   spinThenReadU32(device: number, address: bigint, count: number, nanos: number, stream: bigint): void;
   streamRead(device: number, address: bigint, bytes: number, stream: bigint): void;
+  beginCapture(device: number, stream: bigint): void;
+  endCapture(device: number, stream: bigint): bigint;
+  launchGraph(device: number, graph: bigint, stream: bigint): void;
+  destroyGraph(device: number, graph: bigint): void;
   writeTokens(
     device: number,
     base: bigint,
@@ -120,6 +124,34 @@ export function fillU32(address: bigint, count: number, seed: number, options: {
  */
 export function streamRead(address: bigint, bytes: number, options: { device?: number; stream?: bigint } = {}): void {
   call(() => native.streamRead(options.device ?? 0, address, bytes, options.stream ?? 0n));
+}
+
+/**
+ * Captures what `queue` puts on `stream` (a stream of {@link createStream},
+ * not 0n) into an instantiated CUDA graph (thread-local capture mode);
+ * replay it with {@link launchGraph}, free it with {@link destroyGraph}.
+ */
+export function captureGraph(stream: bigint, queue: () => void, device = 0): bigint {
+  call(() => native.beginCapture(device, stream));
+  try {
+    queue();
+  } catch (e) {
+    try {
+      native.destroyGraph(device, native.endCapture(device, stream));
+    } catch {
+      // the capture is invalid after the failure: the failure is what to report
+    }
+    throw e;
+  }
+  return call(() => native.endCapture(device, stream));
+}
+
+export function launchGraph(graph: bigint, stream: bigint, device = 0): void {
+  call(() => native.launchGraph(device, graph, stream));
+}
+
+export function destroyGraph(graph: bigint, device = 0): void {
+  call(() => native.destroyGraph(device, graph));
 }
 
 export function spinThenReadU32(address: bigint, count: number, nanoseconds: number, options: { device?: number; stream?: bigint } = {}): void {

@@ -352,6 +352,53 @@ describe.skipIf(cudaSkip !== null)(`attention kernels on the GPU${cudaSkip ? ` (
     expect(() => kernels.decodeAttention({ ...call, out, workspace: enough })).toThrow(expect.objectContaining({ code: 'ERR_CLOSED' }));
   });
 
+  it('decode and append captured in a CUDA graph replay with new lengths and positions, as the same calls made directly', () => {
+    const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
+    const batch = 3, T = 4096, row = s.kvHeads * s.headDim;
+    const stream = gpu.createStream();
+    try {
+      const k = randomValues(batch * T * row, 21, s.dtype), v = randomValues(batch * T * row, 22, s.dtype);
+      const kNew = randomValues(batch * row, 23, s.dtype), vNew = randomValues(batch * row, 24, s.dtype);
+      const q = randomValues(batch * s.qHeads * s.headDim, 25, s.dtype) as Uint16Array;
+      const lengths = upload(new Int32Array(batch)), positions = upload(new Int32Array(batch));
+      const cache = { dtype: s.dtype, kvHeads: s.kvHeads, headDim: s.headDim, k: upload(k), v: upload(v), strides: { row: T * row, token: row, head: s.headDim }, maxLength: T, stream };
+      const decode = { ...cache, batch, qHeads: s.qHeads, q: upload(q), lengths, splits: 6 };
+      const plan = kernels.planDecodeAttention({ ...decode, out: decode.q });
+      using workspace = new kernels.AttentionWorkspace({ bytes: plan.workspaceBytes });
+      const graphOut = upload(new Uint16Array(q.length)), directOut = upload(new Uint16Array(q.length));
+      const append = { ...cache, batch, newTokens: 1, kNew: upload(kNew), vNew: upload(vNew), positions };
+      // nothing but launches inside the capture: every buffer exists before it
+      const step = (out: bigint) => {
+        kernels.appendKV(append);
+        kernels.decodeAttention({ ...decode, out, workspace });
+      };
+      const graph = gpu.captureGraph(stream, () => step(graphOut));
+      try {
+        for (const live of [[100, 1, 4000], [2049, 700, 17]]) {
+          gpu.copyToDevice(positions, Int32Array.from(live, (n) => n - 1), { stream });
+          gpu.copyToDevice(lengths, Int32Array.from(live), { stream });
+          gpu.launchGraph(graph, stream);
+          gpu.synchronizeStream(stream);
+          const replayed = gpu.copyFromDevice(new Uint16Array(q.length), graphOut);
+          step(directOut);
+          gpu.synchronizeStream(stream);
+          expect(Buffer.from(replayed.buffer).equals(Buffer.from(gpu.copyFromDevice(new Uint16Array(q.length), directOut).buffer)), `lengths ${live.join(' ')}`).toBe(true);
+          // and the replay is right, not only repeatable: the appended token is the last one attended
+          live.forEach((n, b) => {
+            k.set(kNew.subarray(b * row, (b + 1) * row), (b * T + n - 1) * row);
+            v.set(vNew.subarray(b * row, (b + 1) * row), (b * T + n - 1) * row);
+          });
+          const ks = live.map((n, b) => k.slice(b * T * row, (b * T + n) * row)), vs = live.map((n, b) => v.slice(b * T * row, (b * T + n) * row));
+          expect(worstExcess(s.queryDtype, replayed, reference(s, q, ks, vs, live))).toBeLessThanOrEqual(0);
+        }
+      } finally {
+        gpu.destroyGraph(graph);
+      }
+    } finally {
+      gpu.destroyStream(stream);
+    }
+  });
+
   for (const [dtype, queryDtype] of [['float16', 'float16'], ['bfloat16', 'bfloat16'], ['float8_e4m3', 'float16'], ['float8_e4m3', 'bfloat16']] as const) {
     it(`appendKV writes new tokens at each entry's position, strided on a cache and paged (${dtype}, new tokens ${queryDtype})`, () => {
       const s: Shape = { dtype, queryDtype, qHeads: 8, kvHeads: 4, headDim: 128, ...(dtype === 'float8_e4m3' ? { kvScale: { k: 0.04, v: 0.02, perHead: true } } : {}) };

@@ -51,6 +51,19 @@ void TestingSpinThenFillU32(const Napi::CallbackInfo& info) {
   });
 }
 
+void TestingBeginCapture(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::beginCapture(dev(info), u64(info[1])); });
+}
+Napi::Value TestingEndCapture(const Napi::CallbackInfo& info) {
+  return big(info.Env(), guarded(info.Env(), [&] { return testing::endCapture(dev(info), u64(info[1])); }));
+}
+void TestingLaunchGraph(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::launchGraph(dev(info), u64(info[1]), u64(info[2])); });
+}
+void TestingDestroyGraph(const Napi::CallbackInfo& info) {
+  guarded(info.Env(), [&] { testing::destroyGraph(dev(info), u64(info[1])); });
+}
+
 void TestingStreamRead(const Napi::CallbackInfo& info) {
   guarded(info.Env(), [&] { testing::streamRead(dev(info), u64(info[1]), u64(info[2]), u64(info[3])); });
 }
@@ -247,6 +260,10 @@ Napi::Object TestingExports(Napi::Env env) {
   t.Set("writeTokens", Napi::Function::New<TestingWriteTokens>(env));
   t.Set("spinThenReadU32", Napi::Function::New<TestingSpinThenReadU32>(env));
   t.Set("streamRead", Napi::Function::New<TestingStreamRead>(env));
+  t.Set("beginCapture", Napi::Function::New<TestingBeginCapture>(env));
+  t.Set("endCapture", Napi::Function::New<TestingEndCapture>(env));
+  t.Set("launchGraph", Napi::Function::New<TestingLaunchGraph>(env));
+  t.Set("destroyGraph", Napi::Function::New<TestingDestroyGraph>(env));
   t.Set("createStream", Napi::Function::New<TestingCreateStream>(env));
   t.Set("destroyStream", Napi::Function::New<TestingDestroyStream>(env));
   t.Set("synchronizeStream", Napi::Function::New<TestingSynchronizeStream>(env));

@@ -72,7 +72,9 @@ bool resolveAll(void* lib, DriverApi& a, std::string* p) {
          VAT_RESOLVE(cuStreamCreate) && VAT_RESOLVE(cuStreamDestroy) && VAT_RESOLVE(cuStreamSynchronize) &&
          VAT_RESOLVE(cuModuleLoadData) && VAT_RESOLVE(cuModuleUnload) && VAT_RESOLVE(cuModuleGetFunction) &&
          VAT_RESOLVE(cuFuncSetAttribute) && VAT_RESOLVE(cuOccupancyMaxActiveBlocksPerMultiprocessor) &&
-         VAT_RESOLVE(cuStreamIsCapturing) && VAT_RESOLVE(cuLaunchKernel);
+         VAT_RESOLVE(cuStreamIsCapturing) && VAT_RESOLVE(cuStreamBeginCapture) && VAT_RESOLVE(cuStreamEndCapture) &&
+         VAT_RESOLVE(cuGraphInstantiateWithFlags) && VAT_RESOLVE(cuGraphLaunch) && VAT_RESOLVE(cuGraphExecDestroy) &&
+         VAT_RESOLVE(cuGraphDestroy) && VAT_RESOLVE(cuLaunchKernel);
 #undef VAT_RESOLVE
 }
 

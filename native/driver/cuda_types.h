@@ -18,6 +18,10 @@ struct CUctx_st;
 using CUcontext = CUctx_st*;
 struct CUstream_st;
 using CUstream = CUstream_st*;
+struct CUgraph_st;
+using CUgraph = CUgraph_st*;
+struct CUgraphExec_st;
+using CUgraphExec = CUgraphExec_st*;
 struct CUevent_st;
 using CUevent = CUevent_st*;
 struct CUmod_st;
@@ -52,6 +56,7 @@ enum CUmemAllocationGranularity_flags { CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0x0 }
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 constexpr int CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 constexpr int CU_STREAM_CAPTURE_STATUS_NONE = 0;
+constexpr int CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 0x1;
 constexpr uint64_t CU_GET_PROC_ADDRESS_DEFAULT = 0;
 constexpr int CU_GET_PROC_ADDRESS_SUCCESS = 0;

@@ -38,6 +38,12 @@ void writeRowsU32(int device, uint64_t address, uint64_t stride, uint64_t rows, 
                   uint64_t stream);
 uint64_t createStream(int device);
 void destroyStream(int device, uint64_t stream);
+// CUDA graphs: capture what is queued on `stream` (not the legacy stream)
+// between begin and end into an instantiated graph; launch; destroy.
+void beginCapture(int device, uint64_t stream);
+uint64_t endCapture(int device, uint64_t stream);
+void launchGraph(int device, uint64_t graph, uint64_t stream);
+void destroyGraph(int device, uint64_t graph);
 void synchronizeStream(int device, uint64_t stream);
 constexpr size_t kMaxWriteEntries = 256;
 
