@@ -67,10 +67,31 @@ __device__ __forceinline__ unsigned fp8PairToHalves(unsigned short pair) {
   return static_cast<unsigned>(h.x) | (static_cast<unsigned>(h.y) << 16);
 }
 
-// The B fragments of the score MMA for k-step ks (dims 16 ks..16 ks + 15):
-// b[nt][0..1] for the tiles of tokens 0-7 and 8-15 of the stage. K rows are
-// the columns of Kᵀ: an ldmatrix of the rows as stored.
-template <typename Kv>
+// Which head dimension each MMA column holds. With 16-bit caches, the
+// natural order (ldmatrix reads 16-byte rows). With fp8 caches, an order in
+// which every lane's elements are contiguous bytes, so that it reads them
+// with a few 32-bit loads instead of byte by byte:
+//   scores: k-step ks, MMA k index k of lane quad position t = (k % 8) / 2
+//           holds dim t × D/4 + ks × 4 + (k / 8) × 2 + k % 2
+//           (Q is loaded in the same order: the dot product is unchanged)
+//   values: tile nd, column n holds dim n × D/8 + nd
+//           (the output is written back in the natural order)
+template <typename Kv, int D>
+struct DimOrder {
+  static constexpr bool kPermuted = Element<Kv>::kBytes == 1;
+  // The first of the two adjacent dims of Q's A-fragment element (ks, khalf) for quad position t.
+  __device__ static constexpr int query(int ks, int khalf, int t) {
+    return kPermuted ? t * (D / 4) + ks * 4 + khalf * 2 : ks * 16 + khalf * 8 + t * 2;
+  }
+  // The dim of value tile nd, column n.
+  __device__ static constexpr int value(int nd, int n) { return kPermuted ? n * (D / 8) + nd : nd * 8 + n; }
+};
+
+// The B fragments of the score MMA for k-step ks: b[nt][0..1] for the tiles
+// of tokens 0-7 and 8-15 of the stage. K rows are the columns of Kᵀ: an
+// ldmatrix of the rows as stored (16-bit), or one 32-bit load per tile (fp8,
+// DimOrder) converted pairwise.
+template <typename Kv, int D>
 __device__ __forceinline__ void keyFragments(const unsigned char* rows, int rowStride, int ks, int lane,
                                              unsigned (&b)[2][2]) {
   if constexpr (Element<Kv>::kBytes == 2) {
@@ -85,9 +106,9 @@ __device__ __forceinline__ void keyFragments(const unsigned char* rows, int rowS
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int nt = 0; nt < 2; nt++) {
-      const unsigned char* row = rows + (nt * 8 + g) * rowStride + ks * 16 + t * 2;
-      b[nt][0] = fp8PairToHalves(*reinterpret_cast<const unsigned short*>(row));
-      b[nt][1] = fp8PairToHalves(*reinterpret_cast<const unsigned short*>(row + 8));
+      const unsigned word = *reinterpret_cast<const unsigned*>(rows + (nt * 8 + g) * rowStride + t * (D / 4) + ks * 4);
+      b[nt][0] = fp8PairToHalves(static_cast<unsigned short>(word & 0xffffu));
+      b[nt][1] = fp8PairToHalves(static_cast<unsigned short>(word >> 16));
     }
   }
 }
@@ -95,27 +116,48 @@ __device__ __forceinline__ void keyFragments(const unsigned char* rows, int rowS
 // The B fragments of the value MMA for dim tiles nd and nd + 1 (k = the
 // stage's 16 tokens): b[j][0..1] for tile nd + j. V rows are the rows of
 // the B matrix: an ldmatrix.trans of the rows as stored.
-template <typename Kv>
-__device__ __forceinline__ void valueFragments(const unsigned char* rows, int rowStride, int nd, int lane,
-                                               unsigned (&b)[2][2]) {
-  if constexpr (Element<Kv>::kBytes == 2) {
-    unsigned r[4];
-    const int token = (lane % 8) + ((lane / 8) % 2) * 8, chunk = nd + lane / 16;
-    loadMatricesTransposed(r, rows + token * rowStride + chunk * 16);
-    b[0][0] = r[0];
-    b[0][1] = r[1];
-    b[1][0] = r[2];
-    b[1][1] = r[3];
-  } else {
-    const int g = lane / 4, t = lane % 4;
+__device__ __forceinline__ void valueFragments16(const unsigned char* rows, int rowStride, int nd, int lane,
+                                                 unsigned (&b)[2][2]) {
+  unsigned r[4];
+  const int token = (lane % 8) + ((lane / 8) % 2) * 8, chunk = nd + lane / 16;
+  loadMatricesTransposed(r, rows + token * rowStride + chunk * 16);
+  b[0][0] = r[0];
+  b[0][1] = r[1];
+  b[1][0] = r[2];
+  b[1][1] = r[3];
+}
+
+// Every B fragment of the value MMA of an fp8 stage (DimOrder: lane g's
+// column is dims g × D/8 .. g × D/8 + D/8 - 1 of each token row, contiguous):
+// b[nd][half] pairs tokens 2t, 2t + 1 (half 0) or 8 + 2t, 9 + 2t (half 1).
+template <int D>
+__device__ __forceinline__ void valueFragmentsFp8(const unsigned char* rows, int rowStride, int lane,
+                                                  unsigned (&b)[D / 8][2]) {
+  const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int j = 0; j < 2; j++) {
-      const int dim = (nd + j) * 8 + g;
+  for (int half = 0; half < 2; half++) {
+    const unsigned char* even = rows + (half * 8 + t * 2) * rowStride + g * (D / 8);
+    const unsigned char* odd = even + rowStride;
+    if constexpr ((D / 8) % 4 == 0) {
 #pragma unroll
-      for (int half = 0; half < 2; half++) {
-        const unsigned char* row = rows + (half * 8 + t * 2) * rowStride + dim;
-        const unsigned short pair = static_cast<unsigned short>(row[0] | (row[rowStride] << 8));
-        b[j][half] = fp8PairToHalves(pair);
+      for (int w = 0; w < D / 32; w++) {
+        const unsigned a = *reinterpret_cast<const unsigned*>(even + w * 4);
+        const unsigned c = *reinterpret_cast<const unsigned*>(odd + w * 4);
+        // bytes [a0 c0 a1 c1] and [a2 c2 a3 c3]: the token pairs of 4 dims
+        const unsigned lo = __byte_perm(a, c, 0x5140), hi = __byte_perm(a, c, 0x7362);
+        b[w * 4 + 0][half] = fp8PairToHalves(static_cast<unsigned short>(lo & 0xffffu));
+        b[w * 4 + 1][half] = fp8PairToHalves(static_cast<unsigned short>(lo >> 16));
+        b[w * 4 + 2][half] = fp8PairToHalves(static_cast<unsigned short>(hi & 0xffffu));
+        b[w * 4 + 3][half] = fp8PairToHalves(static_cast<unsigned short>(hi >> 16));
+      }
+    } else {
+#pragma unroll
+      for (int w = 0; w < D / 16; w++) {
+        const unsigned a = *reinterpret_cast<const unsigned short*>(even + w * 2);
+        const unsigned c = *reinterpret_cast<const unsigned short*>(odd + w * 2);
+        const unsigned pairs = __byte_perm(a, c, 0x5140);
+        b[w * 2 + 0][half] = fp8PairToHalves(static_cast<unsigned short>(pairs & 0xffffu));
+        b[w * 2 + 1][half] = fp8PairToHalves(static_cast<unsigned short>(pairs >> 16));
       }
     }
   }

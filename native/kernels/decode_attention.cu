@@ -61,7 +61,7 @@ __device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int blo
 }
 
 // The A fragments of Q (rows: the block's heads; unused rows zero), in the MMA's type.
-template <typename M, int D>
+template <typename Kv, typename M, int D>
 __device__ __forceinline__ void queryFragments(const AttentionParams& p, const BlockWork& w, int lane,
                                                unsigned (&a)[D / 16][4]) {
   const int g = lane / 4, t = lane % 4;
@@ -69,7 +69,7 @@ __device__ __forceinline__ void queryFragments(const AttentionParams& p, const B
   for (int ks = 0; ks < D / 16; ks++) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-      const int row = g + (i % 2) * 8, col = ks * 16 + (i / 2) * 8 + t * 2;
+      const int row = g + (i % 2) * 8, col = DimOrder<Kv, D>::query(ks, i / 2, t);
       unsigned raw = 0;
       if (row < w.heads) {
         const long long at = (static_cast<long long>(w.b) * p.qHeads + w.firstHead + row) * D + col;
@@ -135,7 +135,7 @@ __device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++) {
     unsigned b[2][2];
-    keyFragments<Kv>(kRows, kStride, ks, lane, b);
+    keyFragments<Kv, D>(kRows, kStride, ks, lane, b);
     mma(s[0], qa[ks], b[0][0], b[0][1], M());
     mma(s[1], qa[ks], b[1][0], b[1][1], M());
   }
@@ -179,19 +179,26 @@ __device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState
   // P as the A fragment of the value MMA (k = the 16 tokens).
   const unsigned pa[4] = {pack(s[0][0], s[0][1], M()), pack(s[0][2], s[0][3], M()), pack(s[1][0], s[1][1], M()),
                           pack(s[1][2], s[1][3], M())};
+  if constexpr (Element<Kv>::kBytes == 2) {
 #pragma unroll
-  for (int nd = 0; nd < D / 8; nd += 2) {
-    unsigned b[2][2];
-    valueFragments<Kv>(vRows, kStride, nd, lane, b);
-    mma(st.o[nd], pa, b[0][0], b[0][1], M());
-    mma(st.o[nd + 1], pa, b[1][0], b[1][1], M());
+    for (int nd = 0; nd < D / 8; nd += 2) {
+      unsigned b[2][2];
+      valueFragments16(vRows, kStride, nd, lane, b);
+      mma(st.o[nd], pa, b[0][0], b[0][1], M());
+      mma(st.o[nd + 1], pa, b[1][0], b[1][1], M());
+    }
+  } else {
+    unsigned b[D / 8][2];
+    valueFragmentsFp8<D>(vRows, kStride, lane, b);
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) mma(st.o[nd], pa, b[nd][0], b[nd][1], M());
   }
 }
 
 // Merges the warps' states through shared memory (the pipeline's, drained)
 // and writes the split's result: the output itself with one split, else its
 // partial state. V's dequantisation scale applies here (it is linear).
-template <int D>
+template <typename Kv, int D>
 __device__ __forceinline__ void storeSplit(const AttentionParams& p, const WarpState<D>& st, const BlockWork& w,
                                            int warp, int lane, unsigned char* shared) {
   constexpr int R = vat::kernels::kHeadsPerBlock;
@@ -204,8 +211,8 @@ __device__ __forceinline__ void storeSplit(const AttentionParams& p, const WarpS
     const int row = g + r * 8;
 #pragma unroll
     for (int nd = 0; nd < D / 8; nd++) {
-      sAcc[(warp * R + row) * D + nd * 8 + t * 2] = st.o[nd][r * 2];
-      sAcc[(warp * R + row) * D + nd * 8 + t * 2 + 1] = st.o[nd][r * 2 + 1];
+      sAcc[(warp * R + row) * D + DimOrder<Kv, D>::value(nd, t * 2)] = st.o[nd][r * 2];
+      sAcc[(warp * R + row) * D + DimOrder<Kv, D>::value(nd, t * 2 + 1)] = st.o[nd][r * 2 + 1];
     }
     if (t == 0) {
       sMax[warp * R + row] = st.m[r];
@@ -251,7 +258,7 @@ __device__ void partialAttention(const AttentionParams& p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const BlockWork w = blockWork(p, kT.blockTokens);
   unsigned qa[D / 16][4];
-  queryFragments<M, D>(p, w, lane, qa);
+  queryFragments<Kv, M, D>(p, w, lane, qa);
   // Scores come out of the MMA unscaled: scale (× K's fp8 scale) × log2(e),
   // or natural units when soft-capped (the cap applies before base 2).
   const float scoreScale = p.scale * headScale(p.kScale, p.kScales, w.kvHead) * (p.softcap > 0.f ? 1.f : kLog2e);
@@ -298,7 +305,7 @@ __device__ void partialAttention(const AttentionParams& p) {
     st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
   }
   __syncthreads();  // every warp is done with the pipeline's buffers
-  storeSplit<D>(p, st, w, warp, lane, shared);
+  storeSplit<Kv, D>(p, st, w, warp, lane, shared);
 }
 
 // Combines the splits of one (entry, query head): grid (qHeads, batch), D
