@@ -122,24 +122,13 @@ struct WarpState {
   float m[2], l[2], o[D / 8][4];
 };
 
-// Scores one warp's stage of 16 tokens (rows of K/V in shared memory) and
-// folds it into the state: S = Q·Kᵀ, online softmax, O += P·V.
-template <typename Kv, int D>
-__device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState<D>& st, const unsigned (&qa)[D / 16][4],
-                                             const unsigned char* kRows, const unsigned char* vRows, int t0, int end,
-                                             int lane, float scoreScale) {
-  using M = typename MmaType<Kv>::Type;
-  constexpr int kStride = vat::kernels::tilingFor(D, Element<Kv>::kBytes).rowStride;
-  const int t = lane % 4;
-  float s[2][4] = {};
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ks++) {
-    unsigned b[2][2];
-    keyFragments<Kv, D>(kRows, kStride, ks, lane, b);
-    mma(s[0], qa[ks], b[0][0], b[0][1], M());
-    mma(s[1], qa[ks], b[1][0], b[1][1], M());
-  }
-  // Logits in base 2, masked past the split's end; the rows' maxima over the quad.
+// The online softmax of one stage: scores s (MMA accumulators: rows g and
+// g + 8, tokens t0 + 8 nt + 2t + i % 2) to logits in base 2, masked past
+// `end`; the rows' maxima over the quad raised; the sums and O rescaled;
+// s replaced by the weights exp2(logit - max).
+template <int D>
+__device__ __forceinline__ void foldScores(const AttentionParams& p, WarpState<D>& st, float (&s)[2][4], int t0,
+                                           int end, int t, float scoreScale) {
   float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
   for (int nt = 0; nt < 2; nt++)
@@ -176,6 +165,25 @@ __device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState
       st.l[i / 2] += e;
       s[nt][i] = e;
     }
+}
+
+// Scores one warp's stage of 16 tokens (rows of K/V in shared memory) and
+// folds it into the state: S = Q·Kᵀ, online softmax, O += P·V.
+template <typename Kv, int D>
+__device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState<D>& st, const unsigned (&qa)[D / 16][4],
+                                             const unsigned char* kRows, const unsigned char* vRows, int t0, int end,
+                                             int lane, float scoreScale) {
+  using M = typename MmaType<Kv>::Type;
+  constexpr int kStride = vat::kernels::tilingFor(D, Element<Kv>::kBytes).rowStride;
+  float s[2][4] = {};
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++) {
+    unsigned b[2][2];
+    keyFragments<Kv, D>(kRows, kStride, ks, lane, b);
+    mma(s[0], qa[ks], b[0][0], b[0][1], M());
+    mma(s[1], qa[ks], b[1][0], b[1][1], M());
+  }
+  foldScores<D>(p, st, s, t0, end, lane % 4, scoreScale);
   // P as the A fragment of the value MMA (k = the 16 tokens).
   const unsigned pa[4] = {pack(s[0][0], s[0][1], M()), pack(s[0][2], s[0][3], M()), pack(s[1][0], s[1][1], M()),
                           pack(s[1][2], s[1][3], M())};
