@@ -7,11 +7,12 @@
 //            + (token % blockSize) × tokenStride + head × headStride
 //            (vLLM-style blocks [numBlocks, blockSize, kvHeads, headDim])
 //
-// Decode: a block handles one KV head and up to 8 of the query heads that
-// share it (grouped-query attention), so each K/V row is read once for them.
-// Bandwidth comes from bytes in flight: each warp streams its own tokens'
-// K and V rows into shared memory with cp.async, kAttentionStages tiles
-// ahead of the one it computes (no block-wide barrier in the loop). fp16,
+// Decode: a block handles one KV head and up to 16 of the query heads that
+// share it (grouped-query attention), so each K/V row is read once for them;
+// the heads are the rows of tensor-core tiles (attention_mma.cuh). Bandwidth
+// comes from bytes in flight: each warp streams its own 16-token stages of K
+// and V rows into shared memory with cp.async, the next ones in flight while
+// it computes one (no block-wide barrier in the loop). fp16,
 // bf16 or fp8 (e4m3) K/V, fp32 accumulation, online softmax in base 2,
 // optional sliding window and logit soft-cap. The KV length of each entry is
 // split evenly over `splits` blocks (flash-decoding); each writes its running

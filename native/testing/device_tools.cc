@@ -116,33 +116,6 @@ void streamRead(int device, uint64_t address, uint64_t bytes, uint64_t stream) {
         "cuLaunchKernel");
 }
 
-void beginCapture(int device, uint64_t stream) {
-  kernels(device);
-  check(driver().cuStreamBeginCapture(asStream(stream), CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
-}
-
-uint64_t endCapture(int device, uint64_t stream) {
-  kernels(device);
-  const DriverApi& d = driver();
-  CUgraph graph = nullptr;
-  check(d.cuStreamEndCapture(asStream(stream), &graph), "cuStreamEndCapture");
-  CUgraphExec exec = nullptr;
-  CUresult r = d.cuGraphInstantiateWithFlags(&exec, graph, 0);
-  d.cuGraphDestroy(graph);
-  check(r, "cuGraphInstantiateWithFlags");
-  return reinterpret_cast<uint64_t>(exec);
-}
-
-void launchGraph(int device, uint64_t graph, uint64_t stream) {
-  kernels(device);
-  check(driver().cuGraphLaunch(reinterpret_cast<CUgraphExec>(graph), asStream(stream)), "cuGraphLaunch");
-}
-
-void destroyGraph(int device, uint64_t graph) {
-  kernels(device);
-  check(driver().cuGraphExecDestroy(reinterpret_cast<CUgraphExec>(graph)), "cuGraphExecDestroy");
-}
-
 void checkFillU32(int device, uint64_t address, uint64_t count, uint32_t seed, uint64_t counter, uint64_t stream) {
   DeviceKernels& k = kernels(device);
   void* args[] = {&address, &count, &seed, &counter};
