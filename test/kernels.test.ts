@@ -5,6 +5,8 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from '../lib/errors.js';
 import * as kernels from '../lib/kernels.js';
+import { KVCache } from '../lib/index.js';
+import * as gpu from '../lib/testing.js';
 import { cudaSkip } from './backends.js';
 
 // Addresses that are never dereferenced: each call below is refused first.
@@ -109,5 +111,39 @@ describe('vattention/kernels argument checks (no GPU needed)', () => {
     expect(() => kernels.decodeAttention(valid)).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
     expect(() => kernels.appendKV(validAppend)).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
     expect(() => new kernels.AttentionWorkspace({ bytes: 1024 })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
+  });
+});
+
+describe('fp8 e4m3 on the host', () => {
+  it('every e4m3 code decodes and encodes back to itself (NaN aside); rounding is to nearest even; values saturate at ±448', () => {
+    for (let b = 0; b < 256; b++) {
+      if ((b & 0x7f) === 0x7f) {
+        expect(gpu.fromFloat8E4M3Bits(b)).toBeNaN();
+        continue;
+      }
+      expect(gpu.toFloat8E4M3Bits(gpu.fromFloat8E4M3Bits(b)), `code 0x${b.toString(16)}`).toBe(b);
+    }
+    expect(gpu.fromFloat8E4M3Bits(0x7e)).toBe(448);
+    expect(gpu.toFloat8E4M3Bits(1000)).toBe(0x7e);
+    expect(gpu.toFloat8E4M3Bits(-1e9)).toBe(0xfe);
+    // 1.0625 lies halfway between 1 (0x38) and 1.125 (0x39): to the even code
+    expect(gpu.toFloat8E4M3Bits(1.0625)).toBe(0x38);
+    expect(gpu.toFloat8E4M3Bits(1.1875)).toBe(0x3a);
+    expect(gpu.toFloat8E4M3Bits(2 ** -10)).toBe(0); // half the smallest subnormal: to even (0)
+    expect(gpu.toFloat8E4M3Bits(3 * 2 ** -10)).toBe(2);
+  });
+
+  it('a float8_e4m3 cache holds one byte per element and moves raw bytes', () => {
+    using c = new KVCache({ backend: 'host', layers: 2, kvHeads: 2, headDim: 64, dtype: 'float8_e4m3', maxSequences: 2, maxTokens: 256 });
+    expect(c.tokenBytes).toBe(2 * 64);
+    const seq = c.reserve();
+    c.grow(seq, 10);
+    const bytes = Uint8Array.from({ length: 10 * c.tokenBytes }, (_, i) => gpu.toFloat8E4M3Bits(((i % 37) - 18) / 4));
+    c.write(seq, { layer: 1, kind: 'v', token: 0 }, bytes);
+    expect(Buffer.from(c.read(seq, { layer: 1, kind: 'v', token: 0, count: 10 })).equals(Buffer.from(bytes))).toBe(true);
+  });
+
+  it("the old name 'float8' is refused, naming the supported ones", () => {
+    expect(() => new KVCache({ backend: 'host', layers: 1, kvHeads: 1, headDim: 64, dtype: 'float8' as never, maxSequences: 1, maxTokens: 16 })).toThrow(/float8_e4m3/);
   });
 });
