@@ -1,0 +1,137 @@
+// The Llama forward pass on the CPU in float32 over weights decoded to
+// Float32Array: the reference the GPU model is checked against, and what
+// writes the expected tokens and logits next to generated weights. Slow on
+// purpose (plain loops, one token at a time) and small-model only.
+import { ropeFrequencies } from './config.mjs';
+
+function matvec(w, x, rows, cols, out = new Float32Array(rows)) {
+  for (let r = 0; r < rows; r++) {
+    let sum = 0;
+    const at = r * cols;
+    for (let c = 0; c < cols; c++) sum += w[at + c] * x[c];
+    out[r] = sum;
+  }
+  return out;
+}
+
+function rmsNorm(x, weight, eps) {
+  let sum = 0;
+  for (let i = 0; i < x.length; i++) sum += x[i] * x[i];
+  const scale = 1 / Math.sqrt(sum / x.length + eps);
+  const out = new Float32Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i] * scale * weight[i];
+  return out;
+}
+
+/** Rotates each head of `x` (heads × headDim) for position `pos`, the halves convention of Hugging Face's Llama. */
+function rope(x, heads, headDim, pos, frequencies) {
+  const half = headDim / 2;
+  for (let h = 0; h < heads; h++) {
+    const at = h * headDim;
+    for (let i = 0; i < half; i++) {
+      const angle = pos * frequencies[i], c = Math.cos(angle), s = Math.sin(angle);
+      const a = x[at + i], b = x[at + i + half];
+      x[at + i] = a * c - b * s;
+      x[at + i + half] = b * c + a * s;
+    }
+  }
+}
+
+export class ReferenceModel {
+  /** `m`: parseConfig's shape; `weights`: Map of tensor name → Float32Array (Hugging Face names, [out, in]). */
+  constructor(m, weights) {
+    this.m = m;
+    this.w = (name) => {
+      const t = weights.get(name);
+      if (!t) throw new Error(`reference model: no weight '${name}'`);
+      return t;
+    };
+    this.frequencies = ropeFrequencies(m);
+  }
+
+  /** A sequence's KV cache: per layer, K and V rows of kvHeads × headDim floats. */
+  newSequence() {
+    return { length: 0, k: Array.from({ length: this.m.layers }, () => []), v: Array.from({ length: this.m.layers }, () => []) };
+  }
+
+  /** Runs `tokens` through the model after what `seq` holds; returns the logits after each token. */
+  forward(seq, tokens) {
+    return tokens.map((token) => this.#step(seq, token));
+  }
+
+  #step(seq, token) {
+    const { m } = this;
+    const pos = seq.length;
+    let x = this.w('model.embed_tokens.weight').slice(token * m.hidden, (token + 1) * m.hidden);
+    for (let l = 0; l < m.layers; l++) {
+      const p = `model.layers.${l}.`;
+      const h = rmsNorm(x, this.w(`${p}input_layernorm.weight`), m.rmsNormEps);
+      const q = matvec(this.w(`${p}self_attn.q_proj.weight`), h, m.heads * m.headDim, m.hidden);
+      const k = matvec(this.w(`${p}self_attn.k_proj.weight`), h, m.kvHeads * m.headDim, m.hidden);
+      const v = matvec(this.w(`${p}self_attn.v_proj.weight`), h, m.kvHeads * m.headDim, m.hidden);
+      rope(q, m.heads, m.headDim, pos, this.frequencies);
+      rope(k, m.kvHeads, m.headDim, pos, this.frequencies);
+      seq.k[l].push(k);
+      seq.v[l].push(v);
+      const attended = this.#attend(q, seq.k[l], seq.v[l]);
+      const o = matvec(this.w(`${p}self_attn.o_proj.weight`), attended, m.hidden, m.heads * m.headDim);
+      x = x.map((xi, i) => xi + o[i]);
+      const h2 = rmsNorm(x, this.w(`${p}post_attention_layernorm.weight`), m.rmsNormEps);
+      const gate = matvec(this.w(`${p}mlp.gate_proj.weight`), h2, m.intermediate, m.hidden);
+      const up = matvec(this.w(`${p}mlp.up_proj.weight`), h2, m.intermediate, m.hidden);
+      for (let i = 0; i < m.intermediate; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
+      const down = matvec(this.w(`${p}mlp.down_proj.weight`), gate, m.hidden, m.intermediate);
+      x = x.map((xi, i) => xi + down[i]);
+    }
+    seq.length++;
+    const final = rmsNorm(x, this.w('model.norm.weight'), m.rmsNormEps);
+    const head = this.w(m.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
+    return matvec(head, final, m.vocab, m.hidden);
+  }
+
+  /** Causal attention of one query over the rows so far, grouped-query. */
+  #attend(q, kRows, vRows) {
+    const { heads, kvHeads, headDim } = this.m;
+    const group = heads / kvHeads, scale = 1 / Math.sqrt(headDim);
+    const out = new Float32Array(heads * headDim);
+    const scores = new Float64Array(kRows.length);
+    for (let h = 0; h < heads; h++) {
+      const kv = Math.floor(h / group) * headDim, qa = h * headDim;
+      let max = -Infinity;
+      for (let t = 0; t < kRows.length; t++) {
+        let dot = 0;
+        for (let d = 0; d < headDim; d++) dot += q[qa + d] * kRows[t][kv + d];
+        scores[t] = dot * scale;
+        if (scores[t] > max) max = scores[t];
+      }
+      let sum = 0;
+      for (let t = 0; t < kRows.length; t++) sum += scores[t] = Math.exp(scores[t] - max);
+      for (let t = 0; t < kRows.length; t++) {
+        const w = scores[t] / sum;
+        for (let d = 0; d < headDim; d++) out[qa + d] += w * vRows[t][kv + d];
+      }
+    }
+    return out;
+  }
+}
+
+/** Index of the largest value (the first of equals). */
+export function argmax(values) {
+  let best = 0;
+  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
+  return best;
+}
+
+/** Greedy decoding: the prompt, then `steps` tokens; returns { tokens, logits } of the generated ones. */
+export function greedy(model, prompt, steps) {
+  const seq = model.newSequence();
+  let last = model.forward(seq, prompt).at(-1);
+  const tokens = [], logits = [];
+  for (let i = 0; i < steps; i++) {
+    const next = argmax(last);
+    tokens.push(next);
+    logits.push(last[next]);
+    last = model.forward(seq, [next])[0];
+  }
+  return { tokens, logits };
+}

@@ -1,0 +1,200 @@
+// examples/llama without a GPU: the safetensors reader and writer, the
+// config parsing, the random weights and the CPU reference forward pass on
+// the tiny shape (against values computed once and checked in, and against
+// itself: decoding with its KV cache equals recomputing from scratch).
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { afterAll, describe, expect, it } from 'vitest';
+// @ts-expect-error: the example is plain JavaScript
+import { ConfigError, parseConfig, ropeFrequencies, SHAPES, tensorList } from '../examples/llama/config.mjs';
+// @ts-expect-error: the example is plain JavaScript
+import { argmax, greedy, ReferenceModel } from '../examples/llama/reference.mjs';
+// @ts-expect-error: the example is plain JavaScript
+import { openSafetensors, SafetensorsError, writeSafetensors } from '../examples/llama/safetensors.mjs';
+// @ts-expect-error: the example is plain JavaScript
+import { decode, encode, randomWeights } from '../examples/llama/weights.mjs';
+// @ts-expect-error: the example is plain JavaScript
+import { makeWeights, referencePrompt } from '../examples/llama/make-weights.mjs';
+
+const root = join(__dirname, '..');
+const dir = mkdtempSync(join(tmpdir(), 'vattention-llama-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+type Tensor = { dtype: string; shape: number[]; offset: number; bytes: number };
+
+describe('safetensors', () => {
+  it('writes and reads back tensors of every dtype with their metadata, the header padded to 8 bytes', () => {
+    const file = join(dir, 'round.safetensors');
+    const f32 = Float32Array.from([1.5, -2, 3.25, 0]);
+    const f16 = encode(Float32Array.from([0.5, -1, 2, 65504, 1e-3, -0]), 'F16');
+    const bf16 = encode(Float32Array.from([1e30, -3.5]), 'BF16');
+    writeSafetensors(file, [
+      { name: 'a.f32', dtype: 'F32', shape: [2, 2], data: f32 },
+      { name: 'b.f16', dtype: 'F16', shape: [3, 2], data: f16 },
+      { name: 'c.bf16', dtype: 'BF16', shape: [2], data: bf16 },
+      { name: 'empty', dtype: 'F16', shape: [0, 4], data: new Uint16Array(0) },
+    ], { format: 'pt' });
+    const bytes = readFileSync(file);
+    expect(Number(bytes.readBigUInt64LE(0)) % 8).toBe(0);
+    const st = openSafetensors(file);
+    try {
+      expect(st.metadata).toEqual({ format: 'pt' });
+      expect([...st.tensors.keys()]).toEqual(['a.f32', 'b.f16', 'c.bf16', 'empty']);
+      expect((st.tensors.get('b.f16') as Tensor).shape).toEqual([3, 2]);
+      expect(Array.from(decode(st.readTensor('a.f32'), 'F32'))).toEqual([1.5, -2, 3.25, 0]);
+      expect(Array.from(decode(st.readTensor('b.f16'), 'F16'))).toEqual([0.5, -1, 2, 65504, Math.fround(0.0010004043579101562), -0]);
+      expect(decode(st.readTensor('c.bf16'), 'BF16')[1]).toBe(-3.5);
+      expect(st.readTensor('empty').length).toBe(0);
+      expect(() => st.readTensor('missing')).toThrow(expect.objectContaining({ code: 'ERR_SAFETENSORS', message: expect.stringContaining("no tensor 'missing'") }));
+    } finally {
+      st.close();
+    }
+  });
+
+  /** A file with `header` (a JSON object) and `data` bytes. */
+  function fileWith(name: string, header: unknown, data = 0, lengthOverride?: bigint): string {
+    const json = Buffer.from(JSON.stringify(header));
+    const length = Buffer.alloc(8);
+    length.writeBigUInt64LE(lengthOverride ?? BigInt(json.length));
+    const file = join(dir, name);
+    writeFileSync(file, Buffer.concat([length, json, Buffer.alloc(data)]));
+    return file;
+  }
+
+  for (const [what, file, message] of [
+    ['a file shorter than the length field', () => (writeFileSync(join(dir, 'short'), Buffer.alloc(5)), join(dir, 'short')), 'shorter than the 8-byte'],
+    ['a header length past the end', () => fileWith('long', {}, 0, 1000n), 'does not fit'],
+    ['a header that is not JSON', () => (writeFileSync(join(dir, 'notjson'), Buffer.concat([Buffer.from([3, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('{x]')])), join(dir, 'notjson')), 'not JSON'],
+    ['an unknown dtype', () => fileWith('dtype', { t: { dtype: 'F12', shape: [1], data_offsets: [0, 2] } }, 2), 'F12'],
+    ['a size that does not match the shape', () => fileWith('size', { t: { dtype: 'F16', shape: [3], data_offsets: [0, 4] } }, 4), 'needs 6'],
+    ['a range past the data', () => fileWith('range', { t: { dtype: 'F16', shape: [4], data_offsets: [0, 8] } }, 4), 'outside the 4 data bytes'],
+    ['two tensors that overlap', () => fileWith('overlap', { a: { dtype: 'F16', shape: [2], data_offsets: [0, 4] }, b: { dtype: 'F16', shape: [2], data_offsets: [2, 6] } }, 6), 'overlap'],
+  ] as [string, () => string, string][])
+    it(`refuses ${what} with ERR_SAFETENSORS`, () => {
+      let thrown: unknown;
+      try {
+        openSafetensors(file());
+      } catch (e) {
+        thrown = e;
+      }
+      expect(thrown).toBeInstanceOf(SafetensorsError);
+      expect((thrown as { code: string }).code).toBe('ERR_SAFETENSORS');
+      expect((thrown as Error).message).toContain(message);
+    });
+});
+
+describe('Llama configs', () => {
+  it('reads the named shapes as Llama implementations do', () => {
+    expect(parseConfig(SHAPES['llama-3-8b'])).toEqual({
+      layers: 32, hidden: 4096, heads: 32, kvHeads: 8, headDim: 128, intermediate: 14336, vocab: 128256, rmsNormEps: 1e-5, ropeTheta: 500000,
+      ropeScaling: { factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 }, tieWordEmbeddings: false, dtype: 'bfloat16', maxPositions: 131072,
+    });
+    const tiny = parseConfig(SHAPES.tiny);
+    expect([tiny.layers, tiny.hidden, tiny.heads, tiny.kvHeads, tiny.headDim, tiny.intermediate, tiny.vocab]).toEqual([2, 256, 4, 2, 64, 512, 1000]);
+    // head_dim defaults to hidden / heads; kv heads to heads
+    const { head_dim: _h, num_key_value_heads: _k, ...older } = SHAPES.tiny;
+    expect(parseConfig(older)).toMatchObject({ headDim: 64, kvHeads: 4 });
+  });
+
+  for (const [what, change, message] of [
+    ['a missing hidden_size', { hidden_size: undefined }, 'hidden_size'],
+    ['heads not a multiple of kv heads', { num_key_value_heads: 3 }, 'multiple of num_key_value_heads'],
+    ['attention biases (Qwen2)', { attention_bias: true }, 'biases'],
+    ['an unknown rope scaling', { rope_scaling: { rope_type: 'yarn', factor: 4 } }, 'yarn'],
+    ['fp32 weights', { torch_dtype: 'float32' }, 'torch_dtype'],
+  ] as [string, Record<string, unknown>, string][])
+    it(`refuses ${what} with ERR_MODEL_CONFIG naming it`, () => {
+      expect(() => parseConfig({ ...SHAPES.tiny, ...change })).toThrow(ConfigError);
+      expect(() => parseConfig({ ...SHAPES.tiny, ...change })).toThrow(message);
+    });
+
+  it("Llama-3's rope scaling keeps short wavelengths, divides long ones by the factor, blends between", () => {
+    const m = parseConfig(SHAPES['llama-3-8b']);
+    const plain = ropeFrequencies({ ...m, ropeScaling: null }), scaled = ropeFrequencies(m);
+    const wavelength = (f: number) => (2 * Math.PI) / f;
+    let kept = 0, divided = 0, blended = 0;
+    for (let i = 0; i < plain.length; i++) {
+      if (wavelength(plain[i]) < 8192 / 4) (kept++, expect(scaled[i]).toBe(plain[i]));
+      else if (wavelength(plain[i]) > 8192) (divided++, expect(scaled[i]).toBeCloseTo(plain[i] / 8, 15));
+      else (blended++, expect(scaled[i]).toBeLessThan(plain[i]), expect(scaled[i]).toBeGreaterThan(plain[i] / 8));
+    }
+    expect([kept > 0, divided > 0, blended > 0]).toEqual([true, true, true]);
+  });
+
+  it('names every tensor as Hugging Face checkpoints do, [out, in]', () => {
+    const names = tensorList(parseConfig(SHAPES.tiny)).map((t: { name: string }) => t.name);
+    expect(names).toContain('model.layers.1.self_attn.k_proj.weight');
+    expect(names).toContain('model.layers.0.mlp.down_proj.weight');
+    expect(names.at(-1)).toBe('lm_head.weight');
+    expect(tensorList(parseConfig({ ...SHAPES.tiny, tie_word_embeddings: true })).some((t: { name: string }) => t.name === 'lm_head.weight')).toBe(false);
+  });
+});
+
+describe('the CPU reference on the tiny shape', () => {
+  const m = parseConfig(SHAPES.tiny);
+  const weights = randomWeights(m, { seed: 1 });
+  const values = new Map([...weights].map(([n, w]: [string, { values: Float32Array }]) => [n, w.values]));
+  const model = new ReferenceModel(m, values);
+
+  it('decoding with its KV cache gives the logits of recomputing the whole sequence', () => {
+    const tokens = [5, 17, 999, 0, 431, 77, 12];
+    const incremental = model.newSequence();
+    model.forward(incremental, tokens.slice(0, 4));
+    const stepwise = tokens.slice(4).map((t) => model.forward(incremental, [t])[0]);
+    const full = model.forward(model.newSequence(), tokens).slice(4);
+    for (let i = 0; i < full.length; i++)
+      for (let j = 0; j < m.vocab; j++) expect(Math.abs(stepwise[i][j] - full[i][j])).toBeLessThan(1e-5);
+  });
+
+  it('attends causally: a later token does not change an earlier position', () => {
+    const a = model.forward(model.newSequence(), [3, 4, 5]);
+    const b = model.forward(model.newSequence(), [3, 4, 900]);
+    expect(Array.from(a[1])).toEqual(Array.from(b[1]));
+    expect(argmax(a[2])).not.toBe(-1);
+  });
+
+  it('gives the greedy tokens and logits checked in (test/fixtures/llama-tiny-reference.json)', () => {
+    const want = JSON.parse(readFileSync(join(root, 'test/fixtures/llama-tiny-reference.json'), 'utf8'));
+    expect(referencePrompt(m, 1)).toEqual(want.prompt);
+    const got = greedy(model, want.prompt, want.greedyTokens.length);
+    expect(got.tokens).toEqual(want.greedyTokens);
+    got.logits.forEach((l: number, i: number) => expect(l).toBeCloseTo(want.greedyLogits[i], 4));
+    // the sequence is not degenerate: a reference that repeats one token proves little
+    expect(new Set(got.tokens).size).toBeGreaterThan(8);
+  });
+
+  it('make-weights writes files that load back as the same weights and the same reference', () => {
+    const out = join(dir, 'tiny');
+    const { written } = makeWeights({ shape: 'tiny', out, seed: 1, steps: 8 });
+    expect(written).toEqual(['config.json', 'model.safetensors', 'reference.json']);
+    const config = JSON.parse(readFileSync(join(out, 'config.json'), 'utf8'));
+    expect(parseConfig(config)).toEqual(m);
+    const st = openSafetensors(join(out, 'model.safetensors'));
+    try {
+      expect([...st.tensors.keys()].sort()).toEqual(tensorList(m).map((t: { name: string }) => t.name).sort());
+      for (const [name, t] of st.tensors as Map<string, Tensor>) {
+        expect(t.dtype).toBe('F16');
+        expect(Buffer.from(decode(st.readTensor(name), 'F16').buffer).equals(Buffer.from(values.get(name)!.buffer))).toBe(true);
+      }
+    } finally {
+      st.close();
+    }
+    const written8 = JSON.parse(readFileSync(join(out, 'reference.json'), 'utf8'));
+    const checkedIn = JSON.parse(readFileSync(join(root, 'test/fixtures/llama-tiny-reference.json'), 'utf8'));
+    expect(written8.greedyTokens).toEqual(checkedIn.greedyTokens.slice(0, 8));
+  });
+
+  it('make-weights --help prints its usage; a bad shape or number is an error, not a crash', () => {
+    const script = join(root, 'examples/llama/make-weights.mjs');
+    const help = spawnSync(process.execPath, [script, '--help'], { encoding: 'utf8' });
+    expect(help.status).toBe(0);
+    expect(help.stdout).toContain('--shape <llama-3-8b|tiny>');
+    const bad = spawnSync(process.execPath, [script, '--shape', 'llama-9', '--out', join(dir, 'x')], { encoding: 'utf8' });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toContain("unknown shape 'llama-9'");
+    const nan = spawnSync(process.execPath, [script, '--shape', 'tiny', '--out', join(dir, 'y'), '--seed', 'abc'], { encoding: 'utf8' });
+    expect(nan.status).toBe(2);
+  });
+});
