@@ -261,6 +261,31 @@ describe.skipIf(cudaSkip !== null)(`attention kernels on the GPU${cudaSkip ? ` (
     });
   }
 
+  // Every module (cache type × head dimension) once, paged and on a plain tensor.
+  for (const dtype of ['float16', 'bfloat16', 'float8_e4m3'] as const)
+    for (const headDim of kernels.HEAD_DIMS) {
+      const s: Shape = { dtype, queryDtype: dtype === 'bfloat16' ? 'bfloat16' : 'float16', qHeads: 8, kvHeads: 2, headDim, ...(dtype === 'float8_e4m3' ? { kvScale: { k: 0.05, v: 0.05 } } : {}) };
+      const lengths = [1, 300, 1025];
+      it(`the ${dtype} module of head dim ${headDim} matches the reference, paged and on a plain tensor`, () => {
+        const row = s.kvHeads * headDim, T = 1032, range = dtype === 'float8_e4m3' ? 20 : 1;
+        const k = lengths.map((n, b) => randomValues(n * row, 300 + b, dtype, range)), v = lengths.map((n, b) => randomValues(n * row, 400 + b, dtype, range));
+        const q = randomValues(lengths.length * s.qHeads * headDim, 500, s.queryDtype) as Uint16Array;
+        const want = reference(s, q, k, v, lengths);
+        const common = { dtype, queryDtype: s.queryDtype, batch: 3, qHeads: s.qHeads, kvHeads: s.kvHeads, headDim, q: upload(q), lengths: upload(Int32Array.from(lengths)), maxLength: 1025, ...(s.kvScale ? { kvScale: kvScaleArg(s) } : {}) };
+        const paged = upload(new Uint16Array(q.length));
+        kernels.decodeAttention({ ...common, out: paged, ...pagedCopy(s, k, v, lengths, 13, 1025) });
+        expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), paged), want), 'paged').toBeLessThanOrEqual(0);
+        const kAll = storage(dtype, 3 * T * row), vAll = storage(dtype, 3 * T * row);
+        lengths.forEach((_, b) => {
+          kAll.set(k[b]!, b * T * row);
+          vAll.set(v[b]!, b * T * row);
+        });
+        const plain = upload(new Uint16Array(q.length));
+        kernels.decodeAttention({ ...common, out: plain, k: upload(kAll), v: upload(vAll), strides: { row: T * row, token: row, head: headDim } });
+        expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), plain), want), 'plain').toBeLessThanOrEqual(0);
+      });
+    }
+
   it('runs on a plain [B, T, H, D] tensor in cuMemAlloc memory (rows default to the entry index)', () => {
     const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
     const lengths = [300, 77], T = 512, row = s.kvHeads * s.headDim;
