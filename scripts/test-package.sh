@@ -14,7 +14,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$root"
 npx publint --strict
-# Types resolve for every consumer: node10 (through ./testing.d.ts), node16 from CJS and ESM, bundlers.
+# Types resolve for every consumer: node10 (through ./testing.d.ts, ./kernels.d.ts, ./prom-client.d.ts), node16 from CJS and ESM, bundlers.
 npx attw --pack . --format table-flipped
 npm pack --pack-destination "$work" >/dev/null 2>&1
 tgz=$(ls "$work"/vattention-*.tgz)
@@ -24,7 +24,7 @@ if echo "$listing" | grep -E '^package/(test|build|build-sanitize|build-tsan|\.g
   echo "the tarball carries files it should not (above)" >&2
   exit 1
 fi
-for f in package/prebuilds/linux-x64/vattention.glibc.node package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs package/dist/cjs/prom-client.d.ts package/dist/esm/prom-client.mjs package/prom-client.d.ts; do
+for f in package/prebuilds/linux-x64/vattention.glibc.node package/dist/cjs/index.js package/dist/esm/index.mjs package/dist/cjs/index.d.ts package/dist/cjs/testing.d.ts package/dist/cli/cli.js package/binding.gyp package/native/sources.txt package/scripts/install.js package/LICENSE package/README.md package/examples/serving-loop.mjs package/dist/cjs/prom-client.d.ts package/dist/esm/prom-client.mjs package/prom-client.d.ts package/dist/cjs/kernels.d.ts package/dist/esm/kernels.mjs package/kernels.d.ts package/examples/llama/make-weights.mjs; do
   echo "$listing" | grep -qx "$f" || { echo "missing from the tarball: $f" >&2; exit 1; }
 done
 
