@@ -10,7 +10,10 @@ import { afterAll, describe, expect, it } from 'vitest';
 // @ts-expect-error: the example is plain JavaScript
 import { ConfigError, parseConfig, ropeFrequencies, SHAPES, tensorList } from '../examples/llama/config.mjs';
 // @ts-expect-error: the example is plain JavaScript
-import { argmax, greedy, ReferenceModel } from '../examples/llama/reference.mjs';
+import { argmax, cacheStore, greedy, ReferenceModel } from '../examples/llama/reference.mjs';
+// @ts-expect-error: the example is plain JavaScript
+import { serve } from '../examples/llama/serve.mjs';
+import { KVCache } from '../lib/index.js';
 // @ts-expect-error: the example is plain JavaScript
 import { openSafetensors, SafetensorsError, writeSafetensors } from '../examples/llama/safetensors.mjs';
 // @ts-expect-error: the example is plain JavaScript
@@ -163,6 +166,26 @@ describe('the CPU reference on the tiny shape', () => {
     got.logits.forEach((l: number, i: number) => expect(l).toBeCloseTo(want.greedyLogits[i], 4));
     // the sequence is not degenerate: a reference that repeats one token proves little
     expect(new Set(got.tokens).size).toBeGreaterThan(8);
+  });
+
+  it('keeps its K/V in a KVCache as well as in JS memory: the same logits', () => {
+    using cache = new KVCache({ backend: 'host', layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float32', maxSequences: 2, maxTokens: 64 });
+    const seq = cache.reserve();
+    cache.grow(seq, 10);
+    const tokens = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0];
+    const inCache = model.forward(model.newSequence(cacheStore(cache, seq)), tokens);
+    const inMemory = model.forward(model.newSequence(), tokens);
+    expect(inCache.map((l: Float32Array) => Array.from(l))).toEqual(inMemory.map((l: Float32Array) => Array.from(l)));
+  });
+
+  it('serves requests by continuous batching over a host KVCache, preempting under a small budget, with exactly the greedy tokens', async () => {
+    // all-layers layout, 4 KiB pages: 4 tokens a page, 8 KiB (K and V) per 4 tokens; 160 KiB holds about two requests
+    using cache = new KVCache({ backend: 'host', layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float32', maxSequences: 4, maxTokens: 128, pageSize: 4096, memoryBudget: 160 * 1024 });
+    const requests = [12, 20, 7, 30, 15, 9].map((n, i) => ({ id: i, prompt: Array.from({ length: n }, (_, t) => (i * 131 + t * 17) % m.vocab), maxNewTokens: 12 }));
+    const { outputs, preemptions } = await serve({ cache, model, store: cacheStore, requests });
+    expect(preemptions).toBeGreaterThan(0);
+    for (const r of requests) expect(outputs.get(r.id), `request ${r.id}`).toEqual(greedy(model, r.prompt, r.maxNewTokens).tokens);
+    expect(cache.stats().activeSequences).toBe(0);
   });
 
   it('make-weights writes files that load back as the same weights and the same reference', () => {

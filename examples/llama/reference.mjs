@@ -49,9 +49,14 @@ export class ReferenceModel {
     this.frequencies = ropeFrequencies(m);
   }
 
-  /** A sequence's KV cache: per layer, K and V rows of kvHeads × headDim floats. */
-  newSequence() {
-    return { length: 0, k: Array.from({ length: this.m.layers }, () => []), v: Array.from({ length: this.m.layers }, () => []) };
+  /**
+   * A sequence's state: its length and where its K and V rows live (`kv`:
+   * append(layer, position, k, v) and read(layer, count) → { k, v } as
+   * contiguous Float32Arrays of count × kvHeads × headDim). By default in JS
+   * memory; `cacheStore` keeps them in a KVCache.
+   */
+  newSequence(kv = memoryStore(this.m.layers)) {
+    return { length: 0, kv };
   }
 
   /** Runs `tokens` through the model after what `seq` holds; returns the logits after each token. */
@@ -71,9 +76,9 @@ export class ReferenceModel {
       const v = matvec(this.w(`${p}self_attn.v_proj.weight`), h, m.kvHeads * m.headDim, m.hidden);
       rope(q, m.heads, m.headDim, pos, this.frequencies);
       rope(k, m.kvHeads, m.headDim, pos, this.frequencies);
-      seq.k[l].push(k);
-      seq.v[l].push(v);
-      const attended = this.#attend(q, seq.k[l], seq.v[l]);
+      seq.kv.append(l, pos, k, v);
+      const rows = seq.kv.read(l, pos + 1);
+      const attended = this.#attend(q, rows.k, rows.v, pos + 1);
       const o = matvec(this.w(`${p}self_attn.o_proj.weight`), attended, m.hidden, m.heads * m.headDim);
       x = x.map((xi, i) => xi + o[i]);
       const h2 = rmsNorm(x, this.w(`${p}post_attention_layernorm.weight`), m.rmsNormEps);
@@ -89,30 +94,66 @@ export class ReferenceModel {
     return matvec(head, final, m.vocab, m.hidden);
   }
 
-  /** Causal attention of one query over the rows so far, grouped-query. */
-  #attend(q, kRows, vRows) {
+  /** Causal attention of one query over the `count` rows so far (contiguous, kvHeads × headDim each), grouped-query. */
+  #attend(q, k, v, count) {
     const { heads, kvHeads, headDim } = this.m;
-    const group = heads / kvHeads, scale = 1 / Math.sqrt(headDim);
+    const group = heads / kvHeads, scale = 1 / Math.sqrt(headDim), row = kvHeads * headDim;
     const out = new Float32Array(heads * headDim);
-    const scores = new Float64Array(kRows.length);
+    const scores = new Float64Array(count);
     for (let h = 0; h < heads; h++) {
       const kv = Math.floor(h / group) * headDim, qa = h * headDim;
       let max = -Infinity;
-      for (let t = 0; t < kRows.length; t++) {
+      for (let t = 0; t < count; t++) {
         let dot = 0;
-        for (let d = 0; d < headDim; d++) dot += q[qa + d] * kRows[t][kv + d];
+        for (let d = 0; d < headDim; d++) dot += q[qa + d] * k[t * row + kv + d];
         scores[t] = dot * scale;
         if (scores[t] > max) max = scores[t];
       }
       let sum = 0;
-      for (let t = 0; t < kRows.length; t++) sum += scores[t] = Math.exp(scores[t] - max);
-      for (let t = 0; t < kRows.length; t++) {
+      for (let t = 0; t < count; t++) sum += scores[t] = Math.exp(scores[t] - max);
+      for (let t = 0; t < count; t++) {
         const w = scores[t] / sum;
-        for (let d = 0; d < headDim; d++) out[qa + d] += w * vRows[t][kv + d];
+        for (let d = 0; d < headDim; d++) out[qa + d] += w * v[t * row + kv + d];
       }
     }
     return out;
   }
+}
+
+/** K and V rows in JS memory. */
+function memoryStore(layers) {
+  const k = Array.from({ length: layers }, () => []), v = Array.from({ length: layers }, () => []);
+  const joined = (rows, count) => {
+    const out = new Float32Array(count * rows[0].length);
+    for (let t = 0; t < count; t++) out.set(rows[t], t * rows[0].length);
+    return out;
+  };
+  return {
+    append(layer, pos, kRow, vRow) {
+      k[layer][pos] = kRow;
+      v[layer][pos] = vRow;
+    },
+    read: (layer, count) => ({ k: joined(k[layer], count), v: joined(v[layer], count) }),
+  };
+}
+
+/**
+ * K and V rows in a float32 KVCache (any backend, any layout): each token's
+ * rows written to `seq` with cache.write, read back with cache.read; the
+ * sequence must already be grown past the positions written.
+ */
+export function cacheStore(cache, seq) {
+  const asFloats = (bytes) => new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+  return {
+    append(layer, pos, kRow, vRow) {
+      cache.write(seq, { layer, kind: 'k', token: pos }, kRow);
+      cache.write(seq, { layer, kind: 'v', token: pos }, vRow);
+    },
+    read: (layer, count) => ({
+      k: asFloats(cache.read(seq, { layer, kind: 'k', token: 0, count })),
+      v: asFloats(cache.read(seq, { layer, kind: 'v', token: 0, count })),
+    }),
+  };
 }
 
 /** Index of the largest value (the first of equals). */
