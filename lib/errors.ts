@@ -249,3 +249,12 @@ function convert(e: NativeErrorShape): unknown {
       return new VattentionError('ERR_INTERNAL', e.message);
   }
 }
+
+/** Runs a native call; a native error comes out as the package's typed error (fromNative). */
+export function callNative<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}

@@ -19,8 +19,8 @@
  * @packageDocumentation
  */
 import type { TensorInfo } from './call-options.js';
-import { ClosedError, fromNative, InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
-import { addon } from './native.js';
+import { callNative, ClosedError, InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
+import { addonPart } from './native.js';
 import { checkAddress, checkInteger, checkObject, describe } from './options.js';
 
 /** Element type of a cache's K and V. */
@@ -149,18 +149,8 @@ interface NativeKernels {
   freeWorkspace(device: number, address: bigint): void;
 }
 
-// Looked up on use: importing the module must not load the addon (lib/native.ts).
-const native = new Proxy({} as NativeKernels, {
-  get: (_target, key) => Reflect.get((addon as unknown as { kernels: NativeKernels }).kernels, key),
-});
-
-function call<T>(fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    throw fromNative(e);
-  }
-}
+const native = addonPart<NativeKernels>('kernels');
+const call = callNative;
 
 const CACHE_KEYS = ['dtype', 'queryDtype', 'kvHeads', 'headDim', 'k', 'v', 'strides', 'rows', 'paged', 'kvScale', 'maxLength', 'stream', 'device'];
 const DECODE_KEYS = [...CACHE_KEYS, 'batch', 'qHeads', 'q', 'out', 'lengths', 'liveLengths', 'scale', 'softcap', 'window', 'splits', 'workspace'];

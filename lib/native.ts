@@ -215,3 +215,13 @@ function theAddon(): NativeAddon {
 export const addon: NativeAddon = new Proxy({} as NativeAddon, {
   get: (_target, key) => Reflect.get(theAddon(), key),
 });
+
+/**
+ * One namespace object of the addon (`testing`, `kernels`), looked up on
+ * each use: importing the module that uses it must not load the addon.
+ */
+export function addonPart<T extends object>(name: string): T {
+  return new Proxy({} as T, {
+    get: (_target, key) => Reflect.get((addon as unknown as Record<string, T>)[name]!, key),
+  });
+}

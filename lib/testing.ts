@@ -5,8 +5,8 @@
  * memory figures. These need a CUDA device and throw ERR_CUDA_UNAVAILABLE
  * without one; `liveResources` and `injectNextCacheFault` work everywhere.
  */
-import { fromNative } from './errors.js';
-import { addon, type FaultKind } from './native.js';
+import { callNative } from './errors.js';
+import { addon, addonPart, type FaultKind } from './native.js';
 export type { FaultKind } from './native.js';
 import { InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
 import { checkAddress, checkInteger, checkObject, describe } from './options.js';
@@ -82,18 +82,8 @@ export interface RawVmmTimes {
   releaseNs: number;
 }
 
-// Looked up on use: importing the module must not load the addon (lib/native.ts).
-const native = new Proxy({} as NativeTesting, {
-  get: (_target, key) => Reflect.get((addon as unknown as { testing: NativeTesting }).testing, key),
-});
-
-function call<T>(fn: () => T): T {
-  try {
-    return fn();
-  } catch (e) {
-    throw fromNative(e);
-  }
-}
+const native = addonPart<NativeTesting>('testing');
+const call = callNative;
 
 /** Free and total memory of a device (cuMemGetInfo). */
 export function deviceMemory(device = 0): { freeBytes: number; totalBytes: number } {
