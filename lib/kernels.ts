@@ -116,6 +116,28 @@ export interface DecodeAttentionArgs extends CacheArgs {
   workspace?: AttentionWorkspace;
 }
 
+export interface PrefillAttentionArgs extends CacheArgs {
+  batch: number;
+  /** Query heads: a multiple of kvHeads (any ratio). */
+  qHeads: number;
+  /** Query tokens per entry: the second dimension of q and out. */
+  queryTokens: number;
+  /** `[batch, queryTokens, qHeads, headDim]` queries, contiguous. */
+  q: bigint;
+  /** `[batch, queryTokens, qHeads, headDim]` output, contiguous (rows past an entry's count are zeros). */
+  out: bigint;
+  /** int32 `[batch]` device array: tokens of each entry, its new ones (already appended) included. */
+  lengths: bigint;
+  /** int32 `[batch]` device array: new tokens of each entry (≤ queryTokens), the last of its length; default all. */
+  counts?: bigint;
+  /** Softmax scale; default 1 / sqrt(headDim). */
+  scale?: number;
+  /** Logit soft-cap, as in {@link DecodeAttentionArgs}. */
+  softcap?: number;
+  /** Each query attends only the last `window` tokens up to its own. Default all. */
+  window?: number;
+}
+
 /** How a decode call splits the work. */
 export interface AttentionPlan {
   /** Blocks per (entry, KV head) along the KV length. */
@@ -154,6 +176,7 @@ const call = callNative;
 
 const CACHE_KEYS = ['dtype', 'queryDtype', 'kvHeads', 'headDim', 'k', 'v', 'strides', 'rows', 'paged', 'kvScale', 'maxLength', 'stream', 'device'];
 const DECODE_KEYS = [...CACHE_KEYS, 'batch', 'qHeads', 'q', 'out', 'lengths', 'liveLengths', 'scale', 'softcap', 'window', 'splits', 'workspace'];
+const PREFILL_KEYS = [...CACHE_KEYS, 'batch', 'qHeads', 'queryTokens', 'q', 'out', 'lengths', 'counts', 'scale', 'softcap', 'window'];
 const APPEND_KEYS = [...CACHE_KEYS, 'batch', 'newTokens', 'kNew', 'vNew', 'positions', 'counts'];
 const MAX_INT32 = 0x7fff_ffff;
 
@@ -232,29 +255,38 @@ function longest(value: unknown, batch: number, maxLength: number): number {
   return most;
 }
 
-function decodeCall(args: DecodeAttentionArgs): { device: number; flat: Record<string, unknown> } {
-  const a = checkObject('args', args, false, DECODE_KEYS) as unknown as DecodeAttentionArgs;
+/** What decode and prefill calls share: the cache, the queries, the output, the softmax. */
+function queryCall(a: DecodeAttentionArgs | PrefillAttentionArgs): Record<string, unknown> {
   const cache = cacheCall(a);
-  const batch = checkInteger('args.batch', a.batch, 1, 65_535);
   const qHeads = checkInteger('args.qHeads', a.qHeads, 1, 65_535);
   if (qHeads % (cache.kvHeads as number) !== 0)
     throw new InvalidArgumentRangeError('args.qHeads', `must be a multiple of kvHeads (${String(cache.kvHeads)}), got ${qHeads}`);
+  return {
+    ...cache,
+    batch: checkInteger('args.batch', a.batch, 1, 65_535),
+    qHeads,
+    q: checkAddress('args.q', a.q),
+    out: checkAddress('args.out', a.out),
+    lengths: checkAddress('args.lengths', a.lengths),
+    scale: checkNumber('args.scale', a.scale, 0, true),
+    softcap: checkNumber('args.softcap', a.softcap, 0, true),
+    window: a.window === undefined ? 0 : checkInteger('args.window', a.window, 1, MAX_INT32),
+  };
+}
+
+function decodeCall(args: DecodeAttentionArgs): { device: number; flat: Record<string, unknown> } {
+  const a = checkObject('args', args, false, DECODE_KEYS) as unknown as DecodeAttentionArgs;
+  const common = queryCall(a);
   if (a.workspace !== undefined && !(a.workspace instanceof AttentionWorkspace))
     throw new InvalidArgumentTypeError('args.workspace', `must be an AttentionWorkspace, got ${describe(a.workspace)}`);
   const device = checkDevice(a.device);
   if (a.workspace !== undefined && a.workspace.device !== device)
     throw new InvalidArgumentRangeError('args.workspace', `is on device ${a.workspace.device}, the call on device ${device}`);
   const flat = {
-    ...cache,
-    batch,
-    qHeads,
-    q: checkAddress('args.q', a.q),
-    out: checkAddress('args.out', a.out),
-    lengths: checkAddress('args.lengths', a.lengths),
-    longestLength: longest(a.liveLengths, batch, cache.maxLength as number),
-    scale: checkNumber('args.scale', a.scale, 0, true),
-    softcap: checkNumber('args.softcap', a.softcap, 0, true),
-    window: a.window === undefined ? 0 : checkInteger('args.window', a.window, 1, MAX_INT32),
+    ...common,
+    queryTokens: 1,
+    counts: 0n,
+    longestLength: longest(a.liveLengths, common.batch as number, common.maxLength as number),
     splits: a.splits === undefined ? 0 : checkInteger('args.splits', a.splits, 1, 65_535),
     workspace: a.workspace === undefined ? 0n : a.workspace.address,
     workspaceBytes: a.workspace === undefined ? 0 : a.workspace.bytes,
@@ -278,6 +310,28 @@ export function decodeAttention(args: DecodeAttentionArgs): AttentionPlan {
 export function planDecodeAttention(args: DecodeAttentionArgs): AttentionPlan {
   const { device, flat } = decodeCall(args);
   return call(() => native.planDecodeAttention(device, flat));
+}
+
+/**
+ * Queues causal prefill attention: query token n of entry b sits at
+ * position `lengths[b] − counts[b] + n` and attends the tokens up to it (its
+ * K/V, like every new token's, already appended with {@link appendKV}); the
+ * same kernel as decode, a block taking 16 (token, head) rows of a
+ * grouped-query group. One split; no workspace.
+ */
+export function prefillAttention(args: PrefillAttentionArgs): void {
+  const a = checkObject('args', args, false, PREFILL_KEYS) as unknown as PrefillAttentionArgs;
+  const flat = {
+    ...queryCall(a),
+    queryTokens: checkInteger('args.queryTokens', a.queryTokens, 1, MAX_INT32),
+    counts: a.counts === undefined ? 0n : checkAddress('args.counts', a.counts),
+    longestLength: 0,
+    splits: 1,
+    workspace: 0n,
+    workspaceBytes: 0,
+  };
+  const device = checkDevice(a.device);
+  call(() => native.decodeAttention(device, flat));
 }
 
 /**
@@ -350,3 +404,5 @@ export function cacheKV(k: TensorInfo, v: TensorInfo): { k: bigint; v: bigint; s
   if (k.strides.some((s, i) => s !== v.strides[i])) throw new InvalidArgumentRangeError('v', 'K and V must have the same strides');
   return { k: k.address, v: v.address, strides: { row: k.strides[0], token: k.strides[1], head: k.strides[2] } };
 }
+
+export * from './model-ops.js';

@@ -61,6 +61,8 @@ kernels::DecodeAttentionCall decodeCallFrom(const Napi::Value& value) {
   c.q = u64(o.Get("q"));
   c.out = u64(o.Get("out"));
   c.lengths = u64(o.Get("lengths"));
+  c.queryTokens = u32(o.Get("queryTokens"));
+  c.counts = u64(o.Get("counts"));
   c.cache = cacheFrom(o);
   c.workspace.address = u64(o.Get("workspace"));
   c.workspace.bytes = u64(o.Get("workspaceBytes"));
@@ -151,6 +153,7 @@ void addKernels(Napi::Env env, Napi::Object exports) {
   k.Set("appendKV", Napi::Function::New<AppendKV>(env));
   k.Set("allocateWorkspace", Napi::Function::New<AllocateWorkspace>(env));
   k.Set("freeWorkspace", Napi::Function::New<FreeWorkspace>(env));
+  addModelOps(env, k);
   exports.Set("kernels", k);
 }
 

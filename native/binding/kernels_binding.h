@@ -10,4 +10,7 @@ namespace vat {
 // Adds `kernels` to the addon's exports.
 void addKernels(Napi::Env env, Napi::Object exports);
 
+// Adds the model kernels (model_ops_binding.cc) to the `kernels` object.
+void addModelOps(Napi::Env env, Napi::Object kernels);
+
 }  // namespace vat

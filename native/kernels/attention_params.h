@@ -26,6 +26,9 @@ struct AttentionParams {
   unsigned long long rows;
   unsigned long long kScales;  // float [kvHeads] per-head dequantisation scales of K (fp8), 0 = none
   unsigned long long vScales;  // the same for V
+  // Prefill (queryTokens > 1): int32 [batch], new tokens of each entry (≤
+  // queryTokens, the last of its `lengths` tokens); 0 = all queryTokens.
+  unsigned long long counts;
   // Element strides. strided: rowStride = a sequence's, tokenStride = a
   // token's. paged: rowStride = a block's, tokenStride = a token's in a block.
   long long rowStride;
@@ -45,6 +48,11 @@ struct AttentionParams {
   float kScale;     // per-tensor dequantisation scales (fp8; 1 otherwise)
   float vScale;
   int queryBf16;  // q and out: 1 = bf16, 0 = fp16
+  // Query tokens per entry: 1 = decode; more = causal prefill, q and out
+  // [batch, queryTokens, qHeads, headDim], each token attending the tokens
+  // up to its own position.
+  int queryTokens;
+  int tokensPerBlock;  // prefill: query tokens one block computes (16 / min(group, 16))
 };
 
 struct AppendParams {

@@ -68,7 +68,7 @@ DecodeAttentionPlan planFor(const DecodeAttentionCall& c, const Functions* f) {
   const Tiling tiling = tilingFor(static_cast<int>(c.headDim), elementBytes(c.dtype));
   uint64_t live = c.longestLength ? c.longestLength : c.maxLength;
   if (c.window) live = std::min<uint64_t>(live, c.window);
-  uint64_t splits = c.splits;
+  uint64_t splits = c.queryTokens > 1 ? 1 : c.splits;
   if (splits == 0) {
     splits = 1;
     const uint64_t blocks = uint64_t{c.batch} * c.kvHeads * chunks;
@@ -127,6 +127,9 @@ AttentionParams paramsFor(const DecodeAttentionCall& c, const DecodeAttentionPla
   p.kScale = c.cache.kScale;
   p.vScale = c.cache.vScale;
   p.queryBf16 = c.queryDtype == QueryDtype::BFloat16 ? 1 : 0;
+  p.queryTokens = static_cast<int>(c.queryTokens);
+  p.tokensPerBlock = kHeadsPerBlock / std::min(p.group, kHeadsPerBlock);
+  p.counts = c.counts;
   return p;
 }
 
@@ -140,6 +143,14 @@ void launch(const DecodeAttentionCall& c, const Functions& f, const DecodeAttent
   CUstream stream = reinterpret_cast<CUstream>(c.stream);
   void* args[] = {&p};
   const int shared = attentionSharedBytes(static_cast<int>(c.headDim), elementBytes(c.dtype));
+  if (c.queryTokens > 1) {
+    const uint64_t tokenChunks = (c.queryTokens + p.tokensPerBlock - 1) / p.tokensPerBlock;
+    if (tokenChunks * p.queryChunks > 0x7fffffffu) invalid("prefillAttention", "too many query tokens for one call");
+    check(d.cuLaunchKernel(f.prefill, static_cast<unsigned>(tokenChunks * p.queryChunks), c.kvHeads, c.batch,
+                           kAttentionThreads, 1, 1, shared, stream, args, nullptr),
+          "cuLaunchKernel");
+    return;
+  }
   check(d.cuLaunchKernel(f.partial, plan.splits * p.queryChunks, c.kvHeads, c.batch,
                          kAttentionThreads, 1, 1, shared, stream, args, nullptr),
         "cuLaunchKernel");
@@ -164,6 +175,9 @@ void checkDecodeAttention(const DecodeAttentionCall& c) {
     invalid(what, "a live length (" + std::to_string(c.longestLength) + ") is above maxLength (" +
                       std::to_string(c.maxLength) + ")");
   if (c.splits > 65535) invalid(what, "splits must be at most 65535");
+  if (c.queryTokens == 0 || c.queryTokens > 0x7fffffffu) invalid(what, "queryTokens must be at least 1");
+  if (c.queryTokens > 1 && c.splits > 1) invalid(what, "prefill runs in one split");
+  if (c.counts % 4 != 0) invalid(what, "counts must be an int32 device array");
   if (!(c.scale >= 0.f) || !std::isfinite(c.scale)) invalid(what, "scale must be a positive number");
   if (!(c.softcap >= 0.f) || !std::isfinite(c.softcap)) invalid(what, "softcap must be a positive number");
   checkAligned(what, "q", c.q, 16);

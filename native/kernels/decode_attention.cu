@@ -7,6 +7,10 @@
 //            + (token % blockSize) × tokenStride + head × headStride
 //            (vLLM-style blocks [numBlocks, blockSize, kvHeads, headDim])
 //
+// Prefill (vat_attention_prefill): the same kernel with several query
+// tokens per entry, the rows of a block being (token, head) pairs (16 / group
+// tokens of a GQA group), each row masked to its causal prefix.
+//
 // Decode: a block handles one KV head and up to 16 of the query heads that
 // share it (grouped-query attention), so each K/V row is read once for them;
 // the heads are the rows of tensor-core tiles (attention_mma.cuh). Bandwidth
@@ -35,11 +39,22 @@ namespace vat_attention {
 
 // ---- decode -----------------------------------------------------------------------
 
-// What one block of the decode kernel works on.
+// What one block works on: `tokens` query tokens (1 in decode) × `heads`
+// query heads of one KV head, at most 16 rows; row r is token firstToken +
+// r / heads, head firstHead + r % heads.
 struct BlockWork {
-  int b, kvHead, firstHead, heads, split;  // heads: query heads of this block (≤ 16)
-  int begin, end;                          // tokens of this split
+  int b, kvHead, firstHead, heads, split;  // heads: query heads per token (≤ 16)
+  int firstToken, tokens;                  // query tokens of this block (rows of q past the entry's count: padding)
+  int count, length;                       // the entry's new tokens (prefill) and its length
+  int begin, end;                          // K/V tokens this block reads
 };
+
+// Index of row r's query vector in q / out, -1 past the block's rows.
+__device__ __forceinline__ long long queryIndex(const AttentionParams& p, const BlockWork& w, int r) {
+  if (r >= w.heads * w.tokens) return -1;
+  const long long token = static_cast<long long>(w.b) * p.queryTokens + w.firstToken + r / w.heads;
+  return token * p.qHeads + w.firstHead + r % w.heads;
+}
 
 __device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int blockTokens) {
   BlockWork w;
@@ -49,7 +64,11 @@ __device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int blo
   w.b = blockIdx.z;
   w.firstHead = w.kvHead * p.group + queryChunk * vat::kernels::kHeadsPerBlock;
   w.heads = min(vat::kernels::kHeadsPerBlock, p.group - queryChunk * vat::kernels::kHeadsPerBlock);
+  w.firstToken = 0;
+  w.tokens = 1;
   const int length = __ldg(reinterpret_cast<const int*>(p.lengths) + w.b);
+  w.count = 1;
+  w.length = length;
   const int first = p.window > 0 ? max(0, length - p.window) : 0;
   // Each entry's tokens split evenly over the splits, in whole block tiles:
   // a short entry leaves its last splits empty, none is dropped.
@@ -59,6 +78,53 @@ __device__ __forceinline__ BlockWork blockWork(const AttentionParams& p, int blo
   w.begin = static_cast<int>(begin < length ? begin : length);
   w.end = static_cast<int>(begin + perSplit < length ? begin + perSplit : length);
   return w;
+}
+
+// Causal prefill, one split: grid (tokenChunks × queryChunks, kvHeads,
+// batch). The block's new tokens are the last `count` of the entry's
+// `length` (already appended); it reads K/V from the first token its
+// earliest row may see (window) to its last row's position.
+__device__ __forceinline__ BlockWork prefillWork(const AttentionParams& p) {
+  BlockWork w;
+  const int queryChunk = blockIdx.x % p.queryChunks;
+  w.split = 0;
+  w.kvHead = blockIdx.y;
+  w.b = blockIdx.z;
+  w.firstHead = w.kvHead * p.group + queryChunk * vat::kernels::kHeadsPerBlock;
+  w.heads = min(vat::kernels::kHeadsPerBlock, p.group - queryChunk * vat::kernels::kHeadsPerBlock);
+  w.firstToken = blockIdx.x / p.queryChunks * p.tokensPerBlock;
+  w.tokens = min(p.tokensPerBlock, p.queryTokens - w.firstToken);
+  w.length = __ldg(reinterpret_cast<const int*>(p.lengths) + w.b);
+  const int count = p.counts ? __ldg(reinterpret_cast<const int*>(p.counts) + w.b) : p.queryTokens;
+  w.count = max(0, min(min(count, p.queryTokens), w.length));
+  const int live = min(w.tokens, w.count - w.firstToken);  // rows with a token
+  w.begin = w.end = 0;
+  if (live > 0) {
+    const int firstPosition = w.length - w.count + w.firstToken;
+    w.end = firstPosition + live;
+    w.begin = p.window > 0 ? max(0, firstPosition + 1 - p.window) : 0;
+  }
+  return w;
+}
+
+// The K/V tokens [start, end) rows g and g + 8 of this thread attend:
+// a prefill row its causal prefix (the last `window` of it), nothing for a
+// padding row.
+struct RowLimits {
+  int start[2], end[2];
+};
+
+__device__ __forceinline__ RowLimits rowLimits(const AttentionParams& p, const BlockWork& w, int lane) {
+  RowLimits lim;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int row = lane / 4 + r * 8;
+    const int token = w.firstToken + row / w.heads;
+    const bool live = row < w.heads * w.tokens && token < w.count;
+    lim.end[r] = live ? w.length - w.count + token + 1 : 0;
+    lim.start[r] = live && p.window > 0 ? max(0, lim.end[r] - p.window) : 0;
+  }
+  return lim;
 }
 
 // The A fragments of Q (rows: the block's heads; unused rows zero), in the MMA's type.
@@ -72,8 +138,9 @@ __device__ __forceinline__ void queryFragments(const AttentionParams& p, const B
     for (int i = 0; i < 4; i++) {
       const int row = g + (i % 2) * 8, col = DimOrder<Kv, D>::query(ks, i / 2, t);
       unsigned raw = 0;
-      if (row < w.heads) {
-        const long long at = (static_cast<long long>(w.b) * p.qHeads + w.firstHead + row) * D + col;
+      const long long index = queryIndex(p, w, row);
+      if (index >= 0) {
+        const long long at = index * D + col;
         raw = __ldg(reinterpret_cast<const unsigned*>(p.q) + at / 2);
         // fp8 caches compute in fp16: a bf16 query converts
         if (sizeof(M) == 2 && p.queryBf16 && !__is_same(M, __nv_bfloat16)) {
@@ -127,9 +194,10 @@ struct WarpState {
 // g + 8, tokens t0 + 8 nt + 2t + i % 2) to logits in base 2, masked past
 // `end`; the rows' maxima over the quad raised; the sums and O rescaled;
 // s replaced by the weights exp2(logit - max).
-template <int D>
+// Decode masks tokens past `end`; prefill (kCausal) each row to its own limits.
+template <int D, bool kCausal>
 __device__ __forceinline__ void foldScores(const AttentionParams& p, WarpState<D>& st, float (&s)[2][4], int t0,
-                                           int end, int t, float scoreScale) {
+                                           int end, const RowLimits& lim, int t, float scoreScale) {
   float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
   for (int nt = 0; nt < 2; nt++)
@@ -137,7 +205,9 @@ __device__ __forceinline__ void foldScores(const AttentionParams& p, WarpState<D
     for (int i = 0; i < 4; i++) {
       float x = s[nt][i] * scoreScale;
       if (p.softcap > 0.f) x = p.softcap * kLog2e * tanhf(x / p.softcap);
-      s[nt][i] = t0 + nt * 8 + t * 2 + (i % 2) < end ? x : kNegInf;
+      const int token = t0 + nt * 8 + t * 2 + (i % 2);
+      const bool keep = kCausal ? token >= lim.start[i / 2] && token < lim.end[i / 2] : token < end;
+      s[nt][i] = keep ? x : kNegInf;
       mx[i / 2] = fmaxf(mx[i / 2], s[nt][i]);
     }
   float alpha[2];
@@ -170,10 +240,10 @@ __device__ __forceinline__ void foldScores(const AttentionParams& p, WarpState<D
 
 // Scores one warp's stage of 16 tokens (rows of K/V in shared memory) and
 // folds it into the state: S = Q·Kᵀ, online softmax, O += P·V.
-template <typename Kv, int D>
+template <typename Kv, int D, bool kCausal>
 __device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState<D>& st, const unsigned (&qa)[D / 16][4],
                                              const unsigned char* kRows, const unsigned char* vRows, int t0, int end,
-                                             int lane, float scoreScale) {
+                                             const RowLimits& lim, int lane, float scoreScale) {
   using M = typename MmaType<Kv>::Type;
   constexpr int kStride = vat::kernels::tilingFor(D, Element<Kv>::kBytes).rowStride;
   float s[2][4] = {};
@@ -184,7 +254,7 @@ __device__ __forceinline__ void computeStage(const AttentionParams& p, WarpState
     mma(s[0], qa[ks], b[0][0], b[0][1], M());
     mma(s[1], qa[ks], b[1][0], b[1][1], M());
   }
-  foldScores<D>(p, st, s, t0, end, lane % 4, scoreScale);
+  foldScores<D, kCausal>(p, st, s, t0, end, lim, lane % 4, scoreScale);
   // P as the A fragment of the value MMA (k = the 16 tokens).
   const unsigned pa[4] = {pack(s[0][0], s[0][1], M()), pack(s[0][2], s[0][3], M()), pack(s[1][0], s[1][1], M()),
                           pack(s[1][2], s[1][3], M())};
@@ -230,7 +300,7 @@ __device__ __forceinline__ void storeSplit(const AttentionParams& p, const WarpS
   }
   __syncthreads();
   const float vScale = headScale(p.vScale, p.vScales, w.kvHead);
-  for (int idx = threadIdx.x; idx < w.heads * D; idx += kAttentionThreads) {
+  for (int idx = threadIdx.x; idx < w.heads * w.tokens * D; idx += kAttentionThreads) {
     const int row = idx / D, d = idx % D;
     float mAll = kNegInf;
 #pragma unroll
@@ -243,7 +313,7 @@ __device__ __forceinline__ void storeSplit(const AttentionParams& p, const WarpS
       value += sAcc[(k * R + row) * D + d] * c;
     }
     value *= vScale;
-    const long long head = static_cast<long long>(w.b) * p.qHeads + w.firstHead + row;
+    const long long head = queryIndex(p, w, row);
     if (p.splits == 1) {
       storeQueryType(reinterpret_cast<void*>(p.out), head * D + d, sum > 0.f ? value / sum : 0.f, p.queryBf16);
     } else {
@@ -257,7 +327,7 @@ __device__ __forceinline__ void storeSplit(const AttentionParams& p, const WarpS
 // (splits × queryChunks, kvHeads, batch), chunks of one split adjacent so
 // that they read the same rows close together (the second from L2). Each
 // warp streams its own 16-token stages (no block-wide barrier in the loop).
-template <typename Kv, int D>
+template <typename Kv, int D, bool kCausal>
 __device__ void partialAttention(const AttentionParams& p) {
   using M = typename MmaType<Kv>::Type;
   constexpr auto kT = vat::kernels::tilingFor(D, Element<Kv>::kBytes);
@@ -265,7 +335,8 @@ __device__ void partialAttention(const AttentionParams& p) {
   extern __shared__ __align__(16) unsigned char shared[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const BlockWork w = blockWork(p, kT.blockTokens);
+  const BlockWork w = kCausal ? prefillWork(p) : blockWork(p, kT.blockTokens);
+  const RowLimits lim = kCausal ? rowLimits(p, w, lane) : RowLimits{};
   unsigned qa[D / 16][4];
   queryFragments<Kv, M, D>(p, w, lane, qa);
   // Scores come out of the MMA unscaled: scale (× K's fp8 scale) × log2(e),
@@ -295,8 +366,8 @@ __device__ void partialAttention(const AttentionParams& p) {
     const int stage = tile % kT.stages;
     const int t0 = warpFirst + tile * kT.blockTokens;
     if (t0 < w.end)
-      computeStage<Kv, D>(p, st, qa, kStages + stage * kT.stageBytes, vStages + stage * kT.stageBytes, t0, w.end, lane,
-                          scoreScale);
+      computeStage<Kv, D, kCausal>(p, st, qa, kStages + stage * kT.stageBytes, vStages + stage * kT.stageBytes, t0,
+                                   w.end, lim, lane, scoreScale);
     __syncwarp();  // every lane is done with the stage the next copy overwrites
     const int next = tile + kT.stages - 1;
     if (next < tiles) {
@@ -357,6 +428,7 @@ __device__ void reduceSplits(const AttentionParams& p) {
 
 // Entry points with plain names for cuModuleGetFunction, per module:
 //   vat_attention_partial  the partial (split) kernel
+//   vat_attention_prefill  causal prefill (several query tokens per entry, one split)
 //   vat_attention_reduce   the splits' combination
 //   vat_append_kv          appendKV
 #ifndef VAT_HEAD_DIM_VALUE
@@ -372,7 +444,11 @@ using KvType = __half;
 constexpr int kHeadDim = VAT_HEAD_DIM_VALUE;
 
 extern "C" __global__ void __launch_bounds__(kAttentionThreads) vat_attention_partial(AttentionParams p) {
-  vat_attention::partialAttention<KvType, kHeadDim>(p);
+  vat_attention::partialAttention<KvType, kHeadDim, false>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(kAttentionThreads) vat_attention_prefill(AttentionParams p) {
+  vat_attention::partialAttention<KvType, kHeadDim, true>(p);
 }
 
 extern "C" __global__ void vat_attention_reduce(AttentionParams p) { vat_attention::reduceSplits<kHeadDim>(p); }

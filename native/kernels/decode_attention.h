@@ -46,6 +46,11 @@ struct DecodeAttentionCall {
   float softcap = 0.f;          // 0 = none
   uint64_t stream = 0;
   uint64_t q = 0, out = 0, lengths = 0;
+  // Causal prefill when above 1: q and out hold [batch, queryTokens, qHeads,
+  // headDim], entry b's new tokens the last counts[b] (int32 device array; 0
+  // = all queryTokens) of its lengths[b]; one split, no workspace.
+  uint32_t queryTokens = 1;
+  uint64_t counts = 0;
   CacheAddressing cache;
   Workspace workspace;  // address 0: the stream's own (grown on first need)
 };

@@ -67,6 +67,8 @@ Functions loadFunctions(KVDtype dtype, uint32_t headDim) {
   check(d.cuFuncSetAttribute(f.partial, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared), "cuFuncSetAttribute");
   check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(&f.blocksPerMultiprocessor, f.partial, kAttentionThreads, shared),
         "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+  check(d.cuModuleGetFunction(&f.prefill, module, "vat_attention_prefill"), "cuModuleGetFunction");
+  check(d.cuFuncSetAttribute(f.prefill, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared), "cuFuncSetAttribute");
   check(d.cuModuleGetFunction(&f.reduce, module, "vat_attention_reduce"), "cuModuleGetFunction");
   check(d.cuModuleGetFunction(&f.append, module, "vat_append_kv"), "cuModuleGetFunction");
   CUdevice device = 0;

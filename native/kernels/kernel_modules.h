@@ -13,6 +13,7 @@ namespace vat::kernels {
 struct Functions {
   cu::CUfunction partial = nullptr;
   int blocksPerMultiprocessor = 0;  // of `partial`, with its shared memory
+  cu::CUfunction prefill = nullptr;
   cu::CUfunction reduce = nullptr;
   cu::CUfunction append = nullptr;
   int multiprocessors = 0;
