@@ -10,7 +10,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 // @ts-expect-error: the example is plain JavaScript
 import { ConfigError, parseConfig, ropeFrequencies, SHAPES, tensorList } from '../examples/llama/config.mjs';
 // @ts-expect-error: the example is plain JavaScript
-import { argmax, cacheStore, greedy, ReferenceModel } from '../examples/llama/reference.mjs';
+import { argmax, cacheStore, greedy, ReferenceModel, referenceRunner } from '../examples/llama/reference.mjs';
 // @ts-expect-error: the example is plain JavaScript
 import { serve } from '../examples/llama/serve.mjs';
 import { KVCache } from '../lib/index.js';
@@ -182,7 +182,7 @@ describe('the CPU reference on the tiny shape', () => {
     // all-layers layout, 4 KiB pages: 4 tokens a page, 8 KiB (K and V) per 4 tokens; 160 KiB holds about two requests
     using cache = new KVCache({ backend: 'host', layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float32', maxSequences: 4, maxTokens: 128, pageSize: 4096, memoryBudget: 160 * 1024 });
     const requests = [12, 20, 7, 30, 15, 9].map((n, i) => ({ id: i, prompt: Array.from({ length: n }, (_, t) => (i * 131 + t * 17) % m.vocab), maxNewTokens: 12 }));
-    const { outputs, preemptions } = await serve({ cache, model, store: cacheStore, requests });
+    const { outputs, preemptions } = await serve({ cache, runner: referenceRunner(model, cache), requests });
     expect(preemptions).toBeGreaterThan(0);
     for (const r of requests) expect(outputs.get(r.id), `request ${r.id}`).toEqual(greedy(model, r.prompt, r.maxNewTokens).tokens);
     expect(cache.stats().activeSequences).toBe(0);

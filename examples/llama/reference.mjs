@@ -156,6 +156,16 @@ export function cacheStore(cache, seq) {
   };
 }
 
+/** The serving loop's runner (serve.mjs) for the CPU reference, its K/V in `cache` (cacheStore). */
+export function referenceRunner(model, cache) {
+  const pick = (state, tokens) => argmax(model.forward(state, tokens).at(-1));
+  return {
+    start: (seq) => model.newSequence(cacheStore(cache, seq)),
+    prefill: (entries) => entries.map((e) => pick(e.state, e.tokens)),
+    decode: (entries) => entries.map((e) => pick(e.state, [e.token])),
+  };
+}
+
 /** Index of the largest value (the first of equals). */
 export function argmax(values) {
   let best = 0;

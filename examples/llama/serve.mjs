@@ -1,13 +1,16 @@
-// Continuous batching of a Llama model over a KVCache, as the package's
-// README teaches it: admission (reserve + growAsync for the prompt), one
-// stepAsync per decode iteration, preemption of the newest sequence on
+// Continuous batching of a Llama model over a KV cache, as the package's
+// README teaches it: admission (reserve + growAsync for the prompt, the
+// prompt prefilled in one batched call), one stepAsync per decode iteration
+// for the whole running batch, preemption of the newest sequence on
 // ERR_OUT_OF_MEMORY (its prompt and what it generated go back to the queue,
 // recomputed when it is admitted again; nothing is admitted until a request
 // finishes), release when a request is done.
-// `model` is anything with newSequence(kv) and forward(state, tokens) →
-// logits per token (the CPU reference of reference.mjs here; the GPU model
-// will take the same place), `store(cache, seq)` where it keeps K/V.
-import { argmax } from './reference.mjs';
+// `cache` is a KVCache or anything with its reserve / growAsync / stepAsync
+// / release (PagedKV); `runner` drives a model over it (referenceRunner of
+// reference.mjs on the CPU, gpuRunner of gpu-model.mjs on the GPU):
+//   start(seq) → state        a sequence's model state, nothing computed yet
+//   prefill([{ state, tokens }]) → next token of each (greedy)
+//   decode([{ state, token }]) → next token of each
 
 // By code, not class: the cache may come from another copy of the package.
 const outOfMemory = (e) => e?.code === 'ERR_OUT_OF_MEMORY';
@@ -16,7 +19,7 @@ const outOfMemory = (e) => e?.code === 'ERR_OUT_OF_MEMORY';
  * Serves `requests` ([{ id, prompt: number[], maxNewTokens }]) greedily;
  * returns { outputs: Map id → generated tokens, preemptions, steps }.
  */
-export async function serve({ cache, model, store, requests, onToken }) {
+export async function serve({ cache, runner, requests, onToken }) {
   const waiting = requests.map((r) => ({ id: r.id, prompt: r.prompt, left: r.maxNewTokens, out: [] }));
   const running = [];
   const outputs = new Map(requests.map((r) => [r.id, []]));
@@ -46,7 +49,8 @@ export async function serve({ cache, model, store, requests, onToken }) {
       continue;
     }
     steps++;
-    for (const r of running) emit(r, argmax(model.forward(r.state, [r.out.at(-1)])[0]));
+    const next = runner.decode(running.map((r) => ({ state: r.state, token: r.out.at(-1) })));
+    running.forEach((r, i) => emit(r, next[i]));
     for (const r of running.filter((x) => x.left === 0)) {
       cache.release(r.seq);
       admitting = true;
@@ -67,11 +71,11 @@ export async function serve({ cache, model, store, requests, onToken }) {
       waiting.unshift(r);
       return;
     }
-    const state = model.newSequence(store(cache, seq));
-    const last = model.forward(state, r.prompt).at(-1);
+    const state = runner.start(seq);
+    const [next] = runner.prefill([{ state, tokens: r.prompt }]);
     const entry = { ...r, seq, state };
     // a re-admitted request's last token is already chosen: recomputing its prefix gives the same logits
-    if (r.pending === undefined) emit(entry, argmax(last));
+    if (r.pending === undefined) emit(entry, next);
     else entry.out = [...r.out];
     delete entry.pending;
     if (entry.left > 0) running.push(entry);
