@@ -126,6 +126,7 @@ interface NativeModelOps {
   rotary(device: number, call: Record<string, unknown>): void;
   siluMul(device: number, call: Record<string, unknown>): void;
   argmax(device: number, call: Record<string, unknown>): void;
+  cublasLt(): { loaded: boolean; detail: string };
 }
 
 const native = addonPart<NativeModelOps>('kernels');
@@ -150,6 +151,16 @@ function queued(args: unknown, keys: string[]): { a: Record<string, unknown>; de
 
 const count = (a: Record<string, unknown>, key: string, min = 1) => checkInteger(`args.${key}`, a[key], min, MAX_INT32);
 const address = (a: Record<string, unknown>, key: string) => checkAddress(`args.${key}`, a[key]);
+
+/**
+ * Whether {@link linear} can run: cuBLASLt loaded (`library`: the name it was
+ * loaded by) or not (`problem`: what was tried). Loads it on first call;
+ * needs no GPU.
+ */
+export function linearLibrary(): { available: boolean; library: string | null; problem: string | null } {
+  const s = callNative(() => native.cublasLt());
+  return { available: s.loaded, library: s.loaded ? s.detail : null, problem: s.loaded ? null : s.detail };
+}
 
 /** Queues `output[rows, outFeatures] = input[rows, inFeatures] · weight[outFeatures, inFeatures]ᵀ`, fp32 accumulation. */
 export function linear(args: LinearArgs): void {

@@ -552,3 +552,50 @@ describe.skipIf(cudaSkip !== null)(`attention kernels on the GPU${cudaSkip ? ` (
     }
   });
 });
+
+// Causal prefill: query token j of entry b (the last counts[b] of its
+// lengths[b] tokens) is the decode of a sequence of its own position + 1
+// tokens, so the decode reference checks it row by row; padding rows
+// (j ≥ counts[b]) are zeros. Group ratios 1 (16 tokens a block), 3 (5 tokens,
+// one row unused), 4 and 32 (two head chunks), a window, fp8, paged and plain.
+describe.skipIf(cudaSkip !== null)(`prefill attention on the GPU${cudaSkip ? ` (skipped: ${cudaSkip})` : ''}`, () => {
+  afterAll(() => {
+    for (const b of buffers.splice(0)) gpu.free(b);
+  });
+  const f16 = { dtype: 'float16', queryDtype: 'float16' } as const;
+  const bf16 = { dtype: 'bfloat16', queryDtype: 'bfloat16' } as const;
+  const cases: { shape: Shape; lengths: number[]; counts: number[] }[] = [
+    { shape: { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 }, lengths: [70, 300, 17], counts: [70, 33, 1] },
+    { shape: { ...bf16, qHeads: 4, kvHeads: 4, headDim: 64 }, lengths: [45, 1030], counts: [45, 40] },
+    { shape: { ...f16, qHeads: 6, kvHeads: 2, headDim: 80, window: 20 }, lengths: [64, 90], counts: [64, 2] },
+    { shape: { ...bf16, qHeads: 32, kvHeads: 1, headDim: 256 }, lengths: [19, 5], counts: [19, 5] },
+    { shape: { dtype: 'float8_e4m3', queryDtype: 'float16', qHeads: 8, kvHeads: 2, headDim: 128, kvScale: { k: 0.05, v: 0.03 } }, lengths: [50, 600], counts: [50, 31] },
+  ];
+  for (const { shape: s, lengths, counts } of cases) {
+    it(`matches the decode reference per query token, paged and on a plain tensor (${tag(s, lengths)}, new ${counts.join(' ')})`, () => {
+      const batch = lengths.length, queryTokens = Math.max(...counts), row = s.kvHeads * s.headDim, maxLength = Math.max(...lengths);
+      const range = s.dtype === 'float8_e4m3' ? 20 : 1;
+      const k = lengths.map((n, b) => randomValues(n * row, 600 + b, s.dtype, range)), v = lengths.map((n, b) => randomValues(n * row, 700 + b, s.dtype, range));
+      const q = randomValues(batch * queryTokens * s.qHeads * s.headDim, 800, s.queryDtype) as Uint16Array;
+      // one decode entry per (entry, query token)
+      const rowLengths = lengths.flatMap((n, b) => Array.from({ length: queryTokens }, (_, j) => (j < counts[b]! ? n - counts[b]! + j + 1 : 0)));
+      const want = reference(s, q, lengths.flatMap((_, b) => Array(queryTokens).fill(k[b])), lengths.flatMap((_, b) => Array(queryTokens).fill(v[b])), rowLengths);
+      const common = {
+        dtype: s.dtype, queryDtype: s.queryDtype, batch, qHeads: s.qHeads, kvHeads: s.kvHeads, headDim: s.headDim, queryTokens, q: upload(q),
+        lengths: upload(Int32Array.from(lengths)), counts: upload(Int32Array.from(counts)), maxLength,
+        ...(s.window ? { window: s.window } : {}), ...(s.kvScale ? { kvScale: kvScaleArg(s) } : {}),
+      };
+      const paged = upload(new Uint16Array(q.length).fill(0xffff)); // padding rows must come out zero
+      kernels.prefillAttention({ ...common, out: paged, ...pagedCopy(s, k, v, lengths, 17, maxLength) });
+      expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), paged), want), 'paged').toBeLessThanOrEqual(0);
+      const T = maxLength + 8, kAll = storage(s.dtype, batch * T * row), vAll = storage(s.dtype, batch * T * row);
+      lengths.forEach((_, b) => {
+        kAll.set(k[b]!, b * T * row);
+        vAll.set(v[b]!, b * T * row);
+      });
+      const plain = upload(new Uint16Array(q.length));
+      kernels.prefillAttention({ ...common, out: plain, k: upload(kAll), v: upload(vAll), strides: { row: T * row, token: row, head: s.headDim } });
+      expect(worstExcess(s.queryDtype, gpu.copyFromDevice(new Uint16Array(q.length), plain), want), 'plain').toBeLessThanOrEqual(0);
+    });
+  }
+});

@@ -20,6 +20,7 @@ import { openSafetensors, SafetensorsError, writeSafetensors } from '../examples
 import { decode, encode, randomWeights } from '../examples/llama/weights.mjs';
 // @ts-expect-error: the example is plain JavaScript
 import { makeWeights, referencePrompt } from '../examples/llama/make-weights.mjs';
+import { batchPrompts, BATCH_SEED, tinyReference } from './llama-batch.mjs';
 
 const root = join(__dirname, '..');
 const dir = mkdtempSync(join(tmpdir(), 'vattention-llama-'));
@@ -186,6 +187,23 @@ describe('the CPU reference on the tiny shape', () => {
     expect(preemptions).toBeGreaterThan(0);
     for (const r of requests) expect(outputs.get(r.id), `request ${r.id}`).toEqual(greedy(model, r.prompt, r.maxNewTokens).tokens);
     expect(cache.stats().activeSequences).toBe(0);
+  });
+
+  it('the GPU test\'s batch reference (test/fixtures/llama-tiny-batch-reference.json) is the reference\'s output for its short prompts', () => {
+    const batch = JSON.parse(readFileSync(new URL('./fixtures/llama-tiny-batch-reference.json', import.meta.url), 'utf8'));
+    const { m, model: ref } = tinyReference(batch.dtype);
+    const prompts = batchPrompts(m);
+    expect(batch.seed).toBe(BATCH_SEED);
+    expect(batch.entries.map((e: { length: number }) => e.length)).toEqual(prompts.map((p) => p.length));
+    // the short ones (the 4080-token prompt takes the reference a minute: its entry stands on the script that wrote it)
+    for (const b of [1, 2, 3]) {
+      const seq = ref.newSequence();
+      const last = ref.forward(seq, prompts[b]!).at(-1)!;
+      const entry = batch.entries[b];
+      expect(Math.max(...entry.promptLogits.map((x: number, i: number) => Math.abs(x - last[i]!)))).toBeLessThan(1e-5);
+      const { tokens } = greedy(ref, prompts[b]!, 32);
+      expect(tokens).toEqual(entry.tokens);
+    }
   });
 
   it('make-weights writes files that load back as the same weights and the same reference', () => {

@@ -120,20 +120,26 @@ export class ReferenceModel {
   }
 }
 
-/** K and V rows in JS memory. */
+/** K and V rows in JS memory: one growing buffer per layer and kind, read as a view (no copy per token). */
 function memoryStore(layers) {
-  const k = Array.from({ length: layers }, () => []), v = Array.from({ length: layers }, () => []);
-  const joined = (rows, count) => {
-    const out = new Float32Array(count * rows[0].length);
-    for (let t = 0; t < count; t++) out.set(rows[t], t * rows[0].length);
-    return out;
+  const make = () => ({ data: new Float32Array(0), width: 0 });
+  const k = Array.from({ length: layers }, make), v = Array.from({ length: layers }, make);
+  const put = (store, pos, row) => {
+    const need = (pos + 1) * row.length;
+    if (store.data.length < need) {
+      const grown = new Float32Array(Math.max(need, 2 * store.data.length));
+      grown.set(store.data);
+      store.data = grown;
+    }
+    store.data.set(row, pos * row.length);
+    store.width = row.length;
   };
   return {
     append(layer, pos, kRow, vRow) {
-      k[layer][pos] = kRow;
-      v[layer][pos] = vRow;
+      put(k[layer], pos, kRow);
+      put(v[layer], pos, vRow);
     },
-    read: (layer, count) => ({ k: joined(k[layer], count), v: joined(v[layer], count) }),
+    read: (layer, count) => ({ k: k[layer].data.subarray(0, count * k[layer].width), v: v[layer].data.subarray(0, count * v[layer].width) }),
   };
 }
 

@@ -116,6 +116,14 @@ void Argmax(const Napi::CallbackInfo& info) {
   forward(info, c, kernels::checkArgmax, kernels::argmax);
 }
 
+// { loaded, detail }: the library's name, or why it did not load. Needs no GPU.
+Napi::Value CublasLt(const Napi::CallbackInfo& info) {
+  Napi::Object r = Napi::Object::New(info.Env());
+  r.Set("loaded", kernels::cublasLtLoaded());
+  r.Set("detail", kernels::cublasLtStatus());
+  return r;
+}
+
 }  // namespace
 
 void addModelOps(Napi::Env env, Napi::Object kernels) {
@@ -125,6 +133,7 @@ void addModelOps(Napi::Env env, Napi::Object kernels) {
   kernels.Set("rotary", Napi::Function::New<Rotary>(env));
   kernels.Set("siluMul", Napi::Function::New<SiluMul>(env));
   kernels.Set("argmax", Napi::Function::New<Argmax>(env));
+  kernels.Set("cublasLt", Napi::Function::New<CublasLt>(env));
 }
 
 }  // namespace vat

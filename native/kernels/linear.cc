@@ -144,6 +144,7 @@ Plan makePlan(const Api& api, const ContextState& s, const LinearCall& c) {
 
 }  // namespace
 
+bool cublasLtLoaded() { return library().loaded; }
 std::string cublasLtStatus() { return library().status; }
 
 void checkLinear(const LinearCall& c) {

@@ -27,7 +27,8 @@ void checkLinear(const LinearCall& call);
 // On the current context (useDevice).
 void linear(const LinearCall& call);
 
-// Where libcublasLt was found, or why not ("" before the first call).
+// Loads libcublasLt on first use: whether it loaded, and from where or why not.
+bool cublasLtLoaded();
 std::string cublasLtStatus();
 
 }  // namespace vat::kernels
