@@ -20,6 +20,7 @@
  */
 import type { TensorInfo } from './call-options.js';
 import { callNative, ClosedError, InvalidArgumentRangeError, InvalidArgumentTypeError } from './errors.js';
+import * as modelOps from './model-ops.js';
 import { addonPart } from './native.js';
 import { checkAddress, checkInteger, checkObject, describe } from './options.js';
 
@@ -405,4 +406,8 @@ export function cacheKV(k: TensorInfo, v: TensorInfo): { k: bigint; v: bigint; s
   return { k: k.address, v: v.address, strides: { row: k.strides[0], token: k.strides[1], head: k.strides[2] } };
 }
 
-export * from './model-ops.js';
+// Plain values, not re-export getters: vitest's loading of this repository's
+// own dist (the examples import the package by name) reads getters of a
+// CommonJS module as undefined.
+export const { argmax, gatherRows, linear, linearLibrary, rmsNorm, rotaryEmbedding, siluMul } = modelOps;
+export type { ActivationDtype, ArgmaxArgs, GatherRowsArgs, LinearArgs, QueueArgs, RmsNormArgs, RotaryEmbeddingArgs, SiluMulArgs } from './model-ops.js';

@@ -10,7 +10,7 @@
 // scripts/llama-batch-reference.mjs, checked against the live reference on
 // CI by llama.test.ts); bf16 runs the short prompts against the live one.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KVCache } from 'vattention';
+import { KVCache } from '../lib/index.js';
 import * as kernels from 'vattention/kernels';
 import { GpuModel, gpuRunner } from '../examples/llama/gpu-model.mjs';
 import { CacheKV, PagedKV } from '../examples/llama/kv-stores.mjs';
