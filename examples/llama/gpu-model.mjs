@@ -168,30 +168,44 @@ export class GpuModel {
    * inputs `upload` wrote (fixed device addresses: capturable in a CUDA
    * graph once every shape has run once).
    */
-  queue(batch, width, kv, { temperature = 0, seed = 0n, decode = { liveLengths: this.liveLengths } } = {}) {
+  queue(batch, width, kv, { temperature = 0, seed = 0n, decode = { liveLengths: this.liveLengths }, mark = () => {} } = {}) {
     const { m, a, w, dtype } = this, rows = batch * width;
     const q = { device: this.device, stream: this.stream };
+    // mark(kind) after each kernel: a profile's event (bench/model.mjs); kinds gemm, attention, elementwise
     kernels.gatherRows({ ...q, rows, tableRows: m.vocab, width: m.hidden, table: w.embed, ids: a.tokens, out: a.resid });
+    mark('elementwise');
     w.layers.forEach((layer, l) => {
       const norm = l === 0 ? { x: a.resid } : { x: a.proj, residual: a.resid };
       kernels.rmsNorm({ ...q, dtype, rows, width: m.hidden, eps: m.rmsNormEps, ...norm, weight: layer.inputNorm, out: a.normed });
+      mark('elementwise');
       this.#linear(rows, m.hidden, (m.heads + 2 * m.kvHeads) * m.headDim, a.normed, layer.qkv, a.qkv);
+      mark('gemm');
       kernels.rotaryEmbedding({ ...q, dtype, rows, qHeads: m.heads, kvHeads: m.kvHeads, headDim: m.headDim, qkv: a.qkv, positions: a.positions, frequencies: this.frequencies, q: a.q, k: a.kNew, v: a.vNew });
+      mark('elementwise');
       const cache = { ...q, dtype, kvHeads: m.kvHeads, headDim: m.headDim, ...kv.layer(l) };
       kernels.appendKV({ ...cache, batch, newTokens: width, kNew: a.kNew, vNew: a.vNew, positions: a.starts, counts: a.counts });
       const attention = { ...cache, batch, qHeads: m.heads, q: a.q, out: a.attn, lengths: a.lengths };
       if (width === 1) kernels.decodeAttention({ ...attention, ...decode });
       else kernels.prefillAttention({ ...attention, queryTokens: width, counts: a.counts });
+      mark('attention');
       this.#linear(rows, m.heads * m.headDim, m.hidden, a.attn, layer.o, a.proj);
+      mark('gemm');
       kernels.rmsNorm({ ...q, dtype, rows, width: m.hidden, eps: m.rmsNormEps, x: a.proj, residual: a.resid, weight: layer.postNorm, out: a.normed });
+      mark('elementwise');
       this.#linear(rows, m.hidden, 2 * m.intermediate, a.normed, layer.gateUp, a.gateUp);
+      mark('gemm');
       kernels.siluMul({ ...q, dtype, rows, width: m.intermediate, gateUp: a.gateUp, out: a.act });
+      mark('elementwise');
       this.#linear(rows, m.intermediate, m.hidden, a.act, layer.down, a.proj);
+      mark('gemm');
     });
     kernels.rmsNorm({ ...q, dtype, rows, width: m.hidden, eps: m.rmsNormEps, x: a.proj, residual: a.resid, weight: w.norm, out: a.normed });
     kernels.gatherRows({ ...q, rows: batch, tableRows: rows, width: m.hidden, table: a.normed, ids: a.lastRows, out: a.last });
+    mark('elementwise');
     kernels.linear({ ...q, dtype, rows: batch, inFeatures: m.hidden, outFeatures: m.vocab, input: a.last, weight: w.head, output: a.logits, outputDtype: 'float32' });
+    mark('gemm');
     kernels.argmax({ ...q, rows: batch, vocab: m.vocab, logits: a.logits, out: a.next, temperature, seed });
+    mark('elementwise');
   }
 
   #linear(rows, inFeatures, outFeatures, input, weight, output) {
