@@ -96,6 +96,50 @@ describe('vattention/kernels argument checks (no GPU needed)', () => {
       expect(() => kernels.appendKV({ ...validAppend, ...change } as kernels.AppendKVArgs)).toThrow(expect.objectContaining({ message: expect.stringContaining(message) }));
     });
 
+  const validPrefill: kernels.PrefillAttentionArgs = { ...valid, queryTokens: 64 };
+  for (const [what, change, message] of [
+    ['zero query tokens', { queryTokens: 0 }, 'args.queryTokens'],
+    ['a misaligned counts array', { counts: at + 2n }, 'counts must be an int32'],
+    ['splits (prefill runs in one)', { splits: 2 }, 'not a known option'],
+    ['a head dim outside the set', { headDim: 72 }, '64, 80, 96'],
+    ['qHeads not a multiple of kvHeads', { qHeads: 12 }, 'multiple of kvHeads'],
+  ] as [string, Record<string, unknown>, string][])
+    it(`prefillAttention refuses ${what}`, () => {
+      expect(() => kernels.prefillAttention({ ...validPrefill, ...change } as kernels.PrefillAttentionArgs)).toThrow(
+        expect.objectContaining({ code: expect.stringMatching(/^ERR_INVALID_ARG/), message: expect.stringContaining(message) }),
+      );
+    });
+
+  // The model kernels: each refuses a bad call before the driver (or cuBLASLt) is touched.
+  const modelCalls: [string, () => void, string][] = [
+    ['linear with features not a multiple of 8', () => kernels.linear({ dtype: 'float16', rows: 4, inFeatures: 12, outFeatures: 16, input: at, weight: at, output: at }), 'multiples of 8'],
+    ['linear with a misaligned weight', () => kernels.linear({ dtype: 'float16', rows: 4, inFeatures: 16, outFeatures: 16, input: at, weight: at + 2n, output: at }), 'weight must be a 16-byte'],
+    ['linear with an fp16 input and a bf16 output', () => kernels.linear({ dtype: 'float16', rows: 4, inFeatures: 16, outFeatures: 16, input: at, weight: at, output: at, outputDtype: 'bfloat16' }), 'outputDtype'],
+    ['linear with an unknown dtype', () => kernels.linear({ dtype: 'float32' as 'float16', rows: 4, inFeatures: 16, outFeatures: 16, input: at, weight: at, output: at }), 'args.dtype'],
+    ['rmsNorm wider than a block holds', () => kernels.rmsNorm({ dtype: 'float16', rows: 1, width: 16384, x: at, weight: at, out: at }), 'at most 8192'],
+    ['rmsNorm with a zero eps', () => kernels.rmsNorm({ dtype: 'float16', rows: 1, width: 64, eps: 0, x: at, weight: at, out: at }), 'args.eps'],
+    ['rmsNorm with a misaligned residual', () => kernels.rmsNorm({ dtype: 'float16', rows: 1, width: 64, x: at, residual: at + 4n, weight: at, out: at }), 'residual must be'],
+    ['rotaryEmbedding with qHeads not a multiple of kvHeads', () => kernels.rotaryEmbedding({ dtype: 'bfloat16', rows: 1, qHeads: 6, kvHeads: 4, headDim: 64, qkv: at, positions: at, frequencies: at, q: at, k: at, v: at }), 'multiple of kvHeads'],
+    ['rotaryEmbedding with an odd head dim', () => kernels.rotaryEmbedding({ dtype: 'bfloat16', rows: 1, qHeads: 8, kvHeads: 4, headDim: 72, qkv: at, positions: at, frequencies: at, q: at, k: at, v: at }), 'headDim'],
+    ['siluMul with a width not a multiple of 8', () => kernels.siluMul({ dtype: 'float16', rows: 2, width: 100, gateUp: at, out: at }), 'multiple of 8'],
+    ['gatherRows with zero rows', () => kernels.gatherRows({ rows: 0, tableRows: 10, width: 64, table: at, ids: at, out: at }), 'args.rows'],
+    ['argmax with a stride below the vocabulary', () => kernels.argmax({ rows: 2, vocab: 100, stride: 99, logits: at, out: at }), 'args.stride'],
+    ['argmax with a negative temperature', () => kernels.argmax({ rows: 2, vocab: 100, logits: at, out: at, temperature: -1 }), 'temperature'],
+    ['argmax with a seed that is not a bigint', () => kernels.argmax({ rows: 2, vocab: 100, logits: at, out: at, temperature: 1, seed: 3 as unknown as bigint }), 'args.seed'],
+    ['a misspelt option', () => kernels.siluMul({ dtype: 'float16', rows: 2, width: 64, gateUp: at, out: at, strem: 0n } as kernels.SiluMulArgs), 'not a known option'],
+  ];
+  for (const [what, run, message] of modelCalls)
+    it(`${what} is refused with a coded error naming it`, () => {
+      expect(run).toThrow(expect.objectContaining({ code: expect.stringMatching(/^ERR_INVALID_ARG/), message: expect.stringContaining(message) }));
+    });
+
+  it('linearLibrary says whether cuBLASLt loaded, and from where or why not, without a GPU', () => {
+    const l = kernels.linearLibrary();
+    expect(typeof l.available).toBe('boolean');
+    if (l.available) expect(l.library).toMatch(/cublasLt/i);
+    else expect(l.problem).toMatch(/libcublasLt\.so\.13.*libcublasLt\.so\.12/);
+  });
+
   it('argument errors are the package\'s typed errors', () => {
     expect(() => kernels.decodeAttention({ ...valid, batch: 1.5 })).toThrow(InvalidArgumentRangeError);
     expect(() => kernels.decodeAttention({ ...valid, q: 5 as unknown as bigint })).toThrow(InvalidArgumentTypeError);
@@ -111,6 +155,10 @@ describe('vattention/kernels argument checks (no GPU needed)', () => {
     expect(() => kernels.decodeAttention(valid)).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
     expect(() => kernels.appendKV(validAppend)).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
     expect(() => new kernels.AttentionWorkspace({ bytes: 1024 })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
+    expect(() => kernels.prefillAttention({ ...valid, queryTokens: 8 })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
+    expect(() => kernels.siluMul({ dtype: 'float16', rows: 2, width: 64, gateUp: at, out: at })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
+    // linear says what is missing: cuBLASLt (looked for first) or the driver
+    expect(() => kernels.linear({ dtype: 'float16', rows: 4, inFeatures: 16, outFeatures: 16, input: at, weight: at, output: at })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
   });
 });
 

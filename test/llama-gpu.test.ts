@@ -9,6 +9,8 @@
 // tokens). The reference of the fp16 batch is test/fixtures (written by
 // scripts/llama-batch-reference.mjs, checked against the live reference on
 // CI by llama.test.ts); bf16 runs the short prompts against the live one.
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
 import * as kernels from 'vattention/kernels';
@@ -176,6 +178,18 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
       }
     });
   }
+
+  for (const store of ['all-layers', 'paged'])
+    it(`examples/llama/generate.mjs serves random-weight requests end to end (--store ${store})`, () => {
+      const script = fileURLToPath(new URL('../examples/llama/generate.mjs', import.meta.url));
+      const run = spawnSync(process.execPath, [script, '--shape', 'tiny', '--requests', '3', '--max-new-tokens', '8', '--store', store], { encoding: 'utf8' });
+      expect(run.stderr).toBe('');
+      expect(run.status).toBe(0);
+      const lines = run.stdout.split('\n').filter((l) => l.startsWith('request '));
+      expect(lines).toHaveLength(3);
+      for (const line of lines) expect(line.split(': ')[1]!.split(',')).toHaveLength(8);
+      expect(run.stdout).toMatch(/24 tokens in .* s \(\d+ tokens\/s/);
+    });
 
   it('bf16: the short prompts match the live CPU reference over a KVCache', () => {
     const ref = tinyReference('bfloat16');

@@ -21,6 +21,7 @@ import { decode, encode, randomWeights } from '../examples/llama/weights.mjs';
 // @ts-expect-error: the example is plain JavaScript
 import { makeWeights, referencePrompt } from '../examples/llama/make-weights.mjs';
 import { batchPrompts, BATCH_SEED, tinyReference } from './llama-batch.mjs';
+import { linearLibrary } from '../lib/kernels.js';
 
 const root = join(__dirname, '..');
 const dir = mkdtempSync(join(tmpdir(), 'vattention-llama-'));
@@ -237,5 +238,22 @@ describe('the CPU reference on the tiny shape', () => {
     expect(bad.stderr).toContain("unknown shape 'llama-9'");
     const nan = spawnSync(process.execPath, [script, '--shape', 'tiny', '--out', join(dir, 'y'), '--seed', 'abc'], { encoding: 'utf8' });
     expect(nan.status).toBe(2);
+  });
+
+  it('generate --help prints its usage; a bad argument is exit 1; without cuBLASLt or CUDA it says which, exit 3', () => {
+    const script = join(root, 'examples/llama/generate.mjs');
+    const help = spawnSync(process.execPath, [script, '--help'], { encoding: 'utf8' });
+    expect(help.status).toBe(0);
+    expect(help.stdout).toContain('--store NAME');
+    const bad = spawnSync(process.execPath, [script, '--requests', '-2'], { encoding: 'utf8' });
+    expect([1, 3]).toContain(bad.status); // 3 first where nothing can run
+    const stray = spawnSync(process.execPath, [script, 'tiny'], { encoding: 'utf8' });
+    expect(stray.status).toBe(1);
+    expect(stray.stderr).toContain("unexpected argument 'tiny'");
+    if (!linearLibrary().available) {
+      const run = spawnSync(process.execPath, [script, '--shape', 'tiny'], { encoding: 'utf8' });
+      expect(run.status).toBe(3);
+      expect(run.stderr).toContain('libcublasLt.so.13');
+    }
   });
 });

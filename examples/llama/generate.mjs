@@ -1,0 +1,118 @@
+#!/usr/bin/env node
+// Generates tokens with the GPU model over the cache: loads a checkpoint
+// (config.json + *.safetensors) or random weights of a named shape, serves
+// a batch of requests by continuous batching (serve.mjs) over a KVCache or
+// paged blocks, prints each request's tokens and the decode rate.
+//   node node_modules/vattention/examples/llama/generate.mjs --help
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { KVCache } from 'vattention';
+import * as kernels from 'vattention/kernels';
+import { parseConfig, SHAPES } from './config.mjs';
+import { GpuModel, gpuRunner } from './gpu-model.mjs';
+import { CacheKV, PagedKV } from './kv-stores.mjs';
+import { openSafetensors } from './safetensors.mjs';
+import { serve } from './serve.mjs';
+import { encode, randomWeights, storageDtype } from './weights.mjs';
+
+const HELP = `generate.mjs: a Llama-architecture model decoding through vattention's KV cache on the GPU
+
+  --model DIR           a checkpoint: config.json and *.safetensors (Llama 2/3, Mistral), fp16 or bf16
+  --shape NAME          random weights instead: tiny | llama-3-8b (seeded; llama-3-8b filled on the device)
+  --seed N              seed of random weights and prompts (default 1)
+  --prompt IDS          comma-separated token ids of every request's prompt (no tokenizer here)
+  --prompt-length N     random prompts of N tokens instead (default 16)
+  --requests N          requests served at once (default 4)
+  --max-new-tokens N    tokens generated per request (default 32)
+  --store NAME          per-layer | all-layers | layer-groups:N (a KVCache) | paged (blocks of 16); default per-layer
+  --memory-budget MiB   the KVCache's budget (default: free memory); smaller preempts
+  --device N            CUDA device (default 0)
+  --help                this text
+
+Prints each request's generated token ids, the preemptions and the tokens per second.`;
+
+function parseArgs(argv) {
+  const out = {};
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--help') return { help: true };
+    if (!a.startsWith('--') || i + 1 >= argv.length) throw new Error(`generate: unexpected argument '${a}' (see --help)`);
+    out[a.slice(2)] = argv[++i];
+  }
+  return out;
+}
+
+const integer = (args, key, fallback) => {
+  const v = args[key] === undefined ? fallback : Number(args[key]);
+  if (!Number.isSafeInteger(v) || v < 0) throw new Error(`generate: --${key} must be a non-negative integer, got '${args[key]}'`);
+  return v;
+};
+
+/** The shape and a weight(name) → 16-bit storage of a checkpoint directory, or random weights. */
+function loadWeights(args) {
+  if (args.model) {
+    const m = parseConfig(JSON.parse(readFileSync(join(args.model, 'config.json'), 'utf8')));
+    const files = readdirSync(args.model).filter((f) => f.endsWith('.safetensors')).map((f) => openSafetensors(join(args.model, f)));
+    if (files.length === 0) throw new Error(`generate: no *.safetensors in ${args.model}`);
+    const weight = (name) => {
+      const file = files.find((f) => f.tensors.has(name));
+      if (!file) throw new Error(`generate: the checkpoint has no tensor '${name}'`);
+      const t = file.tensors.get(name);
+      if (t.dtype !== storageDtype(m.dtype)) throw new Error(`generate: tensor '${name}' is ${t.dtype}, the config says ${m.dtype}`);
+      const bytes = file.readTensor(name);
+      return new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
+    };
+    return { m, weight, close: () => files.forEach((f) => f.close()) };
+  }
+  const shape = args.shape ?? 'tiny';
+  if (!SHAPES[shape]) throw new Error(`generate: unknown shape '${shape}' (${Object.keys(SHAPES).join(', ')})`);
+  const m = parseConfig(SHAPES[shape]);
+  const seed = integer(args, 'seed', 1);
+  if (m.hidden * m.vocab > 1e8) return { m, fill: { seed }, close() {} }; // too large for JS memory: filled on the device
+  const weights = randomWeights(m, { seed });
+  return { m, weight: (name) => encode(weights.get(name).values, storageDtype(m.dtype)), close() {} };
+}
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2));
+  if (args.help) return console.log(HELP);
+  const lib = kernels.linearLibrary();
+  if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_CUDA_UNAVAILABLE' });
+  const source = loadWeights(args);
+  const { m } = source;
+  const requests = integer(args, 'requests', 4), maxNewTokens = integer(args, 'max-new-tokens', 32), device = integer(args, 'device', 0);
+  const seed = integer(args, 'seed', 1), length = integer(args, 'prompt-length', 16);
+  const fixed = args.prompt?.split(',').map(Number);
+  if (fixed?.some((t) => !Number.isInteger(t) || t < 0 || t >= m.vocab)) throw new Error(`generate: --prompt ids must be integers in [0, ${m.vocab})`);
+  const prompts = Array.from({ length: requests }, (_, r) => fixed ?? Array.from({ length }, (_, i) => (seed * 7919 + r * 104729 + i * 31) % m.vocab));
+  const maxTokens = Math.max(...prompts.map((p) => p.length)) + maxNewTokens + 1;
+  const model = new GpuModel(m, { weight: source.weight, fill: source.fill, maxRows: Math.max(maxTokens, requests), maxBatch: requests, device });
+  source.close();
+  const storeName = args.store ?? 'per-layer';
+  let cache, kv;
+  if (storeName === 'paged') {
+    kv = cache = new PagedKV(m, { blocks: requests * Math.ceil(maxTokens / 16), maxSequences: requests, maxTokens, device });
+  } else {
+    const layout = storeName.startsWith('layer-groups:') ? { layerGroups: Number(storeName.split(':')[1]) } : storeName;
+    const budget = args['memory-budget'] === undefined ? {} : { memoryBudget: integer(args, 'memory-budget', 0) * 2 ** 20 };
+    cache = new KVCache({ backend: 'cuda', device, layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: m.dtype, maxSequences: requests, maxTokens, layout, ...budget });
+    kv = new CacheKV(cache, { device });
+  }
+  try {
+    const start = process.hrtime.bigint();
+    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens })) });
+    const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+    for (const [id, tokens] of outputs) console.log(`request ${id}: ${tokens.join(',')}`);
+    const generated = [...outputs.values()].reduce((n, t) => n + t.length, 0);
+    console.log(`${generated} tokens in ${seconds.toFixed(2)} s (${(generated / seconds).toFixed(0)} tokens/s, prefill included), ${steps} decode steps, ${preemptions} preemptions, store ${storeName}`);
+  } finally {
+    kv.close();
+    if (cache !== kv) cache.close();
+    model.close();
+  }
+}
+
+main().catch((e) => {
+  console.error(e.message);
+  process.exit(e.code === 'ERR_CUDA_UNAVAILABLE' ? 3 : 1);
+});
