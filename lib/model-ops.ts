@@ -3,12 +3,12 @@
  * around the attention kernels, part of `vattention/kernels`: what
  * examples/llama runs, for any caller with the same shapes.
  *
- * - {@link linear}: `out = input · weightᵀ` through cuBLASLt (loaded at run
+ * - `linear`: `out = input · weightᵀ` through cuBLASLt (loaded at run
  *   time: `VATTENTION_CUBLASLT`, then `libcublasLt.so.13`, then `.so.12`;
  *   without it a call is `ERR_CUDA_UNAVAILABLE`).
- * - {@link gatherRows} (embedding lookup, last-token pick), {@link rmsNorm}
- *   (fused with the residual add), {@link rotaryEmbedding} (fused with the
- *   split of a Q/K/V projection), {@link siluMul}, {@link argmax} (greedy or
+ * - `gatherRows` (embedding lookup, last-token pick), `rmsNorm`
+ *   (fused with the residual add), `rotaryEmbedding` (fused with the
+ *   split of a Q/K/V projection), `siluMul`, `argmax` (greedy or
  *   a temperature sample): this package's CUDA C, shipped as PTX.
  *
  * Rows are contiguous, addresses 16-byte aligned, activations fp16 or bf16
@@ -153,7 +153,7 @@ const count = (a: Record<string, unknown>, key: string, min = 1) => checkInteger
 const address = (a: Record<string, unknown>, key: string) => checkAddress(`args.${key}`, a[key]);
 
 /**
- * Whether {@link linear} can run: cuBLASLt loaded (`library`: the name it was
+ * Whether `linear` can run: cuBLASLt loaded (`library`: the name it was
  * loaded by) or not (`problem`: what was tried). Loads it on first call;
  * needs no GPU.
  */
