@@ -55,7 +55,6 @@ const tokenKvBytes = m.layers * 2 * m.kvHeads * m.headDim * 2; // K and V of one
 const stream = gpu.createStream();
 const model = new GpuModel(m, { fill: { seed: 1 }, maxRows: 16384, maxBatch: 256, stream });
 const ceiling = streamingRead();
-const workspace = new kernels.AttentionWorkspace({ bytes: 256 << 20 });
 
 function streamingRead() {
   const bytes = 4 * 2 ** 30, buffer = gpu.allocate(bytes);
@@ -102,6 +101,7 @@ function decodeRow(B, T, storeName) {
     const batch = () => store.seqs.map((seq, b) => ({ seq, tokens: [tokens[b]], position: lengths[b] - 1 }));
     // fixed splits (planned for the longest length the row reaches) and workspace: the graph's arguments
     const plan = kernels.planDecodeAttention({ dtype: 'float16', kvHeads: m.kvHeads, headDim: m.headDim, batch: B, qHeads: m.heads, q: 16n, out: 16n, lengths: 16n, k: 16n, v: 16n, strides: { row: 0, token: 0, head: 0 }, maxLength: T + steps + 8, liveLengths: Array(B).fill(T + steps) });
+    const workspace = new kernels.AttentionWorkspace({ bytes: Math.max(16, plan.workspaceBytes) });
     const decode = { splits: plan.splits, workspace };
     const advance = () => {
       lengths.forEach((n, b) => (lengths[b] = n + 1));
@@ -134,6 +134,7 @@ function decodeRow(B, T, storeName) {
       return { B, T, store: storeName, splits: plan.splits, p50Ms: s.p50 / 1e6, p99Ms: s.p99 / 1e6, tokensPerSecond: (B * 1e9) / s.mean, rooflineMs: (bytes / ceiling) * 1e3, libraryShare: libSum / wallSum };
     } finally {
       gpu.destroyGraph(graph);
+      workspace.close();
     }
   } finally {
     store.close();
@@ -217,7 +218,6 @@ for (const [B, T] of rows) {
 }
 const profile = profileStep(16, 4096);
 const prefill = argv.includes('--no-prefill') ? [] : [prefillRow(1, 8192), prefillRow(16, 1024)];
-workspace.close();
 model.close();
 gpu.destroyStream(stream);
 
