@@ -211,6 +211,20 @@ function prefillRow(B, n) {
   }
 }
 
+// profile and prefill first (seconds), printed as they come, then the decode rows
+const info = { name: environment().gpu };
+console.log(`Llama-3-8B shape, fp16, random weights (${(model.weightBytes() / 2 ** 30).toFixed(1)} GiB read per step); ${info.name}; streaming read ${(ceiling / 1e12).toFixed(2)} TB/s; cuBLASLt ${cublas.library}`);
+const profile = profileStep(16, 4096);
+console.log(`one eager step, B=${profile.B} T=${profile.T}: GPU ${profile.gpuMs.toFixed(2)} ms over ${profile.kernels} marks: ` +
+  Object.entries(profile.byKindMs).map(([k, ms]) => `${k} ${ms.toFixed(2)} ms (${((ms / profile.gpuMs) * 100).toFixed(0)}%)`).join(', ') +
+  `; host queueing ${profile.hostQueueMs.toFixed(2)} ms`);
+const prefill = [];
+for (const [B, n] of argv.includes('--no-prefill') ? [] : [[1, 8192], [16, 1024]]) {
+  const p = prefillRow(B, n);
+  prefill.push(p);
+  console.log(`prefill ${p.B} x ${p.n}: ${Math.round(p.tokensPerSecond)} tokens/s (forward ${p.forwardMs.toFixed(1)} ms); attention kernel ${p.attentionMs.toFixed(2)} ms per layer, ${p.attentionTflops.toFixed(0)} TFLOP/s`);
+}
+
 const decodeRows = [];
 for (const [B, T] of rows) {
   if (!(T > steps + 3)) throw new Error(`context ${T} must exceed --steps + 3`);
@@ -222,20 +236,16 @@ for (const [B, T] of rows) {
     try {
       const row = decodeRow(B, T, name);
       decodeRows.push(row);
-      console.log(`B=${B} T=${T} ${name}: ${row.p50Ms.toFixed(2)} ms a step (roofline ${row.rooflineMs.toFixed(2)} ms), library ${(row.libraryShare * 100).toFixed(2)}%`);
+      console.log(`B=${B} T=${T} ${name}: ${Math.round(row.tokensPerSecond)} tokens/s, step p50 ${row.p50Ms.toFixed(2)} p99 ${row.p99Ms.toFixed(2)} ms, roofline ${row.rooflineMs.toFixed(2)} ms (${(row.p50Ms / row.rooflineMs).toFixed(2)}x), library ${(row.libraryShare * 100).toFixed(2)}%`);
     } catch (e) {
       if (e.code !== 'ERR_OUT_OF_MEMORY') throw e;
       console.log(`skip B=${B} T=${T} ${name}: ${e.message}`);
     }
   }
 }
-const profile = profileStep(16, 4096);
-const prefill = argv.includes('--no-prefill') ? [] : [prefillRow(1, 8192), prefillRow(16, 1024)];
 model.close();
 gpu.destroyStream(stream);
 
-const info = { name: environment().gpu };
-console.log(`Llama-3-8B shape, fp16, random weights (${(model.weightBytes() / 2 ** 30).toFixed(1)} GiB read per step); ${info.name}; streaming read ${(ceiling / 1e12).toFixed(2)} TB/s; cuBLASLt ${cublas.library}`);
 console.log(
   table(decodeRows, [
     { title: 'B', value: (r) => r.B },
@@ -249,9 +259,4 @@ console.log(
     { title: 'library %', value: (r) => (r.libraryShare * 100).toFixed(2) },
   ]),
 );
-console.log(`\none eager step, B=${profile.B} T=${profile.T}: GPU ${profile.gpuMs.toFixed(2)} ms over ${profile.kernels} marks: ` +
-  Object.entries(profile.byKindMs).map(([k, ms]) => `${k} ${ms.toFixed(2)} ms (${((ms / profile.gpuMs) * 100).toFixed(0)}%)`).join(', ') +
-  `; host queueing ${profile.hostQueueMs.toFixed(2)} ms`);
-for (const p of prefill)
-  console.log(`prefill ${p.B} x ${p.n}: ${Math.round(p.tokensPerSecond)} tokens/s (forward ${p.forwardMs.toFixed(1)} ms); attention kernel ${p.attentionMs.toFixed(2)} ms per layer, ${p.attentionTflops.toFixed(0)} TFLOP/s`);
 saveResult('model', { streamingReadBytesPerSecond: ceiling, decode: decodeRows, profile, prefill });
