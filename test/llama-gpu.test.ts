@@ -179,10 +179,10 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
     });
   }
 
-  for (const store of ['all-layers', 'paged'])
-    it(`examples/llama/generate.mjs serves random-weight requests end to end (--store ${store})`, () => {
+  for (const [store, sampling] of [['all-layers', []], ['paged', []], ['per-layer', ['--temperature', '0.8', '--top-p', '0.9']]] as const)
+    it(`examples/llama/generate.mjs serves random-weight requests end to end (${['--store', store, ...sampling].join(' ')})`, () => {
       const script = fileURLToPath(new URL('../examples/llama/generate.mjs', import.meta.url));
-      const run = spawnSync(process.execPath, [script, '--shape', 'tiny', '--requests', '3', '--max-new-tokens', '8', '--store', store], { encoding: 'utf8' });
+      const run = spawnSync(process.execPath, [script, '--shape', 'tiny', '--requests', '3', '--max-new-tokens', '8', '--store', store, ...sampling], { encoding: 'utf8' });
       expect(run.stderr).toBe('');
       expect(run.status).toBe(0);
       const lines = run.stdout.split('\n').filter((l) => l.startsWith('request '));

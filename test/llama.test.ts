@@ -13,6 +13,8 @@ import { ConfigError, parseConfig, ropeFrequencies, SHAPES, tensorList } from '.
 import { argmax, cacheStore, greedy, ReferenceModel, referenceRunner } from '../examples/llama/reference.mjs';
 // @ts-expect-error: the example is plain JavaScript
 import { serve } from '../examples/llama/serve.mjs';
+// @ts-expect-error: an example in plain JS, no declarations
+import { createSampler, nucleus, uniform } from '../examples/llama/sampling.mjs';
 import { KVCache } from '../lib/index.js';
 // @ts-expect-error: the example is plain JavaScript
 import { openSafetensors, SafetensorsError, writeSafetensors } from '../examples/llama/safetensors.mjs';
@@ -137,6 +139,67 @@ describe('Llama configs', () => {
   });
 });
 
+describe('sampling (examples/llama/sampling.mjs)', () => {
+  const probabilities = [0.5, 0.3, 0.15, 0.05];
+  const logits = Float32Array.from([0.15, 0.5, 0.05, 0.3].map(Math.log)); // shuffled: token 1 is the likeliest
+
+  it('cuts to the nucleus: the fewest likeliest tokens whose probability reaches top-p', () => {
+    const cut = (topP: number) => nucleus(logits, 1, topP).indices;
+    expect(cut(0.4)).toEqual([1]);
+    expect(cut(0.5)).toEqual([1]);
+    expect(cut(0.6)).toEqual([1, 3]);
+    expect(cut(0.8)).toEqual([1, 3]);
+    expect(cut(0.81)).toEqual([1, 3, 0]);
+    expect(cut(0.96)).toEqual([1, 3, 0, 2]);
+    expect(nucleus(logits, 1, 1).indices.sort()).toEqual([0, 1, 2, 3]);
+    // equals in index order; a temperature flattens the weights
+    expect(nucleus(Float32Array.from([2, 5, 5, 1]), 1, 0.4).indices).toEqual([1]);
+    expect(nucleus(Float32Array.from([2, 5, 5, 1]), 1, 0.9).indices).toEqual([1, 2]);
+    const hot = nucleus(logits, 4, 1);
+    expect(Math.max(...hot.weights) / Math.min(...hot.weights)).toBeCloseTo((0.5 / 0.05) ** 0.25, 5);
+  });
+
+  it('draws from the nucleus in proportion to probability, the same token for the same (seed, request, position)', () => {
+    const sampler = createSampler({ temperature: 1, topP: 0.8, seed: 3 });
+    const counts = [0, 0, 0, 0];
+    for (let position = 0; position < 8000; position++) counts[sampler.pick(logits, 5, position)]++;
+    expect(counts[0]).toBe(0);
+    expect(counts[2]).toBe(0);
+    expect(counts[1]! / 8000).toBeGreaterThan(0.5 / 0.8 - 0.03);
+    expect(counts[1]! / 8000).toBeLessThan(0.5 / 0.8 + 0.03);
+    const all = createSampler({ temperature: 1, seed: 3 }), seen = [0, 0, 0, 0];
+    for (let position = 0; position < 8000; position++) seen[all.pick(logits, 5, position)]++;
+    [1, 3, 0, 2].forEach((token, rank) => expect(Math.abs(seen[token]! / 8000 - probabilities[rank]!), `token ${token}`).toBeLessThan(0.03));
+    const again = Array.from({ length: 50 }, (_, p) => sampler.pick(logits, 5, p));
+    expect(Array.from({ length: 50 }, (_, p) => sampler.pick(logits, 5, p))).toEqual(again);
+    expect(Array.from({ length: 50 }, (_, p) => createSampler({ temperature: 1, topP: 0.8, seed: 4 }).pick(logits, 5, p))).not.toEqual(again);
+    expect(Array.from({ length: 50 }, (_, p) => sampler.pick(logits, 6, p))).not.toEqual(again);
+    for (const [seed, key, position] of [[0, 0, 0], [2 ** 40, 7, 1e6], [1, 2 ** 31, 3]]) {
+      const u = uniform(seed, key, position);
+      expect(u >= 0 && u < 1).toBe(true);
+    }
+  });
+
+  it('greedy at temperature 0: the first of the largest logits', () => {
+    const sampler = createSampler();
+    expect(sampler.greedy).toBe(true);
+    expect(sampler.pick(Float32Array.from([1, 9, 9, 2]), 0, 0)).toBe(1);
+  });
+
+  for (const [what, options] of [
+    ['a negative temperature', { temperature: -1 }],
+    ['an infinite temperature', { temperature: Infinity }],
+    ['top-p of 0', { temperature: 1, topP: 0 }],
+    ['top-p above 1', { temperature: 1, topP: 1.5 }],
+    ['top-p NaN', { temperature: 1, topP: NaN }],
+    ['top-p without a temperature', { topP: 0.9 }],
+    ['a fractional seed', { temperature: 1, seed: 1.5 }],
+  ] as const)
+    it(`refuses ${what} with ERR_SAMPLING_OPTIONS`, () => {
+      expect(() => createSampler(options)).toThrow(expect.objectContaining({ code: 'ERR_SAMPLING_OPTIONS' }));
+    });
+});
+
 describe('the CPU reference on the tiny shape', () => {
   const m = parseConfig(SHAPES.tiny);
   const weights = randomWeights(m, { seed: 1 });
@@ -188,6 +251,25 @@ describe('the CPU reference on the tiny shape', () => {
     expect(preemptions).toBeGreaterThan(0);
     for (const r of requests) expect(outputs.get(r.id), `request ${r.id}`).toEqual(greedy(model, r.prompt, r.maxNewTokens).tokens);
     expect(cache.stats().activeSequences).toBe(0);
+  });
+
+  it('samples the same tokens whether or not a request is preempted; top-p that keeps one token is greedy', async () => {
+    const options = { backend: 'host' as const, layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float32' as const, maxSequences: 4, maxTokens: 128, pageSize: 4096 };
+    const requests = [12, 20, 7, 30, 15, 9].map((n, i) => ({ id: i, prompt: Array.from({ length: n }, (_, t) => (i * 131 + t * 17) % m.vocab), maxNewTokens: 12 }));
+    const run = async (sampler: unknown, memoryBudget?: number) => {
+      using cache = new KVCache({ ...options, ...(memoryBudget ? { memoryBudget } : {}) });
+      return await serve({ cache, runner: referenceRunner(model, cache, sampler), requests });
+    };
+    const sampler = createSampler({ temperature: 1, topP: 0.9, seed: 7 });
+    const roomy = await run(sampler);
+    const tight = await run(sampler, 160 * 1024);
+    expect(roomy.preemptions).toBe(0);
+    expect(tight.preemptions).toBeGreaterThan(0);
+    expect([...tight.outputs]).toEqual([...roomy.outputs]);
+    const greedyTokens = requests.map((r) => greedy(model, r.prompt, r.maxNewTokens).tokens);
+    expect(requests.map((r) => roomy.outputs.get(r.id))).not.toEqual(greedyTokens); // it does sample
+    const narrow = await run(createSampler({ temperature: 1, topP: 1e-9, seed: 7 }));
+    expect(requests.map((r) => narrow.outputs.get(r.id))).toEqual(greedyTokens);
   });
 
   it('the GPU test\'s batch reference (test/fixtures/llama-tiny-batch-reference.json) is the reference\'s output for its short prompts', () => {

@@ -12,6 +12,7 @@ import { parseConfig, SHAPES } from './config.mjs';
 import { GpuModel, gpuRunner } from './gpu-model.mjs';
 import { CacheKV, PagedKV } from './kv-stores.mjs';
 import { openSafetensors } from './safetensors.mjs';
+import { createSampler } from './sampling.mjs';
 import { serve } from './serve.mjs';
 import { encode, randomWeights, storageDtype } from './weights.mjs';
 
@@ -24,6 +25,8 @@ const HELP = `generate.mjs: a Llama-architecture model decoding through vattenti
   --prompt-length N     random prompts of N tokens instead (default 16)
   --requests N          requests served at once (default 4)
   --max-new-tokens N    tokens generated per request (default 32)
+  --temperature T       0: greedy (default); above: sample softmax(logits / T), seeded by --seed and the request
+  --top-p P             with a temperature: sample only the most likely tokens whose probability adds up to P (default 1)
   --store NAME          per-layer | all-layers | layer-groups:N (a KVCache) | paged (blocks of 16); default per-layer
   --memory-budget MiB   the KVCache's budget (default: free memory); smaller preempts
   --device N            CUDA device (default 0)
@@ -47,6 +50,22 @@ const integer = (args, key, fallback) => {
   if (!Number.isSafeInteger(v) || v < 0) throw new Error(`generate: --${key} must be a non-negative integer, got '${args[key]}'`);
   return v;
 };
+
+const fraction = (args, key, fallback) => {
+  const v = args[key] === undefined ? fallback : Number(args[key]);
+  if (!Number.isFinite(v) || v < 0) throw new Error(`generate: --${key} must be a non-negative number, got '${args[key]}'`);
+  return v;
+};
+
+/** The sampler of --temperature, --top-p and --seed. */
+function samplerOf(args) {
+  try {
+    return createSampler({ temperature: fraction(args, 'temperature', 0), topP: fraction(args, 'top-p', 1), seed: integer(args, 'seed', 1) });
+  } catch (e) {
+    if (e.code !== 'ERR_SAMPLING_OPTIONS') throw e;
+    throw new Error(`generate: ${e.message.replace('temperature', '--temperature').replace('topP', '--top-p')}`);
+  }
+}
 
 /** The shape and a weight(name) → 16-bit storage of a checkpoint directory, or random weights. */
 function loadWeights(args) {
@@ -76,6 +95,7 @@ function loadWeights(args) {
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   if (args.help) return console.log(HELP);
+  const sampler = samplerOf(args);
   const lib = kernels.linearLibrary();
   if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_CUDA_UNAVAILABLE' });
   const source = loadWeights(args);
@@ -100,7 +120,7 @@ async function main() {
   }
   try {
     const start = process.hrtime.bigint();
-    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens })) });
+    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv, sampler), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens })) });
     const seconds = Number(process.hrtime.bigint() - start) / 1e9;
     for (const [id, tokens] of outputs) console.log(`request ${id}: ${tokens.join(',')}`);
     const generated = [...outputs.values()].reduce((n, t) => n + t.length, 0);

@@ -7,6 +7,7 @@
 import * as kernels from 'vattention/kernels';
 import * as gpu from 'vattention/testing';
 import { ropeFrequencies, tensorList } from './config.mjs';
+import { createSampler } from './sampling.mjs';
 import { encode, normals, storageDtype } from './weights.mjs';
 
 const BYTES = 2; // fp16 / bf16 activations and weights
@@ -267,15 +268,16 @@ function uploadPart(address, part, device) {
 }
 
 /** The serving loop's runner (serve.mjs) for the GPU model over `kv` (CacheKV or PagedKV). */
-export function gpuRunner(model, kv) {
+export function gpuRunner(model, kv, sampler = createSampler()) {
   const run = (entries, tokensOf) => {
     const batch = entries.map((e) => ({ seq: e.state.seq, tokens: tokensOf(e), position: e.state.length }));
-    const { next } = model.forward(batch, kv);
+    // greedy: the argmax kernel's tokens; sampling: the logits, picked on the host (sampling.mjs)
+    const { next, logits } = model.forward(batch, kv, { logits: !sampler.greedy });
     entries.forEach((e, i) => (e.state.length += batch[i].tokens.length));
-    return next;
+    return sampler.greedy ? next : entries.map((e, i) => sampler.pick(logits[i], e.state.key, e.state.length));
   };
   return {
-    start: (seq) => ({ seq, length: 0 }),
+    start: (seq, key = 0) => ({ seq, length: 0, key }),
     prefill: (entries) => run(entries, (e) => e.tokens),
     decode: (entries) => run(entries, (e) => [e.token]),
   };

@@ -3,6 +3,7 @@
 // writes the expected tokens and logits next to generated weights. Slow on
 // purpose (plain loops, one token at a time) and small-model only.
 import { ropeFrequencies } from './config.mjs';
+import { createSampler } from './sampling.mjs';
 
 function matvec(w, x, rows, cols, out = new Float32Array(rows)) {
   for (let r = 0; r < rows; r++) {
@@ -162,11 +163,11 @@ export function cacheStore(cache, seq) {
   };
 }
 
-/** The serving loop's runner (serve.mjs) for the CPU reference, its K/V in `cache` (cacheStore). */
-export function referenceRunner(model, cache) {
-  const pick = (state, tokens) => argmax(model.forward(state, tokens).at(-1));
+/** The serving loop's runner (serve.mjs) for the CPU reference, its K/V in `cache` (cacheStore); greedy unless a sampler (sampling.mjs) says otherwise. */
+export function referenceRunner(model, cache, sampler = createSampler()) {
+  const pick = (state, tokens) => sampler.pick(model.forward(state, tokens).at(-1), state.key, state.length);
   return {
-    start: (seq) => model.newSequence(cacheStore(cache, seq)),
+    start: (seq, key = 0) => Object.assign(model.newSequence(cacheStore(cache, seq)), { key }),
     prefill: (entries) => entries.map((e) => pick(e.state, e.tokens)),
     decode: (entries) => entries.map((e) => pick(e.state, [e.token])),
   };

@@ -8,15 +8,16 @@
 // `cache` is a KVCache or anything with its reserve / growAsync / stepAsync
 // / release (PagedKV); `runner` drives a model over it (referenceRunner of
 // reference.mjs on the CPU, gpuRunner of gpu-model.mjs on the GPU):
-//   start(seq) → state        a sequence's model state, nothing computed yet
-//   prefill([{ state, tokens }]) → next token of each (greedy)
+//   start(seq, key) → state   a sequence's model state, nothing computed yet
+//                             (key: the request's id, which seeds its samples)
+//   prefill([{ state, tokens }]) → next token of each (greedy or sampled)
 //   decode([{ state, token }]) → next token of each
 
 // By code, not class: the cache may come from another copy of the package.
 const outOfMemory = (e) => e?.code === 'ERR_OUT_OF_MEMORY';
 
 /**
- * Serves `requests` ([{ id, prompt: number[], maxNewTokens }]) greedily;
+ * Serves `requests` ([{ id: integer, prompt: number[], maxNewTokens }]) as the runner picks tokens;
  * returns { outputs: Map id → generated tokens, preemptions, steps }.
  */
 export async function serve({ cache, runner, requests, onToken }) {
@@ -71,7 +72,7 @@ export async function serve({ cache, runner, requests, onToken }) {
       waiting.unshift(r);
       return;
     }
-    const state = runner.start(seq);
+    const state = runner.start(seq, r.id);
     const [next] = runner.prefill([{ state, tokens: r.prompt }]);
     const entry = { ...r, seq, state };
     // a re-admitted request's last token is already chosen: recomputing its prefix gives the same logits
