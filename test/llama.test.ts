@@ -22,7 +22,7 @@ import { openSafetensors, SafetensorsError, writeSafetensors } from '../examples
 import { decode, encode, randomWeights } from '../examples/llama/weights.mjs';
 // @ts-expect-error: the example is plain JavaScript
 import { makeWeights, referencePrompt } from '../examples/llama/make-weights.mjs';
-import { batchPrompts, BATCH_SEED, tinyReference } from './llama-batch.mjs';
+import { batchPrompts, BATCH_SEED, BF16_LOGIT_TOLERANCE, tinyReference } from './llama-batch.mjs';
 import { linearLibrary } from '../lib/kernels.js';
 
 const root = join(__dirname, '..');
@@ -270,6 +270,27 @@ describe('the CPU reference on the tiny shape', () => {
     expect(requests.map((r) => roomy.outputs.get(r.id))).not.toEqual(greedyTokens); // it does sample
     const narrow = await run(createSampler({ temperature: 1, topP: 1e-9, seed: 7 }));
     expect(requests.map((r) => narrow.outputs.get(r.id))).toEqual(greedyTokens);
+  });
+
+  it('rounding to bf16 where the GPU stores 16 bits moves the logits by under a third of the GPU test\'s bf16 tolerance; to fp16, by under a quarter of bf16\'s', () => {
+    const worst = (dtype: string) => {
+      const exact = tinyReference(dtype), rounded = tinyReference(dtype, { rounding: true });
+      let far = 0;
+      for (const prompt of batchPrompts(exact.m, [37, 1])) {
+        const a = exact.model.newSequence(), b = rounded.model.newSequence();
+        let x = exact.model.forward(a, prompt).at(-1)!, y = rounded.model.forward(b, prompt).at(-1)!;
+        for (let step = 0; step < 32; step++) {
+          for (let i = 0; i < x.length; i++) far = Math.max(far, Math.abs(x[i]! - y[i]!));
+          const token = argmax(x); // both fed the exact reference's tokens
+          [x, y] = [exact.model.forward(a, [token])[0]!, rounded.model.forward(b, [token])[0]!];
+        }
+      }
+      return far;
+    };
+    const bf16 = worst('bfloat16'), fp16 = worst('float16');
+    expect(bf16).toBeGreaterThan(0); // it does round
+    expect(bf16).toBeLessThan(BF16_LOGIT_TOLERANCE / 3);
+    expect(fp16).toBeLessThan(bf16 / 4);
   });
 
   it('the GPU test\'s batch reference (test/fixtures/llama-tiny-batch-reference.json) is the reference\'s output for its short prompts', () => {

@@ -2,8 +2,20 @@
 // Float32Array: the reference the GPU model is checked against, and what
 // writes the expected tokens and logits next to generated weights. Slow on
 // purpose (plain loops, one token at a time) and small-model only.
+import { fromBFloat16Bits, fromFloat16Bits, toBFloat16Bits, toFloat16Bits } from 'vattention/testing';
 import { ropeFrequencies } from './config.mjs';
 import { createSampler } from './sampling.mjs';
+
+const identity = (x) => x;
+
+/** Rounds `x` in place to float16 or bfloat16 and returns it. */
+function roundTo(dtype) {
+  const [to, from] = dtype === 'bfloat16' ? [toBFloat16Bits, fromBFloat16Bits] : [toFloat16Bits, fromFloat16Bits];
+  return (x) => {
+    for (let i = 0; i < x.length; i++) x[i] = from(to(x[i]));
+    return x;
+  };
+}
 
 function matvec(w, x, rows, cols, out = new Float32Array(rows)) {
   for (let r = 0; r < rows; r++) {
@@ -39,9 +51,15 @@ function rope(x, heads, headDim, pos, frequencies) {
 }
 
 export class ReferenceModel {
-  /** `m`: parseConfig's shape; `weights`: Map of tensor name → Float32Array (Hugging Face names, [out, in]). */
-  constructor(m, weights) {
+  /**
+   * `m`: parseConfig's shape; `weights`: Map of tensor name → Float32Array (Hugging Face names, [out, in]).
+   * `rounding: true` rounds to `m.dtype` wherever the GPU model stores 16 bits (each kernel's output, the K/V, the
+   * attention probabilities of the tensor-core product), the logits staying float32: what the GPU's rounding alone
+   * costs, without its order of summation, for sizing the GPU tests' tolerances.
+   */
+  constructor(m, weights, { rounding = false } = {}) {
     this.m = m;
+    this.round = rounding ? roundTo(m.dtype) : identity;
     this.w = (name) => {
       const t = weights.get(name);
       if (!t) throw new Error(`reference model: no weight '${name}'`);
@@ -68,29 +86,30 @@ export class ReferenceModel {
   #step(seq, token) {
     const { m } = this;
     const pos = seq.length;
+    const r = this.round;
     let x = this.w('model.embed_tokens.weight').slice(token * m.hidden, (token + 1) * m.hidden);
     for (let l = 0; l < m.layers; l++) {
       const p = `model.layers.${l}.`;
-      const h = rmsNorm(x, this.w(`${p}input_layernorm.weight`), m.rmsNormEps);
-      const q = matvec(this.w(`${p}self_attn.q_proj.weight`), h, m.heads * m.headDim, m.hidden);
-      const k = matvec(this.w(`${p}self_attn.k_proj.weight`), h, m.kvHeads * m.headDim, m.hidden);
-      const v = matvec(this.w(`${p}self_attn.v_proj.weight`), h, m.kvHeads * m.headDim, m.hidden);
+      const h = r(rmsNorm(x, this.w(`${p}input_layernorm.weight`), m.rmsNormEps));
+      const q = r(matvec(this.w(`${p}self_attn.q_proj.weight`), h, m.heads * m.headDim, m.hidden));
+      const k = r(matvec(this.w(`${p}self_attn.k_proj.weight`), h, m.kvHeads * m.headDim, m.hidden));
+      const v = r(matvec(this.w(`${p}self_attn.v_proj.weight`), h, m.kvHeads * m.headDim, m.hidden));
       rope(q, m.heads, m.headDim, pos, this.frequencies);
       rope(k, m.kvHeads, m.headDim, pos, this.frequencies);
-      seq.kv.append(l, pos, k, v);
+      seq.kv.append(l, pos, r(k), v);
       const rows = seq.kv.read(l, pos + 1);
-      const attended = this.#attend(q, rows.k, rows.v, pos + 1);
-      const o = matvec(this.w(`${p}self_attn.o_proj.weight`), attended, m.hidden, m.heads * m.headDim);
-      x = x.map((xi, i) => xi + o[i]);
-      const h2 = rmsNorm(x, this.w(`${p}post_attention_layernorm.weight`), m.rmsNormEps);
-      const gate = matvec(this.w(`${p}mlp.gate_proj.weight`), h2, m.intermediate, m.hidden);
-      const up = matvec(this.w(`${p}mlp.up_proj.weight`), h2, m.intermediate, m.hidden);
+      const attended = r(this.#attend(r(q), rows.k, rows.v, pos + 1));
+      const o = r(matvec(this.w(`${p}self_attn.o_proj.weight`), attended, m.hidden, m.heads * m.headDim));
+      x = r(x.map((xi, i) => xi + o[i]));
+      const h2 = r(rmsNorm(x, this.w(`${p}post_attention_layernorm.weight`), m.rmsNormEps));
+      const gate = r(matvec(this.w(`${p}mlp.gate_proj.weight`), h2, m.intermediate, m.hidden));
+      const up = r(matvec(this.w(`${p}mlp.up_proj.weight`), h2, m.intermediate, m.hidden));
       for (let i = 0; i < m.intermediate; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
-      const down = matvec(this.w(`${p}mlp.down_proj.weight`), gate, m.hidden, m.intermediate);
-      x = x.map((xi, i) => xi + down[i]);
+      const down = r(matvec(this.w(`${p}mlp.down_proj.weight`), r(gate), m.hidden, m.intermediate));
+      x = r(x.map((xi, i) => xi + down[i]));
     }
     seq.length++;
-    const final = rmsNorm(x, this.w('model.norm.weight'), m.rmsNormEps);
+    const final = r(rmsNorm(x, this.w('model.norm.weight'), m.rmsNormEps));
     const head = this.w(m.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight');
     return matvec(head, final, m.vocab, m.hidden);
   }
@@ -112,10 +131,13 @@ export class ReferenceModel {
       }
       let sum = 0;
       for (let t = 0; t < count; t++) sum += scores[t] = Math.exp(scores[t] - max);
+      // the GPU multiplies unnormalised probabilities, rounded to 16 bits, into V, and divides by the sum after
+      const probabilities = this.round === identity ? scores : this.round(Float32Array.from(scores));
       for (let t = 0; t < count; t++) {
-        const w = scores[t] / sum;
+        const w = probabilities[t];
         for (let d = 0; d < headDim; d++) out[qa + d] += w * v[t * row + kv + d];
       }
+      for (let d = 0; d < headDim; d++) out[qa + d] /= sum;
     }
     return out;
   }
