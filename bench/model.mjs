@@ -76,15 +76,25 @@ function makeStore(name, B, T, maxTokens = T + steps + 8) {
   if (name === 'paged') {
     const kv = new PagedKV(m, { blocks: B * Math.ceil(maxTokens / 16) + 8, maxSequences: B, maxTokens });
     const seqs = Array.from({ length: B }, () => kv.reserve());
-    kv.step(seqs, seqs.map(() => T - 1));
+    closingOnError(kv, () => kv.step(seqs, seqs.map(() => T - 1)));
     return { kv, seqs, step: (lengths) => kv.step(seqs, lengths), close: () => kv.close() };
   }
   const layout = name.startsWith('layer-groups:') ? { layerGroups: Number(name.split(':')[1]) } : name;
   const cache = new KVCache({ backend: 'cuda', layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float16', maxSequences: B, maxTokens, layout });
   const seqs = Array.from({ length: B }, () => cache.reserve());
-  for (const s of seqs) cache.grow(s, T - 1);
+  closingOnError(cache, () => seqs.forEach((s) => cache.grow(s, T - 1)));
   const kv = new CacheKV(cache);
   return { kv, seqs, step: (lengths) => cache.step(seqs, lengths), close: () => (kv.close(), cache.close()) };
+}
+
+/** Runs `fill`; when it throws (a row too large: ERR_OUT_OF_MEMORY), closes `store` first, so the next row has its memory. */
+function closingOnError(store, fill) {
+  try {
+    fill();
+  } catch (e) {
+    store.close();
+    throw e;
+  }
 }
 
 function fits(B, T) {
