@@ -7,6 +7,7 @@
 export type ErrorCode =
   | 'ERR_INVALID_ARGUMENT'
   | 'ERR_CUDA_UNAVAILABLE'
+  | 'ERR_LIBRARY_UNAVAILABLE'
   | 'ERR_CUDA'
   | 'ERR_OS'
   | 'ERR_OUT_OF_MEMORY'
@@ -61,6 +62,15 @@ export class VattentionError extends Error {
   static [Symbol.hasInstance](value: unknown): boolean {
     if (value instanceof InvalidArgumentTypeError || value instanceof InvalidArgumentRangeError) return this === VattentionError;
     return Function.prototype[Symbol.hasInstance].call(this, value);
+  }
+}
+
+/** A library loaded at run time is not there: cuBLASLt, for `linear` of `vattention/kernels`. The message says what was tried. */
+export class LibraryUnavailableError extends VattentionError {
+  declare readonly code: 'ERR_LIBRARY_UNAVAILABLE';
+  constructor(message: string) {
+    super('ERR_LIBRARY_UNAVAILABLE', message);
+    this.name = 'LibraryUnavailableError';
   }
 }
 
@@ -222,6 +232,8 @@ function convert(e: NativeErrorShape): unknown {
   switch (e.code) {
     case 'ERR_CUDA_UNAVAILABLE':
       return new CudaUnavailableError(e.message);
+    case 'ERR_LIBRARY_UNAVAILABLE':
+      return new LibraryUnavailableError(e.message);
     case 'ERR_CUDA':
       return new CudaError(e.message, e.status ?? 0, e.statusName ?? '');
     case 'ERR_OS':

@@ -32,6 +32,7 @@ export {
   ForeignSequenceError,
   InvalidArgumentRangeError,
   InvalidArgumentTypeError,
+  LibraryUnavailableError,
   NoSlotError,
   OsError,
   OutOfMemoryError,

@@ -5,7 +5,7 @@
  *
  * - `linear`: `out = input · weightᵀ` through cuBLASLt (loaded at run
  *   time: `VATTENTION_CUBLASLT`, then `libcublasLt.so.13`, then `.so.12`;
- *   without it a call is `ERR_CUDA_UNAVAILABLE`).
+ *   without it a call is `ERR_LIBRARY_UNAVAILABLE`).
  * - `gatherRows` (embedding lookup, last-token pick), `rmsNorm`
  *   (fused with the residual add), `rotaryEmbedding` (fused with the
  *   split of a Q/K/V projection), `siluMul`, `argmax` (greedy or

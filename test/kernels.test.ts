@@ -3,7 +3,7 @@
 // without CUDA a well-formed call reaches the driver and says so. The
 // kernels' results are checked on the GPU in cuda-attention.test.ts.
 import { describe, expect, it } from 'vitest';
-import { InvalidArgumentRangeError, InvalidArgumentTypeError } from '../lib/errors.js';
+import { InvalidArgumentRangeError, InvalidArgumentTypeError, LibraryUnavailableError } from '../lib/errors.js';
 import * as kernels from '../lib/kernels.js';
 import { KVCache } from '../lib/index.js';
 import * as gpu from '../lib/testing.js';
@@ -157,8 +157,13 @@ describe('vattention/kernels argument checks (no GPU needed)', () => {
     expect(() => new kernels.AttentionWorkspace({ bytes: 1024 })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
     expect(() => kernels.prefillAttention({ ...valid, queryTokens: 8 })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
     expect(() => kernels.siluMul({ dtype: 'float16', rows: 2, width: 64, gateUp: at, out: at })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
-    // linear says what is missing: cuBLASLt (looked for first) or the driver
-    expect(() => kernels.linear({ dtype: 'float16', rows: 4, inFeatures: 16, outFeatures: 16, input: at, weight: at, output: at })).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
+    // linear says what is missing: cuBLASLt (checked with the arguments, before the device) or the driver
+    const linearCall = () => kernels.linear({ dtype: 'float16', rows: 4, inFeatures: 16, outFeatures: 16, input: at, weight: at, output: at });
+    if (kernels.linearLibrary().available) expect(linearCall).toThrow(expect.objectContaining({ code: 'ERR_CUDA_UNAVAILABLE' }));
+    else {
+      expect(linearCall).toThrow(LibraryUnavailableError);
+      expect(linearCall).toThrow(expect.objectContaining({ code: 'ERR_LIBRARY_UNAVAILABLE', message: expect.stringContaining('libcublasLt.so.13') }));
+    }
   });
 });
 

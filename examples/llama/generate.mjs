@@ -97,7 +97,7 @@ async function main() {
   if (args.help) return console.log(HELP);
   const sampler = samplerOf(args);
   const lib = kernels.linearLibrary();
-  if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_CUDA_UNAVAILABLE' });
+  if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_LIBRARY_UNAVAILABLE' });
   const source = loadWeights(args);
   const { m } = source;
   const requests = integer(args, 'requests', 4), maxNewTokens = integer(args, 'max-new-tokens', 32), device = integer(args, 'device', 0);
@@ -134,5 +134,5 @@ async function main() {
 
 main().catch((e) => {
   console.error(e.message);
-  process.exit(e.code === 'ERR_CUDA_UNAVAILABLE' ? 3 : 1);
+  process.exit(e.code === 'ERR_CUDA_UNAVAILABLE' || e.code === 'ERR_LIBRARY_UNAVAILABLE' ? 3 : 1);
 });

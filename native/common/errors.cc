@@ -5,6 +5,7 @@ namespace vat {
 const char* errorCodeName(ErrorCode code) {
   switch (code) {
     case ErrorCode::CudaUnavailable: return "ERR_CUDA_UNAVAILABLE";
+    case ErrorCode::LibraryUnavailable: return "ERR_LIBRARY_UNAVAILABLE";
     case ErrorCode::Cuda: return "ERR_CUDA";
     case ErrorCode::OutOfMemory: return "ERR_OUT_OF_MEMORY";
     case ErrorCode::NoSlot: return "ERR_NO_SLOT";

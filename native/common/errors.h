@@ -11,6 +11,7 @@ namespace vat {
 
 enum class ErrorCode {
   CudaUnavailable,   // no driver, no device, or no VMM support
+  LibraryUnavailable,  // a library loaded at run time (cuBLASLt for linear) is not there
   Cuda,              // any other driver error
   OutOfMemory,       // budget reached or the driver/OS has no memory left
   NoSlot,            // every sequence slot is taken

@@ -154,12 +154,13 @@ void checkLinear(const LinearCall& c) {
   checkAligned(what, "input", c.input, 16);
   checkAligned(what, "weight", c.weight, 16);
   checkAligned(what, "output", c.output, 16);
+  // part of the check, before the device is touched: without cuBLASLt a call says so on any machine
+  if (!library().loaded) fail(ErrorCode::LibraryUnavailable, library().status);
 }
 
 void linear(const LinearCall& c) {
   checkLinear(c);
   const Library& lib = library();
-  if (!lib.loaded) fail(ErrorCode::CudaUnavailable, lib.status);
   static std::mutex lock;
   // Per (context, stream): calls on two streams never share a workspace.
   static auto* states = new std::map<std::pair<CUcontext, uint64_t>, ContextState>();

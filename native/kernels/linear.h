@@ -3,7 +3,7 @@
 // checkpoints), 16-bit inputs, fp32 accumulation, a 16-bit or fp32 output.
 // libcublasLt is loaded at run time (VATTENTION_CUBLASLT, then
 // libcublasLt.so.13, then .so.12), never linked: without it a call is
-// ERR_CUDA_UNAVAILABLE naming what was tried. One handle, one 32 MiB
+// ERR_LIBRARY_UNAVAILABLE naming what was tried. One handle, one 32 MiB
 // workspace and one algorithm per shape, per (context, stream), kept for the process;
 // a call queues one matmul and allocates nothing (capturable in a graph
 // after its shape's first call).
@@ -23,6 +23,7 @@ struct LinearCall {
   uint64_t input = 0, weight = 0, output = 0, stream = 0;
 };
 
+// The arguments, then that cuBLASLt is there (ERR_LIBRARY_UNAVAILABLE): no driver call.
 void checkLinear(const LinearCall& call);
 // On the current context (useDevice).
 void linear(const LinearCall& call);
