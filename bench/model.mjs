@@ -102,9 +102,11 @@ function fits(B, T) {
   return B * (T + steps + 64) * tokenKvBytes < 0.9 * freeBytes;
 }
 
-/** Decode steps of B sequences at context T over `storeName`. */
-// The timed steps end at T tokens (from T - steps + 1): a row of context 1024 stays within the pages of 1024 tokens
-// rather than paying for a page group it would enter only at its last steps.
+/**
+ * Decode steps of B sequences at context T over `storeName`. The timed steps end at T tokens (from T - steps + 1):
+ * a row of context 1024 stays within the pages of 1024 tokens rather than paying for a page group it would enter
+ * only at its last steps.
+ */
 function decodeRow(B, T, storeName) {
   const first = T - steps - 3;
   const store = makeStore(storeName, B, first + 1, T);

@@ -16,6 +16,7 @@ import { KVCache } from '../lib/index.js';
 import * as kernels from 'vattention/kernels';
 import { GpuModel, gpuRunner } from '../examples/llama/gpu-model.mjs';
 import { CacheKV, PagedKV } from '../examples/llama/kv-stores.mjs';
+import { argmax } from '../examples/llama/reference.mjs';
 import { serve } from '../examples/llama/serve.mjs';
 import { encode, storageDtype } from '../examples/llama/weights.mjs';
 import { cudaSkip, layouts } from './backends.js';
@@ -203,9 +204,7 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
       const steps: ArrayLike<number>[] = [ref.model.forward(seq, prompt).at(-1)!];
       const tokens: number[] = [];
       for (let i = 0; i < STEPS; i++) {
-        const last = steps.at(-1)!;
-        let best = 0;
-        for (let j = 1; j < last.length; j++) if (last[j]! > last[best]!) best = j;
+        const best = argmax(steps.at(-1)!);
         tokens.push(best);
         if (i < STEPS - 1) steps.push(ref.model.forward(seq, [best])[0]!);
       }

@@ -13,7 +13,7 @@ import { ConfigError, parseConfig, ropeFrequencies, SHAPES, tensorList } from '.
 import { argmax, cacheStore, greedy, ReferenceModel, referenceRunner } from '../examples/llama/reference.mjs';
 // @ts-expect-error: the example is plain JavaScript
 import { serve } from '../examples/llama/serve.mjs';
-// @ts-expect-error: an example in plain JS, no declarations
+// @ts-expect-error: the example is plain JavaScript
 import { createSampler, nucleus, uniform } from '../examples/llama/sampling.mjs';
 import { KVCache } from '../lib/index.js';
 // @ts-expect-error: the example is plain JavaScript

@@ -4,7 +4,9 @@
 // purpose (plain loops, one token at a time) and small-model only.
 import { fromBFloat16Bits, fromFloat16Bits, toBFloat16Bits, toFloat16Bits } from 'vattention/testing';
 import { ropeFrequencies } from './config.mjs';
-import { createSampler } from './sampling.mjs';
+import { argmax, createSampler } from './sampling.mjs';
+
+export { argmax };
 
 const identity = (x) => x;
 
@@ -193,13 +195,6 @@ export function referenceRunner(model, cache, sampler = createSampler()) {
     prefill: (entries) => entries.map((e) => pick(e.state, e.tokens)),
     decode: (entries) => entries.map((e) => pick(e.state, [e.token])),
   };
-}
-
-/** Index of the largest value (the first of equals). */
-export function argmax(values) {
-  let best = 0;
-  for (let i = 1; i < values.length; i++) if (values[i] > values[best]) best = i;
-  return best;
 }
 
 /** Greedy decoding: the prompt, then `steps` tokens; returns { tokens, logits } of the generated ones. */

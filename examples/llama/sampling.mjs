@@ -24,7 +24,7 @@ export function createSampler({ temperature = 0, topP = 1, seed = 1 } = {}) {
   if (typeof topP !== 'number' || !(topP > 0 && topP <= 1)) throw new SamplingError(`topP must be in (0, 1], got ${topP}`);
   if (temperature === 0 && topP < 1) throw new SamplingError('topP applies to sampling: it needs a temperature above 0');
   if (!Number.isSafeInteger(seed) || seed < 0) throw new SamplingError(`seed must be a non-negative integer, got ${seed}`);
-  if (temperature === 0) return { greedy: true, pick: (logits) => largest(logits) };
+  if (temperature === 0) return { greedy: true, pick: (logits) => argmax(logits) };
   return {
     greedy: false,
     pick(logits, key, position) {
@@ -39,8 +39,8 @@ export function createSampler({ temperature = 0, topP = 1, seed = 1 } = {}) {
   };
 }
 
-/** Index of the largest logit, the first of equals. */
-function largest(logits) {
+/** Index of the largest value, the first of equals. */
+export function argmax(logits) {
   let best = 0;
   for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
   return best;
@@ -54,7 +54,7 @@ function largest(logits) {
  * in index order (no sort).
  */
 export function nucleus(logits, temperature, topP) {
-  const n = logits.length, top = logits[largest(logits)];
+  const n = logits.length, top = logits[argmax(logits)];
   const w = new Float64Array(n);
   let total = 0;
   for (let i = 0; i < n; i++) total += w[i] = Math.exp((logits[i] - top) / temperature);
