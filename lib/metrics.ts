@@ -82,6 +82,7 @@ function familiesOf(stats: CacheStats): MetricFamily[] {
     [{ state: 'pooled' }, stats.pagesPooled],
     [{ state: 'stranded' }, stats.pagesStranded],
     [{ state: 'suspended' }, stats.pagesSuspended],
+    [{ state: 'in_flight' }, stats.pagesInFlight],
   ]);
   metric('suspended', 'gauge', '1 while the cache is suspended (its pages given back to the driver).', [[{}, stats.suspended ? 1 : 0]]);
   metric('host_bytes', 'gauge', 'Host memory of swap and suspend: held (page-locked on cuda), of it idle, swapped-out sequences, a suspended cache\'s copy.', [

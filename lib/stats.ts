@@ -119,7 +119,7 @@ export interface CacheStats {
   pageSize: number;
   /** Bytes of physical memory the cache may back (the `memoryBudget` option, rounded down to pages). */
   budgetBytes: number;
-  /** Pages that exist: mapped + pooled + stranded. */
+  /** Pages that exist: mapped + pooled + stranded + inFlight. */
   pagesCreated: number;
   /** Pages mapped into slots (active sequences and released slots). */
   pagesMapped: number;
@@ -131,6 +131,15 @@ export interface CacheStats {
    * Normally 0.
    */
   pagesStranded: number;
+  /**
+   * Pages a growth running off the JS thread (growAsync, stepAsync, the
+   * prefetch worker) has taken from the pool or created and is mapping:
+   * counted in no other figure until the growth commits (then they are
+   * mapped, the sequence's) or fails (then pooled, stranded or gone). With
+   * them, every figure of one `stats()` adds up at any moment. 0 when
+   * nothing is growing in the background.
+   */
+  pagesInFlight: number;
   /** Mapped pages × page size. */
   bytesBacked: number;
   /** Tokens of active sequences × bytes per token (all layers, K and V). */

@@ -324,7 +324,7 @@ for (const b of backends) {
       for (const l of live) verify(l);
       const s = c.stats();
       expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
-      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded + s.pagesInFlight).toBe(s.pagesCreated);
       expect(s.prefetch.pagesReclaimedAhead).toBeGreaterThan(0); // the worker's retirements ran among all this
       expect(s.pagesReclaimed).toBeGreaterThan(s.prefetch.pagesReclaimedAhead); // and demand (growAsync's retirements, step) too
     });
@@ -361,6 +361,40 @@ for (const b of backends) {
       await expect(c.growAsync(other, c.options.maxTokens)).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
       expect(stateOf(c)).toEqual(before);
       await expect(c.growAsync(other, c.options.maxTokens + 1)).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    });
+
+    it('stats() taken while growAsync maps off the JS thread adds up: the pages it holds are pagesInFlight', async () => {
+      const c = make({ prefetchTokens: 0 });
+      const seq = c.reserve();
+      c._injectFault('map', 1, 'delay', 200); // the growth's second mapping is slow: a window to look into
+      const grown = c.growAsync(seq, c.options.maxTokens);
+      let inFlight = 0;
+      for (const end = Date.now() + 10_000; Date.now() < end; ) {
+        const s = c.stats();
+        expect(s.pagesMapped + s.pagesPooled + s.pagesStranded + s.pagesInFlight).toBe(s.pagesCreated);
+        expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked);
+        expect(s.bytesBacked).toBe(s.pagesMapped * s.pageSize);
+        if (s.pagesInFlight > 0) inFlight++;
+        if (s.slots[seq.slot]!.backedTokens >= c.options.maxTokens) break;
+      }
+      await grown;
+      expect(inFlight).toBeGreaterThan(0);
+      const s = c.stats();
+      expect(s.pagesInFlight).toBe(0);
+      expect(s.pagesMapped).toBe(s.slots[seq.slot]!.mappedPages);
+    });
+
+    it('a growAsync that fails gives back what it held: nothing stays in flight', async () => {
+      const c = make({ prefetchTokens: 0 });
+      const seq = c.reserve();
+      const controller = new AbortController();
+      const grown = c.growAsync(seq, c.options.maxTokens, { signal: controller.signal });
+      controller.abort();
+      await grown.catch(() => undefined);
+      const s = c.stats();
+      expect(s.pagesInFlight).toBe(0);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+      await expect(c.growAsync(c.reserve(), 3)).resolves.toBeUndefined();
     });
 
     it('growAsync rejects with ERR_ABORTED for an aborted signal and leaves nothing mapped', async () => {

@@ -43,7 +43,7 @@ for (const b of backends) {
     const identity = (c: KVCache) => {
       const s = c.stats();
       expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked + s.bytesSavedBySharing);
-      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded + s.pagesInFlight).toBe(s.pagesCreated);
     };
 
     it('fork() maps the whole page groups from the same pages and copies only the partial one: same tokens, less memory', () => {
@@ -208,6 +208,30 @@ for (const b of backends) {
       expect(plain.tokens).toBe(0);
       await expect(c.forkAsync({} as Sequence)).rejects.toMatchObject({ code: 'ERR_INVALID_ARGUMENT' });
       await expect(c.reserveAsync({ prefix: { from: p, tokens: n + 1 } })).rejects.toMatchObject({ code: 'ERR_OUT_OF_RANGE' });
+    });
+
+    it('stats() taken while forkAsync() maps on its thread adds up: mappings count once the child lists them', async () => {
+      const c = make();
+      const n = 4 * per(c) + 3; // four groups shared, the fifth copied into fresh pages
+      const p = c.reserve();
+      c.grow(p, n);
+      fill(c, p, 1, 0, n);
+      c._injectFault('map', 1, 'delay', 200); // the share's second mapping is slow: a window to look into
+      const forked = c.forkAsync(p);
+      let inFlight = 0;
+      for (const end = Date.now() + 10_000; Date.now() < end; ) {
+        const s = c.stats();
+        identity(c);
+        if (s.pagesInFlight > 0) inFlight++;
+        if (s.activeSequences === 2) break;
+      }
+      const child = await forked;
+      expect(inFlight).toBeGreaterThan(0); // snapshots during the share: the fresh pages it held
+      const s = c.stats();
+      expect(s.pagesInFlight).toBe(0);
+      expect(s.bytesSavedBySharing).toBe(4 * group * s.pageSize);
+      identity(c);
+      expectData(c, child, 1, 0, n);
     });
 
     it('the source released, stepped or the cache closed while forkAsync() maps: the child is whole or the call fails cleanly', async () => {

@@ -38,7 +38,7 @@ for (const b of backends) {
     const identity = (c: KVCache) => {
       const s = c.stats();
       expect(s.bytesUsed + s.bytesBeyondTokens + s.bytesInReleasedSlots).toBe(s.bytesBacked + s.bytesSuspended + s.bytesSavedBySharing);
-      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded).toBe(s.pagesCreated);
+      expect(s.pagesMapped + s.pagesPooled + s.pagesStranded + s.pagesInFlight).toBe(s.pagesCreated);
     };
     /** stateOf, less the host blocks kept for reuse (a failed swap may have made some). */
     const stateOfKept = (c: KVCache) => {

@@ -245,6 +245,10 @@ class KVCache {
   std::vector<std::pair<uint32_t, size_t>> batchGroups_;
   uint32_t batchEpoch_ = 0;
   bool asyncGrowthMapping_ = false;  // a growDetached holds the mapping turn (see there)
+  // Mappings of shares in progress (per device), noted in the pools but not
+  // yet listed by their child: stats() leaves them out of the savings until
+  // the child lists them, so that its figures add up meanwhile.
+  uint64_t shareNotesInFlight_ = 0;
   // Host side of swap and suspend (moves.cc); under the lock.
   std::unordered_map<uint64_t, std::unique_ptr<SwappedSequence>> swapped_;
   uint64_t nextSwapHandle_ = 1;

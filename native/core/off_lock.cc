@@ -45,6 +45,7 @@ bool PageMapper::takeForExtension(Extension& ext, size_t count) {
         PageId id = pool.takeIdle();
         if (id == PagePool::kNone) break;
         on.taken.pages.push_back(id);
+        pool.hold(id);  // mapped off the lock: counted when placed
       }
       while (on.taken.pages.size() + on.creations < count && pool.reserveCreation()) ++on.creations;
     }
@@ -94,6 +95,7 @@ void PageMapper::createOffLock(Lock& lk, Extension& ext, const std::atomic<bool>
         continue;
       }
       PageId id = pool.adopt(on.handles[i]);
+      pool.hold(id);
       on.taken.created.push_back(id);
       on.taken.pages.push_back(id);
     }
@@ -142,6 +144,7 @@ void PageMapper::runExtension(Lock& lk, Extension& ext, const std::atomic<bool>*
     }
     std::vector<PageId>& list = sh.slot(ext.slot).pages;
     list.insert(list.end(), ext.on[d].taken.pages.begin(), ext.on[d].taken.pages.end());
+    for (PageId id : ext.on[d].taken.pages) sh.pool().place(id);
     sh.counters.pagesMappedOffLock += ext.on[d].taken.pages.size();
   }
   if (!error) s.groups = ext.toGroup;

@@ -50,7 +50,10 @@ void prepareOn(DeviceShard& sh, const SharePlan& p, ShareOnDevice& x, bool fence
   x.sharedHandles.reserve(x.shared.size());
   x.freshRecords.reserve(x.fresh.pages.size());
   for (PageId id : x.shared) x.sharedHandles.push_back(sh.pool().page(id).handle);
-  for (PageId id : x.fresh.pages) x.freshRecords.push_back(sh.pool().record(id));
+  for (PageId id : x.fresh.pages) {
+    sh.pool().hold(id);  // mapped off the lock: counted when the child lists it
+    x.freshRecords.push_back(sh.pool().record(id));
+  }
   for (; x.noted < x.shared.size(); ++x.noted) sh.pool().noteMappingAt(x.shared[x.noted], sh.pageAt(p.dst, x.noted));
 }
 
@@ -117,6 +120,7 @@ void commitOn(DeviceShard& sh, const SharePlan& p, ShareOnDevice& x) noexcept {
   std::vector<PageId>& child = sh.slot(p.dst).pages;
   if (!p.reuse) child.assign(x.shared.begin(), x.shared.end());
   child.insert(child.end(), x.fresh.pages.begin(), x.fresh.pages.end());
+  for (PageId id : x.fresh.pages) sh.pool().place(id);
   // The queued copy reads the source's pages and writes the child's: both
   // slots keep them mapped, and neither takes a new sequence, until it ran.
   if (x.sourceFence) sh.slot(p.src).fences.add(x.sourceFence, FenceUse::Copy);
@@ -192,8 +196,15 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
     core_->changed.notify_all();
   };
   source.extending = child.extending = Extending::Copying;  // nothing unmaps, places or reclaims them
+  struct NotesInFlight {  // counted while the lock is released, under it
+    uint64_t& count;
+    uint64_t notes = 0;
+    ~NotesInFlight() { count -= notes; }
+  } inFlight{shareNotesInFlight_};
   try {
     for (size_t d = 0; d < n; ++d) prepareOn(core_->shard(d), p, on[d], streams[d] != 0 && p.needPages > p.sharedPages);
+    inFlight.notes = p.toShare;
+    shareNotesInFlight_ += inFlight.notes;
     lk.unlock();
     for (size_t d = 0; d < n; ++d) core_->onDevice(d, [&] { mapOn(core_->shard(d), p, on[d], streams[d]); });
   } catch (...) {
@@ -206,6 +217,8 @@ SequenceRef KVCache::share(SequenceRef from, uint64_t tokens, bool allowReleased
   }
   lk.lock();
   commitAll(*core_, p, on);
+  shareNotesInFlight_ -= inFlight.notes;  // the child lists them now
+  inFlight.notes = 0;
   SequenceRef ref = core_->slots.occupy(p.dst);
   child.tokens = tokens;
   source.extending = child.extending = Extending::No;

@@ -134,7 +134,7 @@ CacheStats KVCache::stats(size_t device) {
   st.reclaimedPages = sh.counters.reclaimedPages;
   st.reusedPages = sh.counters.reusedPages;
   st.sharedPages = pool.sharedPages();
-  st.bytesSavedBySharing = pool.extraMappings() * st.pageSize;
+  st.bytesSavedBySharing = (pool.extraMappings() - shareNotesInFlight_) * st.pageSize;  // the listed ones
   prefetchFigures(device, st);
   st.suspended = core_->suspended;
   st.bytesSuspended = st.pages.suspended * st.pageSize;

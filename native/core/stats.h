@@ -134,6 +134,7 @@ struct CacheStats {
     f("pagesPooled", pages.idle);
     f("pagesStranded", pages.stranded);
     f("pagesSuspended", pages.suspended);
+    f("pagesInFlight", pages.held);
     f("bytesBacked", bytesBacked);
     f("bytesUsed", bytesUsed);
     f("bytesBeyondTokens", bytesBeyondTokens);

@@ -108,6 +108,7 @@ bool DeviceShard::take(TakenPages& t, uint64_t count) {
 void DeviceShard::giveBack(TakenPages& t) noexcept {
   PagePool& pool = *pool_;
   for (PageId id : t.pages) {
+    pool.place(id);  // counted as what it is now (a change held it off the lock)
     PageState state = pool.page(id).state;
     if (state == PageState::Mapped || state == PageState::Accessible) {
       pool.strand(id);

@@ -10,7 +10,7 @@ PagePool::PagePool(Backend& backend, std::shared_ptr<BudgetAccount> budget)
     : backend_(backend), pageSize_(backend.pageSize()), budget_(std::move(budget)) {}
 
 PoolCounts PagePool::counts() const {
-  return {budgetPages(), created_.load(), idle_.size(), mapped_.load(), stranded_.size(), suspended_};
+  return {budgetPages(), created_.load(), idle_.size(), mapped_.load(), stranded_.size(), suspended_, held_};
 }
 
 PageId PagePool::takeIdle() {
@@ -65,9 +65,30 @@ PageId PagePool::adopt(PageHandle handle) {
   return id;
 }
 
-void PagePool::putIdle(PageId id) { idle_.push_back(id); }
+// A page going idle, stranded or away is no change's any more: place() first.
+void PagePool::putIdle(PageId id) {
+  place(id);
+  idle_.push_back(id);
+}
+
+void PagePool::hold(PageId id) {
+  Page& p = *pages_[id];
+  if (p.held) return;
+  if (p.state == PageState::Mapped || p.state == PageState::Accessible) --mapped_;
+  p.held = true;
+  ++held_;
+}
+
+void PagePool::place(PageId id) {
+  Page& p = *pages_[id];
+  if (!p.held) return;
+  p.held = false;
+  --held_;
+  if (p.state == PageState::Mapped || p.state == PageState::Accessible) ++mapped_;
+}
 
 void PagePool::strand(PageId id) {
+  place(id);
   Page& p = *pages_[id];
   if (p.state != PageState::Mapped && p.state != PageState::Accessible) return;
   p.state = PageState::Stranded;
@@ -107,7 +128,8 @@ size_t PagePool::retryStranded() {
 
 void PagePool::destroy(PageId id) {
   Page& p = *pages_[id];
-  backend_.releasePage(p.handle);  // throws: page stays Created
+  backend_.releasePage(p.handle);  // throws: page stays Created (and held, if it was)
+  if (p.held) --held_;
   p = Page{};
   vacant_.push_back(id);
   --created_;
@@ -128,12 +150,12 @@ void PagePool::map(Page& p, Address at) {
       p.state = PageState::Created;
       p.address = 0;
     } catch (...) {
-      ++mapped_;
+      if (!p.held) ++mapped_;
     }
     throw;
   }
   p.state = PageState::Accessible;
-  ++mapped_;
+  if (!p.held) ++mapped_;
 }
 
 void PagePool::unmap(Page& p) {
@@ -142,7 +164,7 @@ void PagePool::unmap(Page& p) {
 }
 
 void PagePool::noteUnmapped(Page& p) {
-  if (p.state != PageState::Stranded) --mapped_;
+  if (p.state != PageState::Stranded && !p.held) --mapped_;
   p.state = PageState::Created;
   p.address = 0;
 }

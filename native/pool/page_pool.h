@@ -49,6 +49,10 @@ struct Page {
   // Further places the same physical page is mapped (sharing: fork, prefix).
   // The page is unmapped back to the pool only when the last mapping goes.
   std::vector<Address> sharedAt;
+  // Held by a change that maps it with the cache's lock released (hold):
+  // its mapping is not counted until the change places it, so that
+  // statistics taken meanwhile add up.
+  bool held = false;
 };
 
 struct PoolCounts {
@@ -58,12 +62,15 @@ struct PoolCounts {
   uint64_t mapped = 0;   // Accessible (or Mapped) somewhere
   uint64_t stranded = 0; // still mapped after a failed unmap, owned by no slot
   uint64_t suspended = 0; // given back to the backend by suspend(), to be backed again by resume()
+  uint64_t held = 0;     // taken by a change mapping them off the lock, not yet any slot's
 };
 
 // Thread safety: the pool's bookkeeping (take, put, create, destroy, adopt,
-// counts) runs under the cache's lock. mapPage/unmapPage of a page the caller
-// holds exclusively (taken from the pool, not yet in any slot) may run
-// without it: page records never move and the counters are atomic.
+// hold, place, counts) runs under the cache's lock. map/unmap of a page the
+// caller holds (hold: taken from the pool, in no slot yet) may run without
+// it: page records never move, and a held page's mapping changes no count
+// until place() under the lock, so counts() always adds up
+// (created = idle + mapped + stranded + held).
 class PagePool {
  public:
   // `budget`: the account its page creations are charged to (its own, or
@@ -151,6 +158,12 @@ class PagePool {
   // are still stranded. Never throws for a failed unmap.
   size_t retryStranded();
 
+  // Under the lock: the page (taken or adopted for a change that maps it off
+  // the lock) leaves the counts until place(), which counts it as what it
+  // is then (mapped, or not). place() of a page not held does nothing.
+  void hold(PageId id);
+  void place(PageId id);
+
   // Creating a page off the lock: reserve room in the budget and a page
   // record (under the lock), create with the backend (no lock), then adopt
   // it (under the lock; never allocates, never throws) or cancel the
@@ -187,6 +200,7 @@ class PagePool {
   uint64_t sharedPages_ = 0;
   uint64_t extraMappings_ = 0;
   uint64_t suspended_ = 0;
+  uint64_t held_ = 0;
   std::vector<std::unique_ptr<Page>> pages_;  // records never move
   std::vector<PageId> vacant_;  // records in pages_ free for reuse
   std::vector<PageId> idle_;    // created, unmapped; LIFO
