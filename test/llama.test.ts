@@ -331,6 +331,38 @@ describe('the CPU reference on the tiny shape', () => {
     expect(written8.greedyTokens).toEqual(checkedIn.greedyTokens.slice(0, 8));
   });
 
+  // A second implementation (NumPy, transformers' conventions, its own
+  // safetensors reader: examples/llama/check_reference.py) reads the files
+  // and must find reference.json's greedy tokens and logits, for the tiny
+  // shape and for variants that change what the config decides.
+  const numpy = spawnSync('python3', ['-c', 'import numpy'], { encoding: 'utf8' });
+  const numpySkip = numpy.error ? `no python3 (${numpy.error.message})` : numpy.status !== 0 ? 'python3 has no NumPy' : null;
+  const variants: [string, Record<string, unknown>][] = [
+    ['tiny as it is (float16)', {}],
+    ['bfloat16 weights', { torch_dtype: 'bfloat16' }],
+    ['Llama-3 rope scaling (theta 500000)', { rope_theta: 500000, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 } }],
+    ['tied embeddings, head_dim 32 with 8/2 heads', { tie_word_embeddings: true, num_attention_heads: 8, head_dim: 32 }],
+  ];
+  for (const [name, config] of variants) {
+    it.skipIf(numpySkip !== null)(`an independent NumPy implementation reads make-weights' files and finds its reference (${name})${numpySkip ? ` (skipped: ${numpySkip})` : ''}`, () => {
+      const out = join(dir, `numpy-${variants.findIndex((v) => v[0] === name)}`);
+      makeWeights({ shape: 'tiny', out, seed: 3, steps: 16, config });
+      const run = spawnSync('python3', [join(root, 'examples/llama/check_reference.py'), out], { encoding: 'utf8' });
+      expect(run.stderr).toBe('');
+      const result = JSON.parse(run.stdout);
+      expect(result).toMatchObject({ steps: 16, sameTokens: true });
+      expect(result.maxLogitDifference).toBeLessThan(1e-3);
+      expect(run.status).toBe(0);
+      // and it can fail: a reference with another token is found out
+      const ref = JSON.parse(readFileSync(join(out, 'reference.json'), 'utf8'));
+      ref.greedyTokens[5] = (ref.greedyTokens[5] + 1) % 1000;
+      writeFileSync(join(out, 'reference.json'), JSON.stringify(ref));
+      const wrong = spawnSync('python3', [join(root, 'examples/llama/check_reference.py'), out], { encoding: 'utf8' });
+      expect(wrong.status).toBe(1);
+      expect(JSON.parse(wrong.stdout)).toMatchObject({ sameTokens: false, firstDifferentStep: 5 });
+    });
+  }
+
   it('make-weights --help prints its usage; a bad shape or number is an error, not a crash', () => {
     const script = join(root, 'examples/llama/make-weights.mjs');
     const help = spawnSync(process.execPath, [script, '--help'], { encoding: 'utf8' });

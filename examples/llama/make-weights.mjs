@@ -25,10 +25,14 @@ export function referencePrompt(m, seed, length = 12) {
   return Array.from({ length }, () => Math.floor(Math.abs(next() * 997)) % m.vocab);
 }
 
-/** Writes the files for `shape` under `out`; returns what it wrote. */
-export function makeWeights({ shape, out, seed = 1, std, steps = 32 }) {
-  const config = SHAPES[shape];
-  if (!config) throw new Error(`unknown shape '${shape}' (${Object.keys(SHAPES).join(', ')})`);
+/**
+ * Writes the files for `shape` under `out`; returns what it wrote. `config`:
+ * keys of config.json that replace the shape's (say `torch_dtype`,
+ * `rope_scaling`, `tie_word_embeddings`), for variants of a named shape.
+ */
+export function makeWeights({ shape, out, seed = 1, std, steps = 32, config: overrides = {} }) {
+  if (!SHAPES[shape]) throw new Error(`unknown shape '${shape}' (${Object.keys(SHAPES).join(', ')})`);
+  const config = { ...SHAPES[shape], ...overrides };
   const m = parseConfig(config);
   const weights = randomWeights(m, { seed, ...(std === undefined ? {} : { std }) });
   mkdirSync(out, { recursive: true });
