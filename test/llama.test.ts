@@ -186,18 +186,25 @@ describe('sampling (examples/llama/sampling.mjs)', () => {
     expect(sampler.pick(Float32Array.from([1, 9, 9, 2]), 0, 0)).toBe(1);
   });
 
-  for (const [what, options] of [
-    ['a negative temperature', { temperature: -1 }],
-    ['an infinite temperature', { temperature: Infinity }],
-    ['top-p of 0', { temperature: 1, topP: 0 }],
-    ['top-p above 1', { temperature: 1, topP: 1.5 }],
-    ['top-p NaN', { temperature: 1, topP: NaN }],
-    ['top-p without a temperature', { topP: 0.9 }],
-    ['a fractional seed', { temperature: 1, seed: 1.5 }],
+  for (const [what, options, option] of [
+    ['a negative temperature', { temperature: -1 }, 'temperature'],
+    ['an infinite temperature', { temperature: Infinity }, 'temperature'],
+    ['top-p of 0', { temperature: 1, topP: 0 }, 'topP'],
+    ['top-p above 1', { temperature: 1, topP: 1.5 }, 'topP'],
+    ['top-p NaN', { temperature: 1, topP: NaN }, 'topP'],
+    ['top-p without a temperature', { topP: 0.9 }, 'topP'],
+    ['a fractional seed', { temperature: 1, seed: 1.5 }, 'seed'],
   ] as const)
-    it(`refuses ${what} with ERR_SAMPLING_OPTIONS`, () => {
-      expect(() => createSampler(options)).toThrow(expect.objectContaining({ code: 'ERR_SAMPLING_OPTIONS' }));
+    it(`refuses ${what} with ERR_SAMPLING_OPTIONS, naming the option`, () => {
+      expect(() => createSampler(options)).toThrow(expect.objectContaining({ code: 'ERR_SAMPLING_OPTIONS', option }));
     });
+
+  it('generate.mjs names the flag of a bad sampling option, exit 1 (before it looks for a GPU)', () => {
+    const script = join(root, 'examples/llama/generate.mjs');
+    const run = spawnSync(process.execPath, [script, '--temperature', '1', '--top-p', '2'], { encoding: 'utf8' });
+    expect(run.status).toBe(1);
+    expect(run.stderr).toContain('generate: --top-p: topP must be in (0, 1], got 2');
+  });
 });
 
 describe('the CPU reference on the tiny shape', () => {

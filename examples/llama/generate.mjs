@@ -63,7 +63,8 @@ function samplerOf(args) {
     return createSampler({ temperature: fraction(args, 'temperature', 0), topP: fraction(args, 'top-p', 1), seed: integer(args, 'seed', 1) });
   } catch (e) {
     if (e.code !== 'ERR_SAMPLING_OPTIONS') throw e;
-    throw new Error(`generate: ${e.message.replace('temperature', '--temperature').replace('topP', '--top-p')}`);
+    const flag = { temperature: '--temperature', topP: '--top-p', seed: '--seed' }[e.option];
+    throw new Error(`generate: ${flag}: ${e.message}`);
   }
 }
 

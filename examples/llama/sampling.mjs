@@ -10,20 +10,22 @@
 // no top-p.)
 
 export class SamplingError extends Error {
-  constructor(message) {
+  /** `option`: the option of createSampler at fault ('temperature', 'topP' or 'seed'). */
+  constructor(message, option) {
     super(message);
     this.name = 'SamplingError';
     this.code = 'ERR_SAMPLING_OPTIONS';
+    this.option = option;
   }
 }
 
 /** `{ greedy, pick(logits, key, position) }` for temperature 0 (greedy) or > 0, top-p in (0, 1]. */
 export function createSampler({ temperature = 0, topP = 1, seed = 1 } = {}) {
   if (typeof temperature !== 'number' || !Number.isFinite(temperature) || temperature < 0)
-    throw new SamplingError(`temperature must be 0 (greedy) or a positive finite number, got ${temperature}`);
-  if (typeof topP !== 'number' || !(topP > 0 && topP <= 1)) throw new SamplingError(`topP must be in (0, 1], got ${topP}`);
-  if (temperature === 0 && topP < 1) throw new SamplingError('topP applies to sampling: it needs a temperature above 0');
-  if (!Number.isSafeInteger(seed) || seed < 0) throw new SamplingError(`seed must be a non-negative integer, got ${seed}`);
+    throw new SamplingError(`temperature must be 0 (greedy) or a positive finite number, got ${temperature}`, 'temperature');
+  if (typeof topP !== 'number' || !(topP > 0 && topP <= 1)) throw new SamplingError(`topP must be in (0, 1], got ${topP}`, 'topP');
+  if (temperature === 0 && topP < 1) throw new SamplingError('topP applies to sampling: it needs a temperature above 0', 'topP');
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new SamplingError(`seed must be a non-negative integer, got ${seed}`, 'seed');
   if (temperature === 0) return { greedy: true, pick: (logits) => argmax(logits) };
   return {
     greedy: false,
