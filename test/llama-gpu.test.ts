@@ -147,6 +147,23 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
     }
   });
 
+  // Chunked prefill: a chunk's queries attend to the chunks before it in the
+  // cache (prefillAttention with a start > 0), and decode steps run between.
+  for (const [store, chunk] of [['per-layer', 512], ['paged', 1000]] as const)
+    it(`serves the batch with prompts prefilled in chunks of ${chunk} tokens (${store}): the reference tokens`, async () => {
+      const cache = store === 'paged' ? null : new KVCache({ ...cacheOptions, layout: store });
+      const kv = cache ? new CacheKV(cache) : new PagedKV(m, { blocks: 6 * Math.ceil(maxTokens / 16), maxSequences: 6, maxTokens });
+      try {
+        const requests = prompts.map((prompt, id) => ({ id, prompt, maxNewTokens: STEPS }));
+        const { outputs, prefillCalls } = await serve({ cache: cache ?? kv, runner: gpuRunner(model, kv), requests, prefillChunk: chunk });
+        expect(prefillCalls).toBe(prompts.reduce((n, p) => n + Math.ceil(p.length / chunk), 0));
+        expect(prompts.map((_, id) => outputs.get(id))).toEqual(expected.map((e) => e.tokens));
+      } finally {
+        kv.close();
+        cache?.close();
+      }
+    });
+
   for (const layout of ['per-layer', 'all-layers'] as const) {
     it(`a sequence forked after 5 tokens decodes the same continuation as its parent (${layout})`, () => {
       using cache = new KVCache({ ...cacheOptions, layout });
@@ -180,7 +197,7 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
     });
   }
 
-  for (const [store, sampling] of [['all-layers', []], ['paged', []], ['per-layer', ['--temperature', '0.8', '--top-p', '0.9']]] as const)
+  for (const [store, sampling] of [['all-layers', []], ['paged', ['--prefill-chunk', '5']], ['per-layer', ['--temperature', '0.8', '--top-p', '0.9']]] as const)
     it(`examples/llama/generate.mjs serves random-weight requests end to end (${['--store', store, ...sampling].join(' ')})`, () => {
       const script = fileURLToPath(new URL('../examples/llama/generate.mjs', import.meta.url));
       const run = spawnSync(process.execPath, [script, '--shape', 'tiny', '--requests', '3', '--max-new-tokens', '8', '--store', store, ...sampling], { encoding: 'utf8' });

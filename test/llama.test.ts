@@ -260,6 +260,73 @@ describe('the CPU reference on the tiny shape', () => {
     expect(cache.stats().activeSequences).toBe(0);
   });
 
+  describe('the serving loop: chunked prefill, repeated preemption', () => {
+    const options = { backend: 'host' as const, layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float32' as const, maxSequences: 4, maxTokens: 160, pageSize: 4096 };
+    const requests = [12, 41, 7, 30, 15, 9].map((n, i) => ({ id: i, prompt: Array.from({ length: n }, (_, t) => (i * 131 + t * 17) % m.vocab), maxNewTokens: 10 + 3 * i }));
+    const expected = new Map(requests.map((r) => [r.id, greedy(model, r.prompt, r.maxNewTokens).tokens]));
+    // A runner that logs its calls: which request, prefill (how many tokens) or decode.
+    const logged = (runner: { start: Function; prefill: Function; decode: Function }) => {
+      const log: { call: 'start' | 'prefill' | 'decode'; ids: number[]; tokens?: number }[] = [];
+      return {
+        log,
+        start: (seq: unknown, key: number) => (log.push({ call: 'start', ids: [key] }), runner.start(seq, key)),
+        prefill: (entries: { state: { key: number }; tokens: number[] }[]) => (log.push({ call: 'prefill', ids: entries.map((e) => e.state.key), tokens: entries[0]!.tokens.length }), runner.prefill(entries)),
+        decode: (entries: { state: { key: number } }[]) => (log.push({ call: 'decode', ids: entries.map((e) => e.state.key) }), runner.decode(entries)),
+      };
+    };
+    // The cache, but every `every`-th step of two or more sequences fails as if memory were short.
+    const shortOfMemory = (cache: KVCache, every: number) => {
+      let calls = 0;
+      return {
+        options: cache.options,
+        reserve: () => cache.reserve(),
+        growAsync: (seq: never, n: number) => cache.growAsync(seq, n),
+        release: (seq: never) => cache.release(seq),
+        stepAsync: (seqs: never[], lengths: number[]) =>
+          ++calls % every === 0 && seqs.length >= 2 ? Promise.reject(Object.assign(new Error('injected'), { code: 'ERR_OUT_OF_MEMORY' })) : cache.stepAsync(seqs, lengths),
+      };
+    };
+
+    for (const chunk of [1, 4, 16])
+      it(`prefills prompts in chunks of ${chunk} tokens between decode steps: the same greedy tokens`, async () => {
+        using cache = new KVCache(options);
+        const runner = logged(referenceRunner(model, cache));
+        const { outputs, prefillCalls } = await serve({ cache, runner, requests, prefillChunk: chunk });
+        for (const r of requests) expect(outputs.get(r.id), `request ${r.id}`).toEqual(expected.get(r.id));
+        const prefills = runner.log.filter((e) => e.call === 'prefill');
+        expect(prefills.length).toBe(prefillCalls);
+        expect(Math.max(...prefills.map((e) => e.tokens!))).toBe(Math.min(chunk, 41));
+        expect(prefillCalls).toBe(requests.reduce((n, r) => n + Math.ceil(r.prompt.length / chunk), 0));
+        // the 41-token prompt's chunks are interleaved with the others' decode steps
+        const mine = runner.log.map((e, i) => (e.call === 'prefill' && e.ids[0] === 1 ? i : -1)).filter((i) => i >= 0);
+        const between = runner.log.slice(mine[0], mine.at(-1)).filter((e) => e.call === 'decode').length;
+        if (chunk < 41) expect(between).toBeGreaterThan(0);
+        expect(cache.stats().activeSequences).toBe(0);
+      });
+
+    it('a request preempted twice, while decoding and while prefilling, continues with exactly its greedy tokens', async () => {
+      for (const chunk of [Infinity, 5]) {
+        using cache = new KVCache(options);
+        const runner = logged(referenceRunner(model, cache));
+        const { outputs, preemptions } = await serve({ cache: shortOfMemory(cache, 4), runner, requests, prefillChunk: chunk });
+        for (const r of requests) expect(outputs.get(r.id), `request ${r.id}, chunks of ${chunk}`).toEqual(expected.get(r.id));
+        const admissions = new Map<number, number>();
+        for (const e of runner.log) if (e.call === 'start') admissions.set(e.ids[0]!, (admissions.get(e.ids[0]!) ?? 0) + 1);
+        expect(Math.max(...admissions.values())).toBeGreaterThanOrEqual(3); // some request came back twice
+        expect(preemptions).toBe([...admissions.values()].reduce((n, a) => n + a - 1, 0));
+        expect(cache.stats().activeSequences).toBe(0);
+      }
+    });
+
+    it('refuses a prefillChunk that is not a positive integer, and a request without prompt tokens', async () => {
+      using cache = new KVCache(options);
+      for (const prefillChunk of [0, -1, 1.5, NaN, '4'])
+        await expect(serve({ cache, runner: referenceRunner(model, cache), requests, prefillChunk })).rejects.toThrow(/prefillChunk must be a positive integer/);
+      await expect(serve({ cache, runner: referenceRunner(model, cache), requests: [{ id: 7, prompt: [], maxNewTokens: 1 }] })).rejects.toThrow(/request 7 has no prompt tokens/);
+      expect(cache.stats().activeSequences).toBe(0);
+    });
+  });
+
   it('samples the same tokens whether or not a request is preempted; top-p that keeps one token is greedy', async () => {
     const options = { backend: 'host' as const, layers: m.layers, kvHeads: m.kvHeads, headDim: m.headDim, dtype: 'float32' as const, maxSequences: 4, maxTokens: 128, pageSize: 4096 };
     const requests = [12, 20, 7, 30, 15, 9].map((n, i) => ({ id: i, prompt: Array.from({ length: n }, (_, t) => (i * 131 + t * 17) % m.vocab), maxNewTokens: 12 }));
@@ -388,7 +455,10 @@ describe('the CPU reference on the tiny shape', () => {
     expect(help.status).toBe(0);
     expect(help.stdout).toContain('--store NAME');
     const bad = spawnSync(process.execPath, [script, '--requests', '-2'], { encoding: 'utf8' });
-    expect([1, 3]).toContain(bad.status); // 3 first where nothing can run
+    expect(bad.status).toBe(1); // the arguments are checked before it looks for a GPU
+    const chunk = spawnSync(process.execPath, [script, '--prefill-chunk', '0'], { encoding: 'utf8' });
+    expect(chunk.status).toBe(1);
+    expect(chunk.stderr).toContain('--prefill-chunk must be a positive integer');
     const stray = spawnSync(process.execPath, [script, 'tiny'], { encoding: 'utf8' });
     expect(stray.status).toBe(1);
     expect(stray.stderr).toContain("unexpected argument 'tiny'");

@@ -25,6 +25,7 @@ const HELP = `generate.mjs: a Llama-architecture model decoding through vattenti
   --prompt-length N     random prompts of N tokens instead (default 16)
   --requests N          requests served at once (default 4)
   --max-new-tokens N    tokens generated per request (default 32)
+  --prefill-chunk N     prefill prompts N tokens per call, between decode steps (default: a prompt in one call)
   --temperature T       0: greedy (default); above: sample softmax(logits / T), seeded by --seed and the request
   --top-p P             with a temperature: sample only the most likely tokens whose probability adds up to P (default 1)
   --store NAME          per-layer | all-layers | layer-groups:N (a KVCache) | paged (blocks of 16); default per-layer
@@ -97,17 +98,21 @@ async function main() {
   const args = parseArgs(process.argv.slice(2));
   if (args.help) return console.log(HELP);
   const sampler = samplerOf(args);
+  const requests = integer(args, 'requests', 4), maxNewTokens = integer(args, 'max-new-tokens', 32), device = integer(args, 'device', 0);
+  const seed = integer(args, 'seed', 1), length = integer(args, 'prompt-length', 16);
+  const prefillChunk = args['prefill-chunk'] === undefined ? Infinity : integer(args, 'prefill-chunk', 0);
+  if (prefillChunk === 0) throw new Error('generate: --prefill-chunk must be a positive integer');
   const lib = kernels.linearLibrary();
   if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_LIBRARY_UNAVAILABLE' });
   const source = loadWeights(args);
   const { m } = source;
-  const requests = integer(args, 'requests', 4), maxNewTokens = integer(args, 'max-new-tokens', 32), device = integer(args, 'device', 0);
-  const seed = integer(args, 'seed', 1), length = integer(args, 'prompt-length', 16);
   const fixed = args.prompt?.split(',').map(Number);
   if (fixed?.some((t) => !Number.isInteger(t) || t < 0 || t >= m.vocab)) throw new Error(`generate: --prompt ids must be integers in [0, ${m.vocab})`);
   const prompts = Array.from({ length: requests }, (_, r) => fixed ?? Array.from({ length }, (_, i) => (seed * 7919 + r * 104729 + i * 31) % m.vocab));
   const maxTokens = Math.max(...prompts.map((p) => p.length)) + maxNewTokens + 1;
-  const model = new GpuModel(m, { weight: source.weight, fill: source.fill, maxRows: Math.max(maxTokens, requests), maxBatch: requests, device });
+  // the rows of the largest call: a prompt's chunk, or one token of every request
+  const maxRows = Math.max(Math.min(maxTokens, prefillChunk), requests);
+  const model = new GpuModel(m, { weight: source.weight, fill: source.fill, maxRows, maxBatch: requests, device });
   source.close();
   const storeName = args.store ?? 'per-layer';
   let cache, kv;
@@ -121,7 +126,7 @@ async function main() {
   }
   try {
     const start = process.hrtime.bigint();
-    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv, sampler), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens })) });
+    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv, sampler), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens })), prefillChunk });
     const seconds = Number(process.hrtime.bigint() - start) / 1e9;
     for (const [id, tokens] of outputs) console.log(`request ${id}: ${tokens.join(',')}`);
     const generated = [...outputs.values()].reduce((n, t) => n + t.length, 0);
