@@ -97,10 +97,18 @@ function closingOnError(store, fill) {
   }
 }
 
-function fits(B, T) {
-  const { freeBytes } = gpu.deviceMemory();
-  return B * (T + steps + 64) * tokenKvBytes < 0.9 * freeBytes;
+/**
+ * Bytes `name` backs for B sequences of T tokens: whole 2 MiB pages per K or V tensor of each layer group (the
+ * page rounding of every sequence), or blocks of 16 tokens.
+ */
+function storeBytes(name, B, T) {
+  if (name === 'paged') return (B * Math.ceil(T / 16) + 8) * 16 * tokenKvBytes;
+  const groups = name === 'all-layers' ? 1 : name === 'per-layer' ? m.layers : Number(name.split(':')[1]);
+  const rowBytes = tokenKvBytes / 2 / groups, page = 2 ** 21; // one token's K (or V) in a layer group's tensor
+  return B * 2 * groups * Math.ceil((T * rowBytes) / page) * page;
 }
+
+const fits = (name, B, T) => storeBytes(name, B, T) < 0.95 * gpu.deviceMemory().freeBytes;
 
 /**
  * Decode steps of B sequences at context T over `storeName`. The timed steps end at T tokens (from T - steps + 1):
@@ -240,11 +248,11 @@ for (const [B, n] of argv.includes('--no-prefill') ? [] : [[1, 8192], [16, 1024]
 const decodeRows = [];
 for (const [B, T] of rows) {
   if (!(T > steps + 3)) throw new Error(`context ${T} must exceed --steps + 3`);
-  if (!fits(B, T)) {
-    console.log(`skip B=${B} T=${T}: K/V of ${((B * T * tokenKvBytes) / 2 ** 30).toFixed(0)} GiB does not fit`);
-    continue;
-  }
   for (const name of stores) {
+    if (!fits(name, B, T)) {
+      console.log(`skip B=${B} T=${T} ${name}: its K/V take ${(storeBytes(name, B, T) / 2 ** 30).toFixed(1)} GiB, more than the free memory`);
+      continue;
+    }
     try {
       const row = decodeRow(B, T, name);
       decodeRows.push(row);
