@@ -170,6 +170,7 @@ interface NativeKernels {
   appendKV(device: number, call: Record<string, unknown>): void;
   allocateWorkspace(device: number, bytes: number): bigint;
   freeWorkspace(device: number, address: bigint): void;
+  releaseStream(device: number, stream: bigint): boolean;
 }
 
 const native = addonPart<NativeKernels>('kernels');
@@ -398,6 +399,26 @@ export class AttentionWorkspace {
   [Symbol.dispose](): void {
     this.close();
   }
+}
+
+/**
+ * Frees what the kernels keep for a stream of `device`: the default
+ * workspace of `decodeAttention` / `prefillAttention` (sized to the largest
+ * split seen) and `linear`'s cuBLASLt handle, 32 MiB workspace and per-shape
+ * plans. They are kept per (device, stream) from a stream's first call, so
+ * that calls allocate nothing; call this before destroying a stream that
+ * will not be used again (a server with a stream per request would otherwise
+ * keep them for every stream it ever made). Waits for the stream's queued
+ * work first. Returns whether anything was kept for it; the next call on the
+ * stream makes them again. Not while a graph that uses them can still be
+ * launched: its kernels would read freed memory.
+ */
+export function releaseStream(options: { stream: bigint; device?: number }): boolean {
+  const o = checkObject('options', options, false, ['stream', 'device']);
+  if (typeof o.stream !== 'bigint' || o.stream < 0n || o.stream >= 1n << 64n)
+    throw new InvalidArgumentTypeError('options.stream', `must be a CUstream (bigint, 0n = the default stream), got ${describe(o.stream)}`);
+  const device = o.device === undefined ? 0 : checkInteger('options.device', o.device, 0, 1023);
+  return call(() => native.releaseStream(device, o.stream as bigint));
 }
 
 /** K/V addresses and strides of one layer of a `KVCache`, for the kernels (rows: the slots). */

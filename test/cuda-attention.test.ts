@@ -357,6 +357,33 @@ describe.skipIf(cudaSkip !== null)(`attention kernels on the GPU${cudaSkip ? ` (
     }
   });
 
+  it('releaseStream frees what the kernels keep for a stream; the next calls make it again, with the same results', () => {
+    const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
+    const batch = 2, length = 9000, row = s.kvHeads * s.headDim;
+    const q = randomValues(batch * s.qHeads * s.headDim, 91, s.dtype);
+    const args = { ...s, batch, q: upload(q), lengths: upload(new Int32Array(batch).fill(length)), maxLength: length, k: upload(randomValues(batch * length * row, 92, s.dtype)), v: upload(randomValues(batch * length * row, 93, s.dtype)), strides: { row: length * row, token: row, head: s.headDim } };
+    const input = upload(randomValues(16 * 64, 94, 'float16')), weight = upload(randomValues(64 * 64, 95, 'float16'));
+    const stream = gpu.createStream();
+    try {
+      expect(kernels.releaseStream({ stream })).toBe(false); // nothing made for it yet
+      const run = () => {
+        const out = upload(new Uint16Array(q.length)), projected = upload(new Uint16Array(16 * 64));
+        expect(kernels.decodeAttention({ ...args, out, stream }).splits).toBeGreaterThan(1); // uses the stream's workspace
+        if (library.available) kernels.linear({ dtype: 'float16', rows: 16, inFeatures: 64, outFeatures: 64, input, weight, output: projected, stream });
+        gpu.synchronizeStream(stream);
+        return [gpu.copyFromDevice(new Uint16Array(q.length), out), gpu.copyFromDevice(new Uint16Array(16 * 64), projected)];
+      };
+      const first = run();
+      expect(kernels.releaseStream({ stream })).toBe(true);
+      expect(kernels.releaseStream({ stream })).toBe(false); // gone
+      const again = run();
+      again.forEach((values, i) => expect(Buffer.from(values.buffer).equals(Buffer.from(first[i]!.buffer)), `output ${i}`).toBe(true));
+      expect(kernels.releaseStream({ stream })).toBe(true);
+    } finally {
+      gpu.destroyStream(stream);
+    }
+  });
+
   it('a caller-owned workspace: too small is refused before anything is queued, large enough gives the same result', () => {
     const s: Shape = { ...f16, qHeads: 32, kvHeads: 8, headDim: 128 };
     const length = 8192, row = s.kvHeads * s.headDim;

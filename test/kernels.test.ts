@@ -146,6 +146,17 @@ describe('vattention/kernels argument checks (no GPU needed)', () => {
     expect(() => new kernels.AttentionWorkspace({ bytes: 0 })).toThrow(InvalidArgumentRangeError);
   });
 
+  it('releaseStream checks its options; with nothing kept for any stream it is false and needs no driver', () => {
+    expect(() => kernels.releaseStream({ stream: 5 as unknown as bigint })).toThrow(InvalidArgumentTypeError);
+    expect(() => kernels.releaseStream({ stream: -1n })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT', message: expect.stringContaining('options.stream') }));
+    expect(() => kernels.releaseStream({ stream: 0n, device: -1 })).toThrow(InvalidArgumentRangeError);
+    expect(() => kernels.releaseStream({ stream: 0n, strem: 1n } as { stream: bigint })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+    expect(() => kernels.releaseStream(undefined as unknown as { stream: bigint })).toThrow(expect.objectContaining({ code: 'ERR_INVALID_ARGUMENT' }));
+    // this file's calls were all refused before the device: nothing is kept (on CI there is no driver to ask)
+    expect(kernels.releaseStream({ stream: 0n })).toBe(false);
+    expect(kernels.releaseStream({ stream: 1234n, device: 3 })).toBe(false);
+  });
+
   it('HEAD_DIMS lists the supported head dimensions and cannot be changed', () => {
     expect(kernels.HEAD_DIMS).toEqual([64, 80, 96, 128, 192, 256]);
     expect(Object.isFrozen(kernels.HEAD_DIMS)).toBe(true);

@@ -6,6 +6,7 @@
 #include "common/errors.h"
 #include "common/lifetime.h"
 #include "kernels/decode_attention.h"
+#include "kernels/linear.h"
 
 namespace vat {
 
@@ -144,6 +145,21 @@ void FreeWorkspace(const Napi::CallbackInfo& info) {
   });
 }
 
+// What the kernels keep for a stream (decodeAttention's default workspace,
+// linear's cuBLASLt handle, workspace and plans) goes; true when there was
+// any. Nothing kept at all: no driver call (a machine without CUDA).
+Napi::Value ReleaseStream(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Napi::Boolean::New(env, guarded(env, [&] {
+                              if (!kernels::attentionKeepsStreams() && !kernels::linearKeepsStreams()) return false;
+                              kernels::useDevice(device(info));
+                              const uint64_t stream = u64(info[1]);
+                              bool attention = kernels::releaseAttentionStream(stream);
+                              bool linear = kernels::releaseLinearStream(stream);
+                              return attention || linear;
+                            }));
+}
+
 }  // namespace
 
 void addKernels(Napi::Env env, Napi::Object exports) {
@@ -153,6 +169,7 @@ void addKernels(Napi::Env env, Napi::Object exports) {
   k.Set("appendKV", Napi::Function::New<AppendKV>(env));
   k.Set("allocateWorkspace", Napi::Function::New<AllocateWorkspace>(env));
   k.Set("freeWorkspace", Napi::Function::New<FreeWorkspace>(env));
+  k.Set("releaseStream", Napi::Function::New<ReleaseStream>(env));
   addModelOps(env, k);
   exports.Set("kernels", k);
 }

@@ -29,11 +29,22 @@ struct StreamWorkspace {
   uint64_t bytes = 0;
 };
 
+// Entries are never erased (a caller may hold one between the lookup and
+// its lock); a release frees the buffer and leaves the empty entry.
+struct StreamWorkspaces {
+  std::mutex lock;
+  std::map<std::pair<CUcontext, uint64_t>, std::unique_ptr<StreamWorkspace>> byStream;
+};
+
+StreamWorkspaces& workspaces() {
+  static auto* w = new StreamWorkspaces();  // never destroyed: no driver work at exit
+  return *w;
+}
+
 StreamWorkspace& streamWorkspace(CUcontext context, uint64_t stream) {
-  static std::mutex lock;
-  static auto* workspaces = new std::map<std::pair<CUcontext, uint64_t>, std::unique_ptr<StreamWorkspace>>();
-  std::lock_guard<std::mutex> guard(lock);
-  auto& slot = (*workspaces)[{context, stream}];
+  StreamWorkspaces& all = workspaces();
+  std::lock_guard<std::mutex> guard(all.lock);
+  auto& slot = all.byStream[{context, stream}];
   if (!slot) slot = std::make_unique<StreamWorkspace>();
   return *slot;
 }
@@ -213,6 +224,32 @@ DecodeAttentionPlan decodeAttention(const DecodeAttentionCall& c) {
   if (w.bytes < plan.workspaceBytes) grow(w, plan.workspaceBytes, reinterpret_cast<CUstream>(c.stream));
   launch(c, f, plan, w.address);
   return plan;
+}
+
+bool attentionKeepsStreams() {
+  StreamWorkspaces& all = workspaces();
+  std::lock_guard<std::mutex> guard(all.lock);
+  return !all.byStream.empty();
+}
+
+bool releaseAttentionStream(uint64_t stream) {
+  StreamWorkspaces& all = workspaces();
+  StreamWorkspace* w = nullptr;
+  {
+    std::lock_guard<std::mutex> guard(all.lock);
+    auto it = all.byStream.find({currentContext(), stream});
+    if (it == all.byStream.end()) return false;
+    w = it->second.get();
+  }
+  std::lock_guard<std::mutex> guard(w->lock);
+  if (!w->address) return false;
+  // Its calls may still run: they write the workspace. A failed wait keeps it.
+  check(driver().cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize");
+  CUdeviceptr address = w->address;
+  w->address = 0;
+  w->bytes = 0;
+  check(driver().cuMemFree(address), "cuMemFree");
+  return true;
 }
 
 }  // namespace vat::kernels

@@ -92,6 +92,12 @@ void checkAppendKV(const AppendKVCall& call);
 // once for the process).
 void useDevice(int device);
 
+// The default workspace decodeAttention keeps for `stream` on the current
+// context goes, after the stream's work: false when it keeps none for it.
+// attentionKeepsStreams: whether it keeps any (no driver call).
+bool releaseAttentionStream(uint64_t stream);
+bool attentionKeepsStreams();
+
 // Device buffers for caller-owned workspaces.
 uint64_t allocateWorkspace(uint64_t bytes);
 void freeWorkspace(uint64_t address);

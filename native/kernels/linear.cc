@@ -51,6 +51,10 @@ struct Api {
   int (*heuristic)(Handle, Desc, Layout, Layout, Layout, Layout, Preference, int, HeuristicResult*, int*);
   int (*matmul)(Handle, Desc, const void*, const void*, Layout, const void*, Layout, const void*, const void*, Layout,
                 void*, Layout, const Algo*, void*, size_t, void*);
+  int (*destroy)(Handle);
+  int (*descDestroy)(Desc);
+  int (*layoutDestroy)(Layout);
+  int (*prefDestroy)(Preference);
 };
 
 struct Library {
@@ -68,7 +72,9 @@ bool resolve(void* lib, Api& a) {
          get(a.descSet, "cublasLtMatmulDescSetAttribute") && get(a.layoutCreate, "cublasLtMatrixLayoutCreate") &&
          get(a.prefCreate, "cublasLtMatmulPreferenceCreate") &&
          get(a.prefSet, "cublasLtMatmulPreferenceSetAttribute") &&
-         get(a.heuristic, "cublasLtMatmulAlgoGetHeuristic") && get(a.matmul, "cublasLtMatmul");
+         get(a.heuristic, "cublasLtMatmulAlgoGetHeuristic") && get(a.matmul, "cublasLtMatmul") &&
+         get(a.destroy, "cublasLtDestroy") && get(a.descDestroy, "cublasLtMatmulDescDestroy") &&
+         get(a.layoutDestroy, "cublasLtMatrixLayoutDestroy") && get(a.prefDestroy, "cublasLtMatmulPreferenceDestroy");
 }
 
 Library load() {
@@ -118,10 +124,30 @@ struct ContextState {
   std::map<std::tuple<int, bool, uint32_t, uint32_t, uint32_t>, Plan> plans;
 };
 
-Plan makePlan(const Api& api, const ContextState& s, const LinearCall& c) {
-  const int in = c.dtype == ActivationDtype::BFloat16 ? kRealBFloat16 : kRealFloat16;
-  const int out = c.outputFloat32 ? kRealFloat32 : in;
-  Plan p;
+// Per (context, stream): calls on two streams never share a workspace. The
+// lock is held through each call's enqueue, and through a release.
+struct States {
+  std::mutex lock;
+  std::map<std::pair<CUcontext, uint64_t>, ContextState> byStream;
+};
+
+States& states() {
+  static auto* s = new States();  // never destroyed: no driver work at exit
+  return *s;
+}
+
+// cuBLASLt's destroy functions fail only for handles that are not its own.
+void destroyPlan(const Api& api, Plan& p) noexcept {
+  if (p.c) api.layoutDestroy(p.c);
+  if (p.b) api.layoutDestroy(p.b);
+  if (p.a) api.layoutDestroy(p.a);
+  if (p.desc) api.descDestroy(p.desc);
+  p = Plan{};
+}
+
+// The descriptors, layouts and the heuristic's algorithm of one shape, into
+// `p` and `pref` (the caller destroys what was made, also on failure).
+void fillPlan(const Api& api, const ContextState& s, const LinearCall& c, int in, int out, Plan& p, Preference& pref) {
   // Column-major view: weight is [in × out] (ld in), transposed; input [in ×
   // rows] (ld in); output [out × rows] (ld out).
   checkStatus(api.descCreate(&p.desc, kComputeFloat32, kRealFloat32), "matmul descriptor");
@@ -131,7 +157,6 @@ Plan makePlan(const Api& api, const ContextState& s, const LinearCall& c) {
   checkStatus(api.layoutCreate(&p.a, in, c.inFeatures, c.outFeatures, c.inFeatures), "layout");
   checkStatus(api.layoutCreate(&p.b, in, c.inFeatures, c.rows, c.inFeatures), "layout");
   checkStatus(api.layoutCreate(&p.c, out, c.outFeatures, c.rows, c.outFeatures), "layout");
-  Preference pref = nullptr;
   checkStatus(api.prefCreate(&pref), "preference");
   checkStatus(api.prefSet(pref, kPrefMaxWorkspace, &kWorkspaceBytes, sizeof kWorkspaceBytes), "preference attribute");
   HeuristicResult result{};
@@ -139,7 +164,23 @@ Plan makePlan(const Api& api, const ContextState& s, const LinearCall& c) {
   checkStatus(api.heuristic(s.handle, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found), "heuristic");
   if (found == 0) fail(ErrorCode::InvalidArgument, "linear: cuBLASLt has no algorithm for this shape and type");
   p.algo = result.algo;
-  return p;  // the preference (a few bytes) is kept: no destroy function is resolved
+}
+
+// A shape's plan; nothing of it left behind when it cannot be made.
+Plan makePlan(const Api& api, const ContextState& s, const LinearCall& c) {
+  const int in = c.dtype == ActivationDtype::BFloat16 ? kRealBFloat16 : kRealFloat16;
+  const int out = c.outputFloat32 ? kRealFloat32 : in;
+  Plan p;
+  Preference pref = nullptr;
+  try {
+    fillPlan(api, s, c, in, out, p, pref);
+  } catch (...) {
+    if (pref) api.prefDestroy(pref);
+    destroyPlan(api, p);
+    throw;
+  }
+  api.prefDestroy(pref);
+  return p;
 }
 
 }  // namespace
@@ -161,15 +202,18 @@ void checkLinear(const LinearCall& c) {
 void linear(const LinearCall& c) {
   checkLinear(c);
   const Library& lib = library();
-  static std::mutex lock;
-  // Per (context, stream): calls on two streams never share a workspace.
-  static auto* states = new std::map<std::pair<CUcontext, uint64_t>, ContextState>();
-  std::lock_guard<std::mutex> guard(lock);
-  ContextState& s = (*states)[{currentContext(), c.stream}];
-  if (!s.handle) {
-    checkStatus(lib.api.create(&s.handle), "create");
-    check(driver().cuMemAlloc(&s.workspace, kWorkspaceBytes), "cuMemAlloc");
+  States& all = states();
+  std::lock_guard<std::mutex> guard(all.lock);
+  const std::pair<CUcontext, uint64_t> at{currentContext(), c.stream};
+  if (!all.byStream.count(at)) {
+    ContextState fresh;  // into the map only once whole
+    checkStatus(lib.api.create(&fresh.handle), "create");
+    CUresult r = driver().cuMemAlloc(&fresh.workspace, kWorkspaceBytes);
+    if (r != CUDA_SUCCESS) lib.api.destroy(fresh.handle);
+    check(r, "cuMemAlloc");
+    all.byStream.emplace(at, std::move(fresh));
   }
+  ContextState& s = all.byStream.at(at);
   auto key = std::make_tuple(static_cast<int>(c.dtype), c.outputFloat32, c.rows, c.inFeatures, c.outFeatures);
   auto it = s.plans.find(key);
   if (it == s.plans.end()) it = s.plans.emplace(key, makePlan(lib.api, s, c)).first;
@@ -180,6 +224,28 @@ void linear(const LinearCall& c) {
                              reinterpret_cast<void*>(c.output), p.c, &p.algo, reinterpret_cast<void*>(s.workspace),
                              kWorkspaceBytes, reinterpret_cast<void*>(c.stream)),
               "matmul");
+}
+
+bool linearKeepsStreams() {
+  States& all = states();
+  std::lock_guard<std::mutex> guard(all.lock);
+  return !all.byStream.empty();
+}
+
+bool releaseLinearStream(uint64_t stream) {
+  States& all = states();
+  std::lock_guard<std::mutex> guard(all.lock);
+  auto it = all.byStream.find({currentContext(), stream});
+  if (it == all.byStream.end()) return false;
+  // Its matmuls may still run: they read the workspace. A failed wait keeps everything.
+  check(driver().cuStreamSynchronize(reinterpret_cast<CUstream>(stream)), "cuStreamSynchronize");
+  ContextState s = std::move(it->second);
+  all.byStream.erase(it);
+  const Api& api = library().api;
+  for (auto& [shape, plan] : s.plans) destroyPlan(api, plan);
+  api.destroy(s.handle);
+  check(driver().cuMemFree(s.workspace), "cuMemFree");
+  return true;
 }
 
 }  // namespace vat::kernels

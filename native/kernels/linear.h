@@ -4,7 +4,8 @@
 // libcublasLt is loaded at run time (VATTENTION_CUBLASLT, then
 // libcublasLt.so.13, then .so.12), never linked: without it a call is
 // ERR_LIBRARY_UNAVAILABLE naming what was tried. One handle, one 32 MiB
-// workspace and one algorithm per shape, per (context, stream), kept for the process;
+// workspace and one algorithm per shape, per (context, stream), kept until
+// releaseLinearStream (kernels.releaseStream);
 // a call queues one matmul and allocates nothing (capturable in a graph
 // after its shape's first call).
 #pragma once
@@ -27,6 +28,13 @@ struct LinearCall {
 void checkLinear(const LinearCall& call);
 // On the current context (useDevice).
 void linear(const LinearCall& call);
+
+// What linear keeps for `stream` on the current context (its cuBLASLt
+// handle, workspace and plans) goes, after the stream's work: false when it
+// keeps nothing for it. linearKeepsStreams: whether it keeps anything at all
+// (no driver call).
+bool releaseLinearStream(uint64_t stream);
+bool linearKeepsStreams();
 
 // Loads libcublasLt on first use: whether it loaded, and from where or why not.
 bool cublasLtLoaded();
