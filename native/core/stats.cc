@@ -91,8 +91,9 @@ void KVCache::prefetchFigures(size_t device, CacheStats& st) {
   st.prefetch.workerError = prefetcher_->workerError();
   st.prefetch.tokens = prefetcher_->lookAhead();
   st.prefixCache = core_->prefix->stats();
-  st.prefixCache.cachedGroups = cachedPages(device) / core_->pagesPerGroup();
-  st.prefixCache.cachedBytes = cachedPages(device) * description_.pageSize;
+  const uint64_t cached = cachedPages(device);
+  st.prefixCache.cachedGroups = cached / core_->pagesPerGroup();
+  st.prefixCache.cachedBytes = cached * description_.pageSize;
 }
 
 CacheStats KVCache::stats(size_t device) {

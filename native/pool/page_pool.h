@@ -29,6 +29,7 @@
 #pragma once
 
 #include <atomic>
+#include <exception>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -146,6 +147,27 @@ class PagePool {
   void resumePage(PageId id);
   bool isSuspended(PageId id) const { return pages_[id]->state == PageState::Suspended; }
 
+  // The same in three steps, for suspend() and resume() to run the backend's
+  // part with the cache's lock released (the cache is suspended and its pages
+  // are moving: nothing else reaches them). begin* (under the lock) checks
+  // the page (and resume charges the budget); *Memory (off the lock) makes
+  // the backend calls on the page's record, which it only reads; note* (under
+  // the lock) records the outcome (the page's state and handle, the counts,
+  // the mappings a failed undo left) and rethrows a failure.
+  struct Move {
+    bool done = false;      // the backend's part succeeded
+    bool memoryKept = false;  // failed, and memory stayed that the record must keep (see suspendPage/resumePage)
+    PageHandle handle = 0;  // resume: the page's memory
+    std::exception_ptr error;
+    std::vector<Address> strays;
+  };
+  void beginSuspend(PageId id) const;
+  Move suspendMemory(const Page& p) const noexcept;
+  void noteSuspended(PageId id, Move& move);
+  bool beginResume(PageId id);  // true: the page kept its memory (no charge)
+  Move resumeMemory(const Page& p, bool kept) const noexcept;
+  void noteResumed(PageId id, bool kept, Move& move);
+
   // A page that a failed unmap left mapped: kept out of the pool until its
   // unmap succeeds (retryStranded, teardown).
   void strand(PageId id);
@@ -189,7 +211,7 @@ class PagePool {
   // The record of one of a shared page's extra addresses goes (the page
   // keeps its others).
   void dropSharedAddress(Page& p, Address at);
-  bool remapAll(PageHandle handle, const std::vector<Address>& all, size_t count);
+  bool remapAll(PageHandle handle, const std::vector<Address>& all, size_t count, std::vector<Address>& strays) const;
 
   Backend& backend_;
   size_t pageSize_;
