@@ -239,6 +239,12 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
    * {@link resume}, anything that needs memory (grow, step, growAsync, fork,
    * write, read, swap) fails with ERR_SUSPENDED; reserve, release, stats
    * and close work. Kernels must not touch the cache meanwhile.
+   * The pages go one at a time (and the host copy is made) with the cache's
+   * lock released: stats(), reserve() and release() called meanwhile wait
+   * for one page's driver calls at most, not for the whole suspend; a
+   * sequence released meanwhile has its pages dropped when the suspend ends;
+   * close() meanwhile stops it at the next page (ERR_CLOSED). The same holds
+   * for {@link resume}.
    */
   suspend(options?: SuspendOptions): Promise<void> {
     return moves.suspend(this.#ctx, options);

@@ -327,6 +327,70 @@ for (const b of backends) {
         expect(c.stats().pagesMapped).toBe(0);
       });
 
+      // suspend() and resume() hold the cache's lock only between pages: with
+      // one page's driver call slowed, the JS thread's stats(), reserve() and
+      // release() run in the middle of the move (before, they waited for all
+      // of it: a stats() scrape stalled the event loop for the whole suspend).
+      for (const keep of ['none', 'host'] as const)
+        it(`stats(), reserve() and release() run while suspend({ keep: '${keep}' }) and resume() move pages; a release meanwhile is settled when the move ends`, async () => {
+          const c = make({ hostMemoryBudget: 64 * 2 ** 20 });
+          const n = half(c);
+          const [a, gone] = [c.reserve(), c.reserve()];
+          c.grow(a, n);
+          c.grow(gone, n);
+          fill(c, a, 1, n);
+          const total = c.stats().pagesMapped;
+          c._injectFault('unmap', 1, 'delay', 200, 0); // device 0's second page is slow to go
+          let done = false;
+          const suspending = c.suspend({ keep }).finally(() => (done = true));
+          const seen = new Set<number>();
+          let released = false, reserved: Sequence | undefined;
+          for (; !done; await new Promise((r) => setImmediate(r))) {
+            const s = c.stats();
+            identity(c);
+            seen.add(s.pagesSuspended);
+            if (s.pagesSuspended > 0 && !released) {
+              c.release(gone); // mid-move: its pages stay until the move ends
+              reserved = c.reserve();
+              released = true;
+            }
+          }
+          await suspending;
+          expect(released).toBe(true);
+          expect([...seen].some((p) => p > 0 && p < total)).toBe(true); // a snapshot in the middle of the move
+          const s = c.stats();
+          expect(s.pagesSuspended).toBe(total / 2); // the released sequence's pages went when the move ended
+          expect(s.activeSequences).toBe(2);
+          identity(c);
+          c._injectFault('map', 1, 'delay', 200, 0);
+          done = false;
+          const resuming = c.resume().finally(() => (done = true));
+          const during = new Set<number>();
+          for (; !done; await new Promise((r) => setImmediate(r))) {
+            identity(c);
+            during.add(c.stats().pagesMapped);
+          }
+          await resuming;
+          expect([...during].some((p) => p > 0 && p < total / 2)).toBe(true);
+          expect(c.stats().pagesMapped).toBe(total / 2);
+          if (keep === 'host') expectData(c, a, 1, n);
+          c.release(reserved!);
+          identity(c);
+        });
+
+      it('close() while suspend() moves pages: the suspend stops at the next page and close frees everything', async () => {
+        const c = make({ hostMemoryBudget: 64 * 2 ** 20 });
+        const a = c.reserve();
+        c.grow(a, half(c));
+        c._injectFault('unmap', 1, 'delay', 200, 0);
+        const suspending = c.suspend({ keep: 'none' }).then(() => 'done', (e) => e.code);
+        while (c.stats().pagesSuspended === 0) await new Promise((r) => setImmediate(r));
+        c.close();
+        expect(['done', 'ERR_CLOSED']).toContain(await suspending);
+        expect(c.closed).toBe(true);
+        expect(liveResources().mappings).toBe(0);
+      });
+
       it("suspend({ keep: 'none' }): after resume the same addresses are backed again, contents undefined", async () => {
         const c = make();
         const n = per(c) + 1;

@@ -196,10 +196,15 @@ void KVCache::release(SequenceRef seq, const std::vector<std::optional<uint64_t>
 // they are shared or the cache is suspended. Never throws.
 void KVCache::vacate(uint32_t slot) {
   core_->slots.vacate(slot);
+  if (pagesMoving_) core_->slots[slot].settling = true;  // a suspend or resume may be at its pages: settled after
+  else settleVacated(slot);
+  prefetcher_->wake();  // pages may have become reclaimable for a waiting plan
+}
+
+void KVCache::settleVacated(uint32_t slot) {
   bool fenced = core_->fencesPending(slot);
   if (core_->suspended && !fenced) mapper_->dropMappings(slot);  // resume() need not back them
   else dropIfShared(slot);
-  prefetcher_->wake();  // pages may have become reclaimable for a waiting plan
 }
 
 uint64_t KVCache::reclaim(uint64_t bytes) {
@@ -222,6 +227,7 @@ uint64_t KVCache::reclaim(uint64_t bytes) {
 uint64_t KVCache::trim() {
   Lock lk(core_->lock);
   checkOpen();
+  if (pagesMoving_) return 0;  // a suspend or resume owns the pools meanwhile
   prefetcher_->pause();  // no pool top-up until the next step()
   mapper_->retryStranded();
   uint64_t bytes = 0;
@@ -259,7 +265,7 @@ void KVCache::close() {
   lk.unlock();
   prefetcher_->stop();
   lk.lock();
-  core_->changed.wait(lk, [&] { return !core_->slots.anyExtending(); });
+  core_->changed.wait(lk, [&] { return !core_->slots.anyExtending() && !pagesMoving_; });
   core_->closed = true;
   teardown();
   core_->changed.notify_all();

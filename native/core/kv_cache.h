@@ -180,6 +180,7 @@ class KVCache {
   SequenceRef occupy(uint32_t index);
   void unoccupy(uint32_t index) noexcept;
   void vacate(uint32_t slot);
+  void settleVacated(uint32_t slot);
   bool settleCopyFences(bool wait);
   void teardown();
   // retry.cc: the one ladder of what a refusal waits for first
@@ -220,6 +221,10 @@ class KVCache {
   void copySuspended(bool toHost, const std::vector<std::vector<size_t>>* only);
   void freeHostMemory();
   void undoSuspend();
+  void waitForStillPages(Lock& lk);
+  void endMove() noexcept;
+  void suspendOffLock(Lock& lk, size_t device, PageId id);
+  void resumeOffLock(Lock& lk, size_t device, PageId id);
   // stats.cc
   void checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
   Address copyAddress(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, uint64_t bytes);
@@ -257,6 +262,11 @@ class KVCache {
   // byte k × page size of suspendedCopy_[d].
   std::vector<std::vector<PageId>> suspendedPages_;
   std::vector<HostBlocks> suspendedCopy_;
+  // A suspend or resume moves pages with the lock released (one page at a
+  // time, and the host copy): meanwhile the cache is suspended, another
+  // suspend or resume and close wait, and a released slot's pages stay where
+  // they are (the mover may be at them; Slot::settling) until the move ends.
+  bool pagesMoving_ = false;
 };
 
 }  // namespace vat

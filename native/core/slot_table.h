@@ -66,6 +66,10 @@ struct Slot {
   // fence on some device): no new sequence here until it ran. Cleared by
   // KVCache::settleCopyFences once no device holds one.
   bool copyFenced = false;
+  // Released while a suspend or resume moved pages (KVCache::vacate): what
+  // a release does to its pages waits for the move's end, and so does a new
+  // sequence here.
+  bool settling = false;
 
   SlotState state() const {
     if (active) return SlotState::Active;
@@ -75,10 +79,12 @@ struct Slot {
   bool extendingNow() const { return extending != Extending::No; }
   // The one definition of "a new sequence may be placed here now" (placement,
   // reserve into a chosen slot, share): no sequence, no shared mappings left,
-  // nothing copying its pages off the lock, no share's copy still queued.
+  // nothing copying its pages off the lock, no share's copy still queued, no
+  // release waiting for a move's end.
   bool placeable() const {
     SlotState s = state();
-    return (s == SlotState::Free || s == SlotState::Retained) && extending != Extending::Copying && !copyFenced;
+    return (s == SlotState::Free || s == SlotState::Retained) && extending != Extending::Copying && !copyFenced &&
+           !settling;
   }
 };
 

@@ -22,6 +22,19 @@ namespace vat {
 
 using Lock = std::unique_lock<std::mutex>;
 
+// The lock released for a scope (driver work others need not wait for),
+// taken again when the scope ends, also by an exception.
+class Unlocked {
+ public:
+  explicit Unlocked(Lock& lk) : lk_(lk) { lk_.unlock(); }
+  ~Unlocked() { lk_.lock(); }
+  Unlocked(const Unlocked&) = delete;
+  Unlocked& operator=(const Unlocked&) = delete;
+
+ private:
+  Lock& lk_;
+};
+
 struct CacheCore {
   CacheCore(std::unique_ptr<KVLayout> layout) : layout(std::move(layout)), slots(this->layout->shape().maxSequences) {}
 

@@ -82,11 +82,21 @@ void KVCache::copySuspended(bool toHost, const std::vector<std::vector<size_t>>*
   });
 }
 
+// suspend and resume hold the lock only between pages: the driver work of
+// each page and the host copy run with it released, so that stats(),
+// reserve() and release() on other threads (the JS thread) wait for one
+// page at most, not for the whole cache.
 void KVCache::suspend(bool keepHost) {
   Lock lk(core_->lock);
+  waitForStillPages(lk);
   checkOpen();
   checkNotSuspended();
   core_->suspended = true;  // from here growth fails and the worker idles
+  pagesMoving_ = true;
+  struct EndMove {
+    KVCache& cache;
+    ~EndMove() { cache.endMove(); }  // under the lock: every path below holds it when it leaves
+  } end{*this};
   bool pagesGoing = false;
   try {
     waitForQuiet(lk);
@@ -100,6 +110,7 @@ void KVCache::suspend(bool keepHost) {
         if (!suspendedPages_[d].empty())
           suspendedCopy_[d] = sh.host().take(suspendedPages_[d].size() * sh.pool().pageSize(), "suspend({ keep: 'host' })");
       });
+      Unlocked off(lk);  // the pages stay put: nothing maps, unmaps or writes while suspended
       copySuspended(true, nullptr);
     }
     // Failing from here leaves the cache suspended in part: resume() backs
@@ -107,7 +118,7 @@ void KVCache::suspend(bool keepHost) {
     pagesGoing = true;
     if (!keepHost) core_->prefix->clear();  // the KV goes: nothing published holds any more
     core_->onEachDevice([&](size_t d) {
-      for (PageId id : suspendedPages_[d]) core_->shard(d).pool().suspendPage(id);
+      for (PageId id : suspendedPages_[d]) suspendOffLock(lk, d, id);
     });
   } catch (const Error& e) {
     core_->changed.notify_all();
@@ -135,22 +146,76 @@ void KVCache::undoSuspend() {
   prefetcher_->wake();
 }
 
+// Another suspend or resume is moving pages: it ends first (or the cache closes).
+void KVCache::waitForStillPages(Lock& lk) {
+  core_->changed.wait(lk, [&] { return core_->closing.load() || !pagesMoving_; });
+}
+
+// Under the lock: the slots released while pages moved get what a release
+// gives them now (suspended: their pages dropped; else kept or, shared, dropped).
+void KVCache::endMove() noexcept {
+  pagesMoving_ = false;
+  for (uint32_t i = 0; i < core_->slots.size(); ++i) {
+    Slot& s = core_->slots[i];
+    if (!s.settling) continue;
+    s.settling = false;
+    settleVacated(i);
+  }
+  core_->changed.notify_all();
+}
+
+// One page of device d: checked and recorded under the lock, its driver
+// calls without it. Stops when the cache is closing (close waits for the move).
+void KVCache::suspendOffLock(Lock& lk, size_t device, PageId id) {
+  if (core_->closing.load()) fail(ErrorCode::Closed, "the KV cache was closed while it was being suspended");
+  PagePool& pool = core_->shard(device).pool();
+  pool.beginSuspend(id);
+  const Page& page = *pool.record(id);
+  PagePool::Move move;
+  {
+    Unlocked off(lk);
+    move = pool.suspendMemory(page);
+  }
+  pool.noteSuspended(id, move);
+}
+
+void KVCache::resumeOffLock(Lock& lk, size_t device, PageId id) {
+  if (core_->closing.load()) fail(ErrorCode::Closed, "the KV cache was closed while it was being resumed");
+  PagePool& pool = core_->shard(device).pool();
+  bool kept = pool.beginResume(id);
+  const Page& page = *pool.record(id);
+  PagePool::Move move;
+  {
+    Unlocked off(lk);
+    move = pool.resumeMemory(page, kept);
+  }
+  pool.noteResumed(id, kept, move);
+}
+
 void KVCache::resume() {
   Lock lk(core_->lock);
+  waitForStillPages(lk);
   checkOpen();
   if (!core_->suspended) return;
+  pagesMoving_ = true;
+  struct EndMove {
+    KVCache& cache;
+    ~EndMove() { cache.endMove(); }
+  } end{*this};
   mapper_->retryStranded();  // a mapping an earlier resume's undo left where this one maps
   std::vector<std::vector<size_t>> resumed(core_->deviceCount());  // indexes into suspendedPages_[d]
   try {
+    for (size_t d = 0; d < resumed.size(); ++d) resumed[d].reserve(suspendedPages_[d].size());
     core_->onEachDevice([&](size_t d) {
       PagePool& pool = core_->shard(d).pool();
       for (size_t k = 0; k < suspendedPages_[d].size(); ++k) {
         // A page whose sequences were all released while suspended is gone.
         if (!pool.isSuspended(suspendedPages_[d][k])) continue;
-        pool.resumePage(suspendedPages_[d][k]);
+        resumeOffLock(lk, d, suspendedPages_[d][k]);
         resumed[d].push_back(k);
       }
     });
+    Unlocked off(lk);
     copySuspended(false, &resumed);
   } catch (...) {
     for (size_t d = resumed.size(); d-- > 0;)
