@@ -378,6 +378,33 @@ for (const b of backends) {
           identity(c);
         });
 
+      it('suspend() of a cache whose memory sits in released slots drops their pages with the lock released: stats() answers meanwhile', async () => {
+        const c = make();
+        const n = half(c);
+        for (const id of [1, 2]) {
+          const s = c.reserve();
+          c.grow(s, n);
+          c.release(s); // deferred reclamation: the slot keeps its pages
+        }
+        const total = c.stats().pagesMapped;
+        expect(total).toBeGreaterThan(2);
+        c._injectFault('unmap', 1, 'delay', 200, 0);
+        let done = false;
+        const suspending = c.suspend().finally(() => (done = true));
+        let retiring = 0;
+        for (; !done; await new Promise((r) => setImmediate(r))) {
+          identity(c);
+          const s = c.stats();
+          // pages that left their slot and are still being unmapped: counted mapped, listed by no slot
+          if (s.slots.reduce((sum, slot) => sum + slot.mappedPages, 0) < s.pagesMapped) retiring++;
+        }
+        await suspending;
+        expect(retiring).toBeGreaterThan(0); // snapshots taken while the released pages went
+        expect(c.stats()).toMatchObject({ pagesMapped: 0, pagesSuspended: 0, pagesCreated: 0, pagesPooled: 0 });
+        await c.resume();
+        identity(c);
+      });
+
       it('close() while suspend() moves pages: the suspend stops at the next page and close frees everything', async () => {
         const c = make({ hostMemoryBudget: 64 * 2 ** 20 });
         const a = c.reserve();

@@ -216,7 +216,7 @@ class KVCache {
   void giveHost(std::vector<HostBlocks>& host) noexcept;
   void undoSwapIn(SequenceRef seq) noexcept;
   void waitForQuiet(Lock& lk);
-  void dropUnkeptPages();
+  void dropUnkeptPages(Lock& lk);
   std::vector<PageId> distinctMappedPages(size_t device, PageState state);
   void copySuspended(bool toHost, const std::vector<std::vector<size_t>>* only);
   void freeHostMemory();

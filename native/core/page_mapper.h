@@ -110,6 +110,8 @@ class PageMapper {
   // least recently released first: memory is short).
   bool beginDrop(Retirement& r, bool cachedToo = false);
   void detachAll(Retirement& r, uint32_t slot) { detachFrom(r, slot, 0); }
+  // The slot's groups past its first `keep` (suspend: what it does not keep).
+  void detachBeyond(Retirement& r, uint32_t slot, size_t keep) { detachFrom(r, slot, keep); }
   void runRetirement(Lock& lk, Retirement& r);
   // While pages are being retired: waits until they are idle and returns
   // true (the caller decides again); false at once when none are.

@@ -19,29 +19,34 @@ void KVCache::waitForQuiet(Lock& lk) {
 
 // What a suspended cache does not keep: released slots' pages (deferred
 // reclamation: no live token), active sequences' pages past their tokens
-// (look-ahead), idle pages. Fences have passed.
-void KVCache::dropUnkeptPages() {
+// (look-ahead), idle pages. Fences have passed. The unmaps (retirements)
+// and the releases run with the lock released.
+void KVCache::dropUnkeptPages(Lock& lk) {
   const KVLayout& layout = *core_->layout;
   for (uint32_t i = 0; i < core_->slots.size(); ++i) {
     Slot& s = core_->slots[i];
-    if (!s.active) {
-      mapper_->dropMappings(i);
-      continue;
-    }
-    size_t keep = layout.groupsForTokens(s.tokens);
+    size_t keep = s.active ? layout.groupsForTokens(s.tokens) : 0;
+    if (!s.active) s.dropPending = false;  // nothing of it is shared once its pages went
     if (s.groups <= keep) continue;
-    for (auto& sh : core_->shards) {
-      std::vector<PageId>& list = sh->slot(i).pages;
-      while (list.size() > keep * core_->pagesPerGroup()) {
-        size_t k = list.size() - 1;
-        if (sh->pool().unmapAt(list[k], sh->pageAt(i, k))) sh->pool().putIdle(list[k]);
-        list.pop_back();
-      }
-    }
-    s.groups = keep;
-    s.prefetchTarget = 0;
+    if (s.active) s.prefetchTarget = 0;
+    Retirement r;
+    mapper_->detachBeyond(r, i, keep);
+    mapper_->runRetirement(lk, r);
   }
-  for (auto& sh : core_->shards) sh->pool().trim(UINT64_MAX);
+  for (auto& sh : core_->shards) {
+    PagePool& pool = sh->pool();
+    for (PageId id; (id = pool.takeIdleToRelease()) != PagePool::kNone;) {
+      PageHandle handle = pool.page(id).handle;
+      try {
+        Unlocked off(lk);
+        sh->backend().releasePage(handle);
+      } catch (...) {
+        pool.putIdle(id);  // kept, idle: the suspend is refused
+        throw;
+      }
+      pool.noteReleased(id);
+    }
+  }
 }
 
 // Each physical page of device d in `state` mapped by a slot, once (a shared
@@ -102,7 +107,7 @@ void KVCache::suspend(bool keepHost) {
     waitForQuiet(lk);
     for (uint32_t i = 0; i < core_->slots.size(); ++i) core_->waitFences(i);
     mapper_->retryStranded();
-    dropUnkeptPages();
+    dropUnkeptPages(lk);
     for (size_t d = 0; d < core_->deviceCount(); ++d) suspendedPages_[d] = distinctMappedPages(d, PageState::Accessible);
     if (keepHost) {
       core_->onEachDevice([&](size_t d) {

@@ -127,8 +127,18 @@ size_t PagePool::retryStranded() {
 }
 
 void PagePool::destroy(PageId id) {
+  backend_.releasePage(pages_[id]->handle);  // throws: page stays Created (and held, if it was)
+  noteReleased(id);
+}
+
+PageId PagePool::takeIdleToRelease() {
+  PageId id = takeIdle();
+  if (id != kNone) hold(id);
+  return id;
+}
+
+void PagePool::noteReleased(PageId id) {
   Page& p = *pages_[id];
-  backend_.releasePage(p.handle);  // throws: page stays Created (and held, if it was)
   if (p.held) --held_;
   p = Page{};
   vacant_.push_back(id);

@@ -102,6 +102,12 @@ class PagePool {
   void putIdle(PageId id);
   // Gives the page's memory back to the backend (the page must be unmapped).
   void destroy(PageId id);
+  // The same for an idle page with the cache's lock released: takeIdleToRelease
+  // (under the lock: out of the idle list, held; kNone when there is none),
+  // the backend's releasePage of its handle (off the lock), then noteReleased
+  // (under the lock), or putIdle when the release failed.
+  PageId takeIdleToRelease();
+  void noteReleased(PageId id);
 
   // Created -> Mapped -> Accessible at `at`; on failure the page is Created again.
   void map(PageId id, Address at) { map(*pages_[id], at); }
