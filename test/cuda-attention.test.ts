@@ -363,6 +363,7 @@ describe.skipIf(cudaSkip !== null)(`attention kernels on the GPU${cudaSkip ? ` (
     const q = randomValues(batch * s.qHeads * s.headDim, 91, s.dtype);
     const args = { ...s, batch, q: upload(q), lengths: upload(new Int32Array(batch).fill(length)), maxLength: length, k: upload(randomValues(batch * length * row, 92, s.dtype)), v: upload(randomValues(batch * length * row, 93, s.dtype)), strides: { row: length * row, token: row, head: s.headDim } };
     const input = upload(randomValues(16 * 64, 94, 'float16')), weight = upload(randomValues(64 * 64, 95, 'float16'));
+    const library = kernels.linearLibrary(); // cuBLASLt is optional here: without it only the attention workspace is kept
     const stream = gpu.createStream();
     try {
       expect(kernels.releaseStream({ stream })).toBe(false); // nothing made for it yet

@@ -333,7 +333,7 @@ for (const b of backends) {
       // of it: a stats() scrape stalled the event loop for the whole suspend).
       for (const keep of ['none', 'host'] as const)
         it(`stats(), reserve() and release() run while suspend({ keep: '${keep}' }) and resume() move pages; a release meanwhile is settled when the move ends`, async () => {
-          const c = make({ hostMemoryBudget: 64 * 2 ** 20 });
+          const c = make({ hostMemoryBudget: 2 ** 30 }); // room for every page: 2 MiB pages on the GPU fill far more than the host backend's
           const n = half(c);
           const [a, gone] = [c.reserve(), c.reserve()];
           c.grow(a, n);
