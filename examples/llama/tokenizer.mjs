@@ -1,0 +1,232 @@
+// Text ↔ token ids for a checkpoint's tokenizer.json (the Hugging Face
+// tokenizers format that Llama-family checkpoints ship), BPE models of the
+// two kinds they use:
+//   byte-level   Llama 3, Qwen2, Mistral-Nemo, GPT-2: a Split (regex) and/or
+//                ByteLevel pre-tokenizer, every byte a symbol of GPT-2's
+//                byte → character table, merges by rank within each piece
+//   SentencePiece-style   Llama 2, Mistral 7B: spaces as '▁' (a Prepend +
+//                Replace normalizer or a Metaspace pre-tokenizer), merges by
+//                rank, characters without a token as their UTF-8 bytes
+//                ('<0xNN>', byte fallback)
+// Added tokens (<|begin_of_text|>, <s>, ...) are matched in the text first
+// and never merged; the post-processor's template gives the tokens put
+// before a prompt (BOS). Anything else in the file (WordPiece, Unigram, other
+// normalizers) is refused with ERR_TOKENIZER_UNSUPPORTED rather than
+// tokenized differently from the model's training.
+import { readFileSync } from 'node:fs';
+
+const unsupported = (what) => Object.assign(new Error(`tokenizer: ${what} is not supported (byte-level or SentencePiece-style BPE only)`), { code: 'ERR_TOKENIZER_UNSUPPORTED' });
+
+/** GPT-2's table: each byte a printable character (printable Latin-1 bytes are themselves, the rest from U+0100 on). */
+function byteCharacters() {
+  const chars = new Array(256);
+  let next = 256;
+  for (let b = 0; b < 256; b++) {
+    const printable = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+    chars[b] = String.fromCodePoint(printable ? b : next++);
+  }
+  return chars;
+}
+const BYTE_CHAR = byteCharacters();
+const utf8 = new TextEncoder();
+const utf8d = new TextDecoder();
+const CHAR_BYTE = new Map(BYTE_CHAR.map((c, b) => [c, b]));
+
+// GPT-2's split, which ByteLevel applies when its use_regex is on.
+const GPT2_SPLIT = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+
+/**
+ * A tokenizer.json pattern as a JavaScript RegExp. Node 20's engine has no
+ * inline modifier groups: Llama 3's `(?i:'s|'t|...)` becomes a group whose
+ * letters are classes of both cases.
+ */
+export function splitRegExp(pattern) {
+  const source = pattern.replace(/\(\?i:((?:[^()\\]|\\.)*)\)/g, (_, body) => `(?:${body.replace(/[a-zA-Z]/g, (ch) => `[${ch.toLowerCase()}${ch.toUpperCase()}]`)})`);
+  if (/\(\?[a-z]/i.test(source.replace(/\(\?[:=!<]/g, ''))) throw unsupported(`the split pattern ${JSON.stringify(pattern)}`);
+  return new RegExp(source, 'gu');
+}
+
+/** The pieces of `text` for a Split pre-tokenizer with behaviour 'Isolated': the matches and the text between them. */
+function splitIsolated(text, re) {
+  const pieces = [];
+  let at = 0;
+  for (const m of text.matchAll(re)) {
+    if (m[0].length === 0) continue;
+    if (m.index > at) pieces.push(text.slice(at, m.index));
+    pieces.push(m[0]);
+    at = m.index + m[0].length;
+  }
+  if (at < text.length) pieces.push(text.slice(at));
+  return pieces;
+}
+
+const listOf = (step) => (step?.type === 'Sequence' ? (step.pretokenizers ?? step.normalizers ?? step.decoders ?? step.processors ?? []) : step ? [step] : []);
+
+/**
+ * The pre-tokenizer as { pieces(text, atStart) → pieces in the model's symbol
+ * alphabet, prepends(atStart) → whether a '▁' goes before that text }.
+ * `atStart`: the text begins the input (no added token before it).
+ */
+function preTokenizer(json) {
+  let byteLevel = false, nfc = false;
+  let spaces = null; // SentencePiece-style: { prepend: 'always' | 'first' | 'never', split: boolean }
+  const splits = [];
+  for (const n of listOf(json.normalizer)) {
+    if (n.type === 'Prepend' && n.prepend === '▁') spaces = { split: false, ...spaces, prepend: 'always' };
+    else if (n.type === 'Replace' && n.pattern?.String === ' ' && n.content === '▁') spaces = { prepend: 'never', split: false, ...spaces };
+    else if (n.type === 'NFC') nfc = true;
+    else throw unsupported(`the normalizer '${n.type}'`);
+  }
+  for (const s of listOf(json.pre_tokenizer)) {
+    if (s.type === 'Split') {
+      if (s.behavior !== 'Isolated' || s.invert) throw unsupported(`a Split pre-tokenizer with behavior '${s.behavior}'${s.invert ? ' inverted' : ''}`);
+      splits.push(splitRegExp(s.pattern.Regex ?? s.pattern.String.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+    } else if (s.type === 'ByteLevel') {
+      if (s.add_prefix_space) throw unsupported('ByteLevel with add_prefix_space');
+      byteLevel = true;
+      if (s.use_regex !== false) splits.push(new RegExp(GPT2_SPLIT, 'gu'));
+    } else if (s.type === 'Metaspace') {
+      if (s.replacement !== '▁') throw unsupported(`Metaspace with replacement '${s.replacement}'`);
+      const prepend = s.prepend_scheme ?? (s.add_prefix_space === false ? 'never' : 'always');
+      spaces = { prepend, split: s.split !== false };
+    } else throw unsupported(`the pre-tokenizer '${s.type}'`);
+  }
+  if (byteLevel && spaces) throw unsupported('ByteLevel together with SentencePiece spaces');
+  const prepends = (atStart) => spaces !== null && (spaces.prepend === 'always' || (spaces.prepend === 'first' && atStart));
+  return {
+    byteLevel,
+    prepends,
+    pieces(text, atStart) {
+      if (nfc) text = text.normalize('NFC');
+      if (spaces) {
+        text = (prepends(atStart) ? '▁' : '') + text.replaceAll(' ', '▁');
+        return spaces.split ? text.split(/(?=▁)/u).filter((p) => p.length > 0) : [text];
+      }
+      let pieces = [text];
+      for (const re of splits) pieces = pieces.flatMap((p) => splitIsolated(p, re));
+      return byteLevel ? pieces.map((p) => Array.from(utf8.encode(p), (b) => BYTE_CHAR[b]).join('')) : pieces;
+    },
+  };
+}
+
+/** The tokens the post-processor puts before a single sequence (BOS), as ids. */
+function prefixTokens(json, ids) {
+  const processors = listOf(json.post_processor).filter((p) => p.type !== 'ByteLevel');
+  const template = processors.find((p) => p.type === 'TemplateProcessing');
+  if (!template) return [];
+  const prefix = [];
+  for (const item of template.single) {
+    if (item.Sequence) break;
+    const name = item.SpecialToken?.id;
+    const id = json.post_processor.special_tokens?.[name]?.ids?.[0] ?? template.special_tokens?.[name]?.ids?.[0] ?? ids.get(name);
+    if (id === undefined) throw unsupported(`a template token '${name}' without an id`);
+    prefix.push(id);
+  }
+  return prefix;
+}
+
+/**
+ * Reads a tokenizer.json (a path, or the parsed object) and returns
+ * { encode(text, { special = true }) → ids, decode(ids, { skipSpecial = false }) → text,
+ *   idOf(token), tokenOf(id), vocabSize, prefix }.
+ * `special`: put the post-processor's prefix (BOS) first.
+ */
+export function loadTokenizer(source) {
+  const json = typeof source === 'string' ? JSON.parse(readFileSync(source, 'utf8')) : source;
+  const model = json.model;
+  if (model?.type !== 'BPE') throw unsupported(`the model type '${model?.type}'`);
+  if (model.continuing_subword_prefix || model.end_of_word_suffix) throw unsupported('BPE with subword prefixes or suffixes');
+  const ids = new Map(Object.entries(model.vocab));
+  const added = (json.added_tokens ?? []).map((t) => ({ content: t.content, id: t.id, special: t.special }));
+  for (const t of added) ids.set(t.content, t.id);
+  const tokens = new Map([...ids].map(([t, id]) => [id, t]));
+  const ranks = new Map(model.merges.map((m, rank) => [Array.isArray(m) ? `${m[0]} ${m[1]}` : m, rank]));
+  const pre = preTokenizer(json);
+  const prefix = prefixTokens(json, ids);
+  const specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
+  const addedIds = new Set(added.map((t) => t.id));
+  const unk = model.unk_token === null || model.unk_token === undefined ? undefined : ids.get(model.unk_token);
+  // the longest added token first where one is a prefix of another
+  const addedRe = added.length > 0 ? new RegExp(added.map((t) => t.content).sort((a, b) => b.length - a.length).map((c) => c.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'gu') : null;
+
+  /** BPE of one piece: its symbols merged by rank, lowest first, as ids. */
+  function bpe(piece, out) {
+    if (model.ignore_merges && ids.has(piece)) return out.push(ids.get(piece));
+    let symbols = Array.from(piece);
+    for (;;) {
+      let best = -1, bestRank = Infinity;
+      for (let i = 0; i + 1 < symbols.length; i++) {
+        const rank = ranks.get(`${symbols[i]} ${symbols[i + 1]}`);
+        if (rank !== undefined && rank < bestRank) [best, bestRank] = [i, rank];
+      }
+      if (best < 0) break;
+      symbols = [...symbols.slice(0, best), symbols[best] + symbols[best + 1], ...symbols.slice(best + 2)];
+    }
+    for (const s of symbols) {
+      const id = ids.get(s);
+      if (id !== undefined) out.push(id);
+      else if (model.byte_fallback) for (const b of utf8.encode(s)) out.push(byteToken(b));
+      else if (unk !== undefined) out.push(unk);
+      else throw Object.assign(new Error(`tokenizer: no token for ${JSON.stringify(s)} and no byte fallback or unknown token`), { code: 'ERR_TOKENIZER_UNSUPPORTED' });
+    }
+  }
+  function byteToken(b) {
+    const id = ids.get(`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`);
+    if (id === undefined) throw Object.assign(new Error(`tokenizer: byte fallback without the token for byte ${b}`), { code: 'ERR_TOKENIZER_UNSUPPORTED' });
+    return id;
+  }
+
+  function encode(text, { special = true } = {}) {
+    if (typeof text !== 'string') throw Object.assign(new TypeError('tokenizer: encode takes a string'), { code: 'ERR_INVALID_ARGUMENT' });
+    const out = special ? [...prefix] : [];
+    for (const part of segments(text)) {
+      if (part.added !== undefined) out.push(part.added);
+      else for (const piece of pre.pieces(part.text, part.atStart)) bpe(piece, out);
+    }
+    return out;
+  }
+
+  /** The text as plain runs ({ text, atStart }) and added tokens ({ added: id }), in order. */
+  function* segments(text) {
+    let at = 0;
+    if (addedRe)
+      for (const m of text.matchAll(addedRe)) {
+        if (m.index > at) yield { text: text.slice(at, m.index), atStart: at === 0 };
+        yield { added: ids.get(m[0]) };
+        at = m.index + m[0].length;
+      }
+    if (at < text.length) yield { text: text.slice(at), atStart: at === 0 };
+  }
+
+  // The inverse of encode for what it writes: a run of model tokens is its
+  // bytes (byte-level) or its pieces with '▁' as spaces and <0xNN> as bytes,
+  // less the '▁' encode put before the run; added tokens are their text.
+  function decode(list, { skipSpecial = false } = {}) {
+    if (!Array.isArray(list) && !ArrayBuffer.isView(list)) throw Object.assign(new TypeError('tokenizer: decode takes an array of token ids'), { code: 'ERR_INVALID_ARGUMENT' });
+    let out = '', run = [], atStart = true;
+    const endRun = () => {
+      if (run.length === 0) return;
+      let text = utf8d.decode(new Uint8Array(run));
+      if (pre.prepends(atStart) && text.startsWith(' ')) text = text.slice(1);
+      out += text;
+      run = [];
+    };
+    let leading = true; // still in the prefix encode puts first (BOS): the text after it begins the input
+    for (const [i, id] of Array.from(list).entries()) {
+      const token = tokens.get(id);
+      leading &&= i < prefix.length && id === prefix[i];
+      if (token === undefined) throw Object.assign(new RangeError(`tokenizer: no token has id ${id}`), { code: 'ERR_INVALID_ARGUMENT' });
+      if (addedIds.has(id)) {
+        endRun();
+        if (!leading) atStart = false;
+        if (!(skipSpecial && specialIds.has(id))) out += token;
+      } else if (pre.byteLevel) for (const ch of token) run.push(CHAR_BYTE.get(ch) ?? 0x3f);
+      else if (/^<0x[0-9A-F]{2}>$/.test(token)) run.push(parseInt(token.slice(3, 5), 16));
+      else run.push(...utf8.encode(token.replaceAll('▁', ' ')));
+    }
+    endRun();
+    return out;
+  }
+
+  return { encode, decode, idOf: (t) => ids.get(t), tokenOf: (id) => tokens.get(id), vocabSize: tokens.size, prefix };
+}

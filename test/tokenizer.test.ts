@@ -1,0 +1,172 @@
+// examples/llama/tokenizer.mjs on tokenizer.json files built here in the two
+// shapes Llama-family checkpoints ship (byte-level BPE as in Llama 3,
+// SentencePiece-style BPE with byte fallback as in Llama 2), small enough to
+// work out each expected id by hand. No GPU, no network.
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+// @ts-expect-error: an example in JavaScript, without types
+import { loadTokenizer, splitRegExp } from '../examples/llama/tokenizer.mjs';
+
+const LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/** GPT-2's byte → character table, written out independently of the module. */
+const byteChar = (b: number) => {
+  const direct = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+  if (direct) return String.fromCodePoint(b);
+  let n = 0;
+  for (let x = 0; x < b; x++) if (!((x >= 0x21 && x <= 0x7e) || (x >= 0xa1 && x <= 0xac) || (x >= 0xae && x <= 0xff))) n++;
+  return String.fromCodePoint(256 + n);
+};
+
+/** A Llama-3-style tokenizer.json: 256 byte tokens, `merges` in rank order, two special tokens. */
+function byteLevel(merges: string[], extra: Record<string, unknown> = {}) {
+  const vocab: Record<string, number> = {};
+  for (let b = 0; b < 256; b++) vocab[byteChar(b)] = b;
+  for (const m of merges) vocab[m.replace(' ', '')] ??= Object.keys(vocab).length;
+  return {
+    version: '1.0',
+    added_tokens: [
+      { id: 1000, content: '<|begin_of_text|>', special: true },
+      { id: 1001, content: '<|eot_id|>', special: true },
+    ],
+    normalizer: null,
+    pre_tokenizer: { type: 'Sequence', pretokenizers: [{ type: 'Split', pattern: { Regex: LLAMA3_SPLIT }, behavior: 'Isolated', invert: false }, { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: false }] },
+    post_processor: { type: 'TemplateProcessing', single: [{ SpecialToken: { id: '<|begin_of_text|>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }], pair: [], special_tokens: { '<|begin_of_text|>': { id: '<|begin_of_text|>', ids: [1000], tokens: ['<|begin_of_text|>'] } } },
+    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: { type: 'BPE', dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: false, byte_fallback: false, ignore_merges: true, vocab, merges },
+    ...extra,
+  };
+}
+
+/** A Llama-2-style tokenizer.json: <unk> <s> </s>, 256 byte tokens, a few characters and merges. */
+function sentencePiece(extra: Record<string, unknown> = {}) {
+  const vocab: Record<string, number> = { '<unk>': 0, '<s>': 1, '</s>': 2 };
+  for (let b = 0; b < 256; b++) vocab[`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`] = 3 + b;
+  for (const ch of ['▁', 'h', 'e', 'l', 'o', 'w', 'r', 'd']) vocab[ch] = Object.keys(vocab).length;
+  const merges = ['▁ h', 'l l', 'e ll', '▁h ell', '▁hell o', '▁ w', 'o r', '▁w or', 'l d', '▁wor ld'];
+  for (const m of merges) vocab[m.replace(' ', '')] = Object.keys(vocab).length;
+  return {
+    version: '1.0',
+    added_tokens: [
+      { id: 0, content: '<unk>', special: true },
+      { id: 1, content: '<s>', special: true },
+      { id: 2, content: '</s>', special: true },
+    ],
+    normalizer: { type: 'Sequence', normalizers: [{ type: 'Prepend', prepend: '▁' }, { type: 'Replace', pattern: { String: ' ' }, content: '▁' }] },
+    pre_tokenizer: null,
+    post_processor: { type: 'TemplateProcessing', single: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }], pair: [], special_tokens: { '<s>': { id: '<s>', ids: [1], tokens: ['<s>'] } } },
+    decoder: { type: 'Sequence', decoders: [{ type: 'Replace', pattern: { String: '▁' }, content: ' ' }, { type: 'ByteFallback' }, { type: 'Fuse' }, { type: 'Strip', content: ' ', start: 1, stop: 0 }] },
+    model: { type: 'BPE', dropout: null, unk_token: '<unk>', continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: true, byte_fallback: true, vocab, merges },
+    ...extra,
+  };
+}
+
+/** Strings that reach every byte-level path: ASCII words and digits, contractions, newlines, accents, CJK, emoji, specials. */
+const SAMPLES = ['hello world', "It's 12345 DON'T\n\n  ok", 'héllo wörld — naïve café', '日本語のテキスト', '🦙 llamas 🦙🦙', '  leading and trailing  ', 'tabs\tand\r\nreturns', 'x<|eot_id|>y', ''];
+
+const code = (c: string) => expect.objectContaining({ code: c });
+
+describe('tokenizer.json, byte-level BPE (Llama 3)', () => {
+  const merges = ['h e', 'l l', 'he ll', 'hell o', 'Ġ w', 'o r', 'Ġw or', 'Ġwor l', 'Ġworl d'];
+  const tok = loadTokenizer(byteLevel(merges));
+  const id = (t: string) => tok.idOf(t) as number;
+
+  it('splits as Llama 3 does: contractions of either case, digits in threes, spaces kept with the next word', () => {
+    const re = splitRegExp(LLAMA3_SPLIT);
+    expect("Hello world, it's 12345 DON'T\n\n  ok".match(re)).toEqual(['Hello', ' world', ',', ' it', "'s", ' ', '123', '45', ' DON', "'T", '\n\n', ' ', ' ok']);
+  });
+
+  it('merges by rank within each piece and puts the template prefix first', () => {
+    expect(tok.encode('hello world')).toEqual([1000, id('hello'), id('Ġworld')]);
+    expect(tok.encode('hello world', { special: false })).toEqual([id('hello'), id('Ġworld')]);
+    // 'hellhello': 'hell' + 'o' would need a merge across the piece's end; inside one piece: hell·hello
+    expect(tok.encode('hellhello', { special: false })).toEqual([id('hell'), id('hello')]);
+    // unmerged bytes are their byte tokens
+    expect(tok.encode('h!', { special: false })).toEqual([0x68, 0x21]);
+  });
+
+  it('a lower rank wins where two merges compete for a symbol', () => {
+    const bcFirst = loadTokenizer(byteLevel(['b c', 'a b']));
+    const abFirst = loadTokenizer(byteLevel(['a b', 'b c']));
+    expect(bcFirst.encode('abc', { special: false })).toEqual([0x61, bcFirst.idOf('bc')]);
+    expect(abFirst.encode('abc', { special: false })).toEqual([abFirst.idOf('ab'), 0x63]);
+  });
+
+  it('special tokens in the text are matched first and never merged; decode can leave them out', () => {
+    const ids = tok.encode('hello<|eot_id|> world', { special: false });
+    expect(ids).toEqual([id('hello'), 1001, id('Ġworld')]);
+    expect(tok.decode(ids)).toBe('hello<|eot_id|> world');
+    expect(tok.decode([1000, ...ids], { skipSpecial: true })).toBe('hello world');
+  });
+
+  it('decode(encode(text)) is the text, for every sample', () => {
+    for (const s of SAMPLES) expect(tok.decode(tok.encode(s)), JSON.stringify(s)).toBe(`<|begin_of_text|>${s}`);
+    for (const s of SAMPLES) expect(tok.decode(tok.encode(s, { special: false })), JSON.stringify(s)).toBe(s);
+  });
+
+  it('merges written as pairs (newer files) read the same as "a b" strings', () => {
+    const pairs = loadTokenizer(byteLevel([]), undefined);
+    const json = byteLevel(merges);
+    const asPairs = loadTokenizer({ ...json, model: { ...json.model, merges: merges.map((m) => m.split(' ')) } });
+    expect(asPairs.encode('hello world')).toEqual(tok.encode('hello world'));
+    expect(pairs.encode('he', { special: false })).toEqual([0x68, 0x65]);
+  });
+
+  it('reads a file path', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vat-tok-'));
+    writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(byteLevel(merges)));
+    expect(loadTokenizer(join(dir, 'tokenizer.json')).encode('hello world')).toEqual(tok.encode('hello world'));
+  });
+});
+
+describe('tokenizer.json, SentencePiece-style BPE with byte fallback (Llama 2)', () => {
+  const tok = loadTokenizer(sentencePiece());
+  const id = (t: string) => tok.idOf(t) as number;
+  const byte = (b: number) => 3 + b;
+
+  it("spaces become '▁', one goes before the text; characters without a token are their UTF-8 bytes", () => {
+    expect(tok.encode('hello world')).toEqual([1, id('▁hello'), id('▁world')]);
+    expect(tok.encode('hé', { special: false })).toEqual([id('▁h'), byte(0xc3), byte(0xa9)]);
+    expect(tok.decode(tok.encode('hello world'), { skipSpecial: true })).toBe('hello world');
+  });
+
+  it('decode(encode(text)) is the text, for every sample (byte fallback makes every character representable)', () => {
+    for (const s of SAMPLES.filter((x) => !x.includes('<|'))) {
+      expect(tok.decode(tok.encode(s, { special: false })), JSON.stringify(s)).toBe(s);
+      expect(tok.decode(tok.encode(s), { skipSpecial: true }), JSON.stringify(s)).toBe(s);
+    }
+  });
+
+  it("a Metaspace pre-tokenizer (prepend_scheme 'first', split) reads the same words", () => {
+    const json = sentencePiece({ normalizer: null, pre_tokenizer: { type: 'Metaspace', replacement: '▁', prepend_scheme: 'first', split: true }, decoder: { type: 'Metaspace', replacement: '▁', prepend_scheme: 'first', split: true } });
+    const meta = loadTokenizer(json);
+    expect(meta.encode('hello world')).toEqual(tok.encode('hello world'));
+    for (const s of SAMPLES.filter((x) => !x.includes('<|'))) expect(meta.decode(meta.encode(s)), JSON.stringify(s)).toBe(`<s>${s}`);
+    // after an added token the text does not begin the input: no '▁' before it
+    expect(meta.encode('</s>hello', { special: false })).toEqual([2, id('h'), id('ell'), id('o')]);
+  });
+});
+
+describe('tokenizer.json, what is refused', () => {
+  it('bad arguments are ERR_INVALID_ARGUMENT', () => {
+    const tok = loadTokenizer(byteLevel([]));
+    expect(() => tok.encode(5)).toThrow(code('ERR_INVALID_ARGUMENT'));
+    expect(() => tok.decode('abc')).toThrow(code('ERR_INVALID_ARGUMENT'));
+    expect(() => tok.decode([99999])).toThrow(code('ERR_INVALID_ARGUMENT'));
+  });
+
+  it('models and steps it does not implement are ERR_TOKENIZER_UNSUPPORTED, not tokenized differently', () => {
+    const json = byteLevel([]);
+    expect(() => loadTokenizer({ ...json, model: { type: 'WordPiece', vocab: {} } })).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+    expect(() => loadTokenizer({ ...json, model: { ...json.model, continuing_subword_prefix: '##' } })).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+    expect(() => loadTokenizer({ ...json, normalizer: { type: 'Lowercase' } })).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+    expect(() => loadTokenizer({ ...json, pre_tokenizer: { type: 'Split', pattern: { Regex: ' ' }, behavior: 'Removed', invert: false } })).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+    expect(() => loadTokenizer({ ...json, pre_tokenizer: { type: 'Whitespace' } })).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+    expect(() => splitRegExp('(?s:.)')).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+    // a character with no token, no byte fallback and no unknown token
+    const noBytes = { ...json, model: { ...json.model, vocab: { a: 0 }, merges: [] } };
+    expect(() => loadTokenizer(noBytes).encode('b')).toThrow(code('ERR_TOKENIZER_UNSUPPORTED'));
+  });
+});
