@@ -10,6 +10,9 @@
 // scripts/llama-batch-reference.mjs, checked against the live reference on
 // CI by llama.test.ts); bf16 runs the short prompts against the live one.
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KVCache } from '../lib/index.js';
@@ -17,11 +20,14 @@ import * as kernels from 'vattention/kernels';
 import { GpuModel, gpuRunner } from '../examples/llama/gpu-model.mjs';
 import { CacheKV, PagedKV } from '../examples/llama/kv-stores.mjs';
 import { argmax } from '../examples/llama/reference.mjs';
+import { makeWeights } from '../examples/llama/make-weights.mjs';
 import { serve } from '../examples/llama/serve.mjs';
+import { loadTokenizer } from '../examples/llama/tokenizer.mjs';
 import { encode, storageDtype } from '../examples/llama/weights.mjs';
 import { cudaSkip, layouts } from './backends.js';
 import fixture from './fixtures/llama-tiny-batch-reference.json';
 import { batchPrompts, BF16_LOGIT_TOLERANCE, tinyReference } from './llama-batch.mjs';
+import { byteLevelTokenizer } from './tokenizer-files.mjs';
 
 const library = kernels.linearLibrary();
 const skip = cudaSkip ?? (library.available ? null : library.problem);
@@ -208,6 +214,33 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
       for (const line of lines) expect(line.split(': ')[1]!.split(',')).toHaveLength(8);
       expect(run.stdout).toMatch(/24 tokens in .* s \(\d+ tokens\/s/);
     });
+
+  it('generate.mjs --model DIR reads the files make-weights wrote: --prompt gives reference.json\'s greedy tokens; --text goes through tokenizer.json and ends at eos', () => {
+    const script = fileURLToPath(new URL('../examples/llama/generate.mjs', import.meta.url));
+    const dir = mkdtempSync(join(tmpdir(), 'vat-generate-'));
+    makeWeights({ shape: 'tiny', out: dir, seed: 1, steps: 12 });
+    const ref = JSON.parse(readFileSync(join(dir, 'reference.json'), 'utf8'));
+    const generate = (...args: string[]) => {
+      const run = spawnSync(process.execPath, [script, '--model', dir, '--requests', '2', '--max-new-tokens', '12', ...args], { encoding: 'utf8' });
+      expect(run.stderr).toBe('');
+      expect(run.status).toBe(0);
+      const lines = (prefix: string) => run.stdout.split('\n').filter((l) => l.startsWith(prefix)).map((l) => l.slice(l.indexOf(': ') + 2));
+      return { tokens: lines('request ').map((l) => l.split(',').map(Number)), texts: lines('text ').map((l) => JSON.parse(l)) };
+    };
+    const byIds = generate('--prompt', ref.prompt.join(','), '--ignore-eos');
+    expect(byIds.tokens).toEqual([ref.greedyTokens, ref.greedyTokens]);
+    expect(byIds.texts).toEqual([]); // no tokenizer.json: ids only
+    // the tiny config's eos_token_id is 2: the fixture's <|eot_id|>; every other id a token
+    writeFileSync(join(dir, 'tokenizer.json'), JSON.stringify(byteLevelTokenizer({ merges: ['h e', 'l l', 'he ll', 'hell o', 'Ġ w', 'o r', 'Ġw or', 'Ġwor l', 'Ġworl d'], firstByte: 3, bos: 1, eot: 2, vocabSize: 1000 })));
+    const tokenizer = loadTokenizer(join(dir, 'tokenizer.json'));
+    const ids = tokenizer.encode('hello world');
+    expect(ids).toEqual([1, tokenizer.idOf('hello'), tokenizer.idOf('Ġworld')]);
+    const [all] = generate('--prompt', ids.join(','), '--ignore-eos').tokens;
+    const cut = all!.includes(2) ? all!.slice(0, all!.indexOf(2) + 1) : all!;
+    const byText = generate('--text', 'hello world');
+    expect(byText.tokens).toEqual([cut, cut]);
+    expect(byText.texts).toEqual([tokenizer.decode(cut, { skipSpecial: true }), tokenizer.decode(cut, { skipSpecial: true })]);
+  });
 
   // bf16's logits are within BF16_LOGIT_TOLERANCE (sized in llama-batch.mjs). The GPU is fed the reference's tokens
   // (teacher forcing): bf16 breaks near ties (a margin of 0.01) differently from float32, which would send the two

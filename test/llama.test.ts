@@ -318,6 +318,29 @@ describe('the CPU reference on the tiny shape', () => {
       }
     });
 
+    it('a request ends at its first stop token (kept in its output), preempted or not; the others run their length', async () => {
+      // each request's stop token: the greedy token at its position 3 (its first occurrence ends the request)
+      const stopping = requests.map((r) => ({ ...r, stopTokens: [expected.get(r.id)![3]!] }));
+      const cut = (r: (typeof stopping)[number]) => {
+        const tokens = expected.get(r.id)!;
+        return tokens.slice(0, tokens.indexOf(r.stopTokens[0]!) + 1);
+      };
+      for (const chunk of [Infinity, 5]) {
+        using cache = new KVCache(options);
+        const { outputs } = await serve({ cache, runner: referenceRunner(model, cache), requests: stopping, prefillChunk: chunk });
+        for (const r of stopping) expect(outputs.get(r.id), `request ${r.id}`).toEqual(cut(r));
+        expect(Math.max(...stopping.map((r) => cut(r).length))).toBeLessThanOrEqual(4);
+        const { outputs: preempted, preemptions } = await serve({ cache: shortOfMemory(cache, 3), runner: referenceRunner(model, cache), requests: stopping, prefillChunk: chunk });
+        expect(preemptions).toBeGreaterThan(0);
+        for (const r of stopping) expect(preempted.get(r.id), `request ${r.id}, preempted`).toEqual(cut(r));
+        expect(cache.stats().activeSequences).toBe(0);
+      }
+      // a stop token that never comes: the request runs maxNewTokens
+      using cache = new KVCache(options);
+      const { outputs } = await serve({ cache, runner: referenceRunner(model, cache), requests: requests.map((r) => ({ ...r, stopTokens: [m.vocab + 1] })) });
+      for (const r of requests) expect(outputs.get(r.id)).toEqual(expected.get(r.id));
+    });
+
     it('refuses a prefillChunk that is not a positive integer, and a request without prompt tokens', async () => {
       using cache = new KVCache(options);
       for (const prefillChunk of [0, -1, 1.5, NaN, '4'])
@@ -459,6 +482,12 @@ describe('the CPU reference on the tiny shape', () => {
     const chunk = spawnSync(process.execPath, [script, '--prefill-chunk', '0'], { encoding: 'utf8' });
     expect(chunk.status).toBe(1);
     expect(chunk.stderr).toContain('--prefill-chunk must be a positive integer');
+    const text = spawnSync(process.execPath, [script, '--text', 'hello'], { encoding: 'utf8' });
+    expect(text.status).toBe(1);
+    expect(text.stderr).toContain('--text needs a tokenizer.json');
+    const both = spawnSync(process.execPath, [script, '--text', 'hello', '--prompt', '1,2'], { encoding: 'utf8' });
+    expect(both.status).toBe(1);
+    expect(both.stderr).toContain('pick one');
     const stray = spawnSync(process.execPath, [script, 'tiny'], { encoding: 'utf8' });
     expect(stray.status).toBe(1);
     expect(stray.stderr).toContain("unexpected argument 'tiny'");

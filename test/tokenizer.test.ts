@@ -8,37 +8,9 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 // @ts-expect-error: an example in JavaScript, without types
 import { loadTokenizer, splitRegExp } from '../examples/llama/tokenizer.mjs';
+import { byteLevelTokenizer, LLAMA3_SPLIT } from './tokenizer-files.mjs';
 
-const LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
-
-/** GPT-2's byte → character table, written out independently of the module. */
-const byteChar = (b: number) => {
-  const direct = (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
-  if (direct) return String.fromCodePoint(b);
-  let n = 0;
-  for (let x = 0; x < b; x++) if (!((x >= 0x21 && x <= 0x7e) || (x >= 0xa1 && x <= 0xac) || (x >= 0xae && x <= 0xff))) n++;
-  return String.fromCodePoint(256 + n);
-};
-
-/** A Llama-3-style tokenizer.json: 256 byte tokens, `merges` in rank order, two special tokens. */
-function byteLevel(merges: string[], extra: Record<string, unknown> = {}) {
-  const vocab: Record<string, number> = {};
-  for (let b = 0; b < 256; b++) vocab[byteChar(b)] = b;
-  for (const m of merges) vocab[m.replace(' ', '')] ??= Object.keys(vocab).length;
-  return {
-    version: '1.0',
-    added_tokens: [
-      { id: 1000, content: '<|begin_of_text|>', special: true },
-      { id: 1001, content: '<|eot_id|>', special: true },
-    ],
-    normalizer: null,
-    pre_tokenizer: { type: 'Sequence', pretokenizers: [{ type: 'Split', pattern: { Regex: LLAMA3_SPLIT }, behavior: 'Isolated', invert: false }, { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: false }] },
-    post_processor: { type: 'TemplateProcessing', single: [{ SpecialToken: { id: '<|begin_of_text|>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }], pair: [], special_tokens: { '<|begin_of_text|>': { id: '<|begin_of_text|>', ids: [1000], tokens: ['<|begin_of_text|>'] } } },
-    decoder: { type: 'ByteLevel', add_prefix_space: true, trim_offsets: true, use_regex: true },
-    model: { type: 'BPE', dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: false, byte_fallback: false, ignore_merges: true, vocab, merges },
-    ...extra,
-  };
-}
+const byteLevel = (merges: string[], extra: Record<string, unknown> = {}) => ({ ...byteLevelTokenizer({ merges }), ...extra });
 
 /** A Llama-2-style tokenizer.json: <unk> <s> </s>, 256 byte tokens, a few characters and merges. */
 function sentencePiece(extra: Record<string, unknown> = {}) {

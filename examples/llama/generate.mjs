@@ -4,7 +4,7 @@
 // a batch of requests by continuous batching (serve.mjs) over a KVCache or
 // paged blocks, prints each request's tokens and the decode rate.
 //   node node_modules/vattention/examples/llama/generate.mjs --help
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { KVCache } from 'vattention';
 import * as kernels from 'vattention/kernels';
@@ -14,6 +14,7 @@ import { CacheKV, PagedKV } from './kv-stores.mjs';
 import { openSafetensors } from './safetensors.mjs';
 import { createSampler } from './sampling.mjs';
 import { serve } from './serve.mjs';
+import { loadTokenizer } from './tokenizer.mjs';
 import { encode, randomWeights, storageDtype } from './weights.mjs';
 
 const HELP = `generate.mjs: a Llama-architecture model decoding through vattention's KV cache on the GPU
@@ -21,10 +22,14 @@ const HELP = `generate.mjs: a Llama-architecture model decoding through vattenti
   --model DIR           a checkpoint: config.json and *.safetensors (Llama 2/3, Mistral), fp16 or bf16
   --shape NAME          random weights instead: tiny | llama-3-8b (seeded; llama-3-8b filled on the device)
   --seed N              seed of random weights and prompts (default 1)
-  --prompt IDS          comma-separated token ids of every request's prompt (no tokenizer here)
+  --text TEXT           every request's prompt as text, through the checkpoint's tokenizer.json (BOS first);
+                        each request's output is printed as text as well
+  --tokenizer FILE      a tokenizer.json elsewhere than in --model DIR
+  --prompt IDS          comma-separated token ids of every request's prompt instead
   --prompt-length N     random prompts of N tokens instead (default 16)
   --requests N          requests served at once (default 4)
-  --max-new-tokens N    tokens generated per request (default 32)
+  --max-new-tokens N    tokens generated per request (default 32); a request ends earlier at the config's eos_token_id
+  --ignore-eos          generate --max-new-tokens tokens whatever they are
   --prefill-chunk N     prefill prompts N tokens per call, between decode steps (default: a prompt in one call)
   --temperature T       0: greedy (default); above: sample softmax(logits / T), seeded by --seed and the request
   --top-p P             with a temperature: sample only the most likely tokens whose probability adds up to P (default 1)
@@ -40,6 +45,10 @@ function parseArgs(argv) {
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--help') return { help: true };
+    if (a === '--ignore-eos') {
+      out['ignore-eos'] = true;
+      continue;
+    }
     if (!a.startsWith('--') || i + 1 >= argv.length) throw new Error(`generate: unexpected argument '${a}' (see --help)`);
     out[a.slice(2)] = argv[++i];
   }
@@ -94,6 +103,29 @@ function loadWeights(args) {
   return { m, weight: (name) => encode(weights.get(name).values, storageDtype(m.dtype)), close() {} };
 }
 
+/** The tokenizer of --text (required) or of a checkpoint that has one (to print text), else null. */
+function tokenizerOf(args) {
+  if (args.text !== undefined && args.prompt !== undefined) throw new Error('generate: --text and --prompt are two ways to give the prompt: pick one');
+  const path = args.tokenizer ?? (args.model === undefined ? undefined : join(args.model, 'tokenizer.json'));
+  if (path === undefined || !existsSync(path)) {
+    if (args.text !== undefined) throw new Error(`generate: --text needs a tokenizer.json: ${path === undefined ? 'give --model DIR (with one) or --tokenizer FILE' : `none at ${path}`}`);
+    return null;
+  }
+  try {
+    return loadTokenizer(path);
+  } catch (e) {
+    if (args.text === undefined && args.tokenizer === undefined) return null; // only for printing: the ids are printed anyway
+    throw new Error(`generate: ${path}: ${e.message}`);
+  }
+}
+
+/** The token ids that end a request: the checkpoint config's eos_token_id (one or a list), unless --ignore-eos. */
+function stopTokensOf(args) {
+  if (args['ignore-eos'] || args.model === undefined) return [];
+  const eos = JSON.parse(readFileSync(join(args.model, 'config.json'), 'utf8')).eos_token_id;
+  return [eos].flat().filter((t) => Number.isInteger(t));
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
   if (args.help) return console.log(HELP);
@@ -102,12 +134,15 @@ async function main() {
   const seed = integer(args, 'seed', 1), length = integer(args, 'prompt-length', 16);
   const prefillChunk = args['prefill-chunk'] === undefined ? Infinity : integer(args, 'prefill-chunk', 0);
   if (prefillChunk === 0) throw new Error('generate: --prefill-chunk must be a positive integer');
+  const tokenizer = tokenizerOf(args);
   const lib = kernels.linearLibrary();
   if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_LIBRARY_UNAVAILABLE' });
   const source = loadWeights(args);
   const { m } = source;
-  const fixed = args.prompt?.split(',').map(Number);
-  if (fixed?.some((t) => !Number.isInteger(t) || t < 0 || t >= m.vocab)) throw new Error(`generate: --prompt ids must be integers in [0, ${m.vocab})`);
+  const fixed = args.text !== undefined ? tokenizer.encode(args.text) : args.prompt?.split(',').map(Number);
+  if (fixed?.some((t) => !Number.isInteger(t) || t < 0 || t >= m.vocab)) throw new Error(`generate: ${args.text !== undefined ? 'the tokenizer gives ids' : '--prompt ids must be integers'} outside [0, ${m.vocab})`);
+  if (fixed?.length === 0) throw new Error('generate: the prompt has no tokens');
+  const stopTokens = stopTokensOf(args);
   const prompts = Array.from({ length: requests }, (_, r) => fixed ?? Array.from({ length }, (_, i) => (seed * 7919 + r * 104729 + i * 31) % m.vocab));
   const maxTokens = Math.max(...prompts.map((p) => p.length)) + maxNewTokens + 1;
   // the rows of the largest call: a prompt's chunk, or one token of every request
@@ -126,9 +161,12 @@ async function main() {
   }
   try {
     const start = process.hrtime.bigint();
-    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv, sampler), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens })), prefillChunk });
+    const { outputs, preemptions, steps } = await serve({ cache, runner: gpuRunner(model, kv, sampler), requests: prompts.map((prompt, id) => ({ id, prompt, maxNewTokens, stopTokens })), prefillChunk });
     const seconds = Number(process.hrtime.bigint() - start) / 1e9;
-    for (const [id, tokens] of outputs) console.log(`request ${id}: ${tokens.join(',')}`);
+    for (const [id, tokens] of outputs) {
+      console.log(`request ${id}: ${tokens.join(',')}`);
+      if (tokenizer) console.log(`text ${id}: ${JSON.stringify(tokenizer.decode(tokens, { skipSpecial: true }))}`);
+    }
     const generated = [...outputs.values()].reduce((n, t) => n + t.length, 0);
     console.log(`${generated} tokens in ${seconds.toFixed(2)} s (${(generated / seconds).toFixed(0)} tokens/s, prefill included), ${steps} decode steps, ${preemptions} preemptions, store ${storeName}`);
   } finally {

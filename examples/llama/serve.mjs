@@ -21,7 +21,8 @@
 const outOfMemory = (e) => e?.code === 'ERR_OUT_OF_MEMORY';
 
 /**
- * Serves `requests` ([{ id: integer, prompt: number[], maxNewTokens }]) as the runner picks tokens.
+ * Serves `requests` ([{ id: integer, prompt: number[], maxNewTokens, stopTokens?: number[] }]) as the runner picks tokens;
+ * a request ends after maxNewTokens tokens or after one of its stopTokens (end of sequence), which is kept in its output.
  * `prefillChunk`: the most prompt tokens one prefill call carries (default: the whole prompt in one call).
  * Returns { outputs: Map id → generated tokens, preemptions, steps, prefillCalls }.
  */
@@ -30,7 +31,7 @@ export async function serve({ cache, runner, requests, onToken, prefillChunk = I
     throw new RangeError(`serve: prefillChunk must be a positive integer (tokens), got ${prefillChunk}`);
   for (const r of requests)
     if (!Array.isArray(r.prompt) || r.prompt.length === 0) throw new RangeError(`serve: request ${r.id} has no prompt tokens`);
-  const waiting = requests.map((r) => ({ id: r.id, prompt: r.prompt, left: r.maxNewTokens, out: [] }));
+  const waiting = requests.map((r) => ({ id: r.id, prompt: r.prompt, left: r.maxNewTokens, out: [], stop: new Set(r.stopTokens ?? []) }));
   const prefilling = []; // admitted, prompt partly prefilled; oldest first
   const running = []; // decoding; oldest first
   const outputs = new Map(requests.map((r) => [r.id, []]));
@@ -40,7 +41,7 @@ export async function serve({ cache, runner, requests, onToken, prefillChunk = I
   let admitting = true;
   const emit = (r, token) => {
     r.out.push(token);
-    r.left--;
+    r.left = r.stop.has(token) ? 0 : r.left - 1;
     outputs.set(r.id, r.out);
     onToken?.(r.id, token);
   };
@@ -106,7 +107,7 @@ export async function serve({ cache, runner, requests, onToken, prefillChunk = I
   function preempt() {
     const victim = prefilling.length > 0 ? prefilling.pop() : running.pop();
     cache.release(victim.seq);
-    waiting.unshift({ id: victim.id, prompt: victim.prompt, left: victim.left, out: victim.out });
+    waiting.unshift({ id: victim.id, prompt: victim.prompt, left: victim.left, out: victim.out, stop: victim.stop });
     preemptions++;
     admitting = false;
   }
