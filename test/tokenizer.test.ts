@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 // @ts-expect-error: an example in JavaScript, without types
-import { loadTokenizer, splitRegExp } from '../examples/llama/tokenizer.mjs';
+import { loadTokenizer, mergeByRank, splitRegExp } from '../examples/llama/tokenizer.mjs';
 import { byteLevelTokenizer, LLAMA3_SPLIT } from './tokenizer-files.mjs';
 
 const byteLevel = (merges: string[], extra: Record<string, unknown> = {}) => ({ ...byteLevelTokenizer({ merges }), ...extra });
@@ -118,6 +118,46 @@ describe('tokenizer.json, SentencePiece-style BPE with byte fallback (Llama 2)',
     for (const s of SAMPLES.filter((x) => !x.includes('<|'))) expect(meta.decode(meta.encode(s)), JSON.stringify(s)).toBe(`<s>${s}`);
     // after an added token the text does not begin the input: no '▁' before it
     expect(meta.encode('</s>hello', { special: false })).toEqual([2, id('h'), id('ell'), id('o')]);
+  });
+});
+
+describe('BPE merging', () => {
+  /** The textbook loop: rescan for the lowest-rank pair (leftmost among equals), merge it, repeat. */
+  const naive = (symbols: string[], ranks: Map<string, number>) => {
+    let s = symbols.slice();
+    for (;;) {
+      let best = -1, bestRank = Infinity;
+      for (let i = 0; i + 1 < s.length; i++) {
+        const r = ranks.get(`${s[i]} ${s[i + 1]}`);
+        if (r !== undefined && r < bestRank) [best, bestRank] = [i, r];
+      }
+      if (best < 0) return s;
+      s = [...s.slice(0, best), s[best]! + s[best + 1]!, ...s.slice(best + 2)];
+    }
+  };
+
+  it('merges exactly as the textbook loop does, on random texts and merge lists (repeats, equal ranks, chains)', () => {
+    let x = 12345;
+    const rand = (n: number) => ((x = (x * 1103515245 + 12345) % 2 ** 31), x % n);
+    for (let trial = 0; trial < 300; trial++) {
+      const alphabet = 'abc'.slice(0, 2 + rand(2));
+      const text = Array.from({ length: 1 + rand(40) }, () => alphabet[rand(alphabet.length)]!);
+      // merges built from pairs of strings the text can form, some ranks shared by several pairs
+      const pieces = [...alphabet];
+      const ranks = new Map<string, number>();
+      for (let k = 0; k < 3 + rand(12); k++) {
+        const [a, b] = [pieces[rand(pieces.length)]!, pieces[rand(pieces.length)]!];
+        if (!ranks.has(`${a} ${b}`)) ranks.set(`${a} ${b}`, rand(6));
+        pieces.push(a + b);
+      }
+      expect(mergeByRank(text, ranks), `${text.join('')} with ${[...ranks].join(';')}`).toEqual(naive(text, ranks));
+    }
+  });
+
+  it('a whole SentencePiece-style prompt (one piece) of 20,000 characters is encoded and decoded back', () => {
+    const tok = loadTokenizer(sentencePiece());
+    const text = Array.from({ length: 2000 }, (_, i) => ['hello', 'world', 'hé', 'low', 'red'][i % 5]).join(' ');
+    expect(tok.decode(tok.encode(text, { special: false }))).toBe(text);
   });
 });
 

@@ -109,6 +109,56 @@ function preTokenizer(json) {
   };
 }
 
+/**
+ * Applies the merges to `symbols` as BPE does: the adjacent pair of lowest
+ * rank first, the leftmost among equal ranks, until no pair has a rank. A
+ * heap of candidate pairs over a linked list keeps a long piece (Llama 2's
+ * whole prompt is one) at O(n log n) instead of a rescan per merge.
+ */
+export function mergeByRank(symbols, ranks) {
+  const n = symbols.length;
+  const text = symbols.slice(), next = Array.from({ length: n }, (_, i) => i + 1), prev = Array.from({ length: n }, (_, i) => i - 1);
+  const heap = []; // [rank, left, right, left's length, right's length]: stale once either symbol changed
+  const less = (a, b) => a[0] < b[0] || (a[0] === b[0] && a[1] < b[1]);
+  const push = (item) => {
+    let i = heap.push(item) - 1;
+    while (i > 0 && less(heap[i], heap[(i - 1) >> 1])) [heap[i], heap[(i - 1) >> 1]] = [heap[(i - 1) >> 1], heap[i]], (i = (i - 1) >> 1);
+  };
+  const pop = () => {
+    const top = heap[0], last = heap.pop();
+    if (heap.length > 0) {
+      heap[0] = last;
+      for (let i = 0; ; ) {
+        const l = 2 * i + 1, r = l + 1;
+        let m = i;
+        if (l < heap.length && less(heap[l], heap[m])) m = l;
+        if (r < heap.length && less(heap[r], heap[m])) m = r;
+        if (m === i) break;
+        [heap[i], heap[m]] = [heap[m], heap[i]];
+        i = m;
+      }
+    }
+    return top;
+  };
+  const consider = (left, right) => {
+    if (left < 0 || right >= n) return;
+    const rank = ranks.get(`${text[left]} ${text[right]}`);
+    if (rank !== undefined) push([rank, left, right, text[left].length, text[right].length]);
+  };
+  for (let i = 0; i + 1 < n; i++) consider(i, i + 1);
+  while (heap.length > 0) {
+    const [, left, right, leftLength, rightLength] = pop();
+    if (text[left] === null || text[right] === null || next[left] !== right || text[left].length !== leftLength || text[right].length !== rightLength) continue;
+    text[left] += text[right];
+    text[right] = null;
+    next[left] = next[right];
+    if (next[right] < n) prev[next[right]] = left;
+    consider(prev[left], left);
+    consider(left, next[left]);
+  }
+  return text.filter((t) => t !== null);
+}
+
 /** The tokens the post-processor puts before a single sequence (BOS), as ids. */
 function prefixTokens(json, ids) {
   const processors = listOf(json.post_processor).filter((p) => p.type !== 'ByteLevel');
@@ -149,19 +199,10 @@ export function loadTokenizer(source) {
   // the longest added token first where one is a prefix of another
   const addedRe = added.length > 0 ? new RegExp(added.map((t) => t.content).sort((a, b) => b.length - a.length).map((c) => c.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'gu') : null;
 
-  /** BPE of one piece: its symbols merged by rank, lowest first, as ids. */
+  /** BPE of one piece: its symbols merged by rank, lowest first (leftmost among equals), as ids. */
   function bpe(piece, out) {
     if (model.ignore_merges && ids.has(piece)) return out.push(ids.get(piece));
-    let symbols = Array.from(piece);
-    for (;;) {
-      let best = -1, bestRank = Infinity;
-      for (let i = 0; i + 1 < symbols.length; i++) {
-        const rank = ranks.get(`${symbols[i]} ${symbols[i + 1]}`);
-        if (rank !== undefined && rank < bestRank) [best, bestRank] = [i, rank];
-      }
-      if (best < 0) break;
-      symbols = [...symbols.slice(0, best), symbols[best] + symbols[best + 1], ...symbols.slice(best + 2)];
-    }
+    const symbols = mergeByRank(Array.from(piece), ranks);
     for (const s of symbols) {
       const id = ids.get(s);
       if (id !== undefined) out.push(id);
