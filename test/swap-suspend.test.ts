@@ -458,6 +458,23 @@ for (const b of backends) {
         small.grow(x, n + per(c));
       });
 
+      it('a resume whose copy fails and whose undo cannot suspend a page again: the next resume restores that page too', async () => {
+        const c = make();
+        const n = 2 * per(c) + 1;
+        const a = c.reserve();
+        c.grow(a, n);
+        fill(c, a, 1, n);
+        await c.suspend({ keep: 'host' });
+        c._injectFault('copyFromHost', 0, false); // the bytes' way back fails...
+        c._injectFault('unmap', 0, false); // ...and the undo's first unmap: that page stays backed, its bytes not restored
+        await expect(c.resume()).rejects.toMatchObject({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' });
+        expect(c.suspended).toBe(true);
+        identity(c);
+        await c.resume();
+        expectData(c, a, 1, n);
+        identity(c);
+      });
+
       it('close() while suspended or with sequences swapped out frees everything', async () => {
         const live = liveResources();
         const c = make();

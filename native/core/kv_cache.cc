@@ -62,6 +62,7 @@ KVCache::KVCache(const CacheOptions& o) : ordinals_(o.devices) {
   batchGroups_.reserve(shape.maxSequences);
   suspendedPages_.resize(o.devices.size());
   suspendedCopy_.resize(o.devices.size());
+  resumedUnrestored_.resize(o.devices.size());
   openShards(o);
   try {
     prefetcher_->start();

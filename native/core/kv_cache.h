@@ -225,6 +225,7 @@ class KVCache {
   void endMove() noexcept;
   void suspendOffLock(Lock& lk, size_t device, PageId id);
   void resumeOffLock(Lock& lk, size_t device, PageId id);
+  void noteUnrestored(size_t device, size_t k) noexcept;
   // stats.cc
   void checkRange(const Slot& s, uint32_t layer, uint64_t token, uint64_t bytes) const;
   Address copyAddress(size_t device, SequenceRef seq, uint32_t layer, KVKind kind, uint64_t token, uint64_t bytes);
@@ -262,6 +263,10 @@ class KVCache {
   // byte k × page size of suspendedCopy_[d].
   std::vector<std::vector<PageId>> suspendedPages_;
   std::vector<HostBlocks> suspendedCopy_;
+  // Per device, indexes into suspendedPages_[d] of pages a failed resume
+  // backed and could not suspend again (its undo failed): mapped, their
+  // bytes not yet restored; the next resume copies them back too.
+  std::vector<std::vector<size_t>> resumedUnrestored_;
   // A suspend or resume moves pages with the lock released (one page at a
   // time, and the host copy): meanwhile the cache is suspended, another
   // suspend or resume and close wait, and a released slot's pages stay where

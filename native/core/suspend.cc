@@ -220,23 +220,45 @@ void KVCache::resume() {
         resumed[d].push_back(k);
       }
     });
+    // Backed by an earlier resume whose undo could not suspend them: their
+    // bytes come back with the others' (unless released since).
+    for (size_t d = 0; d < resumed.size(); ++d)
+      for (size_t k : resumedUnrestored_[d])
+        if (core_->shard(d).pool().page(suspendedPages_[d][k]).state == PageState::Accessible) resumed[d].push_back(k);
     Unlocked off(lk);
     copySuspended(false, &resumed);
   } catch (...) {
     for (size_t d = resumed.size(); d-- > 0;)
       for (size_t j = resumed[d].size(); j-- > 0;) {
+        size_t k = resumed[d][j];
+        if (core_->shard(d).pool().page(suspendedPages_[d][k]).state != PageState::Accessible) continue;
         try {
-          core_->shard(d).pool().suspendPage(suspendedPages_[d][resumed[d][j]]);
+          core_->shard(d).pool().suspendPage(suspendedPages_[d][k]);
         } catch (...) {
+          // Still mapped, bytes not restored: recorded for the next resume
+          // (a page the suspend kept, memoryKept, is Suspended and resumes as any).
+          if (core_->shard(d).pool().page(suspendedPages_[d][k]).state == PageState::Accessible) noteUnrestored(d, k);
         }
       }
     throw;
   }
   giveHost(suspendedCopy_);
   for (auto& pages : suspendedPages_) pages.clear();
+  for (auto& pages : resumedUnrestored_) pages.clear();
   core_->suspended = false;
   prefetcher_->wake();
   core_->changed.notify_all();
+}
+
+void KVCache::noteUnrestored(size_t device, size_t k) noexcept {
+  std::vector<size_t>& list = resumedUnrestored_[device];
+  if (std::find(list.begin(), list.end(), k) != list.end()) return;
+  try {
+    list.push_back(k);
+  } catch (...) {
+    // No memory for the record: the page stays mapped with the bytes the
+    // failed resume left; nothing else can be done without memory.
+  }
 }
 
 // Teardown (under the lock): the records of host memory go; the blocks
@@ -245,6 +267,7 @@ void KVCache::freeHostMemory() {
   swapped_.clear();
   for (HostBlocks& b : suspendedCopy_) b = {};
   for (auto& pages : suspendedPages_) pages.clear();
+  for (auto& pages : resumedUnrestored_) pages.clear();
 }
 
 }  // namespace vat
