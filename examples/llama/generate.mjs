@@ -114,8 +114,9 @@ function tokenizerOf(args) {
   try {
     return loadTokenizer(path);
   } catch (e) {
-    if (args.text === undefined && args.tokenizer === undefined) return null; // only for printing: the ids are printed anyway
-    throw new Error(`generate: ${path}: ${e.message}`);
+    if (args.text !== undefined || args.tokenizer !== undefined) throw new Error(`generate: ${path}: ${e.message}`);
+    console.error(`generate: ${path} not used, outputs printed as ids only: ${e.message}`); // it was only for printing
+    return null;
   }
 }
 
@@ -124,6 +125,16 @@ function stopTokensOf(args) {
   if (args['ignore-eos'] || args.model === undefined) return [];
   const eos = JSON.parse(readFileSync(join(args.model, 'config.json'), 'utf8')).eos_token_id;
   return [eos].flat().filter((t) => Number.isInteger(t));
+}
+
+/** The tokens as text (JSON-quoted), or why not: a checkpoint's embedding may have ids its tokenizer lacks (padding). */
+function textOf(tokenizer, tokens) {
+  try {
+    return JSON.stringify(tokenizer.decode(tokens, { skipSpecial: true }));
+  } catch (e) {
+    if (e.code !== 'ERR_INVALID_ARGUMENT') throw e;
+    return `(not text: ${e.message})`;
+  }
 }
 
 async function main() {
@@ -165,7 +176,7 @@ async function main() {
     const seconds = Number(process.hrtime.bigint() - start) / 1e9;
     for (const [id, tokens] of outputs) {
       console.log(`request ${id}: ${tokens.join(',')}`);
-      if (tokenizer) console.log(`text ${id}: ${JSON.stringify(tokenizer.decode(tokens, { skipSpecial: true }))}`);
+      if (tokenizer) console.log(`text ${id}: ${textOf(tokenizer, tokens)}`);
     }
     const generated = [...outputs.values()].reduce((n, t) => n + t.length, 0);
     console.log(`${generated} tokens in ${seconds.toFixed(2)} s (${(generated / seconds).toFixed(0)} tokens/s, prefill included), ${steps} decode steps, ${preemptions} preemptions, store ${storeName}`);
