@@ -204,6 +204,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
   /**
    * Gives the pool's unmapped pages back to the driver, and the idle host
    * blocks of swap and suspend to the OS. Returns the bytes freed (both).
+   * While `suspend()` or `resume()` moves pages it frees nothing and returns
+   * 0 (it does not block the caller for the move): call it again after.
    */
   trim(): number {
     return moves.trim(this.#ctx);
