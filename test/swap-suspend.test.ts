@@ -435,13 +435,19 @@ for (const b of backends) {
         identity(c);
       });
 
-      it('a resume that runs out of memory stays suspended and can be retried; a suspend past hostMemoryBudget is refused', async () => {
+      /** A cache holding one sequence of two page groups and a token, filled, then suspended with keep: 'host'. */
+      const suspendedWithData = async () => {
         const c = make();
         const n = 2 * per(c) + 1;
         const a = c.reserve();
         c.grow(a, n);
         fill(c, a, 1, n);
         await c.suspend({ keep: 'host' });
+        return { c, a, n };
+      };
+
+      it('a resume that runs out of memory stays suspended and can be retried; a suspend past hostMemoryBudget is refused', async () => {
+        const { c, a, n } = await suspendedWithData();
         const suspended = stateOf(c);
         c._injectFault('createPage', group + 1, true); // a few pages in
         await expect(c.resume()).rejects.toMatchObject({ code: 'ERR_OUT_OF_MEMORY' });
@@ -459,12 +465,7 @@ for (const b of backends) {
       });
 
       it('a resume whose copy fails and whose undo cannot suspend a page again: the next resume restores that page too', async () => {
-        const c = make();
-        const n = 2 * per(c) + 1;
-        const a = c.reserve();
-        c.grow(a, n);
-        fill(c, a, 1, n);
-        await c.suspend({ keep: 'host' });
+        const { c, a, n } = await suspendedWithData();
         c._injectFault('copyFromHost', 0, false); // the bytes' way back fails...
         c._injectFault('unmap', 0, false); // ...and the undo's first unmap: that page stays backed, its bytes not restored
         await expect(c.resume()).rejects.toMatchObject({ code: b.name === 'cuda' ? 'ERR_CUDA' : 'ERR_OS' });
