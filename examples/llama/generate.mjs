@@ -81,7 +81,8 @@ function samplerOf(args) {
 /** The shape and a weight(name) → 16-bit storage of a checkpoint directory, or random weights. */
 function loadWeights(args) {
   if (args.model) {
-    const m = parseConfig(JSON.parse(readFileSync(join(args.model, 'config.json'), 'utf8')));
+    const config = JSON.parse(readFileSync(join(args.model, 'config.json'), 'utf8'));
+    const m = parseConfig(config);
     const files = readdirSync(args.model).filter((f) => f.endsWith('.safetensors')).map((f) => openSafetensors(join(args.model, f)));
     if (files.length === 0) throw new Error(`generate: no *.safetensors in ${args.model}`);
     const weight = (name) => {
@@ -92,7 +93,7 @@ function loadWeights(args) {
       const bytes = file.readTensor(name);
       return new Uint16Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 2);
     };
-    return { m, weight, close: () => files.forEach((f) => f.close()) };
+    return { m, weight, eos: config.eos_token_id, close: () => files.forEach((f) => f.close()) };
   }
   const shape = args.shape ?? 'tiny';
   if (!SHAPES[shape]) throw new Error(`generate: unknown shape '${shape}' (${Object.keys(SHAPES).join(', ')})`);
@@ -121,10 +122,8 @@ function tokenizerOf(args) {
 }
 
 /** The token ids that end a request: the checkpoint config's eos_token_id (one or a list), unless --ignore-eos. */
-function stopTokensOf(args) {
-  if (args['ignore-eos'] || args.model === undefined) return [];
-  const eos = JSON.parse(readFileSync(join(args.model, 'config.json'), 'utf8')).eos_token_id;
-  return [eos].flat().filter((t) => Number.isInteger(t));
+function stopTokensOf(args, eos) {
+  return args['ignore-eos'] ? [] : [eos].flat().filter((t) => Number.isInteger(t));
 }
 
 /** The tokens as text (JSON-quoted), or why not: a checkpoint's embedding may have ids its tokenizer lacks (padding). */
@@ -153,7 +152,7 @@ async function main() {
   const fixed = args.text !== undefined ? tokenizer.encode(args.text) : args.prompt?.split(',').map(Number);
   if (fixed?.some((t) => !Number.isInteger(t) || t < 0 || t >= m.vocab)) throw new Error(`generate: ${args.text !== undefined ? 'the tokenizer gives ids' : '--prompt ids must be integers'} outside [0, ${m.vocab})`);
   if (fixed?.length === 0) throw new Error('generate: the prompt has no tokens');
-  const stopTokens = stopTokensOf(args);
+  const stopTokens = stopTokensOf(args, source.eos);
   const prompts = Array.from({ length: requests }, (_, r) => fixed ?? Array.from({ length }, (_, i) => (seed * 7919 + r * 104729 + i * 31) % m.vocab));
   const maxTokens = Math.max(...prompts.map((p) => p.length)) + maxNewTokens + 1;
   // the rows of the largest call: a prompt's chunk, or one token of every request

@@ -15,7 +15,19 @@
 // tokenized differently from the model's training.
 import { readFileSync } from 'node:fs';
 
-const unsupported = (what) => Object.assign(new Error(`tokenizer: ${what} is not supported (byte-level or SentencePiece-style BPE only)`), { code: 'ERR_TOKENIZER_UNSUPPORTED' });
+/** What this reader does not implement, rather than tokenize differently from the model's training. */
+export class TokenizerError extends Error {
+  constructor(message) {
+    super(`tokenizer: ${message}`);
+    this.name = 'TokenizerError';
+    this.code = 'ERR_TOKENIZER_UNSUPPORTED';
+  }
+}
+const unsupported = (what) => new TokenizerError(`${what} is not supported (byte-level or SentencePiece-style BPE only)`);
+/** A bad argument of encode / decode: `Type` (TypeError, RangeError) with code ERR_INVALID_ARGUMENT. */
+const invalid = (Type, message) => Object.assign(new Type(`tokenizer: ${message}`), { code: 'ERR_INVALID_ARGUMENT' });
+/** `text` matched literally inside a RegExp. */
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 /** GPT-2's table: each byte a printable character (printable Latin-1 bytes are themselves, the rest from U+0100 on). */
 function byteCharacters() {
@@ -80,7 +92,7 @@ function preTokenizer(json) {
   for (const s of listOf(json.pre_tokenizer)) {
     if (s.type === 'Split') {
       if (s.behavior !== 'Isolated' || s.invert) throw unsupported(`a Split pre-tokenizer with behavior '${s.behavior}'${s.invert ? ' inverted' : ''}`);
-      splits.push(splitRegExp(s.pattern.Regex ?? s.pattern.String.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+      splits.push(splitRegExp(s.pattern.Regex ?? escapeRegExp(s.pattern.String)));
     } else if (s.type === 'ByteLevel') {
       if (s.add_prefix_space) throw unsupported('ByteLevel with add_prefix_space');
       byteLevel = true;
@@ -161,14 +173,13 @@ export function mergeByRank(symbols, ranks) {
 
 /** The tokens the post-processor puts before a single sequence (BOS), as ids. */
 function prefixTokens(json, ids) {
-  const processors = listOf(json.post_processor).filter((p) => p.type !== 'ByteLevel');
-  const template = processors.find((p) => p.type === 'TemplateProcessing');
+  const template = listOf(json.post_processor).find((p) => p.type === 'TemplateProcessing');
   if (!template) return [];
   const prefix = [];
   for (const item of template.single) {
     if (item.Sequence) break;
     const name = item.SpecialToken?.id;
-    const id = json.post_processor.special_tokens?.[name]?.ids?.[0] ?? template.special_tokens?.[name]?.ids?.[0] ?? ids.get(name);
+    const id = template.special_tokens?.[name]?.ids?.[0] ?? ids.get(name);
     if (id === undefined) throw unsupported(`a template token '${name}' without an id`);
     prefix.push(id);
   }
@@ -197,7 +208,7 @@ export function loadTokenizer(source) {
   const addedIds = new Set(added.map((t) => t.id));
   const unk = model.unk_token === null || model.unk_token === undefined ? undefined : ids.get(model.unk_token);
   // the longest added token first where one is a prefix of another
-  const addedRe = added.length > 0 ? new RegExp(added.map((t) => t.content).sort((a, b) => b.length - a.length).map((c) => c.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')).join('|'), 'gu') : null;
+  const addedRe = added.length > 0 ? new RegExp(added.map((t) => t.content).sort((a, b) => b.length - a.length).map(escapeRegExp).join('|'), 'gu') : null;
 
   /** BPE of one piece: its symbols merged by rank, lowest first (leftmost among equals), as ids. */
   function bpe(piece, out) {
@@ -208,17 +219,17 @@ export function loadTokenizer(source) {
       if (id !== undefined) out.push(id);
       else if (model.byte_fallback) for (const b of utf8.encode(s)) out.push(byteToken(b));
       else if (unk !== undefined) out.push(unk);
-      else throw Object.assign(new Error(`tokenizer: no token for ${JSON.stringify(s)} and no byte fallback or unknown token`), { code: 'ERR_TOKENIZER_UNSUPPORTED' });
+      else throw new TokenizerError(`no token for ${JSON.stringify(s)} and no byte fallback or unknown token`);
     }
   }
   function byteToken(b) {
     const id = ids.get(`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`);
-    if (id === undefined) throw Object.assign(new Error(`tokenizer: byte fallback without the token for byte ${b}`), { code: 'ERR_TOKENIZER_UNSUPPORTED' });
+    if (id === undefined) throw new TokenizerError(`byte fallback without the token for byte ${b}`);
     return id;
   }
 
   function encode(text, { special = true } = {}) {
-    if (typeof text !== 'string') throw Object.assign(new TypeError('tokenizer: encode takes a string'), { code: 'ERR_INVALID_ARGUMENT' });
+    if (typeof text !== 'string') throw invalid(TypeError, 'encode takes a string');
     const out = special ? [...prefix] : [];
     for (const part of segments(text)) {
       if (part.added !== undefined) out.push(part.added);
@@ -243,7 +254,7 @@ export function loadTokenizer(source) {
   // bytes (byte-level) or its pieces with '▁' as spaces and <0xNN> as bytes,
   // less the '▁' encode put before the run; added tokens are their text.
   function decode(list, { skipSpecial = false } = {}) {
-    if (!Array.isArray(list) && !ArrayBuffer.isView(list)) throw Object.assign(new TypeError('tokenizer: decode takes an array of token ids'), { code: 'ERR_INVALID_ARGUMENT' });
+    if (!Array.isArray(list) && !ArrayBuffer.isView(list)) throw invalid(TypeError, 'decode takes an array of token ids');
     let out = '', run = [], atStart = true;
     const endRun = () => {
       if (run.length === 0) return;
@@ -256,7 +267,7 @@ export function loadTokenizer(source) {
     for (const [i, id] of Array.from(list).entries()) {
       const token = tokens.get(id);
       leading &&= i < prefix.length && id === prefix[i];
-      if (token === undefined) throw Object.assign(new RangeError(`tokenizer: no token has id ${id}`), { code: 'ERR_INVALID_ARGUMENT' });
+      if (token === undefined) throw invalid(RangeError, `no token has id ${id}`);
       if (addedIds.has(id)) {
         endRun();
         if (!leading) atStart = false;

@@ -228,18 +228,21 @@ void KVCache::resume() {
     Unlocked off(lk);
     copySuspended(false, &resumed);
   } catch (...) {
-    for (size_t d = resumed.size(); d-- > 0;)
+    for (size_t d = resumed.size(); d-- > 0;) {
+      PagePool& pool = core_->shard(d).pool();
       for (size_t j = resumed[d].size(); j-- > 0;) {
         size_t k = resumed[d][j];
-        if (core_->shard(d).pool().page(suspendedPages_[d][k]).state != PageState::Accessible) continue;
+        PageId id = suspendedPages_[d][k];
+        if (pool.page(id).state != PageState::Accessible) continue;
         try {
-          core_->shard(d).pool().suspendPage(suspendedPages_[d][k]);
+          pool.suspendPage(id);
         } catch (...) {
           // Still mapped, bytes not restored: recorded for the next resume
           // (a page the suspend kept, memoryKept, is Suspended and resumes as any).
-          if (core_->shard(d).pool().page(suspendedPages_[d][k]).state == PageState::Accessible) noteUnrestored(d, k);
+          if (pool.page(id).state == PageState::Accessible) noteUnrestored(d, k);
         }
       }
+    }
     throw;
   }
   giveHost(suspendedCopy_);
