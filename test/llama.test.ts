@@ -440,25 +440,38 @@ describe('the CPU reference on the tiny shape', () => {
     ['Llama-3 rope scaling (theta 500000)', { rope_theta: 500000, rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 } }],
     ['tied embeddings, head_dim 32 with 8/2 heads', { tie_word_embeddings: true, num_attention_heads: 8, head_dim: 32 }],
   ];
-  for (const [name, config] of variants) {
-    it.skipIf(numpySkip !== null)(`an independent NumPy implementation reads make-weights' files and finds its reference (${name})${numpySkip ? ` (skipped: ${numpySkip})` : ''}`, () => {
-      const out = join(dir, `numpy-${variants.findIndex((v) => v[0] === name)}`);
-      makeWeights({ shape: 'tiny', out, seed: 3, steps: 16, config });
-      const run = spawnSync('python3', [join(root, 'examples/llama/check_reference.py'), out], { encoding: 'utf8' });
-      expect(run.stderr).toBe('');
-      const result = JSON.parse(run.stdout);
-      expect(result).toMatchObject({ steps: 16, sameTokens: true });
-      expect(result.maxLogitDifference).toBeLessThan(1e-3);
-      expect(run.status).toBe(0);
-      // and it can fail: a reference with another token is found out
-      const ref = JSON.parse(readFileSync(join(out, 'reference.json'), 'utf8'));
-      ref.greedyTokens[5] = (ref.greedyTokens[5] + 1) % 1000;
-      writeFileSync(join(out, 'reference.json'), JSON.stringify(ref));
-      const wrong = spawnSync('python3', [join(root, 'examples/llama/check_reference.py'), out], { encoding: 'utf8' });
-      expect(wrong.status).toBe(1);
-      expect(JSON.parse(wrong.stdout)).toMatchObject({ sameTokens: false, firstDifferentStep: 5 });
-    });
-  }
+  // The same check with transformers itself doing the forward pass
+  // (check_reference.py --transformers), where python3 has it (the GPU host's
+  // image does; CI's machine does not).
+  const hf = numpySkip === null ? spawnSync('python3', ['-c', 'import torch, transformers'], { encoding: 'utf8' }) : null;
+  const transformersSkip = numpySkip ?? (hf!.status !== 0 ? 'python3 has no torch + transformers' : null);
+  const implementations = [
+    { label: 'an independent NumPy implementation', flags: [] as string[], skip: numpySkip },
+    { label: "Hugging Face transformers' LlamaForCausalLM", flags: ['--transformers'], skip: transformersSkip },
+  ];
+  for (const { label, flags, skip } of implementations)
+    for (const [name, config] of variants) {
+      it.skipIf(skip !== null)(`${label} reads make-weights' files and finds its reference (${name})${skip ? ` (skipped: ${skip})` : ''}`, () => {
+        const out = join(dir, `check-${flags.length}-${variants.findIndex((v) => v[0] === name)}`);
+        makeWeights({ shape: 'tiny', out, seed: 3, steps: 16, config });
+        const check = () => spawnSync('python3', [join(root, 'examples/llama/check_reference.py'), out, ...flags], { encoding: 'utf8', timeout: 120_000 });
+        const run = check();
+        if (flags.length === 0) expect(run.stderr).toBe('');
+        expect(run.stdout, run.stderr).not.toBe('');
+        const result = JSON.parse(run.stdout);
+        expect(result).toMatchObject({ steps: 16, sameTokens: true });
+        expect(result.implementation).toContain(flags.length === 0 ? 'NumPy' : 'transformers');
+        expect(result.maxLogitDifference).toBeLessThan(1e-3);
+        expect(run.status).toBe(0);
+        // and it can fail: a reference with another token is found out
+        const ref = JSON.parse(readFileSync(join(out, 'reference.json'), 'utf8'));
+        ref.greedyTokens[5] = (ref.greedyTokens[5] + 1) % 1000;
+        writeFileSync(join(out, 'reference.json'), JSON.stringify(ref));
+        const wrong = check();
+        expect(wrong.status).toBe(1);
+        expect(JSON.parse(wrong.stdout)).toMatchObject({ sameTokens: false, firstDifferentStep: 5 });
+      }, 300_000); // importing torch takes seconds, twice
+    }
 
   it('make-weights --help prints its usage; a bad shape or number is an error, not a crash', () => {
     const script = join(root, 'examples/llama/make-weights.mjs');

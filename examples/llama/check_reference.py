@@ -14,7 +14,12 @@ be the token reference.json lists and the logit of that token the one it
 lists. Prints a JSON summary; exit 0 when everything matches, 1 when not,
 2 on bad input.
 
-    python3 examples/llama/check_reference.py DIR [--tolerance 1e-3]
+With --transformers the logits come from Hugging Face transformers itself
+(LlamaForCausalLM.from_pretrained(DIR) in float32 on the CPU, eager
+attention) instead of the NumPy pass: the files then load unchanged in the
+implementation the format is defined by.
+
+    python3 examples/llama/check_reference.py DIR [--tolerance 1e-3] [--transformers]
 """
 import json
 import math
@@ -120,7 +125,21 @@ def forward(config, w, ids):
     return h @ head.T
 
 
+def transformers_forward(folder, ids):
+    """Logits (len(ids) x vocab) from transformers' LlamaForCausalLM, float32, CPU."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], dtype=torch.long)).logits[0]
+    return logits.float().numpy(), f"transformers {transformers.__version__} LlamaForCausalLM"
+
+
 def main(argv):
+    use_transformers = "--transformers" in argv
     args = [a for a in argv if not a.startswith("--")]
     tolerance = 1e-3
     if "--tolerance" in argv:
@@ -134,18 +153,23 @@ def main(argv):
         config = json.load(f)
     with open(os.path.join(folder, "reference.json")) as f:
         reference = json.load(f)
-    weights = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            weights.update(read_safetensors(os.path.join(folder, name)))
     prompt, tokens, want = reference["prompt"], reference["greedyTokens"], reference["greedyLogits"]
-    logits = forward(config, weights, prompt + tokens[:-1])[len(prompt) - 1 :]
+    if use_transformers:
+        logits, implementation = transformers_forward(folder, prompt + tokens[:-1])
+    else:
+        weights = {}
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                weights.update(read_safetensors(os.path.join(folder, name)))
+        logits, implementation = forward(config, weights, prompt + tokens[:-1]), "NumPy (this file)"
+    logits = logits[len(prompt) - 1 :]
     picks = [int(np.argmax(row)) for row in logits]
     got = [float(row[t]) for row, t in zip(logits, tokens)]
     margins = [float(np.sort(row)[-1] - np.sort(row)[-2]) for row in logits]
     worst = max(abs(a - b) for a, b in zip(got, want))
     same = picks == tokens
     print(json.dumps({
+        "implementation": implementation,
         "steps": len(tokens),
         "sameTokens": same,
         "firstDifferentStep": next((i for i, (a, b) in enumerate(zip(picks, tokens)) if a != b), None),
