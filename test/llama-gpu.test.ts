@@ -242,6 +242,32 @@ describe.skipIf(skip !== null)(`the Llama example model on the GPU${skip ? ` (sk
     expect(byText.texts).toEqual([tokenizer.decode(cut, { skipSpecial: true }), tokenizer.decode(cut, { skipSpecial: true })]);
   });
 
+  // A checkpoint as transformers itself writes one (save_pretrained: its
+  // config.json keys of today, its safetensors writer), where python3 has
+  // torch + transformers (the GPU host's image).
+  const hf = spawnSync('python3', ['-c', 'import torch, transformers'], { encoding: 'utf8' });
+  const hfSkip = hf.error ? `no python3 (${hf.error.message})` : hf.status !== 0 ? 'python3 has no torch + transformers' : null;
+  for (const dtype of ['float16'])
+    it.skipIf(hfSkip !== null)(`generate.mjs --model on what transformers' save_pretrained wrote (${dtype}) gives reference.json's greedy tokens${hfSkip ? ` (skipped: ${hfSkip})` : ''}`, () => {
+      const script = fileURLToPath(new URL('../examples/llama/generate.mjs', import.meta.url));
+      const dir = mkdtempSync(join(tmpdir(), 'vat-hf-'));
+      makeWeights({ shape: 'tiny', out: join(dir, 'ours'), seed: 1, steps: 12, config: { torch_dtype: dtype } });
+      const save = spawnSync('python3', ['-c', [
+        'import sys, torch, transformers',
+        'transformers.logging.set_verbosity_error()',
+        `m = transformers.LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.${dtype})`,
+        'm.save_pretrained(sys.argv[2])',
+      ].join('\n'), join(dir, 'ours'), join(dir, 'saved')], { encoding: 'utf8', timeout: 120_000 });
+      expect(save.status, save.stderr).toBe(0);
+      const written = JSON.parse(readFileSync(join(dir, 'saved', 'config.json'), 'utf8'));
+      const ref = JSON.parse(readFileSync(join(dir, 'ours', 'reference.json'), 'utf8'));
+      const run = spawnSync(process.execPath, [script, '--model', join(dir, 'saved'), '--requests', '1', '--max-new-tokens', '12', '--prompt', ref.prompt.join(','), '--ignore-eos'], { encoding: 'utf8' });
+      expect(run.stderr, JSON.stringify(written)).toBe('');
+      expect(run.status).toBe(0);
+      const line = run.stdout.split('\n').find((l) => l.startsWith('request 0: '))!;
+      expect(line.slice('request 0: '.length).split(',').map(Number)).toEqual(ref.greedyTokens);
+    }, 300_000);
+
   // bf16's logits are within BF16_LOGIT_TOLERANCE (sized in llama-batch.mjs). The GPU is fed the reference's tokens
   // (teacher forcing): bf16 breaks near ties (a margin of 0.01) differently from float32, which would send the two
   // down different continuations; where their argmaxes differ, the reference must rate the GPU's pick within the

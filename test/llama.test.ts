@@ -105,6 +105,24 @@ describe('Llama configs', () => {
     expect(parseConfig(older)).toMatchObject({ headDim: 64, kvHeads: 4 });
   });
 
+  it('reads the keys newer transformers writes (dtype, rope_parameters) as the older ones', () => {
+    const { torch_dtype, rope_theta, rope_scaling, ...rest } = SHAPES['llama-3-8b'];
+    const newer = { ...rest, dtype: torch_dtype, rope_parameters: { rope_theta, ...rope_scaling } };
+    expect(parseConfig(newer)).toEqual(parseConfig(SHAPES['llama-3-8b']));
+    const { torch_dtype: t, rope_theta: theta, rope_scaling: _s, ...tinyRest } = SHAPES.tiny;
+    const tinyNewer = { ...tinyRest, dtype: t, rope_parameters: { rope_type: 'default', rope_theta: 20000 } };
+    expect(parseConfig(tinyNewer)).toEqual({ ...parseConfig(SHAPES.tiny), ropeTheta: 20000 });
+    expect(theta).not.toBe(20000);
+    expect(() => parseConfig({ ...tinyNewer, dtype: 'float32' })).toThrow('dtype "float32"');
+  });
+
+  it('a sliding window in use (Mistral 7B v0.1) caps the positions; one turned off (Qwen2) does not', () => {
+    expect(parseConfig({ ...SHAPES.tiny, max_position_embeddings: 32768, sliding_window: 4096 }).maxPositions).toBe(4096);
+    expect(parseConfig({ ...SHAPES.tiny, max_position_embeddings: 32768, sliding_window: 4096, use_sliding_window: false }).maxPositions).toBe(32768);
+    expect(parseConfig({ ...SHAPES.tiny, max_position_embeddings: 32768, sliding_window: null }).maxPositions).toBe(32768);
+    expect(() => parseConfig({ ...SHAPES.tiny, sliding_window: -1 })).toThrow(ConfigError);
+  });
+
   for (const [what, change, message] of [
     ['a missing hidden_size', { hidden_size: undefined }, 'hidden_size'],
     ['heads not a multiple of kv heads', { num_key_value_heads: 3 }, 'multiple of num_key_value_heads'],
@@ -501,6 +519,9 @@ describe('the CPU reference on the tiny shape', () => {
     const both = spawnSync(process.execPath, [script, '--text', 'hello', '--prompt', '1,2'], { encoding: 'utf8' });
     expect(both.status).toBe(1);
     expect(both.stderr).toContain('pick one');
+    const long = spawnSync(process.execPath, [script, '--shape', 'tiny', '--max-new-tokens', '5000'], { encoding: 'utf8' });
+    expect(long.status).toBe(1);
+    expect(long.stderr).toContain('take 5016 positions; the model has 4096');
     const stray = spawnSync(process.execPath, [script, 'tiny'], { encoding: 'utf8' });
     expect(stray.status).toBe(1);
     expect(stray.stderr).toContain("unexpected argument 'tiny'");

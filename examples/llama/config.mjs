@@ -74,6 +74,11 @@ function number(c, key, fallback) {
  * (Llama-3's parameters or null), tieWordEmbeddings, dtype ('float16' |
  * 'bfloat16'), maxPositions. Mistral and Qwen2 configs read the same way
  * (Qwen2's q/k/v biases are not supported: attention_bias must be false).
+ * Both generations of transformers' keys are read: `torch_dtype`,
+ * `rope_theta` and `rope_scaling` (before 4.56 / 5), and `dtype` and
+ * `rope_parameters` (which holds the theta and the scaling) after. A sliding
+ * window (Mistral 7B v0.1's `sliding_window`) caps maxPositions: the kernels
+ * attend to the whole sequence, which is the same model only within it.
  */
 export function parseConfig(c) {
   if (typeof c !== 'object' || c === null) throw new ConfigError('config.json must hold an object');
@@ -84,10 +89,13 @@ export function parseConfig(c) {
   const headDim = integer(c, 'head_dim', hidden / heads);
   if ((c.hidden_act ?? 'silu') !== 'silu') throw new ConfigError(`config.json: hidden_act ${JSON.stringify(c.hidden_act)} is not supported (silu only)`);
   if (c.attention_bias || c.model_type === 'qwen2') throw new ConfigError('config.json: attention biases (Qwen2) are not supported');
-  const torchDtype = c.torch_dtype ?? 'float16';
-  if (torchDtype !== 'float16' && torchDtype !== 'bfloat16') throw new ConfigError(`config.json: torch_dtype ${JSON.stringify(torchDtype)} (float16 or bfloat16)`);
+  const dtypeKey = c.dtype !== undefined ? 'dtype' : 'torch_dtype';
+  const torchDtype = c[dtypeKey] ?? 'float16';
+  if (torchDtype !== 'float16' && torchDtype !== 'bfloat16') throw new ConfigError(`config.json: ${dtypeKey} ${JSON.stringify(torchDtype)} (float16 or bfloat16)`);
+  const rope = c.rope_parameters ?? {};
+  if (typeof rope !== 'object' || rope === null) throw new ConfigError('config.json: rope_parameters must hold an object');
   let ropeScaling = null;
-  const rs = c.rope_scaling;
+  const rs = c.rope_scaling ?? ((rope.rope_type ?? 'default') === 'default' ? null : rope);
   if (rs != null) {
     const type = rs.rope_type ?? rs.type;
     if (type !== 'llama3') throw new ConfigError(`config.json: rope_scaling type ${JSON.stringify(type)} is not supported (llama3 only)`);
@@ -107,12 +115,18 @@ export function parseConfig(c) {
     intermediate: integer(c, 'intermediate_size'),
     vocab: integer(c, 'vocab_size'),
     rmsNormEps: number(c, 'rms_norm_eps', 1e-6),
-    ropeTheta: number(c, 'rope_theta', 10000),
+    ropeTheta: rope.rope_theta !== undefined ? number(rope, 'rope_theta') : number(c, 'rope_theta', 10000),
     ropeScaling,
     tieWordEmbeddings: c.tie_word_embeddings === true,
     dtype: torchDtype,
-    maxPositions: integer(c, 'max_position_embeddings', 2048),
+    maxPositions: Math.min(integer(c, 'max_position_embeddings', 2048), slidingWindow(c)),
   };
+}
+
+/** The positions a sliding window (when the config has one in use) leaves: Infinity without one. */
+function slidingWindow(c) {
+  if (c.sliding_window == null || c.use_sliding_window === false) return Infinity;
+  return integer(c, 'sliding_window');
 }
 
 /** The tensors of a model of shape `m`: [{ name, shape }] in Hugging Face's names and [out, in] layout. */

@@ -145,8 +145,6 @@ async function main() {
   const prefillChunk = args['prefill-chunk'] === undefined ? Infinity : integer(args, 'prefill-chunk', 0);
   if (prefillChunk === 0) throw new Error('generate: --prefill-chunk must be a positive integer');
   const tokenizer = tokenizerOf(args);
-  const lib = kernels.linearLibrary();
-  if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_LIBRARY_UNAVAILABLE' });
   const source = loadWeights(args);
   const { m } = source;
   const fixed = args.text !== undefined ? tokenizer.encode(args.text) : args.prompt?.split(',').map(Number);
@@ -155,8 +153,11 @@ async function main() {
   const stopTokens = stopTokensOf(args, source.eos);
   const prompts = Array.from({ length: requests }, (_, r) => fixed ?? Array.from({ length }, (_, i) => (seed * 7919 + r * 104729 + i * 31) % m.vocab));
   const maxTokens = Math.max(...prompts.map((p) => p.length)) + maxNewTokens + 1;
+  if (maxTokens - 1 > m.maxPositions) throw new Error(`generate: a prompt and --max-new-tokens take ${maxTokens - 1} positions; the model has ${m.maxPositions} (max_position_embeddings, or its sliding window)`);
   // the rows of the largest call: a prompt's chunk, or one token of every request
   const maxRows = Math.max(Math.min(maxTokens, prefillChunk), requests);
+  const lib = kernels.linearLibrary(); // the arguments are all checked: now the GPU
+  if (!lib.available) throw Object.assign(new Error(`generate: ${lib.problem}`), { code: 'ERR_LIBRARY_UNAVAILABLE' });
   const model = new GpuModel(m, { weight: source.weight, fill: source.fill, maxRows, maxBatch: requests, device });
   source.close();
   const storeName = args.store ?? 'per-layer';
