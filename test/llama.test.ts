@@ -129,6 +129,8 @@ describe('Llama configs', () => {
     ['attention biases (Qwen2)', { attention_bias: true }, 'biases'],
     ['an unknown rope scaling', { rope_scaling: { rope_type: 'yarn', factor: 4 } }, 'yarn'],
     ['fp32 weights', { torch_dtype: 'float32' }, 'torch_dtype'],
+    ['a rope_scaling that is no object', { rope_scaling: 'llama3' }, 'rope_scaling must hold an object'],
+    ['a rope_parameters that is no object', { rope_parameters: [1] }, 'rope_parameters must hold an object'],
   ] as [string, Record<string, unknown>, string][])
     it(`refuses ${what} with ERR_MODEL_CONFIG naming it`, () => {
       expect(() => parseConfig({ ...SHAPES.tiny, ...change })).toThrow(ConfigError);

@@ -92,11 +92,12 @@ export function parseConfig(c) {
   const dtypeKey = c.dtype !== undefined ? 'dtype' : 'torch_dtype';
   const torchDtype = c[dtypeKey] ?? 'float16';
   if (torchDtype !== 'float16' && torchDtype !== 'bfloat16') throw new ConfigError(`config.json: ${dtypeKey} ${JSON.stringify(torchDtype)} (float16 or bfloat16)`);
+  for (const key of ['rope_parameters', 'rope_scaling'])
+    if (c[key] != null && (typeof c[key] !== 'object' || Array.isArray(c[key]))) throw new ConfigError(`config.json: ${key} must hold an object`);
   const rope = c.rope_parameters ?? {};
-  if (typeof rope !== 'object' || rope === null) throw new ConfigError('config.json: rope_parameters must hold an object');
   let ropeScaling = null;
-  const rs = c.rope_scaling ?? ((rope.rope_type ?? 'default') === 'default' ? null : rope);
-  if (rs != null) {
+  const rs = c.rope_scaling ?? rope;
+  if ((rs.rope_type ?? rs.type ?? 'default') !== 'default') {
     const type = rs.rope_type ?? rs.type;
     if (type !== 'llama3') throw new ConfigError(`config.json: rope_scaling type ${JSON.stringify(type)} is not supported (llama3 only)`);
     ropeScaling = {
