@@ -116,6 +116,15 @@ describe('Llama configs', () => {
     expect(() => parseConfig({ ...tinyNewer, dtype: 'float32' })).toThrow('dtype "float32"');
   });
 
+  // test/fixtures/llama-3-8b-config-transformers-5.17.json is what transformers 5.17 wrote for SHAPES['llama-3-8b']
+  // (AutoConfig.from_pretrained(dir with that config.json).save_pretrained(out), on the GPU host, 2026-12-07)
+  it('reads the config.json transformers 5.17 itself wrote for the Llama-3-8B shape as that shape', () => {
+    const written = JSON.parse(readFileSync(join(root, 'test/fixtures/llama-3-8b-config-transformers-5.17.json'), 'utf8'));
+    expect(written).toHaveProperty('rope_parameters.rope_type', 'llama3');
+    expect(written).not.toHaveProperty('torch_dtype');
+    expect(parseConfig(written)).toEqual(parseConfig(SHAPES['llama-3-8b']));
+  });
+
   it('a sliding window in use (Mistral 7B v0.1) caps the positions; one turned off (Qwen2) does not', () => {
     expect(parseConfig({ ...SHAPES.tiny, max_position_embeddings: 32768, sliding_window: 4096 }).maxPositions).toBe(4096);
     expect(parseConfig({ ...SHAPES.tiny, max_position_embeddings: 32768, sliding_window: 4096, use_sliding_window: false }).maxPositions).toBe(32768);

@@ -10,7 +10,7 @@
 //                ('<0xNN>', byte fallback)
 // Added tokens (<|begin_of_text|>, <s>, ...) are matched in the text first
 // and never merged; the post-processor's template gives the tokens put
-// before a prompt (BOS). Anything else in the file (WordPiece, Unigram, other
+// before a prompt (BOS); decode runs the file's decoder steps. Anything else in the file (WordPiece, Unigram, other
 // normalizers) is refused with ERR_TOKENIZER_UNSUPPORTED rather than
 // tokenized differently from the model's training.
 import { readFileSync } from 'node:fs';
@@ -76,7 +76,7 @@ const listOf = (step) => (step?.type === 'Sequence' ? (step.pretokenizers ?? ste
 
 /**
  * The pre-tokenizer as { pieces(text, atStart) → pieces in the model's symbol
- * alphabet, prepends(atStart) → whether a '▁' goes before that text }.
+ * alphabet }, the normalizer's steps included.
  * `atStart`: the text begins the input (no added token before it).
  */
 function preTokenizer(json) {
@@ -100,18 +100,18 @@ function preTokenizer(json) {
     } else if (s.type === 'Metaspace') {
       if (s.replacement !== '▁') throw unsupported(`Metaspace with replacement '${s.replacement}'`);
       const prepend = s.prepend_scheme ?? (s.add_prefix_space === false ? 'never' : 'always');
-      spaces = { prepend, split: s.split !== false };
+      // unlike the Prepend normalizer, Metaspace puts no '▁' before text that begins with one
+      spaces = { prepend, split: s.split !== false, unlessThere: true };
     } else throw unsupported(`the pre-tokenizer '${s.type}'`);
   }
   if (byteLevel && spaces) throw unsupported('ByteLevel together with SentencePiece spaces');
   const prepends = (atStart) => spaces !== null && (spaces.prepend === 'always' || (spaces.prepend === 'first' && atStart));
   return {
-    byteLevel,
-    prepends,
     pieces(text, atStart) {
       if (nfc) text = text.normalize('NFC');
       if (spaces) {
-        text = (prepends(atStart) ? '▁' : '') + text.replaceAll(' ', '▁');
+        text = text.replaceAll(' ', '▁');
+        if (prepends(atStart) && !(spaces.unlessThere && text.startsWith('▁'))) text = '▁' + text;
         return spaces.split ? text.split(/(?=▁)/u).filter((p) => p.length > 0) : [text];
       }
       let pieces = [text];
@@ -119,6 +119,72 @@ function preTokenizer(json) {
       return byteLevel ? pieces.map((p) => Array.from(utf8.encode(p), (b) => BYTE_CHAR[b]).join('')) : pieces;
     },
   };
+}
+
+/**
+ * The file's decoder section as a function from token strings to text, each
+ * step as Hugging Face's library applies it to the list of tokens (added
+ * tokens included): ByteLevel (characters back to bytes, a token with a
+ * character outside the table as its own UTF-8), Metaspace ('▁' to spaces,
+ * all of them dropped in the first token unless prepend_scheme is 'never'),
+ * Replace, ByteFallback (runs of <0xNN> as UTF-8, one U+FFFD per byte of a
+ * run that is not), Fuse (one string) and Strip (of each token). No decoder:
+ * the tokens joined by spaces.
+ */
+function decoderOf(json) {
+  const steps = listOf(json.decoder).map((d) => {
+    switch (d.type) {
+      case 'ByteLevel':
+        return (tokens) => [utf8d.decode(new Uint8Array(tokens.flatMap((t) => (Array.from(t).every((c) => CHAR_BYTE.has(c)) ? Array.from(t, (c) => CHAR_BYTE.get(c)) : [...utf8.encode(t)]))))];
+      case 'Metaspace': {
+        if (d.replacement !== '▁') throw unsupported(`a Metaspace decoder with replacement '${d.replacement}'`);
+        const prepend = (d.prepend_scheme ?? (d.add_prefix_space === false ? 'never' : 'always')) !== 'never';
+        return (tokens) => tokens.map((t, i) => (i === 0 && prepend ? t.replaceAll('▁', '') : t.replaceAll('▁', ' ')));
+      }
+      case 'Replace':
+        if (typeof d.pattern?.String !== 'string') throw unsupported('a Replace decoder with a regex');
+        return (tokens) => tokens.map((t) => t.replaceAll(d.pattern.String, d.content));
+      case 'ByteFallback':
+        return byteFallback;
+      case 'Fuse':
+        return (tokens) => [tokens.join('')];
+      case 'Strip':
+        return (tokens) => tokens.map((t) => strip(t, d.content, d.start, d.stop));
+      default:
+        throw unsupported(`the decoder '${d.type}'`);
+    }
+  });
+  if (steps.length === 0) return (tokens) => tokens.join(' ');
+  return (tokens) => steps.reduce((list, step) => step(list), tokens).join('');
+}
+
+function byteFallback(tokens) {
+  const out = [];
+  let bytes = [];
+  const flush = () => {
+    if (bytes.length === 0) return;
+    try {
+      out.push(new TextDecoder('utf-8', { fatal: true }).decode(new Uint8Array(bytes)));
+    } catch {
+      for (let i = 0; i < bytes.length; i++) out.push('\uFFFD');
+    }
+    bytes = [];
+  };
+  for (const t of tokens) {
+    if (/^<0x[0-9A-F]{2}>$/.test(t)) bytes.push(parseInt(t.slice(3, 5), 16));
+    else (flush(), out.push(t));
+  }
+  flush();
+  return out;
+}
+
+/** `token` less up to `start` leading and `stop` trailing characters equal to `content`. */
+function strip(token, content, start, stop) {
+  const chars = Array.from(token);
+  let from = 0, to = chars.length;
+  while (from < start && from < to && chars[from] === content) from++;
+  while (chars.length - to < stop && to > from && chars[to - 1] === content) to--;
+  return chars.slice(from, to).join('');
 }
 
 /**
@@ -203,9 +269,9 @@ export function loadTokenizer(source) {
   const tokens = new Map([...ids].map(([t, id]) => [id, t]));
   const ranks = new Map(model.merges.map((m, rank) => [Array.isArray(m) ? `${m[0]} ${m[1]}` : m, rank]));
   const pre = preTokenizer(json);
+  const decoder = decoderOf(json);
   const prefix = prefixTokens(json, ids);
   const specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
-  const addedIds = new Set(added.map((t) => t.id));
   const unk = model.unk_token === null || model.unk_token === undefined ? undefined : ids.get(model.unk_token);
   // the longest added token first where one is a prefix of another
   const addedRe = added.length > 0 ? new RegExp(added.map((t) => t.content).sort((a, b) => b.length - a.length).map(escapeRegExp).join('|'), 'gu') : null;
@@ -250,34 +316,17 @@ export function loadTokenizer(source) {
     if (at < text.length) yield { text: text.slice(at), atStart: at === 0 };
   }
 
-  // The inverse of encode for what it writes: a run of model tokens is its
-  // bytes (byte-level) or its pieces with '▁' as spaces and <0xNN> as bytes,
-  // less the '▁' encode put before the run; added tokens are their text.
+  // As Hugging Face's library decodes: the tokens' strings (special ones
+  // left out on request) through the file's decoder steps.
   function decode(list, { skipSpecial = false } = {}) {
     if (!Array.isArray(list) && !ArrayBuffer.isView(list)) throw invalid(TypeError, 'decode takes an array of token ids');
-    let out = '', run = [], atStart = true;
-    const endRun = () => {
-      if (run.length === 0) return;
-      let text = utf8d.decode(new Uint8Array(run));
-      if (pre.prepends(atStart) && text.startsWith(' ')) text = text.slice(1);
-      out += text;
-      run = [];
-    };
-    let leading = true; // still in the prefix encode puts first (BOS): the text after it begins the input
-    for (const [i, id] of Array.from(list).entries()) {
+    const strings = [];
+    for (const id of Array.from(list)) {
       const token = tokens.get(id);
-      leading &&= i < prefix.length && id === prefix[i];
       if (token === undefined) throw invalid(RangeError, `no token has id ${id}`);
-      if (addedIds.has(id)) {
-        endRun();
-        if (!leading) atStart = false;
-        if (!(skipSpecial && specialIds.has(id))) out += token;
-      } else if (pre.byteLevel) for (const ch of token) run.push(CHAR_BYTE.get(ch) ?? 0x3f);
-      else if (/^<0x[0-9A-F]{2}>$/.test(token)) run.push(parseInt(token.slice(3, 5), 16));
-      else run.push(...utf8.encode(token.replaceAll('▁', ' ')));
+      if (!(skipSpecial && specialIds.has(id))) strings.push(token);
     }
-    endRun();
-    return out;
+    return decoder(strings);
   }
 
   return { encode, decode, idOf: (t) => ids.get(t), tokenOf: (id) => tokens.get(id), vocabSize: tokens.size, prefix };
