@@ -1,7 +1,8 @@
 // examples/llama/tokenizer.mjs on tokenizer.json files built here in the two
 // shapes Llama-family checkpoints ship (byte-level BPE as in Llama 3,
 // SentencePiece-style BPE with byte fallback as in Llama 2), small enough to
-// work out each expected id by hand. No GPU, no network.
+// work out each expected id by hand, and on files Hugging Face's tokenizers
+// wrote, against what that library gives for them. No GPU, no network.
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
