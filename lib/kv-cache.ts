@@ -383,7 +383,8 @@ export class KVCache extends EventEmitter<KVCacheEvents> {
 
   /**
    * @internal Test-only: make the nth next backend call of `op` fail
-   * (`true`/'outOfMemory', `false`/'error', or 'hostAlloc'), after `delayMs`,
+   * (`true`/'outOfMemory', `false`/'error', 'hostAlloc', or 'errorInClose': an
+   * error that close's teardown meets, which drops other faults), after `delayMs`,
    * on `device` (an ordinal of `options.devices`; default the first).
    * Several faults may be armed at once.
    */

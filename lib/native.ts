@@ -96,7 +96,7 @@ export interface NativeCache {
 }
 
 /** How a test-injected backend fault fails. */
-export type FaultKind = 'outOfMemory' | 'error' | 'hostAlloc' | 'delay';
+export type FaultKind = 'outOfMemory' | 'error' | 'hostAlloc' | 'delay' | 'errorInClose';
 
 export interface NativeDeviceInfo {
   ordinal: number;

@@ -299,7 +299,8 @@ export function liveResources(): LiveResources {
 /**
  * Test-only: makes the nth call (0 = the next) of backend operation `op`
  * fail in the next cache constructed: `true`/'outOfMemory', `false`/'error',
- * or 'hostAlloc' (std::bad_alloc), after `delayMs`. Ops: reserveRange,
+ * 'hostAlloc' (std::bad_alloc) or 'errorInClose' (an error met by close's
+ * teardown, which drops the other faults), after `delayMs`. Ops: reserveRange,
  * freeRange, createPage, releasePage, map, setAccess, unmap, copyIn, copyOut,
  * fence, fenceQuery, fenceWait, and startWorker (call 0: starting the prefetch
  * thread; call 1: the thread binding itself).

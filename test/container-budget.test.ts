@@ -100,4 +100,28 @@ describe.skipIf(!built)(`caches in one process share the default budget${built ?
       rmSync(dir, { recursive: true, force: true });
     }
   });
+
+  it('memory whose release failed when a cache closed stays charged to the shared account: another cache cannot take it', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vattention-cgroup-'));
+    try {
+      writeFileSync(join(dir, 'memory.max'), `${16 * MiB}\n`); // default: half of 16 MiB, shared by a and b
+      writeFileSync(join(dir, 'memory.current'), '0\n');
+      const out = runIn(
+        dir,
+        `const a = new KVCache(shape), b = new KVCache(shape);
+        a.grow(a.reserve(), 4096); a.grow(a.reserve(), 4096);
+        a._injectFault('releasePage', 0, 'errorInClose'); // the first page a gives back at close is not released
+        a.close();
+        const [b1, b2] = [b.reserve(), b.reserve()];
+        out.first = code(() => b.grow(b1, 4096));
+        out.secondWhole = code(() => b.grow(b2, 4096));
+        out.secondLessOnePage = code(() => b.grow(b2, 4096 - 16));
+        b.close();`,
+      );
+      // a 4 KiB page holds 16 tokens of one layer's K or V: 16 tokens fewer need 4 pages fewer, and 1 is missing
+      expect(out).toEqual({ first: 'ok', secondWhole: 'ERR_OUT_OF_MEMORY', secondLessOnePage: 'ok' });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

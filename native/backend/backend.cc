@@ -2,6 +2,7 @@
 
 #include "common/errors.h"
 
+#include <algorithm>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -37,8 +38,8 @@ void FaultPlan::arm(const Fault& f) {
 
 void FaultPlan::disarm() {
   std::lock_guard<std::mutex> guard(lock_);
-  faults_.clear();
-  armed_.store(false, std::memory_order_release);
+  faults_.erase(std::remove_if(faults_.begin(), faults_.end(), [](const Fault& f) { return !f.inClose; }), faults_.end());
+  armed_.store(!faults_.empty(), std::memory_order_release);
 }
 
 bool FaultPlan::take(BackendOp op, Fault& out) {

@@ -66,6 +66,7 @@ struct Fault {
   uint64_t countdown = 0;  // fail when it reaches 0
   FaultKind kind = FaultKind::Error;
   uint32_t delayMs = 0;    // the failing call first sleeps this long (races in tests)
+  bool inClose = false;    // kept by the disarm close begins with: a failure of close's own calls
 };
 
 // Test-only: make the n-th future call of some ops fail; several faults may
@@ -74,6 +75,7 @@ struct Fault {
 class FaultPlan {
  public:
   void arm(const Fault& f);
+  // Drops the armed faults but those meant for close (inClose).
   void disarm();
   // Consumes the fault armed for this call of `op`, if any.
   bool take(BackendOp op, Fault& out);

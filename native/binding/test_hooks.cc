@@ -342,6 +342,7 @@ Fault faultFrom(const Napi::CallbackInfo& info, size_t first) {
   std::string kind = info[first + 2].IsString() ? info[first + 2].As<Napi::String>().Utf8Value() : "";
   if (kind == "outOfMemory") f.kind = FaultKind::OutOfMemory;
   else if (kind == "error") f.kind = FaultKind::Error;
+  else if (kind == "errorInClose") f.kind = FaultKind::Error, f.inClose = true;
   else if (kind == "hostAlloc") f.kind = FaultKind::HostAlloc;
   else if (kind == "delay") f.kind = FaultKind::Delay;
   else {

@@ -279,11 +279,13 @@ uint64_t PagePool::trim(uint64_t maxPages) {
 void PagePool::teardown() {
   for (PageId id = 0; id < pages_.size(); ++id) {
     Page& p = *pages_[id];
-    if (p.state == PageState::Suspended) {  // no mapping; memory only if a failed suspension kept it
+    if (p.state == PageState::Suspended) {  // no mapping; memory (counted in created_) only if a failed suspension kept it
       if (p.handle != 0) {
         try {
           backend_.releasePage(p.handle);
-        } catch (...) {
+          --created_;
+          budget_->refund();
+        } catch (...) {  // still held: stays in created_, below
         }
       }
       p = Page{};
@@ -319,9 +321,14 @@ void PagePool::teardown() {
   idle_.clear();
   stranded_.clear();
   sharedPages_ = extraMappings_ = suspended_ = 0;
-  // What is still charged (memory whose release failed, pending creations)
-  // goes back too: the pool is gone, and a shared account outlives it.
-  budget_->refund(created_.exchange(0) + pendingCreations_);
+  // Pending creations made no memory: their charge goes back. The pages still
+  // in created_ are memory this pool could not unmap or release: it is still
+  // taken on the device, so its charge stays on the account, which a shared
+  // default outlives this pool (the other caches on it cannot count it as
+  // free); the account is the record of it. A new account, made once no
+  // cache uses the default, starts from the memory free then.
+  created_ = 0;
+  budget_->refund(pendingCreations_);
   pendingCreations_ = 0;
 }
 

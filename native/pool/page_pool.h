@@ -207,7 +207,8 @@ class PagePool {
   void prefill(uint64_t pages);
   // Destroys up to `maxPages` idle pages; returns how many.
   uint64_t trim(uint64_t maxPages);
-  // Close: unmaps and destroys every page, ignoring failures (best effort).
+  // Close: unmaps and destroys every page, best effort: a page it cannot
+  // unmap or release keeps its charge on the budget account.
   void teardown();
 
   const Page& page(PageId id) const { return *pages_[id]; }
