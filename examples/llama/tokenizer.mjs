@@ -10,9 +10,10 @@
 //                ('<0xNN>', byte fallback)
 // Added tokens (<|begin_of_text|>, <s>, ...) are matched in the text first
 // and never merged; the post-processor's template gives the tokens put
-// before a prompt (BOS); decode runs the file's decoder steps. Anything else in the file (WordPiece, Unigram, other
-// normalizers) is refused with ERR_TOKENIZER_UNSUPPORTED rather than
-// tokenized differently from the model's training.
+// before a prompt (BOS); decode runs the file's decoder steps. Anything else
+// in the file (WordPiece, Unigram, other normalizers) is refused with
+// ERR_TOKENIZER_UNSUPPORTED rather than tokenized differently from the
+// model's training.
 import { readFileSync } from 'node:fs';
 
 /** What this reader does not implement, rather than tokenize differently from the model's training. */
@@ -171,7 +172,7 @@ function byteFallback(tokens) {
     bytes = [];
   };
   for (const t of tokens) {
-    if (/^<0x[0-9A-F]{2}>$/.test(t)) bytes.push(parseInt(t.slice(3, 5), 16));
+    if (/^<0x[0-9A-Fa-f]{2}>$/.test(t)) bytes.push(parseInt(t.slice(3, 5), 16));
     else (flush(), out.push(t));
   }
   flush();
