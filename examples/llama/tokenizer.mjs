@@ -43,6 +43,7 @@ function byteCharacters() {
 const BYTE_CHAR = byteCharacters();
 const utf8 = new TextEncoder();
 const utf8d = new TextDecoder();
+const utf8Strict = new TextDecoder('utf-8', { fatal: true });
 const CHAR_BYTE = new Map(BYTE_CHAR.map((c, b) => [c, b]));
 
 // GPT-2's split, which ByteLevel applies when its use_regex is on.
@@ -165,7 +166,7 @@ function byteFallback(tokens) {
   const flush = () => {
     if (bytes.length === 0) return;
     try {
-      out.push(new TextDecoder('utf-8', { fatal: true }).decode(new Uint8Array(bytes)));
+      out.push(utf8Strict.decode(new Uint8Array(bytes)));
     } catch {
       for (let i = 0; i < bytes.length; i++) out.push('\uFFFD');
     }

@@ -282,9 +282,7 @@ void PagePool::teardown() {
     if (p.state == PageState::Suspended) {  // no mapping; memory (counted in created_) only if a failed suspension kept it
       if (p.handle != 0) {
         try {
-          backend_.releasePage(p.handle);
-          --created_;
-          budget_->refund();
+          destroy(id);
         } catch (...) {  // still held: stays in created_, below
         }
       }
